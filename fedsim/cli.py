@@ -1,0 +1,112 @@
+"""Command line: ``fedsim run SCENARIO``, ``fedsim privacy ...`` (budget planning).
+
+Bad input never produces a traceback: it is one line ``error: <where>: <what is allowed>`` on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from fedsim import __version__
+from fedsim.errors import FedsimError, ScenarioError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line ``error:`` convention (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}\n")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a scenario file", description="Run a scenario (TOML) end to end.")
+    p.add_argument("scenario", help="path to a scenario TOML file (see scenarios/)")
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--seed", type=int, help="override the root seed")
+    p.add_argument("--out", help="run directory (default: the scenario's output-dir)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any scenario key, e.g. --set client.lr=0.05 --set strategy.server-lr=0.5",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.scenario import load_scenario, parse_override
+
+    overrides = [parse_override(text) for text in args.overrides]
+    for flag, key in (("rounds", "rounds"), ("seed", "seed"), ("out", "output-dir")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(([key], value))
+    scenario = load_scenario(args.scenario, overrides)
+
+    from fedsim.engine import Simulation
+
+    sim = Simulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
+    result = sim.run()
+    s = result.summary
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(_summary_text(s, result.run_dir))
+    return 0
+
+
+def _summary_text(s: dict, run_dir: object) -> str:
+    lines = [
+        f"scenario     {s['name']} ({s['strategy']})",
+        f"rounds       {s['rounds']} / {s['rounds_planned']}  ({s['stopped_reason']})",
+        f"accuracy     {s['accuracy']:.4f}",
+        f"loss         {s['loss']:.4f}",
+    ]
+    if s.get("rho") is not None:
+        lines.append(f"rho (zCDP)   {s['rho']:.4f}")
+        lines.append(f"epsilon      {s['epsilon']:.3f} at delta={s['delta']:g} (epsilon_rdp {s['epsilon_rdp']:.3f})")
+    else:
+        lines.append("privacy      none (no DP strategy)")
+    if s.get("rejected"):
+        lines.append("rejected     " + ", ".join(f"{k}={v}" for k, v in s["rejected"].items()))
+    lines.append(f"wall time    {s['wall_time_s']:.1f} s")
+    lines.append(f"run dir      {run_dir}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedsim`` argument parser with every subcommand."""
+    parser = _Parser(prog="fedsim", description="Federated-learning simulation with formal differential privacy.")
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedsim`` console script and ``python -m fedsim``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FedsimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The ``ClientTrainer`` contract: local training on a device, returning a clipped delta.
+
+A trainer is built once per run from a template model and trains many clients. The simulator
+calls :meth:`ClientTrainer.train_cohort`, which may train a whole chunk of clients in one batched
+computation; the Flower ClientApp calls :meth:`ClientTrainer.train_client` for its one device.
+Either way the delta a client reports is clipped *on the client* when the round's
+:class:`~fedsim.types.TrainConfig` sets ``clip_norm``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.registry import Registry
+from fedsim.types import ClientTask, CohortChunk, TrainConfig
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """One client's report: clipped delta, number of local examples, mean local training loss."""
+
+    delta: torch.Tensor
+    num_examples: int
+    loss: float
+
+
+class ClientTrainer(ABC):
+    """Base class of client trainers.
+
+    Parameters
+    ----------
+    model:
+        Template module; trainers copy parameters into it (or a private copy), never keep state
+        between clients.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @abstractmethod
+    def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
+        """Train one client starting from the flat ``params``; return its clipped delta."""
+
+    def train_cohort(
+        self,
+        params: torch.Tensor,
+        tasks: Iterable[ClientTask],
+        config: TrainConfig,
+        *,
+        chunk_size: int = 256,
+    ) -> Iterator[CohortChunk]:
+        """Train many clients, yielding their reports in chunks of at most ``chunk_size``.
+
+        The default loops over :meth:`train_client`; fast trainers override it with a batched
+        computation that gives the same results.
+        """
+        ids: list[int] = []
+        deltas: list[torch.Tensor] = []
+        counts: list[int] = []
+        losses: list[float] = []
+        for task in tasks:
+            result = self.train_client(params, task, config)
+            ids.append(task.device_id)
+            deltas.append(result.delta)
+            counts.append(result.num_examples)
+            losses.append(result.loss)
+            if len(ids) == chunk_size:
+                yield _chunk(ids, deltas, counts, losses)
+                ids, deltas, counts, losses = [], [], [], []
+        if ids:
+            yield _chunk(ids, deltas, counts, losses)
+
+    def example_privacy(self) -> dict[str, Any] | None:
+        """Example-level privacy figures of local training (DP-SGD trainers), else ``None``."""
+        return None
+
+
+def _chunk(ids: list[int], deltas: list[torch.Tensor], counts: list[int], losses: list[float]) -> CohortChunk:
+    return CohortChunk(
+        device_ids=np.asarray(ids, dtype=np.int64),
+        deltas=torch.stack(deltas),
+        num_examples=torch.tensor(counts, dtype=torch.int64),
+        losses=torch.tensor(losses, dtype=torch.float32),
+    )
+
+
+TRAINERS: Registry[type[ClientTrainer]] = Registry("client trainer", builtin_package="clients")
+
+
+def register_trainer(name: str, cls: type[ClientTrainer]) -> type[ClientTrainer]:
+    """Register a trainer class so scenarios can say ``[client] trainer = "<name>"``."""
+    TRAINERS.register(name, cls)
+    return cls

@@ -1,0 +1,355 @@
+"""The in-process round loop.
+
+One round (see docs/architecture.md):
+
+1. ask the strategy for the round's privacy event; stop *before* the round if recording it would
+   exceed the scenario's ``max-rho`` / ``max-epsilon``;
+2. devices check in (availability model + their own participation memory);
+3. the strategy selects the cohort and configures the clients (clip bound, learning rate);
+4. the trainer trains the cohort in chunks; every delta is validated by the server
+   (:class:`~fedsim.engine.aggregation.UpdateAccumulator`) and reduced into a running sum;
+5. the strategy aggregates (adding noise for DP strategies); the event is recorded in the ledger;
+6. the global model is evaluated on the held-out test split; metrics and privacy figures are
+   written to the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedsim.client import TRAINERS, ClientTrainer
+from fedsim.data import (
+    PartitionedData,
+    SyntheticData,
+    dirichlet_partition,
+    iid_partition,
+    load_digits,
+)
+from fedsim.data.federated import FederatedData
+from fedsim.engine import seeds
+from fedsim.engine.aggregation import UpdateAccumulator
+from fedsim.engine.rundir import RunDir
+from fedsim.models import build_model, get_flat, num_params, set_flat
+from fedsim.population import (
+    AlwaysAvailable,
+    Availability,
+    BernoulliAvailability,
+    DiurnalAvailability,
+    Population,
+)
+from fedsim.scenario import Scenario
+from fedsim.strategy import STRATEGIES, Strategy, StrategyContext
+from fedsim.types import ClientTask, TrainConfig
+
+
+def build_data(scenario: Scenario) -> FederatedData:
+    """The scenario's federated dataset (partitioned digits, or synthetic per-device data)."""
+    cfg = scenario.data
+    if cfg.dataset == "synthetic":
+        return SyntheticData(
+            num_devices=cfg.num_devices,
+            examples_per_device=cfg.examples_per_device,
+            num_features=cfg.num_features,
+            num_classes=cfg.num_classes,
+            seed=scenario.seed,
+        )
+    dataset = load_digits(test_fraction=cfg.test_fraction, seed=scenario.seed)
+    rng = seeds.round_rng(scenario.seed, seeds.STREAM_PARTITION, 0)
+    if cfg.partitioner == "dirichlet":
+        parts = dirichlet_partition(dataset.y_train, cfg.num_devices, cfg.alpha, rng)
+    else:
+        parts = iid_partition(len(dataset.y_train), cfg.num_devices, rng)
+    return PartitionedData(dataset, parts)
+
+
+def build_availability(scenario: Scenario) -> Availability:
+    cfg = scenario.population
+    if cfg.availability == "bernoulli":
+        return BernoulliAvailability(cfg.check_in_prob)
+    if cfg.availability == "diurnal":
+        return DiurnalAvailability(
+            cfg.check_in_prob, cfg.amplitude, cfg.period, num_devices=scenario.data.num_devices, seed=scenario.seed
+        )
+    return AlwaysAvailable()
+
+
+def build_strategy(scenario: Scenario) -> Strategy:
+    cls = STRATEGIES.get(scenario.strategy.name, base_dir=scenario.base_dir)
+    return cls(**scenario.strategy.params)
+
+
+def build_trainer(scenario: Scenario, model: torch.nn.Module) -> ClientTrainer:
+    cls = TRAINERS.get(scenario.client.trainer, base_dir=scenario.base_dir)
+    return cls(model, **scenario.client.params)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``params`` on ``(x, y)``."""
+    set_flat(model, params)
+    logits = model(x)
+    loss = float(F.cross_entropy(logits, y))
+    acc = float((logits.argmax(dim=1) == y).float().mean())
+    return acc, loss
+
+
+@dataclass
+class RunResult:
+    """What a finished (or budget-stopped) run produced."""
+
+    run_dir: Path | None
+    params: torch.Tensor
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    ledger: Any | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class Simulation:
+    """Runs a :class:`Scenario` in this process.
+
+    Parameters
+    ----------
+    scenario:
+        The validated scenario.
+    run_dir:
+        Where to write the run directory; ``None`` writes nothing (tests, benchmarks).
+    progress:
+        Show a progress bar with per-round metrics.
+    """
+
+    def __init__(self, scenario: Scenario, *, run_dir: str | Path | None = None, progress: bool = True) -> None:
+        self.scenario = scenario
+        self.progress = progress
+        self.run_dir = RunDir(run_dir) if run_dir is not None else None
+        torch.set_num_threads(scenario.engine.threads)
+        self.data = build_data(scenario)
+        self.model = build_model(
+            scenario.model.name,
+            num_features=self.data.num_features,
+            num_classes=self.data.num_classes,
+            hidden=scenario.model.hidden,
+            seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT),
+        )
+        self.params = get_flat(self.model)
+        self.strategy = build_strategy(scenario)
+        self.base_config = TrainConfig(
+            round=0,
+            lr=scenario.client.lr,
+            local_epochs=scenario.client.local_epochs,
+            batch_size=scenario.client.batch_size,
+        )
+        self.strategy.setup(
+            StrategyContext(
+                num_params=num_params(self.model),
+                num_rounds=scenario.rounds,
+                num_devices=self.data.num_devices,
+                clients_per_round=scenario.clients_per_round,
+                seed=scenario.seed,
+                base_train_config=self.base_config,
+            )
+        )
+        self.population = Population(self.data, build_availability(scenario), self.strategy.participation_limit())
+        # the trainer gets its own copy of the model so evaluation never disturbs it
+        trainer_model = build_model(
+            scenario.model.name,
+            num_features=self.data.num_features,
+            num_classes=self.data.num_classes,
+            hidden=scenario.model.hidden,
+        )
+        self.trainer = build_trainer(scenario, trainer_model)
+        self.ledger: Any | None = None
+        self.accountant: Any | None = None
+        self.rejected: Counter[str] = Counter()
+        self.metrics: list[dict[str, Any]] = []
+        self.next_round = 0
+        self.stopped_reason = "completed"
+
+    # ---------------------------------------------------------------------------------------
+    def _privacy(self) -> tuple[Any, Any]:
+        """Ledger and accountant, created on the first privacy event (non-DP runs need neither)."""
+        if self.ledger is None:
+            from fedsim.privacy.accountant import Accountant
+            from fedsim.privacy.events import PrivacyLedger
+
+            self.ledger = PrivacyLedger()
+            self.accountant = Accountant(delta=self.scenario.privacy.delta)
+        return self.ledger, self.accountant
+
+    def _budget_exceeded(self, round: int, event: Any) -> str | None:
+        cfg = self.scenario.privacy
+        if event is None or (cfg.max_rho is None and cfg.max_epsilon is None):
+            return None
+        ledger, accountant = self._privacy()
+        report = accountant.report_with(ledger, round, event)
+        if cfg.max_rho is not None and report.rho is not None and report.rho > cfg.max_rho:
+            return f"privacy budget: round {round + 1} would reach rho={report.rho:.4g} > max-rho={cfg.max_rho:g}"
+        if cfg.max_epsilon is not None and report.epsilon is not None and report.epsilon > cfg.max_epsilon:
+            return (
+                f"privacy budget: round {round + 1} would reach epsilon={report.epsilon:.4g} "
+                f"> max-epsilon={cfg.max_epsilon:g}"
+            )
+        return None
+
+    def _tasks(self, round: int, cohort: np.ndarray) -> Iterator[ClientTask]:
+        for dev in cohort:
+            x, y = self.data.client_data(int(dev))
+            yield ClientTask(int(dev), x, y, seeds.client_seed(self.scenario.seed, round, int(dev)))
+
+    def run_round(self, round: int) -> dict[str, Any] | None:
+        """Execute one round; return its metrics row, or ``None`` if the budget stops the run."""
+        sc = self.scenario
+        event = self.strategy.privacy_event(round=round)
+        reason = self._budget_exceeded(round, event)
+        if reason is not None:
+            self.stopped_reason = reason
+            return None
+        eligible = self.population.check_in(round, seeds.round_rng(sc.seed, seeds.STREAM_AVAILABILITY, round))
+        cohort = self.strategy.select(
+            round=round, eligible=eligible, rng=seeds.round_rng(sc.seed, seeds.STREAM_SELECTION, round)
+        )
+        config = self.strategy.configure_client(round=round, base=_with_round(self.base_config, round))
+        acc = UpdateAccumulator(
+            num_params=self.params.numel(),
+            round=round,
+            clip_norm=config.clip_norm,
+            weighting=self.strategy.weighting,
+            ledger=self.population.server_ledger,
+            num_devices=self.population.num_devices,
+            keep_individual=self.strategy.needs_individual_updates,
+        )
+        for chunk in self.trainer.train_cohort(self.params, self._tasks(round, cohort), config, chunk_size=sc.engine.chunk_size):
+            acc.add(chunk)
+        # devices remember that they contributed; the server records what it accepted
+        self.population.device_memory.record(round, cohort)
+        self.population.server_ledger.record(round, acc.accepted)
+        batch = acc.result()
+        self.rejected.update(batch.rejected)
+        self.params = self.strategy.aggregate(round=round, params=self.params, batch=batch).detach()
+        report = None
+        if event is not None:
+            ledger, accountant = self._privacy()
+            ledger.record(round, event)
+            report = accountant.report(ledger)
+        row: dict[str, Any] = {"round": round + 1, "accuracy": None, "loss": None}
+        if (round + 1) % sc.engine.eval_every == 0 or round + 1 == sc.rounds:
+            row["accuracy"], row["loss"] = evaluate(self.model, self.params, self.data.test_x, self.data.test_y)
+        row.update(
+            train_loss=acc.mean_loss,
+            clients=batch.num_updates,
+            eligible=int(len(eligible)),
+            rejected=batch.num_rejected,
+            rho=getattr(report, "rho", None),
+            epsilon=getattr(report, "epsilon", None),
+            epsilon_rdp=getattr(report, "epsilon_rdp", None),
+            delta=getattr(report, "delta", None),
+        )
+        return row
+
+    def run(self) -> RunResult:
+        """Run all remaining rounds, writing the run directory as it goes."""
+        sc = self.scenario
+        start = time.perf_counter()
+        if self.run_dir is not None:
+            self.run_dir.write_config(sc.to_dict())
+            if self.next_round == 0:
+                self.run_dir.reset_metrics()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sc.rounds, initial=self.next_round, desc=sc.name, unit="round", dynamic_ncols=True)
+        try:
+            for r in range(self.next_round, sc.rounds):
+                row = self.run_round(r)
+                if row is None:
+                    break
+                self.metrics.append(row)
+                self.next_round = r + 1
+                if self.run_dir is not None:
+                    self.run_dir.append_metrics(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_postfix(row), refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        wall = time.perf_counter() - start
+        return self._finish(wall)
+
+    def _finish(self, wall: float) -> RunResult:
+        sc = self.scenario
+        last_eval = next((m for m in reversed(self.metrics) if m["accuracy"] is not None), None)
+        if last_eval is None or last_eval["round"] != self.next_round:
+            acc, loss = evaluate(self.model, self.params, self.data.test_x, self.data.test_y)
+        else:
+            acc, loss = last_eval["accuracy"], last_eval["loss"]
+        report = self.accountant.report(self.ledger) if self.ledger is not None else None
+        summary: dict[str, Any] = {
+            "name": sc.name,
+            "strategy": sc.strategy.name,
+            "accuracy": acc,
+            "loss": loss,
+            "rounds": self.next_round,
+            "rounds_planned": sc.rounds,
+            "stopped_reason": self.stopped_reason,
+            "wall_time_s": round(wall, 3),
+            "rho": getattr(report, "rho", None),
+            "epsilon": getattr(report, "epsilon", None),
+            "epsilon_rdp": getattr(report, "epsilon_rdp", None),
+            "delta": getattr(report, "delta", None),
+            "rejected": dict(sorted(self.rejected.items())),
+            "num_devices": self.data.num_devices,
+            "clients_per_round": sc.clients_per_round,
+            "seed": sc.seed,
+        }
+        example = self.trainer.example_privacy()
+        if example is not None:
+            summary["example_level"] = example
+        if self.run_dir is not None:
+            set_flat(self.model, self.params)
+            torch.save(
+                {
+                    "state_dict": self.model.state_dict(),
+                    "model": sc.model.name,
+                    "hidden": sc.model.hidden,
+                    "num_features": self.data.num_features,
+                    "num_classes": self.data.num_classes,
+                    "flat": self.params.clone(),
+                },
+                self.run_dir.path / "model.pt",
+            )
+            if self.ledger is not None:
+                self.run_dir.write_json("ledger.json", self.ledger.to_json())
+            self.run_dir.write_json("summary.json", summary)
+            self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})")
+        return RunResult(self.run_dir.path if self.run_dir else None, self.params, self.metrics, summary, self.ledger, dict(self.rejected))
+
+
+def _with_round(config: TrainConfig, round: int) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(config, round=round)
+
+
+def _postfix(row: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key in ("accuracy", "loss", "rho", "epsilon"):
+        if row.get(key) is not None:
+            out[key[:3] if key != "epsilon" else "eps"] = f"{row[key]:.4g}"
+    out["clients"] = str(row["clients"])
+    return out
+
+
+def run_scenario(scenario: Scenario, *, run_dir: str | Path | None = None, progress: bool = False) -> RunResult:
+    """Convenience: build a :class:`Simulation` and run it."""
+    return Simulation(scenario, run_dir=run_dir, progress=progress).run()

@@ -1,0 +1,112 @@
+"""Small explicit registries for the pluggable concepts (strategies, client trainers).
+
+A scenario names a plug-in either by a registered name (``"fedavg"``) or by an import path
+(``"mypkg.module:MyStrategy"``) or a file path (``"scripts/my_strategy.py:MyStrategy"``).
+Unknown names raise :class:`KeyError` subclasses listing the known ones.
+
+The core package never imports ``strategies/`` or ``clients/`` at module level: the built-in
+plug-ins register themselves when their package is imported, and a registry imports that package
+lazily, by name, the first time it is asked for something (plug-in discovery, not a layering
+violation: the core depends only on the ``Strategy`` / ``ClientTrainer`` contracts).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownPluginError(KeyError):
+    """A name that is neither registered nor a loadable import path."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """Name -> class registry with lazy discovery of the built-in plug-in package.
+
+    Parameters
+    ----------
+    kind:
+        What is registered, for error messages (``"strategy"``).
+    builtin_package:
+        Package imported on first lookup so that its ``register(...)`` calls run.
+    """
+
+    def __init__(self, kind: str, builtin_package: str | None = None) -> None:
+        self.kind = kind
+        self._builtin_package = builtin_package
+        self._items: dict[str, T] = {}
+        self._discovered = False
+
+    def _discover(self) -> None:
+        if not self._discovered and self._builtin_package is not None:
+            self._discovered = True
+            importlib.import_module(self._builtin_package)
+
+    def register(self, name: str, obj: T | None = None) -> T | Callable[[T], T]:
+        """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted."""
+
+        def _add(item: T) -> T:
+            existing = self._items.get(name)
+            if existing is not None and existing is not item:
+                raise ValueError(f"{self.kind} {name!r} is already registered to {existing!r}")
+            self._items[name] = item
+            return item
+
+        if obj is None:
+            return _add
+        return _add(obj)
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        self._discover()
+        return sorted(self._items)
+
+    def get(self, name: str, *, base_dir: Path | None = None) -> T:
+        """Resolve a registered name, ``module:attr`` import path, or ``file.py:attr`` path."""
+        self._discover()
+        if name in self._items:
+            return self._items[name]
+        if ":" in name:
+            return _load_path(name, self.kind, base_dir)
+        known = ", ".join(self.names()) or "(none)"
+        raise UnknownPluginError(
+            f"unknown {self.kind} {name!r}; known: {known}, or an import path 'package.module:Class'"
+        )
+
+
+def _load_path(spec: str, kind: str, base_dir: Path | None) -> object:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise UnknownPluginError(f"{kind} {spec!r} is not of the form 'package.module:Class'")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+                path = base_dir / path  # relative to the scenario file first, then the cwd
+            if not path.exists():
+                raise UnknownPluginError(f"{kind} file {target!r} does not exist")
+            mod_name = f"_fedsim_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(mod_name)
+            if module is None:
+                file_spec = importlib.util.spec_from_file_location(mod_name, path)
+                assert file_spec is not None and file_spec.loader is not None
+                module = importlib.util.module_from_spec(file_spec)
+                sys.modules[mod_name] = module
+                file_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as exc:
+        raise UnknownPluginError(f"cannot import {kind} module {target!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UnknownPluginError(f"{kind} module {target!r} has no attribute {attr!r}") from None

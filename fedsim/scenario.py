@@ -1,0 +1,410 @@
+"""Scenarios: TOML files mapped onto frozen, validated dataclasses.
+
+A scenario file uses kebab-case keys; every section maps onto one dataclass below and every value
+is type-checked and range-checked before anything runs. Errors are :class:`ScenarioError` naming
+the file, the dotted key and what is allowed. Example (``scenarios/quickstart.toml``)::
+
+    name = "quickstart"
+    seed = 0
+    rounds = 30
+    clients-per-round = 20
+
+    [data]
+    dataset = "digits"
+    partitioner = "dirichlet"
+    alpha = 1.0
+    num-devices = 100
+
+    [model]
+    name = "mlp"
+    hidden = 64
+
+    [client]
+    local-epochs = 2
+    batch-size = 8
+    lr = 0.1
+
+    [strategy]
+    name = "fedavg"          # or "dp-fedavg", "dp-ftrl", "package.module:Class", "file.py:Class"
+    # any other key here is a parameter of the strategy's constructor (kebab-case)
+
+The strategy's (and trainer's) own parameters are checked against its constructor signature when
+the scenario is loaded, so a typo fails before the run starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedsim.errors import ScenarioError
+
+# --------------------------------------------------------------------------------------------
+# validation helpers: each names the field it checks
+
+
+def _positive(name: str, value: float | int) -> None:
+    if not value > 0:
+        raise ScenarioError(f"must be > 0, got {value!r}", key=name)
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ScenarioError(f"must be >= {low}, got {value!r}", key=name)
+
+
+def _in_open_unit(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ScenarioError(f"must be in (0, 1), got {value!r}", key=name)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: dataset, held-out split and partitioning across devices."""
+
+    dataset: Literal["digits", "synthetic"] = "digits"
+    num_devices: int = 100
+    partitioner: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    # synthetic only
+    examples_per_device: int = 64
+    num_features: int = 784
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _at_least("num-devices", self.num_devices, 1)
+        _positive("alpha", self.alpha)
+        _in_open_unit("test-fraction", self.test_fraction)
+        _at_least("examples-per-device", self.examples_per_device, 1)
+        _at_least("num-features", self.num_features, 1)
+        _at_least("num-classes", self.num_classes, 2)
+        if self.dataset == "digits" and self.num_devices > 1437:
+            raise ScenarioError(
+                f"the digits training split has 1437 examples, cannot serve {self.num_devices} devices "
+                "(use dataset = \"synthetic\" for large populations)",
+                key="num-devices",
+            )
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    """``[population]``: which devices check in each round."""
+
+    availability: Literal["always", "bernoulli", "diurnal"] = "always"
+    check_in_prob: float = 0.5
+    period: int = 24
+    amplitude: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.check_in_prob <= 1.0:
+            raise ScenarioError(f"must be in (0, 1], got {self.check_in_prob!r}", key="check-in-prob")
+        _at_least("period", self.period, 1)
+        if not 0.0 <= self.amplitude <= 1.0:
+            raise ScenarioError(f"must be in [0, 1], got {self.amplitude!r}", key="amplitude")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the model every client trains."""
+
+    name: Literal["logreg", "mlp"] = "mlp"
+    hidden: int = 64
+
+    def __post_init__(self) -> None:
+        _at_least("hidden", self.hidden, 1)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """``[client]``: local training. Keys other than these go to the trainer's constructor."""
+
+    trainer: str = "sgd"
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.1
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _positive("lr", self.lr)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: ``name`` plus the strategy's own constructor parameters."""
+
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: reporting delta and an optional budget that stops the run."""
+
+    delta: float = 1e-6
+    max_rho: float | None = None
+    max_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        _in_open_unit("delta", self.delta)
+        if self.max_rho is not None:
+            _positive("max-rho", self.max_rho)
+        if self.max_epsilon is not None:
+            _positive("max-epsilon", self.max_epsilon)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """``[engine]``: how rounds are executed."""
+
+    backend: Literal["inprocess"] = "inprocess"
+    chunk_size: int = 256
+    threads: int = 1
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least("chunk-size", self.chunk_size, 1)
+        _at_least("threads", self.threads, 1)
+        _at_least("eval-every", self.eval_every, 1)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A whole, validated scenario."""
+
+    name: str
+    seed: int = 0
+    rounds: int = 10
+    clients_per_round: int = 10
+    output_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ScenarioError(f"must be a non-empty name of letters, digits, '-', '_', '.', got {self.name!r}", key="name")
+        _at_least("seed", self.seed, 0)
+        _at_least("rounds", self.rounds, 1)
+        _at_least("clients-per-round", self.clients_per_round, 1)
+        if self.clients_per_round > self.data.num_devices:
+            raise ScenarioError(
+                f"must be <= data.num-devices ({self.data.num_devices}), got {self.clients_per_round}",
+                key="clients-per-round",
+            )
+        if not self.output_dir:
+            object.__setattr__(self, "output_dir", f"runs/{self.name}")
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths in the scenario (plug-in files) are resolved against."""
+        return Path(self.source).parent if self.source else Path.cwd()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved scenario as a kebab-case TOML-ready dict (``None`` values omitted)."""
+        return _to_toml_dict(self)
+
+
+def _to_toml_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if f.name == "source":
+            continue
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if f.name == "params":
+            out.update({_kebab(k): v for k, v in value.items()})
+        elif dataclasses.is_dataclass(value):
+            nested[_kebab(f.name)] = _to_toml_dict(value)
+        else:
+            out[_kebab(f.name)] = value
+    out.update(nested)  # tables after plain keys
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# building from raw TOML tables
+
+_OPEN_SECTIONS = {ClientConfig: {"trainer", "local_epochs", "batch_size", "lr"}, StrategyConfig: {"name"}}
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ScenarioError(f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}", key=key)
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ScenarioError(f"must be true or false, got {value!r}", key=key)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"must be an integer, got {value!r}", key=key)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"must be a number, got {value!r}", key=key)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ScenarioError(f"must be a string, got {value!r}", key=key)
+        return value
+    return value
+
+
+def _build(cls: type, table: Any, prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise ScenarioError(f"must be a table ([{prefix.rstrip('.')}]), got {table!r}", key=prefix.rstrip(".") or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "params")}
+    open_keys = _OPEN_SECTIONS.get(cls)
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        name = raw_key.replace("-", "_")
+        key = prefix + raw_key
+        if name not in fields:
+            if open_keys is not None:
+                extra[name] = value
+                continue
+            allowed = ", ".join(sorted(_kebab(n) for n in fields))
+            raise ScenarioError(f"unknown key; allowed keys: {allowed}", key=key)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    if open_keys is not None:
+        kwargs["params"] = extra
+    try:
+        return cls(**kwargs)
+    except ScenarioError as exc:
+        if exc.key and not exc.key.startswith(prefix):
+            raise ScenarioError(exc.message, key=prefix + exc.key, source=exc.source) from None
+        raise
+
+
+def _validate_plugin_params(scenario: Scenario) -> None:
+    """Check strategy/trainer parameters against their constructors (no run needed)."""
+    from fedsim.client import TRAINERS
+    from fedsim.registry import UnknownPluginError
+    from fedsim.strategy import STRATEGIES
+
+    for registry, section, name, params in (
+        (STRATEGIES, "strategy", scenario.strategy.name, scenario.strategy.params),
+        (TRAINERS, "client", scenario.client.trainer, scenario.client.params),
+    ):
+        key_name = "strategy.name" if section == "strategy" else "client.trainer"
+        try:
+            cls = registry.get(name, base_dir=scenario.base_dir)
+        except UnknownPluginError as exc:
+            raise ScenarioError(str(exc), key=key_name) from None
+        skip = {"self", "model"} if section == "client" else {"self"}
+        sig = inspect.signature(cls.__init__)
+        accepted = {p for p in sig.parameters if p not in skip and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+        for pname in params:
+            if pname not in accepted and not takes_any:
+                allowed = ", ".join(sorted(_kebab(p) for p in accepted)) or "(none)"
+                raise ScenarioError(f"unknown parameter of {section} {name!r}; allowed: {allowed}", key=f"{section}.{_kebab(pname)}")
+        missing = [
+            p for p in accepted
+            if sig.parameters[p].default is inspect.Parameter.empty
+            and sig.parameters[p].kind is not inspect.Parameter.VAR_POSITIONAL
+            and p not in params
+        ]
+        if missing:
+            raise ScenarioError(f"{section} {name!r} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)
+        if section == "strategy":
+            try:
+                cls(**params)  # strategies validate their own values in __init__
+            except (ValueError, TypeError) as exc:
+                raise ScenarioError(str(exc), key="strategy") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``--set key.sub=value``; the value is read as TOML (``0.1``, ``true``, ``"x"``), else a string."""
+    if "=" not in text:
+        raise ScenarioError(f"--set expects key=value, got {text!r}", source="--set")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ScenarioError(f"--set expects a dotted key like client.lr, got {key!r}", source="--set")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def scenario_from_dict(
+    raw: dict[str, Any], *, source: str | None = None, overrides: list[tuple[list[str], Any]] | None = None
+) -> Scenario:
+    """Validate a raw (TOML-decoded) scenario dict, applying dotted overrides first."""
+    raw = copy.deepcopy(raw)
+    overridden: set[str] = set()
+    for path, value in overrides or []:
+        table = raw
+        for part in path[:-1]:
+            nxt = table.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ScenarioError(f"{'.'.join(path)}: {part!r} is not a table", source="--set")
+            table = nxt
+        table[path[-1]] = value
+        overridden.add(".".join(path))
+    try:
+        raw.setdefault("name", Path(source).stem if source else "scenario")
+        scenario = _build(Scenario, raw, "")
+        scenario = dataclasses.replace(scenario, source=source)
+        _validate_plugin_params(scenario)
+        return scenario
+    except ScenarioError as exc:
+        origin = "--set" if exc.key in overridden else source
+        raise exc.with_source(origin) if origin else exc from None
+
+
+def load_scenario(path: str | Path, overrides: list[tuple[list[str], Any]] | None = None) -> Scenario:
+    """Read and validate a scenario TOML file."""
+    path = Path(path)
+    if not path.exists():
+        raise ScenarioError("scenario file not found", source=str(path))
+    if not path.is_file():
+        raise ScenarioError("is not a file", source=str(path))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"invalid TOML: {exc}", source=str(path)) from None
+    except UnicodeDecodeError:
+        raise ScenarioError("is not UTF-8 text", source=str(path)) from None
+    return scenario_from_dict(raw, source=str(path), overrides=overrides)

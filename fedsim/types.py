@@ -1,0 +1,123 @@
+"""Value types passed between the engine, strategies and client trainers.
+
+Parameters travel as one flat ``float32`` tensor per model (see ``fedsim.models``); a client's
+report is a *delta* (local model minus the global model it started from) and its example count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a client is told to do in one round (the Flower bridge sends it as a ConfigRecord).
+
+    Attributes
+    ----------
+    round:
+        0-based round index.
+    lr:
+        Local SGD learning rate.
+    local_epochs:
+        Passes over the local data.
+    batch_size:
+        Local minibatch size.
+    clip_norm:
+        L2 bound ``C`` the client clips its delta to before reporting; ``None`` means no clipping.
+    """
+
+    round: int
+    lr: float
+    local_epochs: int
+    batch_size: int
+    clip_norm: float | None = None
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain dict (``clip_norm`` omitted when ``None``), e.g. for a Flower ConfigRecord."""
+        out: dict[str, float | int] = {
+            "round": self.round,
+            "lr": self.lr,
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+        }
+        if self.clip_norm is not None:
+            out["clip_norm"] = self.clip_norm
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        clip = data.get("clip_norm")
+        return cls(
+            round=int(data["round"]),
+            lr=float(data["lr"]),
+            local_epochs=int(data["local_epochs"]),
+            batch_size=int(data["batch_size"]),
+            clip_norm=None if clip is None else float(clip),
+        )
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One device's work in one round: its local data and a seed for its local randomness."""
+
+    device_id: int
+    x: torch.Tensor
+    y: torch.Tensor
+    seed: int
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class CohortChunk:
+    """Reports of several clients, as produced by :meth:`ClientTrainer.train_cohort`.
+
+    ``deltas[i]`` is the (already clipped) delta of ``device_ids[i]``.
+    """
+
+    device_ids: np.ndarray
+    deltas: torch.Tensor
+    num_examples: torch.Tensor
+    losses: torch.Tensor
+
+
+@dataclass
+class UpdateBatch:
+    """The server's view of one round's accepted client updates (streamed, so O(model size)).
+
+    Attributes
+    ----------
+    delta_sum:
+        Sum over accepted clients of ``weight_i * delta_i`` (weights per the strategy's
+        ``weighting``: example counts or 1).
+    weight_sum:
+        Sum of the weights.
+    num_updates:
+        Number of accepted updates.
+    num_examples:
+        Total local examples behind the accepted updates.
+    rejected:
+        Rejected updates by reason (``"non_finite"``, ``"norm_exceeds_clip"``, ...).
+    deltas, weights:
+        Individual accepted deltas ``[n, P]`` and weights ``[n]``, only when the strategy sets
+        ``needs_individual_updates``.
+    """
+
+    delta_sum: torch.Tensor
+    weight_sum: float
+    num_updates: int
+    num_examples: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    deltas: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())

@@ -1,0 +1,117 @@
+"""Bad scenario input: one-line error naming file, key and what is allowed; exit 2; nothing run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsim.errors import ScenarioError
+from fedsim.scenario import load_scenario, parse_override, scenario_from_dict
+
+from .conftest import SCENARIOS, run_cli
+
+GOOD = """
+name = "t"
+rounds = 2
+clients-per-round = 5
+[data]
+num-devices = 10
+[client]
+lr = 0.1
+[strategy]
+name = "fedavg"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "needle"),
+    [
+        (GOOD.replace("rounds = 2", "rounds = 2\ncolour = 1"), "colour", "unknown key; allowed keys"),
+        (GOOD.replace("[data]", "[data]\nshards = 3"), "data.shards", "allowed keys"),
+        (GOOD.replace("rounds = 2", 'rounds = "two"'), "rounds", "must be an integer"),
+        (GOOD.replace("lr = 0.1", 'lr = "fast"'), "client.lr", "must be a number"),
+        (GOOD.replace("lr = 0.1", "lr = -0.1"), "client.lr", "must be > 0"),
+        (GOOD.replace("clients-per-round = 5", "clients-per-round = 11"), "clients-per-round", "<= data.num-devices"),
+        (GOOD.replace("[data]", "[data]\npartitioner = \"dirichlet\"\nalpha = 0"), "data.alpha", "must be > 0"),
+        (GOOD.replace("[data]", "[data]\npartitioner = \"shards\""), "data.partitioner", "one of 'iid', 'dirichlet'"),
+        (GOOD.replace('name = "fedavg"', 'name = "fedprox"'), "strategy.name", "known: "),
+        (GOOD + "server-lr = -1\n", "strategy", "server-lr must be > 0"),
+        (GOOD.replace("rounds = 2", "rounds = 0"), "rounds", "must be >= 1"),
+    ],
+)
+def test_invalid_values_name_file_key_and_allowed(tmp_path: Path, text: str, key: str, needle: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert needle in msg
+    assert f": {key}:" in msg
+
+
+def test_unknown_strategy_parameter_lists_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match=r"strategy\.bogus: unknown parameter of strategy 'fedavg'; allowed: server-lr"):
+        load_scenario(_write(tmp_path, GOOD + "bogus = 1\n"))
+
+
+def test_malformed_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="invalid TOML"):
+        load_scenario(_write(tmp_path, "name = [unclosed"))
+    with pytest.raises(ScenarioError, match="scenario file not found"):
+        load_scenario(tmp_path / "missing.toml")
+
+
+def test_override_parsing_and_attribution() -> None:
+    assert parse_override("client.lr=0.05") == (["client", "lr"], 0.05)
+    assert parse_override("strategy.name=dp-ftrl") == (["strategy", "name"], "dp-ftrl")
+    with pytest.raises(ScenarioError, match="key=value"):
+        parse_override("client.lr")
+    raw = {"name": "x", "data": {"num-devices": 10}, "clients-per-round": 2}
+    with pytest.raises(ScenarioError, match=r"^--set: client\.lr: must be > 0"):
+        scenario_from_dict(raw, source="f.toml", overrides=[parse_override("client.lr=-1")])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "client.lr=-1"],
+        ["--set", "client.colour=red"],
+        ["--set", "clients-per-round=1000"],
+        ["--set", "data.alpha=0", "--set", "data.partitioner=dirichlet"],
+        ["--rounds", "0"],
+    ],
+)
+def test_cli_exit_2_one_line_no_traceback_nothing_run(tmp_path: Path, args: list[str]) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("run", str(SCENARIOS / "quickstart.toml"), "--out", str(out), "--quiet", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_missing_file_exit_2(tmp_path: Path) -> None:
+    proc = run_cli("run", str(tmp_path / "nope.toml"))
+    assert proc.returncode == 2
+    assert "nope.toml: scenario file not found" in proc.stderr
+
+
+def test_cli_bad_flag_type_exit_2() -> None:
+    proc = run_cli("run", str(SCENARIOS / "quickstart.toml"), "--rounds", "many")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_every_shipped_scenario_validates() -> None:
+    files = sorted(SCENARIOS.glob("*.toml"))
+    assert files
+    for path in files:
+        load_scenario(path)
