@@ -1,0 +1,341 @@
+"""Gaussian noise for DP aggregation: plain per-round noise and tree-aggregation prefix noise.
+
+Tree aggregation
+----------------
+DP-FTRL (Kairouz, McMahan, Song, Thakkar, Thakurta, Xu, "Practical and Private (Deep) Learning
+without Sampling or Shuffling", ICML 2021, arXiv:2103.00039, Section 3 and Algorithm 1) releases
+noisy *prefix sums* of the per-round sums of clipped updates with the tree-aggregation mechanism
+(Dwork, Naor, Pitassi, Rothblum 2010; Chan, Shi, Song 2011):
+
+* the leaves are the rounds ``0, 1, 2, ...``; the nodes are the dyadic intervals
+  ``[j 2**h, (j + 1) 2**h)`` of rounds (with restarts every ``E`` rounds: dyadic relative to the
+  start of each segment of ``E`` rounds, and never crossing a segment boundary);
+* every node carries independent noise ``N(0, sigma**2 I)`` with ``sigma = z C``;
+* the noise on the prefix ending at round ``t`` (inclusive) is the sum of the noise of the nodes of
+  the dyadic decomposition of ``[segment start, t + 1)``: one node per set bit of the number of
+  rounds so far in the segment, largest first.
+
+Every node that appears in some prefix lies inside ``[0, T)`` for any horizon ``T > t``, so this
+is exactly the node set of ``fedsim.privacy.sensitivity`` (which computes the mechanism's exact
+sensitivity): the released prefix sums are post-processing of the noisy node sums, and a device
+with contributions at rounds ``P`` has sensitivity ``C sqrt(S(P))``, ``rho = S / (2 z**2)`` zCDP.
+
+The *efficient* estimator (Honaker, "Efficient Use of Differentially Private Binary Trees", 2015;
+the ``EfficientTreeAggregator`` of TensorFlow Privacy, used by DP-FTRL) replaces each node's noisy
+value by the inverse-variance weighted combination of its own value and the sum of its children's
+estimates, computed bottom-up over the node's completed subtree: for a node of height ``h``
+(leaves have ``h = 0``)::
+
+    est(node) = a_h * value(node) + (1 - a_h) * (est(left) + est(right)),  a_h = 1 / (2 - 2**-h)
+
+with variance ``sigma**2 * 2**h / (2**(h + 1) - 1)`` per coordinate (vanilla: ``sigma**2``). The
+estimator is linear and exact on noiseless inputs, so the estimate of a prefix sum equals the true
+prefix sum plus the same linear function of the node noises: it is post-processing of the same
+noisy tree and has *identical* privacy, with lower variance. This module therefore returns
+noise-only prefix estimates; the strategy adds them to the exact prefix sum of clipped updates.
+
+Reproducible noise
+------------------
+Each node's noise is a pure function of ``(secret seed, node)`` (its interval of rounds), and the
+plain per-round noise of DP-FedAvg of ``(secret seed, round)``. A round re-executed after a crash
+therefore adds *the same* noise: fresh noise on a replay would release a second noisy view of the
+same data and silently double the privacy cost. In simulation the secret seed is derived from the
+run seed (``derived_seed(seed, STREAM_NOISE)``); a deployment draws it from the operating system's
+secure random source (``secrets.randbits``), keeps it only in the server's (secret) checkpoints
+and never logs it, since anyone who knows it can subtract the noise.
+
+State
+-----
+:class:`TreeNoise` keeps only the nodes of the current decomposition (at most
+``log2(T) + 1`` vectors), as in a binary counter; vanilla draws one new node per round, the
+efficient estimator two on average.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TreeNoise",
+    "decomposition",
+    "efficient_node_variance",
+    "gaussian_noise",
+    "node_noise",
+    "prefix_noise",
+    "prefix_variance",
+]
+
+#: Domain separation of the noise streams derived from one secret seed.
+_TAG_TREE_NODE = 0x54524545  # "TREE"
+_TAG_ROUND = 0x524F554E  # "ROUN"
+
+Estimator = Literal["vanilla", "efficient"]
+Node = tuple[int, int]
+
+
+def _check_common(num_params: int, std: float) -> None:
+    if isinstance(num_params, bool) or not isinstance(num_params, int | np.integer) or num_params < 1:
+        raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
+    if not (isinstance(std, int | float) and np.isfinite(std) and std >= 0):
+        raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
+
+
+def _normal(seed_words: list[int], num_params: int, std: float) -> torch.Tensor:
+    state = np.random.SeedSequence(seed_words).generate_state(1, np.uint64)
+    gen = torch.Generator().manual_seed(int(state[0]))
+    out = torch.randn(num_params, generator=gen, dtype=torch.float32)
+    return out.mul_(std) if std != 1.0 else out
+
+
+def gaussian_noise(seed: int, round: int, num_params: int, std: float) -> torch.Tensor:
+    """``N(0, std**2 I)`` noise of one round: a pure function of ``(seed, round)``.
+
+    Parameters
+    ----------
+    seed:
+        The secret noise seed (non-negative integer).
+    round:
+        0-based round index.
+    num_params:
+        Length of the flat noise vector.
+    std:
+        Standard deviation per coordinate (``z * C`` for noise on a sum of clipped updates).
+    """
+    _check_common(num_params, std)
+    if round < 0:
+        raise ValueError(f"round must be >= 0, got {round}")
+    return _normal([int(seed), _TAG_ROUND, int(round)], int(num_params), float(std))
+
+
+def node_noise(seed: int, node: Node, num_params: int, std: float) -> torch.Tensor:
+    """``N(0, std**2 I)`` noise of one tree node ``(start, end)``: a pure function of both."""
+    _check_common(num_params, std)
+    start, end = int(node[0]), int(node[1])
+    if not 0 <= start < end:
+        raise ValueError(f"a tree node is a non-empty round interval [start, end), got {node!r}")
+    return _normal([int(seed), _TAG_TREE_NODE, start, end], int(num_params), float(std))
+
+
+def _check_restart(restart_every: int | None) -> None:
+    if restart_every is not None and (
+        isinstance(restart_every, bool) or not isinstance(restart_every, int | np.integer) or restart_every < 1
+    ):
+        raise ValueError(f"restart_every must be a positive integer or None, got {restart_every!r}")
+
+
+def decomposition(round: int, restart_every: int | None = None) -> list[Node]:
+    """Nodes whose noise makes up the prefix ending at ``round`` (inclusive), largest first.
+
+    The prefix starts at the beginning of ``round``'s segment (round 0 without restarts) and is
+    decomposed into dyadic intervals relative to that start, one per set bit of its length.
+    """
+    _check_restart(restart_every)
+    if round < 0:
+        raise ValueError(f"round must be >= 0, got {round}")
+    base = 0 if restart_every is None else (round // restart_every) * restart_every
+    length = round - base + 1
+    nodes: list[Node] = []
+    start = base
+    for h in range(length.bit_length() - 1, -1, -1):
+        if length >> h & 1:
+            nodes.append((start, start + (1 << h)))
+            start += 1 << h
+    return nodes
+
+
+def _height(node: Node) -> int:
+    return (node[1] - node[0]).bit_length() - 1
+
+
+def _honaker_weight(height: int) -> float:
+    """Weight of a node's own value in the efficient estimate, ``1 / (2 - 2**-h)``."""
+    return 1.0 / (2.0 - 0.5**height)
+
+
+def efficient_node_variance(height: int) -> float:
+    """Variance (in units of ``sigma**2``) of the efficient estimate of a node of this height."""
+    return 2.0**height / (2.0 ** (height + 1) - 1.0)
+
+
+def prefix_variance(round: int, *, estimator: Estimator = "vanilla", restart_every: int | None = None) -> float:
+    """Per-coordinate variance, in units of ``sigma**2``, of the noise on the prefix at ``round``.
+
+    Vanilla: the number of nodes in the decomposition; efficient: the sum of
+    :func:`efficient_node_variance` over them.
+    """
+    nodes = decomposition(round, restart_every)
+    if estimator == "vanilla":
+        return float(len(nodes))
+    if estimator == "efficient":
+        return float(sum(efficient_node_variance(_height(n)) for n in nodes))
+    raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
+
+
+def _efficient_estimate(seed: int, node: Node, num_params: int, std: float) -> torch.Tensor:
+    """Bottom-up efficient estimate of one node from its whole subtree (recomputed from scratch)."""
+    own = node_noise(seed, node, num_params, std)
+    h = _height(node)
+    if h == 0:
+        return own
+    mid = node[0] + (1 << (h - 1))
+    children = _efficient_estimate(seed, (node[0], mid), num_params, std)
+    children = children + _efficient_estimate(seed, (mid, node[1]), num_params, std)
+    a = _honaker_weight(h)
+    return own.mul_(a).add_(children, alpha=1.0 - a)
+
+
+def prefix_noise(
+    seed: int,
+    round: int,
+    num_params: int,
+    std: float,
+    *,
+    estimator: Estimator = "vanilla",
+    restart_every: int | None = None,
+) -> torch.Tensor:
+    """Noise on the prefix ending at ``round``, computed from scratch (no state).
+
+    Gives bit-for-bit the value :meth:`TreeNoise.step` returns for that round: the online
+    computation is an optimisation of this pure function of ``(seed, round)``.
+    """
+    nodes = decomposition(round, restart_every)
+    if estimator == "vanilla":
+        values = [node_noise(seed, n, num_params, std) for n in nodes]
+    elif estimator == "efficient":
+        values = [_efficient_estimate(seed, n, num_params, std) for n in nodes]
+    else:
+        raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
+    return _sum(values)
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    out = values[0].clone()
+    for v in values[1:]:
+        out.add_(v)
+    return out
+
+
+class TreeNoise:
+    """Online tree-aggregation noise for the prefix sums of one run (O(log T) state).
+
+    Parameters
+    ----------
+    num_params:
+        Length of the flat vectors.
+    std:
+        Noise standard deviation per node and coordinate, ``z * C`` (noise on sums).
+    seed:
+        The secret noise seed; every node's noise is a pure function of it and the node.
+    estimator:
+        ``"vanilla"``: sum of the decomposition's node noises; ``"efficient"``: Honaker's
+        lower-variance estimate of each node (same privacy, see the module docstring).
+    restart_every:
+        Restart the tree every ``E`` rounds (rounds ``0, E, 2E, ...`` start a new tree), or ``None``.
+
+    Call :meth:`step` once per round, in order; it returns the noise on the prefix (since the
+    segment start) ending at that round.
+    """
+
+    def __init__(
+        self,
+        num_params: int,
+        std: float,
+        seed: int,
+        *,
+        estimator: Estimator = "vanilla",
+        restart_every: int | None = None,
+    ) -> None:
+        _check_common(num_params, std)
+        _check_restart(restart_every)
+        if estimator not in ("vanilla", "efficient"):
+            raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
+        self.num_params = int(num_params)
+        self.std = float(std)
+        self.seed = int(seed)
+        self.estimator: Estimator = estimator
+        self.restart_every = None if restart_every is None else int(restart_every)
+        self.next_round = 0
+        self._nodes: list[Node] = []
+        self._values: list[torch.Tensor] = []
+
+    def is_restart(self, round: int) -> bool:
+        """Does ``round`` start a new tree (round 0, or a multiple of ``restart_every``)?"""
+        return round == 0 or (self.restart_every is not None and round % self.restart_every == 0)
+
+    def nodes(self) -> list[Node]:
+        """The nodes currently held: the decomposition of the last prefix returned."""
+        return list(self._nodes)
+
+    def step(self, round: int) -> torch.Tensor:
+        """Noise on the prefix ending at ``round``; ``round`` must be the next round in order.
+
+        Raises
+        ------
+        ValueError
+            If ``round`` is not :attr:`next_round` (restore the saved state to replay a round).
+        """
+        if round != self.next_round:
+            raise ValueError(
+                f"tree noise expects round {self.next_round}, got {round}; "
+                "to replay a round, restore the state saved before it"
+            )
+        if self.is_restart(round):
+            self._nodes, self._values = [], []
+        if self.estimator == "vanilla":
+            self._step_vanilla(round)
+        else:
+            self._step_efficient(round)
+        self.next_round = round + 1
+        return _sum(self._values)
+
+    def _step_vanilla(self, round: int) -> None:
+        # the decomposition of the new prefix ends with the node of size lowbit(length) ending at
+        # round + 1; the nodes before it are shared with the previous prefix
+        new = decomposition(round, self.restart_every)[-1]
+        while self._nodes and self._nodes[-1][0] >= new[0]:
+            self._nodes.pop()
+            self._values.pop()
+        self._nodes.append(new)
+        self._values.append(node_noise(self.seed, new, self.num_params, self.std))
+
+    def _step_efficient(self, round: int) -> None:
+        node: Node = (round, round + 1)
+        value = node_noise(self.seed, node, self.num_params, self.std)
+        while self._nodes and _height(self._nodes[-1]) == _height(node):
+            left, left_value = self._nodes.pop(), self._values.pop()
+            parent = (left[0], node[1])
+            a = _honaker_weight(_height(parent))
+            children = left_value.add_(value)
+            value = node_noise(self.seed, parent, self.num_params, self.std).mul_(a).add_(children, alpha=1.0 - a)
+            node = parent
+        self._nodes.append(node)
+        self._values.append(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Round counter and the current nodes' values (the seed is *not* included)."""
+        return {
+            "next_round": self.next_round,
+            "estimator": self.estimator,
+            "restart_every": self.restart_every,
+            "std": self.std,
+            "num_params": self.num_params,
+            "nodes": [list(n) for n in self._nodes],
+            "values": [v.clone() for v in self._values],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuses state from a differently configured tree."""
+        for key in ("estimator", "restart_every", "std", "num_params"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"tree noise state has {key}={state.get(key)!r}, this tree has {getattr(self, key)!r}"
+                )
+        nodes = [(int(a), int(b)) for a, b in state["nodes"]]
+        values = [torch.as_tensor(v, dtype=torch.float32).clone() for v in state["values"]]
+        if len(nodes) != len(values) or any(v.shape != (self.num_params,) for v in values):
+            raise ValueError("tree noise state is malformed: nodes and values do not match")
+        self.next_round = int(state["next_round"])
+        self._nodes, self._values = nodes, values
