@@ -1,0 +1,215 @@
+"""Privacy events and the append-only privacy ledger.
+
+The engine records one event per training round that releases a noisy
+aggregate. All events are *user-level* (device-level): the unit protected is a
+whole device, whose update in a round is clipped to L2 norm ``C``, and the
+noise standard deviation is ``noise_multiplier * C``.
+
+``GaussianEvent``
+    One round of a Gaussian sum over a fixed cohort, without any amplification
+    (e.g. DP-FedAvg without sampling).
+``SampledGaussianEvent``
+    One round of DP-FedAvg with Poisson sampling of devices at rate ``q``.
+``TreeAggregationEvent``
+    One round (one leaf) of DP-FTRL with tree aggregation; the leaf index is
+    the event's position among the ledger's tree events.
+
+``max_participations`` (``k``) and ``min_separation`` (``b``, the number of
+rounds strictly between two contributions of the same device) describe how
+often a device can contribute. They are measured in recorded rounds: the
+ledger is expected to hold exactly one event per training round.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "GaussianEvent",
+    "PrivacyEvent",
+    "PrivacyLedger",
+    "SampledGaussianEvent",
+    "TreeAggregationEvent",
+    "event_from_dict",
+    "event_to_dict",
+]
+
+
+def _check_noise(event: Any) -> None:
+    z = event.noise_multiplier
+    if isinstance(z, bool) or not isinstance(z, numbers.Real) or not math.isfinite(z) or z <= 0:
+        raise ValueError(f"noise_multiplier must be a finite number > 0, got {z!r}")
+    object.__setattr__(event, "noise_multiplier", float(z))
+
+
+def _check_int(event: Any, name: str, low: int, allow_none: bool = False) -> None:
+    value = getattr(event, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    object.__setattr__(event, name, int(value))
+
+
+@dataclass(frozen=True)
+class GaussianEvent:
+    """One round of a Gaussian sum with per-device L2 sensitivity ``C`` and no amplification."""
+
+    noise_multiplier: float
+    max_participations: int | None = None
+    min_separation: int = 0
+
+    def __post_init__(self) -> None:
+        _check_noise(self)
+        _check_int(self, "max_participations", 1, allow_none=True)
+        _check_int(self, "min_separation", 0)
+
+
+@dataclass(frozen=True)
+class SampledGaussianEvent:
+    """One round of DP-FedAvg where every device is included independently with probability ``q``."""
+
+    noise_multiplier: float
+    sampling_rate: float
+    max_participations: int | None = None
+    min_separation: int = 0
+
+    def __post_init__(self) -> None:
+        _check_noise(self)
+        q = self.sampling_rate
+        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < q <= 1.0:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {q!r}")
+        object.__setattr__(self, "sampling_rate", float(q))
+        _check_int(self, "max_participations", 1, allow_none=True)
+        _check_int(self, "min_separation", 0)
+
+
+@dataclass(frozen=True)
+class TreeAggregationEvent:
+    """One round of DP-FTRL with tree aggregation (optionally restarting every ``restart_every`` rounds)."""
+
+    noise_multiplier: float
+    max_participations: int
+    min_separation: int
+    restart_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_noise(self)
+        _check_int(self, "max_participations", 1)
+        _check_int(self, "min_separation", 0)
+        _check_int(self, "restart_every", 1, allow_none=True)
+
+
+PrivacyEvent = GaussianEvent | SampledGaussianEvent | TreeAggregationEvent
+
+_EVENT_TYPES: dict[str, type] = {
+    "gaussian": GaussianEvent,
+    "sampled_gaussian": SampledGaussianEvent,
+    "tree_aggregation": TreeAggregationEvent,
+}
+_TYPE_NAMES = {cls: name for name, cls in _EVENT_TYPES.items()}
+
+
+def event_to_dict(event: PrivacyEvent) -> dict[str, Any]:
+    """``{"type": ..., **fields}``."""
+    try:
+        name = _TYPE_NAMES[type(event)]
+    except KeyError:
+        raise TypeError(f"not a privacy event: {event!r}") from None
+    return {"type": name, **asdict(event)}
+
+
+def event_from_dict(data: dict[str, Any]) -> PrivacyEvent:
+    """Inverse of :func:`event_to_dict`."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ValueError(f"an event must be a dict with a 'type' key, got {data!r}")
+    fields = dict(data)
+    name = fields.pop("type")
+    try:
+        cls = _EVENT_TYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown event type {name!r}; expected one of {sorted(_EVENT_TYPES)}"
+        ) from None
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise ValueError(f"bad fields for event type {name!r}: {exc}") from None
+
+
+class PrivacyLedger:
+    """Append-only list of ``(round, event)`` pairs with strictly increasing rounds."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[int, PrivacyEvent]] = []
+        # incremental summary used by the accountant (kept in step with _entries)
+        self._by_type: dict[type, list[PrivacyEvent]] = {}
+        self._distinct: dict[type, dict[PrivacyEvent, int]] = {}
+
+    def record(self, round: int, event: PrivacyEvent) -> None:
+        """Append ``event`` for ``round``; rounds must be strictly increasing."""
+        if isinstance(round, bool) or not isinstance(round, int):
+            raise ValueError(f"round must be an integer, got {round!r}")
+        if type(event) not in _TYPE_NAMES:
+            raise TypeError(
+                f"event must be a GaussianEvent, SampledGaussianEvent or TreeAggregationEvent, "
+                f"got {event!r}"
+            )
+        if self._entries and round <= self._entries[-1][0]:
+            raise ValueError(
+                f"rounds must be strictly increasing: got round {round} after round "
+                f"{self._entries[-1][0]}"
+            )
+        self._entries.append((round, event))
+        self._by_type.setdefault(type(event), []).append(event)
+        counts = self._distinct.setdefault(type(event), {})
+        counts[event] = counts.get(event, 0) + 1
+
+    def events(self) -> list[tuple[int, PrivacyEvent]]:
+        """A copy of the recorded ``(round, event)`` pairs, in order."""
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(list(self._entries))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrivacyLedger):
+            return NotImplemented
+        return self._entries == other._entries
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger({len(self._entries)} events)"
+
+    def events_of_type(self, cls: type) -> list[PrivacyEvent]:
+        """The recorded events of one class, in order (not a copy: do not mutate)."""
+        return self._by_type.get(cls, [])
+
+    def distinct_events(self, cls: type) -> dict[PrivacyEvent, int]:
+        """``{event: number of times recorded}`` for one class (not a copy: do not mutate)."""
+        return self._distinct.get(cls, {})
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """``[{"round": r, "event": {"type": ..., ...}}, ...]`` (JSON-serialisable)."""
+        return [{"round": r, "event": event_to_dict(e)} for r, e in self._entries]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> PrivacyLedger:
+        """Rebuild a ledger written by :meth:`to_json` (validates everything again)."""
+        if not isinstance(data, list):
+            raise ValueError(f"ledger JSON must be a list, got {type(data).__name__}")
+        ledger = cls()
+        for i, item in enumerate(data):
+            if not isinstance(item, dict) or "round" not in item or "event" not in item:
+                raise ValueError(f"ledger entry {i} must be a dict with 'round' and 'event': {item!r}")
+            ledger.record(item["round"], event_from_dict(item["event"]))
+        return ledger
