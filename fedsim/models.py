@@ -55,12 +55,20 @@ def get_flat(model: nn.Module) -> torch.Tensor:
 
 
 def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
-    """Copy a flat vector into the model's parameters (in place)."""
+    """Copy a flat vector into the model's parameters (in place).
+
+    The values are copied, never aliased: training the model afterwards must not modify ``flat``
+    (``nn.utils.vector_to_parameters`` would make the parameters views of ``flat``).
+    """
     expected = num_params(model)
     if flat.dim() != 1 or flat.numel() != expected:
         raise ValueError(f"flat parameters have shape {tuple(flat.shape)}, model needs ({expected},)")
     with torch.no_grad():
-        nn.utils.vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())
+        offset = 0
+        for p in model.parameters():
+            k = p.numel()
+            p.copy_(flat[offset : offset + k].view_as(p))
+            offset += k
 
 
 def num_params(model: nn.Module) -> int:
