@@ -42,9 +42,12 @@ The accountant does not warn when ``k`` exceeds what fits in the rounds so far
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -86,9 +89,29 @@ RDP_ORDERS: tuple[float, ...] = (
 )
 
 
+@functools.cache
 def _opacus_rdp():
-    # imported lazily: importing opacus pulls in torch (seconds), and only
-    # sampled-Gaussian accounting needs it
+    """Opacus's RDP analysis module (``opacus.accountants.analysis.rdp``).
+
+    Importing the ``opacus`` package imports torch (seconds); the analysis module
+    itself only needs numpy and scipy. When opacus is not loaded yet, that one
+    file of the installed opacus is loaded on its own, so planning from the
+    command line stays fast; otherwise the regular module is used.
+    """
+    loaded = sys.modules.get("opacus.accountants.analysis.rdp")
+    if loaded is not None:
+        return loaded
+    if "opacus" not in sys.modules:
+        spec = importlib.util.find_spec("opacus")
+        locations = spec.submodule_search_locations if spec is not None else None
+        if locations:
+            path = Path(next(iter(locations))) / "accountants" / "analysis" / "rdp.py"
+            if path.is_file():
+                file_spec = importlib.util.spec_from_file_location("_fedsim_opacus_rdp", path)
+                if file_spec is not None and file_spec.loader is not None:
+                    module = importlib.util.module_from_spec(file_spec)
+                    file_spec.loader.exec_module(module)
+                    return module
     from opacus.accountants.analysis import rdp
 
     return rdp

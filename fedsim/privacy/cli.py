@@ -1,0 +1,259 @@
+"""``fedsim privacy``: plan the privacy budget of a DP-FTRL or DP-FedAvg run.
+
+::
+
+    fedsim privacy dp-ftrl --noise-multiplier 7 --rounds 2000 --max-participations 6 \\
+        --min-separation 313 [--restart-every R] --delta 1e-10 [--json]
+    fedsim privacy dp-fedavg --noise-multiplier 1 --rounds 1000 --sampling-rate 0.01 --delta 1e-6
+    fedsim privacy dp-fedavg --noise-multiplier 1 --rounds 1000 --max-participations 5 --delta 1e-6
+    fedsim privacy dp-ftrl ... --target-rho 0.81     # solve for the noise multiplier
+
+``--json`` prints one object with at least the keys ``rho``, ``epsilon``,
+``epsilon_rdp``, ``delta`` and ``noise_multiplier``. Bad input is one line
+``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import types
+import warnings
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input as a single ``error: ...`` line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}\n")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    noise = p.add_mutually_exclusive_group(required=True)
+    noise.add_argument("--noise-multiplier", type=float, metavar="Z",
+                       help="noise standard deviation / clipping norm (> 0)")
+    noise.add_argument("--target-rho", type=float, metavar="RHO",
+                       help="solve for the smallest noise multiplier with rho <= RHO (> 0)")
+    p.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds (>= 1)")
+    p.add_argument("--delta", type=float, required=True, metavar="DELTA",
+                   help="target delta, in (0, 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``privacy`` subcommand on an argparse ``subparsers`` object.
+
+    The chosen action is in ``args.func``; calling ``args.func(args)`` prints the
+    result and returns the exit code (0, or 2 for bad input).
+    """
+    p = subparsers.add_parser(
+        "privacy",
+        help="plan the privacy budget of a run (rho, epsilon)",
+        description="Privacy budget of a DP-FTRL or DP-FedAvg run, or the noise needed for a "
+        "target rho. User-level (device-level) DP, zCDP accounting; see docs/privacy.md.",
+    )
+    # whatever parser class the caller uses, keep bad input to one line
+    p.error = types.MethodType(_OneLineParser.error, p)  # type: ignore[method-assign]
+    mech = p.add_subparsers(dest="mechanism", required=True, metavar="MECHANISM",
+                            parser_class=_OneLineParser)
+
+    ftrl = mech.add_parser(
+        "dp-ftrl",
+        help="DP-FTRL with tree aggregation",
+        description="DP-FTRL with tree aggregation (exact worst-case sensitivity).",
+    )
+    _add_common(ftrl)
+    ftrl.add_argument("--max-participations", type=int, required=True, metavar="K",
+                      help="contributions per device in the whole run (>= 1)")
+    ftrl.add_argument("--min-separation", type=int, required=True, metavar="B",
+                      help="rounds strictly between two contributions of a device (>= 0)")
+    ftrl.add_argument("--restart-every", type=int, metavar="E",
+                      help="start a new tree every E rounds (>= 1; default: never)")
+    ftrl.set_defaults(func=run)
+
+    fedavg = mech.add_parser(
+        "dp-fedavg",
+        help="DP-FedAvg (Gaussian mechanism, optionally with Poisson sampling)",
+        description="DP-FedAvg: a Gaussian sum per round; with --sampling-rate, Poisson "
+        "sampling of devices (epsilon amplified by sampling, rho not).",
+    )
+    _add_common(fedavg)
+    fedavg.add_argument("--sampling-rate", type=float, metavar="Q",
+                        help="Poisson sampling rate of devices, in (0, 1] (default: no sampling)")
+    fedavg.add_argument("--max-participations", type=int, metavar="K",
+                        help="contributions per device (>= 1; default: --rounds without "
+                        "sampling, unlimited with it)")
+    fedavg.add_argument("--min-separation", type=int, default=0, metavar="B",
+                        help="rounds strictly between two contributions of a device (>= 0; default 0)")
+    fedavg.set_defaults(func=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    def bad(flag: str, allowed: str, value: Any) -> None:
+        raise _UsageError(f"{flag} must be {allowed} (got {value!r})")
+
+    def finite(v: float) -> bool:
+        return v is not None and math.isfinite(v)
+
+    if args.noise_multiplier is not None and not (finite(args.noise_multiplier)
+                                                  and args.noise_multiplier > 0):
+        bad("--noise-multiplier", "a finite number > 0", args.noise_multiplier)
+    if args.target_rho is not None and not (finite(args.target_rho) and args.target_rho > 0):
+        bad("--target-rho", "a finite number > 0", args.target_rho)
+    if args.rounds < 1:
+        bad("--rounds", "an integer >= 1", args.rounds)
+    if not (finite(args.delta) and 0 < args.delta < 1):
+        bad("--delta", "in the open interval (0, 1)", args.delta)
+    if args.max_participations is not None and args.max_participations < 1:
+        bad("--max-participations", "an integer >= 1", args.max_participations)
+    if args.min_separation < 0:
+        bad("--min-separation", "an integer >= 0", args.min_separation)
+    restart = getattr(args, "restart_every", None)
+    if restart is not None and restart < 1:
+        bad("--restart-every", "an integer >= 1", restart)
+    q = getattr(args, "sampling_rate", None)
+    if q is not None and not (finite(q) and 0 < q <= 1):
+        bad("--sampling-rate", "in (0, 1]", q)
+
+
+def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    from fedsim.privacy.accountant import dp_fedavg_privacy, dp_ftrl_privacy
+    from fedsim.privacy.calibration import calibrate_noise_multiplier, sensitivity_sq
+    from fedsim.privacy.sensitivity import max_gaussian_participations
+
+    notes: list[str] = []
+    is_ftrl = args.mechanism == "dp-ftrl"
+    sampling = None if is_ftrl else args.sampling_rate
+    restart = args.restart_every if is_ftrl else None
+    k = args.max_participations
+    if not is_ftrl and k is None and sampling is None:
+        k = args.rounds
+    b = args.min_separation
+    if k is not None:
+        eff = max_gaussian_participations(args.rounds, k, b)
+        if eff < k:
+            notes.append(
+                f"--max-participations {k} is infeasible with --rounds {args.rounds} and "
+                f"--min-separation {b} (at most ceil({args.rounds}/{b + 1}) = {eff} contributions "
+                f"fit); using effective max participations {eff}"
+            )
+    else:
+        eff = max_gaussian_participations(args.rounds, None, b)
+
+    with warnings.catch_warnings():
+        # the infeasible-k warning is reported above, with the flag names
+        warnings.simplefilter("ignore", UserWarning)
+        s = sensitivity_sq(args.mechanism, rounds=args.rounds, max_participations=k,
+                           min_separation=b, restart_every=restart, sampling_rate=sampling,
+                           warn=False)
+        z = args.noise_multiplier
+        if args.target_rho is not None:
+            z = calibrate_noise_multiplier(args.target_rho, args.mechanism, rounds=args.rounds,
+                                           max_participations=k, min_separation=b,
+                                           restart_every=restart, sampling_rate=sampling)
+        if is_ftrl:
+            report = dp_ftrl_privacy(z, args.rounds, k, b, args.delta, restart_every=restart)
+        else:
+            report = dp_fedavg_privacy(z, args.rounds, args.delta, sampling_rate=sampling,
+                                       max_participations=args.max_participations
+                                       if sampling is not None else k,
+                                       min_separation=b)
+    result: dict[str, Any] = {
+        "rho": report.rho,
+        "epsilon": report.epsilon,
+        "epsilon_rdp": report.epsilon_rdp,
+        "delta": report.delta,
+        "noise_multiplier": report.noise_multiplier,
+        "mechanism": args.mechanism,
+        "rounds": args.rounds,
+        "max_participations": k,
+        "effective_max_participations": eff,
+        "min_separation": b,
+        "sensitivity_sq": s,
+    }
+    if is_ftrl:
+        result["restart_every"] = restart
+    else:
+        result["sampling_rate"] = sampling
+    if args.target_rho is not None:
+        result["target_rho"] = args.target_rho
+    return result, notes
+
+
+def _table(result: dict[str, Any]) -> str:
+    is_ftrl = result["mechanism"] == "dp-ftrl"
+    k = result["max_participations"]
+    rows = [
+        ("mechanism", "dp-ftrl (tree aggregation)" if is_ftrl else (
+            "dp-fedavg (Poisson sampling)" if result.get("sampling_rate") is not None
+            else "dp-fedavg (Gaussian, no sampling)")),
+        ("noise multiplier", f"{result['noise_multiplier']:.6g}"),
+    ]
+    if "target_rho" in result:
+        rows.append(("target rho", f"{result['target_rho']:.6g}"))
+    rows.append(("rounds", str(result["rounds"])))
+    if not is_ftrl and result.get("sampling_rate") is not None:
+        rows.append(("sampling rate", f"{result['sampling_rate']:.6g}"))
+    rows.append(("max participations",
+                 "unlimited" if k is None else
+                 f"{k}" + ("" if result["effective_max_participations"] >= k
+                           else f" (effective {result['effective_max_participations']})")))
+    rows.append(("min separation", f"{result['min_separation']} rounds strictly between"))
+    if is_ftrl:
+        rows.append(("restart every", "never" if result["restart_every"] is None
+                     else f"{result['restart_every']} rounds"))
+        rows.append(("sensitivity^2 (S)", f"{result['sensitivity_sq']} C^2"))
+    else:
+        rows.append(("contributions (m)", f"{result['sensitivity_sq']} (rho bound, unamplified)"))
+    rows += [
+        ("rho (zCDP)", f"{result['rho']:.6g}"),
+        ("delta", f"{result['delta']:g}"),
+        ("epsilon", f"{result['epsilon']:.4f}"
+         + ("  (RDP, amplified by sampling)" if not is_ftrl and result.get("sampling_rate")
+            is not None else "  (exact Gaussian conversion)")),
+        ("epsilon_rdp", f"{result['epsilon_rdp']:.4f}  (RDP conversion)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``fedsim privacy <mechanism>``; returns the exit code."""
+    try:
+        _validate(args)
+        result, notes = _compute(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # anything the library rejects that the checks above missed
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m fedsim.privacy.cli privacy ...``)."""
+    parser = _OneLineParser(prog="fedsim")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
