@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
+    from fedsim.privacy.cli import add_parser as _add_privacy
+
+    _add_privacy(sub)
     return parser
 
 
