@@ -1,0 +1,199 @@
+"""Example-level DP on the device: local training with DP-SGD (Opacus).
+
+DP-SGD (Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar, Zhang, "Deep Learning with Differential
+Privacy", CCS 2016) as implemented by Opacus (Yousefpour et al., "Opacus: User-Friendly
+Differential Privacy Library in PyTorch", 2021): every local step samples each local example
+independently with probability ``q = 1 / ceil(n / batch_size)`` (Poisson sampling), clips every
+per-example gradient to L2 norm ``max_grad_norm``, adds ``N(0, (z * max_grad_norm)**2 I)`` to their
+sum and divides by the expected batch size. The final model delta is still clipped to the round's
+``clip_norm`` so the server-side, user-level mechanism (DP-FedAvg, DP-FTRL) keeps its guarantee.
+
+Two different guarantees
+------------------------
+* **User level** (the strategy's ``rho`` / ``epsilon`` in ``summary.json``): adding or removing
+  *all* the data of one device changes the distribution of the released models little. It comes
+  from clipping the device's whole update and the server's noise.
+* **Example level** (``summary.json["example_level"]``, this trainer): adding or removing *one
+  training example* of a device changes the distribution of that device's *reports* little, even
+  to an adversary who sees every report the device sends (no trust in the server's noise). It is
+  the RDP accountant of Opacus (Mironov 2017; Mironov, Talwar, Zhang 2019) over all local steps a
+  device can take: steps per participation times the number of participations (the configured
+  ``max_participations``, else the most any device actually made in this run), converted to
+  ``(epsilon, delta)``; the worst device is reported.
+
+Neither implies the other in a useful way: example-level DP says nothing about a user who
+contributes many similar examples, and user-level DP does not protect single examples against
+someone who sees an individual device's reports.
+
+Randomness: the example sampling and the DP-SGD noise use ``torch.Generator`` objects seeded from
+the client's task seed (reproducible simulation, Opacus's non-secure mode); a deployment should
+use Opacus's ``secure_mode``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsim.client import ClientResult, ClientTrainer
+from fedsim.models import get_flat, set_flat
+from fedsim.privacy.clipping import clip_by_norm
+from fedsim.types import ClientTask, TrainConfig
+
+__all__ = ["OpacusTrainer", "example_level_epsilon"]
+
+
+def _positive(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def example_level_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """``epsilon`` of ``steps`` DP-SGD steps at ``sampling_rate`` (Opacus RDP accountant)."""
+    if steps == 0:
+        return 0.0
+    from opacus.accountants import RDPAccountant  # Opacus is imported only when used (~3 s)
+
+    accountant = RDPAccountant()
+    accountant.history = [(float(noise_multiplier), float(sampling_rate), int(steps))]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def local_schedule(num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """``(sampling rate, steps per participation)`` of one device, as Opacus sets them up."""
+    batches = math.ceil(num_examples / min(batch_size, num_examples))
+    return 1.0 / batches, local_epochs * batches
+
+
+def _batches(loader: DataLoader, epochs: int):
+    for _ in range(epochs):
+        yield from loader
+
+
+class OpacusTrainer(ClientTrainer):
+    """Local DP-SGD with Opacus, Poisson sampling of examples; the delta is clipped afterwards.
+
+    Parameters
+    ----------
+    model:
+        Template module (copied for every client).
+    noise_multiplier:
+        DP-SGD noise multiplier ``z`` of each local step.
+    max_grad_norm:
+        Per-example gradient clip bound.
+    target_delta:
+        ``delta`` of the reported example-level ``(epsilon, delta)``.
+    max_participations:
+        Participations per device to account for; ``None``: the most any device made in the run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise_multiplier: float = 1.0,
+        max_grad_norm: float = 1.0,
+        target_delta: float = 1e-5,
+        max_participations: int | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.noise_multiplier = _positive("noise-multiplier", noise_multiplier)
+        self.max_grad_norm = _positive("max-grad-norm", max_grad_norm)
+        if isinstance(target_delta, bool) or not isinstance(target_delta, int | float) or not 0 < target_delta < 1:
+            raise ValueError(f"target-delta must be a number in (0, 1), got {target_delta!r}")
+        self.target_delta = float(target_delta)
+        if max_participations is not None and (
+            isinstance(max_participations, bool) or not isinstance(max_participations, int) or max_participations < 1
+        ):
+            raise ValueError(f"max-participations must be an integer >= 1 (or omit it), got {max_participations!r}")
+        self.max_participations = max_participations
+        # per device: (sampling rate, steps per participation) and participations so far
+        self._schedule: dict[int, tuple[float, int]] = {}
+        self._participations: dict[int, int] = {}
+
+    def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
+        n = task.num_examples
+        if n == 0:
+            return ClientResult(torch.zeros_like(params), 0, 0.0)
+        model = copy.deepcopy(self.model)
+        set_flat(model, params)
+        model.train()
+        sample_seed, noise_seed = np.random.SeedSequence([task.seed, 0x0DE5]).generate_state(2, np.uint64)
+        loader = DataLoader(
+            TensorDataset(task.x, task.y),
+            batch_size=min(config.batch_size, n),
+            generator=torch.Generator().manual_seed(int(sample_seed)),
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+        from opacus import PrivacyEngine  # imported only when this trainer trains (~3 s)
+
+        with warnings.catch_warnings():
+            # simulation uses seeded generators on purpose (reproducible runs); see module docstring
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
+            engine = PrivacyEngine(accountant="rdp")
+            module, dp_optimizer, dp_loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=torch.Generator().manual_seed(int(noise_seed)),
+            )
+        total_loss, total_examples = 0.0, 0
+        with warnings.catch_warnings():
+            # Opacus's per-example hooks fire on module outputs (inputs need no gradient): benign
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            for x, y in _batches(dp_loader, config.local_epochs):
+                dp_optimizer.zero_grad(set_to_none=True)
+                # mean over the sampled examples: Opacus recovers per-example gradients, clips
+                # them, adds noise to their sum and divides by the *expected* batch size
+                logits = module(x)
+                loss = F.cross_entropy(logits, y, reduction="mean") if len(y) else logits.sum() * 0.0
+                loss.backward()
+                dp_optimizer.step()  # a step with an empty batch still adds noise
+                total_loss += float(loss.detach()) * len(y)
+                total_examples += len(y)
+        flat = get_flat(model)
+        delta = flat - params
+        if config.clip_norm is not None:
+            delta = clip_by_norm(delta, config.clip_norm)
+        dev = task.device_id
+        self._schedule[dev] = local_schedule(n, config.batch_size, config.local_epochs)
+        self._participations[dev] = self._participations.get(dev, 0) + 1
+        return ClientResult(delta.contiguous(), n, total_loss / max(total_examples, 1))
+
+    def example_privacy(self) -> dict[str, Any] | None:
+        """Worst-device example-level ``(epsilon, delta)`` over all local steps a device can take."""
+        if not self._schedule:
+            return None
+        observed = max(self._participations.values())
+        k = self.max_participations if self.max_participations is not None else observed
+        cache: dict[tuple[float, int], float] = {}
+        worst: tuple[float, float, int] = (-1.0, 0.0, 0)
+        for rate, steps_per in self._schedule.values():
+            key = (rate, steps_per * k)
+            if key not in cache:
+                cache[key] = example_level_epsilon(self.noise_multiplier, rate, steps_per * k, self.target_delta)
+            if cache[key] > worst[0]:
+                worst = (cache[key], rate, steps_per * k)
+        return {
+            "epsilon": worst[0],
+            "delta": self.target_delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sampling_rate": worst[1],
+            "local_steps": worst[2],
+            "max_participations": k,
+            "participations_basis": "configured" if self.max_participations is not None else "observed",
+            "accountant": "opacus-rdp",
+            "unit": "example",
+        }
