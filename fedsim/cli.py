@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run SCENARIO``, ``fedsim privacy ...`` (budget planning).
+"""Command line: ``fedsim run SCENARIO``, ``fedsim run --resume RUN_DIR``, ``fedsim privacy ...``.
 
 Bad input never produces a traceback: it is one line ``error: <where>: <what is allowed>`` on
 stderr and exit code 2.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from fedsim import __version__
 from fedsim.errors import FedsimError, ScenarioError
@@ -24,7 +27,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a scenario file", description="Run a scenario (TOML) end to end.")
-    p.add_argument("scenario", help="path to a scenario TOML file (see scenarios/)")
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        help="path to a scenario TOML file (see scenarios/); optional with --resume",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last good checkpoint (scenario: RUN_DIR/config.toml; "
+        "a scenario or overrides given too must not change it)",
+    )
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--seed", type=int, help="override the root seed")
     p.add_argument("--out", help="run directory (default: the scenario's output-dir)")
@@ -49,11 +62,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(([key], value))
-    scenario = load_scenario(args.scenario, overrides)
+    if args.resume is not None:
+        sim = _resumed_simulation(args, overrides)
+    else:
+        if args.scenario is None:
+            raise FedsimError("run: a scenario file is required (or --resume RUN_DIR)")
+        scenario = load_scenario(args.scenario, overrides)
 
-    from fedsim.engine import Simulation
+        from fedsim.engine import Simulation
 
-    sim = Simulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
+        sim = Simulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
     result = sim.run()
     s = result.summary
     if args.json:
@@ -61,6 +79,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(_summary_text(s, result.run_dir))
     return 0
+
+
+def _resumed_simulation(args: argparse.Namespace, overrides: list) -> Any:
+    """A :class:`Simulation` of the run in ``--resume RUN_DIR``, restored from its checkpoint."""
+    from fedsim.engine import Simulation
+    from fedsim.engine.checkpoint import CheckpointError, scenario_diff
+    from fedsim.scenario import load_scenario
+
+    run_dir = Path(args.resume)
+    if args.out is not None:
+        raise FedsimError("--out cannot be combined with --resume: the run directory is RUN_DIR")
+    if not run_dir.is_dir():
+        raise FedsimError(f"--resume: {run_dir}: no such run directory")
+    config = run_dir / "config.toml"
+    if not config.is_file():
+        raise FedsimError(f"--resume: {run_dir}: not a run directory (no config.toml)")
+    here = [(["output-dir"], str(run_dir))]
+    scenario = load_scenario(config, here)
+    if args.scenario is not None or overrides:
+        requested = load_scenario(args.scenario or config, overrides + here)
+        diff = scenario_diff(scenario.to_dict(), requested.to_dict())
+        if diff:
+            raise CheckpointError(
+                f"--resume: the scenario differs from the run in {run_dir} in: {', '.join(diff)} "
+                "(resume with the recorded scenario, or start a new run)"
+            )
+        scenario = requested
+    sim = Simulation(scenario, run_dir=run_dir, progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = sim.resume()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"resuming {run_dir} after round {done} of {scenario.rounds}", file=sys.stderr)
+    return sim
 
 
 def _summary_text(s: dict, run_dir: object) -> str:
@@ -94,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsim`` console script and ``python -m fedsim``."""
     parser = build_parser()
@@ -101,10 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ScenarioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except FedsimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -72,22 +72,23 @@ class ClientTrainer(ABC):
             counts.append(result.num_examples)
             losses.append(result.loss)
             if len(ids) == chunk_size:
-                yield _chunk(ids, deltas, counts, losses)
+                yield _chunk(ids, deltas, counts, losses, config.round)
                 ids, deltas, counts, losses = [], [], [], []
         if ids:
-            yield _chunk(ids, deltas, counts, losses)
+            yield _chunk(ids, deltas, counts, losses, config.round)
 
     def example_privacy(self) -> dict[str, Any] | None:
         """Example-level privacy figures of local training (DP-SGD trainers), else ``None``."""
         return None
 
 
-def _chunk(ids: list[int], deltas: list[torch.Tensor], counts: list[int], losses: list[float]) -> CohortChunk:
+def _chunk(ids: list[int], deltas: list[torch.Tensor], counts: list[int], losses: list[float], round: int) -> CohortChunk:
     return CohortChunk(
         device_ids=np.asarray(ids, dtype=np.int64),
         deltas=torch.stack(deltas),
         num_examples=torch.tensor(counts, dtype=torch.int64),
         losses=torch.tensor(losses, dtype=torch.float32),
+        rounds=np.full(len(ids), round, dtype=np.int64),
     )
 
 

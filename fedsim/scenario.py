@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import tomllib
 import types
 import typing
@@ -178,11 +179,31 @@ class EngineConfig:
     chunk_size: int = 256
     threads: int = 1
     eval_every: int = 1
+    #: Server-side bound on any client delta's L2 norm (all strategies, DP or not): a larger (or
+    #: overflowing) update is rejected as ``norm_exceeds_max`` instead of being averaged in.
+    max_update_norm: float = 1e4
 
     def __post_init__(self) -> None:
         _at_least("chunk-size", self.chunk_size, 1)
         _at_least("threads", self.threads, 1)
         _at_least("eval-every", self.eval_every, 1)
+        _positive("max-update-norm", self.max_update_norm)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``[checkpoint]``: periodic, atomic checkpoints in the run directory (``fedsim run --resume``).
+
+    ``every`` rounds (0 = no checkpoints) the engine writes ``checkpoints/ckpt-<round>.pt`` and
+    keeps the newest ``keep`` of them (at least 2 lets a corrupted newest one fall back).
+    """
+
+    every: int = 0
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("every", self.every, 0)
+        _at_least("keep", self.keep, 1)
 
 
 @dataclass(frozen=True)
@@ -201,6 +222,7 @@ class Scenario:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -223,8 +245,28 @@ class Scenario:
         return Path(self.source).parent if self.source else Path.cwd()
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved scenario as a kebab-case TOML-ready dict (``None`` values omitted)."""
-        return _to_toml_dict(self)
+        """The resolved scenario as a kebab-case TOML-ready dict (``None`` values omitted).
+
+        Plug-ins named by a relative file path (``../scripts/x.py:Class``) are written with the
+        absolute path they resolved to, so the dict (``config.toml``) loads from anywhere.
+        """
+        out = _to_toml_dict(self)
+        for section, key in (("strategy", "name"), ("client", "trainer")):
+            out[section][key] = _resolved_plugin(out[section][key], self.base_dir)
+        return out
+
+
+def _resolved_plugin(name: str, base_dir: Path) -> str:
+    target, sep, attr = name.rpartition(":")
+    if not sep or not target.endswith(".py") or Path(target).is_absolute():
+        return name
+    try:
+        candidate = base_dir / target
+        if candidate.exists():
+            return f"{candidate.resolve()}:{attr}"
+    except (OSError, ValueError):
+        pass
+    return name
 
 
 def _to_toml_dict(obj: Any) -> dict[str, Any]:
@@ -275,7 +317,13 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ScenarioError(f"must be a number, got {value!r}", key=key)
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ScenarioError(f"must be a finite number, got {value!r}", key=key)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ScenarioError(f"must be a string, got {value!r}", key=key)
@@ -317,19 +365,23 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
 
 def _validate_plugin_params(scenario: Scenario) -> None:
     """Check strategy/trainer parameters against their constructors (no run needed)."""
-    from fedsim.client import TRAINERS
+    from fedsim.client import TRAINERS, ClientTrainer
     from fedsim.registry import UnknownPluginError
-    from fedsim.strategy import STRATEGIES
+    from fedsim.strategy import STRATEGIES, Strategy
 
-    for registry, section, name, params in (
-        (STRATEGIES, "strategy", scenario.strategy.name, scenario.strategy.params),
-        (TRAINERS, "client", scenario.client.trainer, scenario.client.params),
+    for registry, section, name, params, base in (
+        (STRATEGIES, "strategy", scenario.strategy.name, scenario.strategy.params, Strategy),
+        (TRAINERS, "client", scenario.client.trainer, scenario.client.params, ClientTrainer),
     ):
         key_name = "strategy.name" if section == "strategy" else "client.trainer"
         try:
             cls = registry.get(name, base_dir=scenario.base_dir)
         except UnknownPluginError as exc:
             raise ScenarioError(str(exc), key=key_name) from None
+        except Exception as exc:  # a plug-in path that cannot be imported or executed
+            raise ScenarioError(f"cannot load {name!r}: {type(exc).__name__}: {exc}", key=key_name) from None
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ScenarioError(f"{name!r} is not a {base.__name__} subclass", key=key_name)
         skip = {"self", "model"} if section == "client" else {"self"}
         sig = inspect.signature(cls.__init__)
         accepted = {p for p in sig.parameters if p not in skip and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD}
@@ -349,7 +401,7 @@ def _validate_plugin_params(scenario: Scenario) -> None:
         if section == "strategy":
             try:
                 cls(**params)  # strategies validate their own values in __init__
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, ArithmeticError) as exc:
                 raise ScenarioError(str(exc), key="strategy") from None
 
 
@@ -407,4 +459,8 @@ def load_scenario(path: str | Path, overrides: list[tuple[list[str], Any]] | Non
         raise ScenarioError(f"invalid TOML: {exc}", source=str(path)) from None
     except UnicodeDecodeError:
         raise ScenarioError("is not UTF-8 text", source=str(path)) from None
+    except RecursionError:
+        raise ScenarioError("invalid TOML: nested too deeply", source=str(path)) from None
+    except OSError as exc:
+        raise ScenarioError(f"cannot read: {exc.strerror or exc}", source=str(path)) from None
     return scenario_from_dict(raw, source=str(path), overrides=overrides)

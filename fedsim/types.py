@@ -79,13 +79,17 @@ class ClientTask:
 class CohortChunk:
     """Reports of several clients, as produced by :meth:`ClientTrainer.train_cohort`.
 
-    ``deltas[i]`` is the (already clipped) delta of ``device_ids[i]``.
+    ``deltas[i]`` is the (already clipped) delta of ``device_ids[i]``, trained for round
+    ``rounds[i]`` (the ``TrainConfig.round`` the client was given). The server rejects a report
+    whose round is not the current one (``"stale_round"``: a replay of an earlier round);
+    ``rounds=None`` states no round and skips that check.
     """
 
     device_ids: np.ndarray
     deltas: torch.Tensor
     num_examples: torch.Tensor
     losses: torch.Tensor
+    rounds: np.ndarray | None = None
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Server-side validation and streaming reduction of client updates.
 
 Every reported delta is checked before it can touch the model: right shape and dtype, all values
-finite, L2 norm within the round's clip bound, a known device reporting once per round, and
-allowed by the server's participation ledger. A failing update is rejected and counted by reason,
-never averaged in. Accepted deltas are reduced chunk by chunk into a running sum, so server memory
+finite, L2 norm within the round's clip bound and within the engine's ``max-update-norm`` (the
+bound that keeps huge values out of non-DP strategies), a sane example count, a known device
+reporting once per round for the current round (not a replay of an earlier one), and allowed by
+the server's participation ledger. A failing update is rejected and counted by reason, never
+averaged in; malformed chunk contents (ids, counts, rounds of the wrong type or length) are
+rejections too, never exceptions. Accepted deltas are reduced chunk by chunk into a running sum, so server memory
 is O(model size) whatever the cohort size (unless the strategy asks for individual updates).
 """
 
@@ -23,11 +26,51 @@ REJECTION_REASONS = (
     "wrong_dtype",
     "non_finite",
     "norm_exceeds_clip",
+    "norm_exceeds_max",
     "bad_example_count",
     "unknown_device",
+    "stale_round",
     "duplicate_device",
     "participation_limit",
 )
+
+#: Example counts at or above this are rejected: beyond it float weights lose integer precision.
+MAX_EXAMPLE_COUNT = 2**53
+
+
+def _as_1d(value: object) -> np.ndarray | None:
+    """``value`` as a flat numpy array, or ``None`` when it is not array-like at all."""
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        return np.asarray(value).reshape(-1)
+    except Exception:
+        return None
+
+
+def _as_ints(values: np.ndarray | None, m: int, *, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer values in ``[low, high)`` and the mask of rows that are such integers.
+
+    Integer dtypes are taken as they are; floats only when finite and integral; anything else
+    (strings, objects, booleans) is invalid. A length other than ``m`` invalidates every row.
+    """
+    out = np.zeros(m, dtype=np.int64)
+    ok = np.zeros(m, dtype=bool)
+    if values is None or len(values) != m:
+        return out, ok
+    kind = values.dtype.kind
+    if kind in "iu":
+        ok = (values >= low) & (values < high)
+        out[ok] = values[ok].astype(np.int64)
+    elif kind == "f":
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(values) & (np.floor(values) == values) & (values >= low) & (values < high)
+        out[ok] = values[ok].astype(np.int64)
+    elif kind == "O":
+        for i, v in enumerate(values):
+            if isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) and low <= int(v) < high:
+                out[i], ok[i] = int(v), True
+    return out, ok
 
 
 class UpdateAccumulator:
@@ -49,6 +92,9 @@ class UpdateAccumulator:
         Population size; ids outside ``[0, num_devices)`` are rejected.
     keep_individual:
         Also keep every accepted delta (``UpdateBatch.deltas``).
+    max_norm:
+        Bound on every delta's L2 norm, whatever the strategy (``engine.max-update-norm``);
+        ``None`` skips the check.
     """
 
     def __init__(
@@ -61,8 +107,10 @@ class UpdateAccumulator:
         ledger: ParticipationLedger | None,
         num_devices: int,
         keep_individual: bool = False,
+        max_norm: float | None = None,
     ) -> None:
         self.num_params = num_params
+        self.max_norm = max_norm
         self.round = round
         self.clip_norm = clip_norm
         self.weighting = weighting
@@ -81,32 +129,51 @@ class UpdateAccumulator:
         self._weights: list[torch.Tensor] = []
 
     def add(self, chunk: CohortChunk) -> np.ndarray:
-        """Validate a chunk, add its accepted rows; return the mask of accepted rows."""
-        ids = np.asarray(chunk.device_ids, dtype=np.int64).reshape(-1)
-        m = len(ids)
+        """Validate a chunk, add its accepted rows; return the mask of accepted rows.
+
+        Never raises on malformed content: each of the chunk's rows (one per device id) is either
+        accepted or counted under exactly one rejection reason.
+        """
         deltas = chunk.deltas
-        reason = np.full(m, "", dtype=object)
-        if not isinstance(deltas, torch.Tensor) or deltas.dim() != 2 or deltas.shape != (m, self.num_params):
+        raw_ids = _as_1d(chunk.device_ids)
+        if raw_ids is None:  # not even a list of ids: count the rows the deltas claim
+            m = int(deltas.shape[0]) if isinstance(deltas, torch.Tensor) and deltas.dim() >= 1 else 1
             self.rejected["wrong_shape"] += m
             return np.zeros(m, dtype=bool)
-        if deltas.dtype != torch.float32:
+        m = len(raw_ids)
+        reason = np.full(m, "", dtype=object)
+        if not isinstance(deltas, torch.Tensor) or deltas.dim() != 2 or tuple(deltas.shape) != (m, self.num_params):
+            self.rejected["wrong_shape"] += m
+            return np.zeros(m, dtype=bool)
+        if deltas.dtype != torch.float32 or deltas.layout != torch.strided:
             self.rejected["wrong_dtype"] += m
             return np.zeros(m, dtype=bool)
-        counts = torch.as_tensor(chunk.num_examples).reshape(-1)
-        ok_counts = counts.numel() == m
+        deltas = deltas.detach()
+        ids, known = _as_ints(raw_ids, m, low=0, high=self.num_devices)
+        counts, ok_count = _as_ints(_as_1d(chunk.num_examples), m, low=0, high=MAX_EXAMPLE_COUNT)
+        raw_rounds = getattr(chunk, "rounds", None)
+        if raw_rounds is None:
+            fresh = np.ones(m, dtype=bool)
+        else:
+            stated, valid = _as_ints(_as_1d(raw_rounds), m, low=0, high=2**62)
+            fresh = valid & (stated == self.round)
         finite = torch.isfinite(deltas).all(dim=1).numpy()
         norms = torch.linalg.vector_norm(torch.nan_to_num(deltas, nan=0.0, posinf=0.0, neginf=0.0), dim=1)
         in_clip = within_clip(norms, self.clip_norm).numpy() if self.clip_norm is not None else np.ones(m, bool)
-        known = (ids >= 0) & (ids < self.num_devices)
+        in_max = (norms <= self.max_norm).numpy() if self.max_norm is not None else np.ones(m, bool)
         for i in range(m):
             if not finite[i]:
                 reason[i] = "non_finite"
             elif not in_clip[i]:
                 reason[i] = "norm_exceeds_clip"
-            elif not ok_counts or int(counts[i]) < 0:
+            elif not in_max[i]:
+                reason[i] = "norm_exceeds_max"
+            elif not ok_count[i]:
                 reason[i] = "bad_example_count"
             elif not known[i]:
                 reason[i] = "unknown_device"
+            elif not fresh[i]:
+                reason[i] = "stale_round"
             elif int(ids[i]) in self._seen:
                 reason[i] = "duplicate_device"
             elif self.ledger is not None and not bool(self.ledger.allowed(self.round, ids[i : i + 1])[0]):
@@ -120,17 +187,22 @@ class UpdateAccumulator:
             return accepted
         idx = torch.from_numpy(np.flatnonzero(accepted))
         good = deltas.index_select(0, idx)
+        accepted_counts = torch.from_numpy(counts[accepted])
         if self.weighting == "examples":
-            weights = counts.index_select(0, idx).to(torch.float32)
+            weights = accepted_counts.to(torch.float32)
         else:
             weights = torch.ones(len(idx), dtype=torch.float32)
         self.delta_sum += weights @ good
         self.weight_sum += float(weights.sum())
         self.num_updates += len(idx)
-        self.num_examples += int(counts.index_select(0, idx).sum()) if ok_counts else 0
+        self.num_examples += int(accepted_counts.sum())
         self.accepted_ids.append(ids[accepted])
-        if chunk.losses is not None and len(chunk.losses) == m:
-            self.losses.append(torch.as_tensor(chunk.losses).reshape(-1)[idx])
+        losses = _as_1d(chunk.losses)
+        if losses is not None and len(losses) == m and losses.dtype.kind == "f":
+            kept = losses[accepted].astype(np.float32)
+            kept = kept[np.isfinite(kept)]
+            if len(kept):
+                self.losses.append(torch.from_numpy(kept))
         if self.keep_individual:
             self._deltas.append(good.clone())
             self._weights.append(weights)

@@ -37,6 +37,7 @@ from fedsim.data import (
 from fedsim.data.federated import FederatedData
 from fedsim.engine import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
+from fedsim.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, resume_from_checkpoint
 from fedsim.engine.rundir import RunDir
 from fedsim.models import build_model, get_flat, num_params, set_flat
 from fedsim.population import (
@@ -173,6 +174,18 @@ class Simulation:
         self.metrics: list[dict[str, Any]] = []
         self.next_round = 0
         self.stopped_reason = "completed"
+        self.checkpointer: Checkpointer | None = None
+        if self.run_dir is not None and scenario.checkpoint.every > 0:
+            self.checkpointer = Checkpointer(
+                self.run_dir.path / CHECKPOINT_DIR, scenario.checkpoint.every, scenario.checkpoint.keep
+            )
+
+    def resume(self) -> int:
+        """Continue from the newest usable checkpoint in the run directory.
+
+        Returns the number of completed rounds restored (see :mod:`fedsim.engine.checkpoint`).
+        """
+        return resume_from_checkpoint(self)
 
     # ---------------------------------------------------------------------------------------
     def _privacy(self) -> tuple[Any, Any]:
@@ -226,6 +239,7 @@ class Simulation:
             ledger=self.population.server_ledger,
             num_devices=self.population.num_devices,
             keep_individual=self.strategy.needs_individual_updates,
+            max_norm=sc.engine.max_update_norm,
         )
         for chunk in self.trainer.train_cohort(self.params, self._tasks(round, cohort), config, chunk_size=sc.engine.chunk_size):
             acc.add(chunk)
@@ -277,6 +291,8 @@ class Simulation:
                 self.next_round = r + 1
                 if self.run_dir is not None:
                     self.run_dir.append_metrics(row)
+                if self.checkpointer is not None and self.checkpointer.due(self.next_round):
+                    self.checkpointer.save(self)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(_postfix(row), refresh=False)

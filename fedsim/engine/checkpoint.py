@@ -1,0 +1,374 @@
+"""Checkpoints of a running simulation, and resuming from them with exactly-once privacy.
+
+Every ``[checkpoint] every`` rounds the engine writes ``RUN_DIR/checkpoints/ckpt-<round>.pt``
+atomically (temporary file, fsync, rename, fsync of the directory) and keeps the newest
+``keep`` of them. A checkpoint holds everything a round depends on that is not a pure function of
+the scenario:
+
+================  ===========================================================================
+key               content
+================  ===========================================================================
+``round``         rounds completed (the next round to run, 0-based)
+``scenario``      the resolved scenario (``Scenario.to_dict`` minus keys that cannot change
+                  results), to refuse resuming under a different scenario
+``params``        the global flat parameter vector
+``strategy``      ``Strategy.state_dict()`` (momentum buffers, tree-aggregation state, ...)
+``trainer``       the trainer's ``state_dict()`` when it defines one
+``population``    device memory and the server's participation ledger
+``ledger``        the privacy ledger (``PrivacyLedger.to_json()``), or ``None``
+``rejected``      rejected updates so far, by reason
+``metrics``       the run-log position: byte length of ``metrics.jsonl`` and its last line
+``rng``           the state of torch's global generator (fedsim's own randomness is derived from
+                  ``(seed, stream, round)``, so the round number *is* its RNG state; the global
+                  state only matters for user plug-ins, e.g. dropout)
+================  ===========================================================================
+
+Exactly-once privacy. Rounds executed after the last checkpoint and before a crash are executed
+again on resume; every random choice in them (availability, cohort, client shuffles, and the DP
+noise, a pure function of the seed and the tree node) is the same, so the replay releases the
+very same aggregates and costs no extra privacy. The ledger is restored to the checkpoint's
+round, so each round's event is recorded exactly once.
+
+File format: ``MAGIC``, the payload's SHA-256 (32 bytes), the payload length (8 bytes,
+big-endian), then the payload (``torch.save`` of the state, read back with
+``weights_only=True``: a checkpoint cannot execute code). A truncated or corrupted file fails the
+checksum; the loader warns and falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedsim.errors import FedsimError
+
+if TYPE_CHECKING:
+    from fedsim.engine.simulation import Simulation
+
+MAGIC = b"FEDSIM-CHECKPOINT-1\n"
+CHECKPOINT_DIR = "checkpoints"
+#: Scenario keys that do not change a run's results and may differ on resume.
+NEUTRAL_KEYS = ("output-dir", "checkpoint")
+
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_NDARRAY = "__ndarray__"
+
+
+class CheckpointError(FedsimError):
+    """A run cannot be resumed (not a run directory, changed scenario, inconsistent run log)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was unusable and an older one (or a fresh start) is used instead."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file failed its integrity checks (internal: turned into a warning)."""
+
+
+# ------------------------------------------------------------------------------------------
+# encoding
+
+
+def _pack(value: Any, where: str) -> Any:
+    """Convert to what ``torch.load(weights_only=True)`` reads back; reject anything else."""
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"checkpoint state {where}: numpy arrays of dtype {value.dtype} are not supported")
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(value).copy())}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"checkpoint state {where}: keys must be str or int, got {k!r}")
+            out[k] = _pack(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        packed = [_pack(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return packed if isinstance(value, list) else tuple(packed)
+    raise TypeError(
+        f"checkpoint state {where}: cannot store {type(value).__name__} "
+        "(use tensors, numpy arrays, numbers, strings, lists and dicts)"
+    )
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_NDARRAY}:
+            return value[_NDARRAY].numpy().copy()
+        return {k: _unpack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_unpack(v) for v in value)
+    return value
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    """Serialise a checkpoint state: header with SHA-256 and length, then the payload."""
+    buf = io.BytesIO()
+    torch.save(_pack(state, "state"), buf)
+    payload = buf.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "big") + payload
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`encode`; raises :class:`CorruptCheckpoint` on any integrity failure."""
+    head = len(MAGIC) + 32 + 8
+    if len(data) < head or not data.startswith(MAGIC):
+        raise CorruptCheckpoint("not a fedsim checkpoint or truncated header")
+    digest = data[len(MAGIC) : len(MAGIC) + 32]
+    length = int.from_bytes(data[len(MAGIC) + 32 : head], "big")
+    payload = data[head:]
+    if len(payload) != length:
+        raise CorruptCheckpoint(f"truncated: {len(payload)} of {length} payload bytes")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptCheckpoint("checksum mismatch")
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as exc:  # checksum fine but unreadable: written by an incompatible version
+        raise CorruptCheckpoint(f"unreadable payload ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "round" not in state:
+        raise CorruptCheckpoint("payload is not a checkpoint state")
+    return _unpack(state)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------------------------------
+# scenario comparison
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def comparable(scenario_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved scenario dict without the keys in :data:`NEUTRAL_KEYS`."""
+    return {k: v for k, v in scenario_dict.items() if k not in NEUTRAL_KEYS}
+
+
+def scenario_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two scenario dicts (neutral keys ignored)."""
+    fa, fb = _flatten(comparable(a)), _flatten(comparable(b))
+    return sorted(k for k in fa.keys() | fb.keys() if k not in fa or k not in fb or fa[k] != fb[k])
+
+
+# ------------------------------------------------------------------------------------------
+# the checkpoint directory
+
+
+def checkpoint_path(directory: Path, round: int) -> Path:
+    """``directory/ckpt-<round, 8 digits>.pt``."""
+    return directory / f"ckpt-{round:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``(round, path)`` of every checkpoint file, newest first (temporary files ignored)."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        m = _NAME.match(path.name)
+        if m and path.is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that passes its integrity checks.
+
+    Each unusable newer one is reported with a :class:`CheckpointWarning`. Returns ``None`` when
+    there is no usable checkpoint.
+    """
+    for round, path in list_checkpoints(directory):
+        try:
+            state = decode(path.read_bytes())
+            if int(state["round"]) != round:
+                raise CorruptCheckpoint(f"holds round {state['round']}, its name says {round}")
+            return state, path
+        except (CorruptCheckpoint, OSError) as exc:
+            warnings.warn(
+                f"checkpoint {path} is unusable ({exc}); falling back to the previous one",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+    return None
+
+
+@dataclass
+class Checkpointer:
+    """Writes a simulation's checkpoints every ``every`` rounds, keeping the newest ``keep``."""
+
+    directory: Path
+    every: int
+    keep: int = 2
+
+    def due(self, rounds_done: int) -> bool:
+        """Whether a checkpoint is due after ``rounds_done`` completed rounds."""
+        return self.every > 0 and rounds_done > 0 and rounds_done % self.every == 0
+
+    def save(self, sim: Simulation) -> Path:
+        """Write a checkpoint of ``sim`` after its ``sim.next_round`` completed rounds."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = checkpoint_path(self.directory, sim.next_round)
+        atomic_write_bytes(path, encode(snapshot(sim)))
+        for _, old in list_checkpoints(self.directory)[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+# ------------------------------------------------------------------------------------------
+# capture and restore
+
+
+def _metrics_position(sim: Simulation) -> dict[str, Any]:
+    """Byte length of ``metrics.jsonl`` (fsynced first) and its last line."""
+    if sim.run_dir is None or not sim.run_dir.metrics_path.exists():
+        return {"offset": 0, "last_line": b""}
+    path = sim.run_dir.metrics_path
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - 65536))
+        tail = fh.read()
+    lines = tail.splitlines(keepends=True)
+    return {"offset": size, "last_line": lines[-1] if lines else b""}
+
+
+def snapshot(sim: Simulation) -> dict[str, Any]:
+    """Everything needed to continue ``sim`` after its ``next_round`` completed rounds."""
+    trainer_state = sim.trainer.state_dict() if callable(getattr(sim.trainer, "state_dict", None)) else None
+    return {
+        "round": sim.next_round,
+        "scenario": comparable(sim.scenario.to_dict()),
+        "params": sim.params,
+        "strategy": sim.strategy.state_dict(),
+        "trainer": trainer_state,
+        "population": sim.population.state_dict(),
+        "ledger": sim.ledger.to_json() if sim.ledger is not None else None,
+        "rejected": dict(sim.rejected),
+        "metrics": _metrics_position(sim),
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def _restore_metrics_log(sim: Simulation, position: dict[str, Any], ckpt: Path) -> None:
+    """Cut ``metrics.jsonl`` back to the checkpoint's position (rows of replayed rounds go)."""
+    assert sim.run_dir is not None
+    path = sim.run_dir.metrics_path
+    offset, last = int(position["offset"]), bytes(position["last_line"])
+    size = path.stat().st_size if path.exists() else 0
+    ok = size >= offset
+    if ok and last:
+        with open(path, "rb") as fh:
+            fh.seek(offset - len(last))
+            ok = fh.read(len(last)) == last
+    if not ok:
+        raise CheckpointError(
+            f"{path} does not extend the run log recorded in {ckpt} (expected {offset} bytes ending "
+            "with that checkpoint's last row); it was modified or truncated, cannot resume"
+        )
+    with open(path, "r+b") as fh:
+        fh.truncate(offset)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def restore(sim: Simulation, state: dict[str, Any], ckpt: Path) -> None:
+    """Load a checkpoint state into a freshly built ``sim`` (same scenario)."""
+    current = comparable(sim.scenario.to_dict())
+    diff = scenario_diff(state["scenario"], current)
+    if diff:
+        raise CheckpointError(
+            f"{ckpt} was written under a different scenario; differing keys: {', '.join(diff)}"
+        )
+    params = state["params"]
+    if not isinstance(params, torch.Tensor) or params.shape != sim.params.shape or params.dtype != sim.params.dtype:
+        raise CheckpointError(f"{ckpt}: parameter vector does not fit the scenario's model")
+    if sim.run_dir is not None:
+        _restore_metrics_log(sim, state["metrics"], ckpt)
+    sim.params = params.clone()
+    sim.strategy.load_state_dict(state["strategy"])
+    if state.get("trainer") is not None:
+        sim.trainer.load_state_dict(state["trainer"])
+    sim.population.load_state_dict(state["population"])
+    if state["ledger"] is not None:
+        from fedsim.privacy.events import PrivacyLedger
+
+        sim._privacy()
+        sim.ledger = PrivacyLedger.from_json(state["ledger"])
+    sim.rejected.clear()
+    sim.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
+    torch.set_rng_state(state["rng"]["torch"])
+    sim.next_round = int(state["round"])
+    sim.metrics = sim.run_dir.read_metrics() if sim.run_dir is not None else []
+
+
+def resume_from_checkpoint(sim: Simulation) -> int:
+    """Restore ``sim`` from the newest usable checkpoint in its run directory.
+
+    Returns the number of completed rounds restored (0 when there is no usable checkpoint: the
+    run starts over, which is safe because every round's noise is a pure function of the seed).
+    """
+    if sim.run_dir is None:
+        raise CheckpointError("resuming needs a run directory")
+    directory = sim.run_dir.path / CHECKPOINT_DIR
+    for stale in directory.glob("ckpt-*.pt.tmp") if directory.is_dir() else []:
+        stale.unlink(missing_ok=True)  # a checkpoint interrupted while being written
+    found = load_latest(directory)
+    if found is None:
+        if list_checkpoints(directory):
+            warnings.warn(f"no usable checkpoint in {directory}; starting over from round 1", CheckpointWarning, stacklevel=2)
+        else:
+            warnings.warn(f"no checkpoint in {directory}; starting over from round 1", CheckpointWarning, stacklevel=2)
+        sim.next_round = 0
+        return 0
+    state, path = found
+    restore(sim, state, path)
+    return sim.next_round

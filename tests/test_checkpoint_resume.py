@@ -1,0 +1,335 @@
+"""Checkpoints and resume: a run killed at an arbitrary point and resumed ends bit-identical to the
+same run uninterrupted (parameters, run log, privacy ledger); corrupted checkpoints fall back to
+the previous good one; a changed scenario is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.cli import main
+from fedsim.engine import Simulation
+from fedsim.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    CheckpointWarning,
+    CorruptCheckpoint,
+    decode,
+    encode,
+    list_checkpoints,
+)
+from fedsim.scenario import load_scenario
+
+from .conftest import ROOT, run_cli
+
+FEDAVGM = f"""
+name = "resume-fedavgm"
+seed = 7
+rounds = {{rounds}}
+clients-per-round = 20
+[data]
+dataset = "digits"
+num-devices = 100
+partitioner = "dirichlet"
+alpha = 1.0
+[model]
+name = "mlp"
+hidden = 32
+[client]
+local-epochs = {{epochs}}
+batch-size = 2
+lr = 0.05
+[strategy]
+name = "{ROOT / 'scripts' / 'fedavgm.py'}:FedAvgM"
+momentum = 0.5
+[checkpoint]
+every = {{every}}
+keep = 2
+"""
+
+
+def _write(tmp_path: Path, template: str, *, rounds: int = 12, epochs: int = 1, every: int = 2) -> Path:
+    path = tmp_path / "scenario.toml"
+    path.write_text(template.format(rounds=rounds, epochs=epochs, every=every))
+    return path
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Final parameters, run log and privacy ledger byte for byte; summary up to timings."""
+    flat_a = torch.load(a / "model.pt")["flat"]
+    flat_b = torch.load(b / "model.pt")["flat"]
+    assert torch.equal(flat_a, flat_b), "final parameters differ"
+    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes(), "metrics.jsonl differs"
+    assert (a / "ledger.json").exists() == (b / "ledger.json").exists()
+    if (a / "ledger.json").exists():
+        assert (a / "ledger.json").read_bytes() == (b / "ledger.json").read_bytes(), "ledger.json differs"
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    for s in (sa, sb):
+        s.pop("wall_time_s")
+        s.pop("strategy")  # a resumed run names the plug-in by its resolved absolute path
+    assert sa == sb
+
+
+def _run(scenario: Path, out: Path) -> None:
+    Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False).run()
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The real command line, in this process (exit code, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the real thing: SIGKILL a subprocess at an arbitrary point, resume through the CLI
+
+
+def _kill_and_resume(tmp_path: Path, scenario: Path, rounds: int) -> str:
+    ref, victim = tmp_path / "ref", tmp_path / "victim"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "fedsim", "run", str(scenario), "--quiet"]
+    reference = subprocess.Popen([*cmd, "--out", str(ref)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*cmd, "--out", str(victim)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chance = random.SystemRandom()
+    target = chance.randint(3, rounds // 2)  # rows in the run log before the kill
+    deadline = time.monotonic() + 120
+    while _lines(victim / "metrics.jsonl") < target and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    t0 = time.monotonic()
+    while _lines(victim / "metrics.jsonl") < target + 1 and time.monotonic() - t0 < 0.2:
+        time.sleep(0.002)  # one round's duration ...
+    round_time = time.monotonic() - t0
+    time.sleep(chance.uniform(0.0, round_time))  # ... and a random point within the next
+    assert proc.poll() is None, "the run finished before it could be killed: make rounds longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    where = f"killed after {_lines(victim / 'metrics.jsonl')} logged rounds (target {target})"
+    assert _lines(victim / "metrics.jsonl") < rounds, where
+    assert not (victim / "summary.json").exists(), where
+
+    resumed = run_cli("run", "--resume", str(victim), "--quiet")
+    assert resumed.returncode == 0, f"{where}: {resumed.stderr}"
+    assert "resuming" in resumed.stderr
+    assert reference.wait(timeout=120) == 0, reference.stderr.read() if reference.stderr else ""
+    if reference.stderr:
+        reference.stderr.close()
+    _assert_same_run(ref, victim)
+    return f"{where}; {resumed.stderr.strip().splitlines()[-1]}"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_is_bit_identical_fedavgm(tmp_path: Path) -> None:
+    """FedAvgM: server momentum, participation ledgers and the run log survive a SIGKILL."""
+    rounds = 40
+    scenario = _write(tmp_path, FEDAVGM, rounds=rounds, epochs=3, every=2)
+    info = _kill_and_resume(tmp_path, scenario, rounds)
+    print(info)
+
+
+# ----------------------------------------------------------------------------------------------
+# in-process: a crash inside a round (state mutated in memory, nothing persisted)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_in_round(sim: Simulation, crash_round: int) -> None:
+    """Let ``run_round(crash_round)`` do all its work, then die before the row is logged."""
+    original = sim.run_round
+
+    def run_round(r: int):
+        row = original(r)
+        if r == crash_round:
+            raise _Crash(r)
+        return row
+
+    sim.run_round = run_round  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("crash_round", [0, 3, 4, 9])
+def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, crash_round: int) -> None:
+    scenario = _write(tmp_path, FEDAVGM, rounds=10, every=2)
+    _run(scenario, tmp_path / "ref")
+    out = tmp_path / "crashed"
+    sim = Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False)
+    _crash_in_round(sim, crash_round)
+    with pytest.raises(_Crash):
+        sim.run()
+    assert _lines(out / "metrics.jsonl") == crash_round
+    resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
+    if crash_round < 2:
+        with pytest.warns(CheckpointWarning, match="no checkpoint"):
+            assert resumed.resume() == 0
+    else:
+        assert resumed.resume() == crash_round - crash_round % 2
+    resumed.run()
+    _assert_same_run(tmp_path / "ref", out)
+
+
+def test_checkpoint_holds_strategy_population_and_log_position(tmp_path: Path) -> None:
+    scenario = _write(tmp_path, FEDAVGM, rounds=6, every=2)
+    out = tmp_path / "run"
+    _run(scenario, out)
+    ckpts = list_checkpoints(out / CHECKPOINT_DIR)
+    assert [r for r, _ in ckpts] == [6, 4]  # keep = 2: the oldest (round 2) was pruned
+    assert not list((out / CHECKPOINT_DIR).glob("*.tmp"))
+    state = decode(ckpts[0][1].read_bytes())
+    assert state["round"] == 6
+    assert state["strategy"]["buffer"].shape == state["params"].shape
+    assert state["population"]["server_ledger"]["count"].sum() == 6 * 20
+    assert state["metrics"]["offset"] == (out / "metrics.jsonl").stat().st_size
+    assert state["ledger"] is None  # FedAvgM releases nothing that needs accounting
+    saved = torch.load(out / "model.pt")["flat"]
+    assert torch.equal(state["params"], saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# corruption
+
+
+def _finished_run(tmp_path: Path, rounds: int = 8) -> tuple[Path, Path]:
+    scenario = _write(tmp_path, FEDAVGM, rounds=rounds, every=2)
+    _run(scenario, tmp_path / "ref")
+    _run(scenario, tmp_path / "run")
+    return tmp_path / "ref", tmp_path / "run"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
+def test_corrupted_newest_checkpoint_falls_back_to_previous_with_warning(tmp_path: Path, damage: str) -> None:
+    ref, run = _finished_run(tmp_path)
+    (newest_round, newest), (prev_round, _) = list_checkpoints(run / CHECKPOINT_DIR)
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(os.urandom(len(data)))
+    newest.write_bytes(bytes(data))
+    (run / "summary.json").unlink()
+    sim = Simulation(load_scenario(run / "config.toml"), run_dir=run, progress=False)
+    with pytest.warns(CheckpointWarning, match=rf"{newest.name} is unusable \(.*\); falling back"):
+        assert sim.resume() == prev_round
+    assert newest_round == prev_round + 2
+    sim.run()
+    _assert_same_run(ref, run)
+
+
+def test_corrupted_checkpoint_detected_by_checksum() -> None:
+    blob = encode({"round": 3, "params": torch.arange(5.0), "population": {"count": np.arange(4)}})
+    state = decode(blob)
+    assert state["round"] == 3 and torch.equal(state["params"], torch.arange(5.0))
+    assert isinstance(state["population"]["count"], np.ndarray) and state["population"]["count"].tolist() == [0, 1, 2, 3]
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
+        decode(bytes(bad))
+    with pytest.raises(CorruptCheckpoint, match="truncated"):
+        decode(blob[:-1])
+    with pytest.raises(CorruptCheckpoint, match="not a fedsim checkpoint"):
+        decode(b"PK\x03\x04" + blob)
+
+
+def test_unsupported_state_is_refused_when_saving_naming_the_key() -> None:
+    with pytest.raises(TypeError, match=r"state\.strategy\.opt: cannot store object"):
+        encode({"round": 1, "strategy": {"opt": object()}})
+
+
+def test_all_checkpoints_corrupt_starts_over_and_still_matches(tmp_path: Path) -> None:
+    ref, run = _finished_run(tmp_path, rounds=6)
+    for _, path in list_checkpoints(run / CHECKPOINT_DIR):
+        path.write_bytes(path.read_bytes()[:50])
+    sim = Simulation(load_scenario(run / "config.toml"), run_dir=run, progress=False)
+    with pytest.warns(CheckpointWarning) as record:
+        assert sim.resume() == 0
+    messages = [str(w.message) for w in record]
+    assert sum("unusable" in m for m in messages) == 2
+    assert any("no usable checkpoint" in m and "starting over" in m for m in messages)
+    sim.run()
+    _assert_same_run(ref, run)
+
+
+def test_run_log_modified_after_checkpoint_is_refused(tmp_path: Path) -> None:
+    _, run = _finished_run(tmp_path, rounds=4)
+    rows = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(rows[:2]))  # lost rows the checkpoint relies on
+    sim = Simulation(load_scenario(run / "config.toml"), run_dir=run, progress=False)
+    with pytest.raises(CheckpointError, match="metrics.jsonl does not extend the run log"):
+        sim.resume()
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line: changed scenarios are refused, naming the keys
+
+
+def test_resume_with_changed_scenario_is_refused_naming_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = _write(tmp_path, FEDAVGM, rounds=4, every=2)
+    run = tmp_path / "run"
+    assert _cli(capsys, "run", str(scenario), "--out", str(run), "--quiet")[0] == 0
+    before = (run / "metrics.jsonl").read_bytes()
+
+    # through a real process once: exit code 2, one line, no traceback
+    proc = run_cli("run", "--resume", str(run), "--set", "client.lr=0.5", "--seed", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --resume: ")
+    assert "differs from the run in" in proc.stderr and "client.lr, seed" in proc.stderr
+
+    other = tmp_path / "other.toml"
+    other.write_text(scenario.read_text().replace("rounds = 4", "rounds = 5").replace("momentum = 0.5", "momentum = 0.6"))
+    code, err = _cli(capsys, "run", str(other), "--resume", str(run))
+    assert code == 2 and err.count("\n") == 1 and "rounds, strategy.momentum" in err
+
+    # the recorded config edited by hand after the checkpoint: the checkpoint itself refuses
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("lr = 0.05", "lr = 0.07"))
+    code, err = _cli(capsys, "run", "--resume", str(run))
+    assert code == 2
+    assert err.count("\n") == 1 and "different scenario; differing keys: client.lr" in err
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing was touched
+
+    # the same scenario (and a neutral key: checkpoint frequency) is accepted
+    config.write_text(config.read_text().replace("lr = 0.07", "lr = 0.05"))
+    code, err = _cli(capsys, "run", str(scenario), "--resume", str(run), "--set", "checkpoint.every=1", "--quiet")
+    assert code == 0, err
+    assert "resuming" in err and "after round 4 of 4" in err
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run"], "error: run: a scenario file is required (or --resume RUN_DIR)"),
+        (["run", "--resume", "/nonexistent/run"], "no such run directory"),
+        (["run", "--resume", "RUN", "--out", "elsewhere"], "--out cannot be combined with --resume"),
+        (["run", "--resume", "EMPTY"], "not a run directory (no config.toml)"),
+    ],
+)
+def test_resume_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
+    (tmp_path / "EMPTY").mkdir()
+    args = [a if a not in ("RUN", "EMPTY") else str(tmp_path / a) for a in args]
+    code, err = _cli(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
