@@ -3,25 +3,59 @@
 Each client starts from the global flat parameters, runs ``local_epochs`` passes of minibatch SGD
 (shuffled with a generator seeded from the client's task seed) on mean cross-entropy, and reports
 ``delta = local - global`` clipped to ``clip_norm`` when the round asks for clipping.
+
+:meth:`SGDTrainer.train_cohort` (what the simulator calls) trains Linear/ReLU ``Sequential``
+models (logreg, mlp) with the batched implementation in :mod:`clients.batched`, which runs this
+same algorithm for a whole group of clients at once (equal within float tolerance, see
+``tests/test_batched_training.py``); other models, or ``[client] batched = false``, use this
+per-client loop.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clients.batched import BatchedSGD, supports
 from fedsim.client import ClientResult, ClientTrainer
 from fedsim.models import get_flat, set_flat
 from fedsim.privacy.clipping import clip_by_norm
-from fedsim.types import ClientTask, TrainConfig
+from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
 
 class SGDTrainer(ClientTrainer):
-    """Minibatch SGD on the device's data (no momentum, no weight decay)."""
+    """Minibatch SGD on the device's data (no momentum, no weight decay).
 
-    def __init__(self, model: nn.Module) -> None:
+    Parameters
+    ----------
+    model:
+        Template model.
+    batched:
+        Train cohorts with :class:`clients.batched.BatchedSGD` when the model supports it
+        (default); ``False`` always loops over :meth:`train_client`.
+    """
+
+    def __init__(self, model: nn.Module, batched: bool = True) -> None:
         super().__init__(model)
+        if not isinstance(batched, bool):
+            raise ValueError(f"batched must be true or false, got {batched!r}")
+        self.batched = BatchedSGD(model) if batched and supports(model) else None
+
+    def train_cohort(
+        self,
+        params: torch.Tensor,
+        tasks: Iterable[ClientTask],
+        config: TrainConfig,
+        *,
+        chunk_size: int = 256,
+    ) -> Iterator[CohortChunk]:
+        """Train many clients: batched when the model allows it, else the per-client loop."""
+        if self.batched is None:
+            return super().train_cohort(params, tasks, config, chunk_size=chunk_size)
+        return self.batched.train_cohort(params.to(next(self.model.parameters()).dtype), tasks, config, chunk_size=chunk_size)
 
     def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
         model = self.model

@@ -23,3 +23,142 @@ def test_training_a_client_leaves_the_global_params_untouched() -> None:
     result = SGDTrainer(model).train_client(params, _task(0, 40, 12), TrainConfig(round=0, lr=0.5, local_epochs=2, batch_size=8))
     assert torch.equal(params, before)
     assert result.delta.abs().max() > 1e-3
+    # the batched path too, including a group of one client (no broadcasting involved)
+    from clients.batched import BatchedSGD
+
+    for tasks in ([_task(0, 40, 12)], [_task(0, 40, 12), _task(1, 9, 12)]):
+        chunk = BatchedSGD(model).train_chunk(params, tasks, TrainConfig(round=0, lr=0.5, local_epochs=2, batch_size=8))
+        assert torch.equal(params, before)
+        assert chunk.deltas.abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# batched == loop
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+from clients.batched import BatchedSGD, supports  # noqa: E402
+from fedsim.engine.aggregation import UpdateAccumulator  # noqa: E402
+
+# sizes cover: empty device, one example, fewer than a batch, exact multiples, a short last batch
+SIZES = [37, 0, 1, 16, 5, 64, 33, 17, 48, 2]
+
+
+def _tasks(num_features: int, dtype: torch.dtype, sizes: list[int] = SIZES) -> list[ClientTask]:
+    return [_task(i, n, num_features, dtype) for i, n in enumerate(sizes)]
+
+
+def _model(name: str, num_features: int, dtype: torch.dtype) -> nn.Module:
+    return build_model(name, num_features=num_features, num_classes=10, hidden=12, seed=5).to(dtype)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+@pytest.mark.parametrize("clip", [None, 0.3])
+def test_batched_equals_per_client_loop_in_float64(name: str, clip: float | None) -> None:
+    model = _model(name, 20, torch.float64)
+    params = get_flat(model).double()
+    tasks = _tasks(20, torch.float64)
+    config = TrainConfig(round=3, lr=0.2, local_epochs=2, batch_size=16, clip_norm=clip)
+    loop = SGDTrainer(model, batched=False)
+    expected = [loop.train_client(params, t, config) for t in tasks]
+    chunk = BatchedSGD(model).train_chunk(params, tasks, config)
+
+    ref = torch.stack([r.delta.double() for r in expected])
+    assert chunk.deltas.dtype == torch.float64
+    # the loop rounds its local model to float32 (get_flat): 1e-6 is far below any algorithmic
+    # difference (another shuffle or a missed short batch changes deltas by ~1e-2)
+    torch.testing.assert_close(chunk.deltas, ref, rtol=0, atol=1e-6)
+    assert ref.abs().max() > 1e-2
+    assert np.array_equal(chunk.device_ids, np.arange(len(tasks)))
+    assert chunk.num_examples.tolist() == SIZES
+    torch.testing.assert_close(chunk.losses, torch.tensor([r.loss for r in expected], dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    assert torch.all(chunk.deltas[1] == 0) and chunk.losses[1] == 0  # the device with no data
+    if clip is not None:
+        norms = torch.linalg.vector_norm(chunk.deltas, dim=1)
+        assert torch.all(norms <= clip * (1 + 1e-12))
+        assert (norms > clip * 0.999).sum() >= 5  # clipping was active
+
+
+def test_a_different_shuffle_is_detected_by_the_tolerance() -> None:
+    model = _model("mlp", 20, torch.float64)
+    params = get_flat(model).double()
+    tasks = _tasks(20, torch.float64)
+    config = TrainConfig(round=0, lr=0.2, local_epochs=1, batch_size=16)
+    reseeded = [ClientTask(t.device_id, t.x, t.y, t.seed + 1) for t in tasks]
+    a = BatchedSGD(model).train_chunk(params, tasks, config).deltas
+    b = BatchedSGD(model).train_chunk(params, reseeded, config).deltas
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_grouping_does_not_change_results() -> None:
+    model = _model("mlp", 20, torch.float64)
+    params = get_flat(model).double()
+    tasks = _tasks(20, torch.float64)
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8, clip_norm=0.5)
+    whole = BatchedSGD(model).train_chunk(params, tasks, config)
+    trainer = BatchedSGD(model)
+    trainer.group = 3
+    grouped = trainer.train_chunk(params, tasks, config)
+    torch.testing.assert_close(grouped.deltas, whole.deltas, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_engine_path_float32_sums_match_the_loop(name: str) -> None:
+    """What the engine sees: chunks from train_cohort, validated and summed by the server."""
+    model = _model(name, 30, torch.float32)
+    params = get_flat(model)
+    tasks = _tasks(30, torch.float32, SIZES * 3)
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=16, clip_norm=1.0)
+
+    def reduce(trainer: SGDTrainer) -> tuple[torch.Tensor, list[int]]:
+        acc = UpdateAccumulator(
+            num_params=params.numel(), round=0, clip_norm=1.0, weighting="examples", ledger=None, num_devices=len(tasks)
+        )
+        sizes = []
+        for chunk in trainer.train_cohort(params, iter(tasks), config, chunk_size=7):
+            sizes.append(len(chunk.device_ids))
+            assert acc.add(chunk).all()
+        return acc.result().delta_sum, sizes
+
+    batched_trainer = SGDTrainer(model)
+    assert batched_trainer.batched is not None
+    fast, sizes = reduce(batched_trainer)
+    slow, _ = reduce(SGDTrainer(model, batched=False))
+    assert max(sizes) <= 7 and sum(sizes) == len(tasks)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert slow.abs().max() > 1e-1
+
+
+def test_unsupported_models_fall_back_to_the_loop() -> None:
+    model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 10))
+    assert not supports(model)
+    assert supports(_model("mlp", 20, torch.float32)) and supports(_model("logreg", 20, torch.float32))
+    trainer = SGDTrainer(model)
+    assert trainer.batched is None
+    params = get_flat(model)
+    tasks = _tasks(20, torch.float32, [10, 3])
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=4)
+    (chunk,) = list(trainer.train_cohort(params, tasks, config))
+    expected = trainer.train_client(params, tasks[0], config).delta
+    assert torch.equal(chunk.deltas[0], expected)
+    with pytest.raises(ValueError, match="nn.Sequential stacks of nn.Linear / nn.ReLU"):
+        BatchedSGD(model)
+
+
+def test_scenario_can_switch_the_batched_path_off() -> None:
+    from fedsim.engine import run_scenario
+    from fedsim.scenario import load_scenario, parse_override
+
+    from .conftest import SCENARIOS
+
+    def run(batched: bool) -> list[dict]:
+        sc = load_scenario(SCENARIOS / "quickstart.toml", [parse_override("rounds=3"), parse_override(f"client.batched={str(batched).lower()}")])
+        return run_scenario(sc).metrics
+
+    fast, slow = run(True), run(False)
+    for a, b in zip(fast, slow, strict=True):
+        assert a["clients"] == b["clients"]
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.02)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)

@@ -1,0 +1,324 @@
+"""Batched local SGD: a whole chunk of clients trained as one tensor computation.
+
+:class:`BatchedSGD` runs exactly the algorithm of the reference per-client loop
+(:class:`clients.sgd.SGDTrainer.train_client`) for many clients at once:
+
+* every client starts from the global parameters and, for each local epoch, shuffles its own
+  examples with ``torch.randperm(n, generator=torch.Generator().manual_seed(task.seed))`` (one
+  generator per client, advanced epoch after epoch, as in the loop);
+* minibatches of ``batch_size`` in that order, the last one short when ``n`` is not a multiple;
+* one plain SGD step per minibatch on the *mean* cross-entropy of the minibatch;
+* ``delta = local - global``, clipped per client to ``clip_norm`` when the round asks for it.
+
+How. The model must be an ``nn.Sequential`` of ``nn.Linear`` and ``nn.ReLU`` layers (logistic
+regression, MLPs). Each client gets its own copy of every weight matrix, stacked into a
+``[clients, out, in]`` tensor; forward and backward passes are hand-written batched matmuls
+(``torch.baddbmm`` / ``torch.bmm``), and the weight update is fused into the gradient matmul
+(``W.baddbmm_(dZ^T, H, alpha=-lr)``) so no per-client gradient tensor is ever materialised.
+The input layer's input gradient is never computed. Clients with fewer examples than the
+largest in the chunk are padded; their padded rows carry zero weight in the loss, and a client
+whose epoch is over takes exactly-zero steps (``W - lr * 0 == W``), so unequal data sizes give
+the same result as the loop, not an approximation.
+
+Why hand-batched. Measured on the 2-core reference machine (client = 64 examples, batch 16,
+1 epoch): for logistic regression on 784 features the per-client loop does ~700 updates/s,
+``torch.func.vmap`` over ``grad`` ~7,700/s, and these hand-batched layers ~13,500/s; for a
+784-128-10 MLP ~480/s, ~1,000/s and ~1,900/s (before fusing the update into the matmul). vmap
+materialises per-client gradients and re-derives the graph each step; the hand-written passes
+do not. Models with other layers fall back to the loop (:func:`supports` says which).
+
+Chunk size. Clients are processed in groups of at most :data:`compute_chunk` for the model
+(:func:`compute_chunk`): small models profit from large groups (fewer, larger kernel calls),
+larger ones from groups whose weights stay in cache. Results do not depend on the grouping.
+
+Numerics. In float32 the batched and the loop results agree to ~1e-6 relative; a ReLU
+pre-activation that is within rounding of zero can flip, so equality tests compare in float64
+(pass float64 ``params`` and a float64 model: the computation runs in ``params.dtype``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.types import ClientTask, CohortChunk, TrainConfig
+
+#: Upper bound on ``clients x parameters`` held as batched weights in one group (float32
+#: elements); 256 clients of a 100k-parameter MLP, or every client of a logistic regression.
+GROUP_ELEMENTS = 4_000_000
+#: Upper bound on clients per group, whatever the model size.
+MAX_GROUP = 1024
+
+
+@dataclass(frozen=True)
+class _Linear:
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class _ReLU:
+    pass
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether :class:`BatchedSGD` can train ``model`` (a ``Sequential`` of Linear/ReLU layers
+    that starts with a Linear layer)."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return False
+    if not isinstance(model[0], nn.Linear):
+        return False
+    return all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+
+
+class BatchedSGD:
+    """Trains many clients of one Linear/ReLU ``Sequential`` model at once.
+
+    Parameters
+    ----------
+    model:
+        Template model; only its architecture is read (:func:`supports` must hold).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not supports(model):
+            raise ValueError(
+                f"batched training supports nn.Sequential stacks of nn.Linear / nn.ReLU, got {type(model).__name__}"
+            )
+        self.layers: list[_Linear | _ReLU] = []
+        for m in model:
+            if isinstance(m, nn.Linear):
+                self.layers.append(_Linear(m.in_features, m.out_features, m.bias is not None))
+            else:
+                self.layers.append(_ReLU())
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.num_features = model[0].in_features
+        #: clients per batched group; ``None``: sized by :meth:`group_size`'s cache rule
+        self.group: int | None = None
+
+    # ---------------------------------------------------------------------------------------
+    def train_cohort(
+        self, params: torch.Tensor, tasks: Iterable[ClientTask], config: TrainConfig, *, chunk_size: int = 256
+    ) -> Iterator[CohortChunk]:
+        """Train a stream of clients, yielding one chunk per batched group (at most ``chunk_size``).
+
+        Yielding each group as soon as it is trained lets the server validate and sum its deltas
+        while they are still in cache, and keeps memory at one group's worth whatever the cohort.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        num_features = self.num_features
+        pending: list[ClientTask] = []
+        n_max = 0
+        for task in tasks:
+            pending.append(task)
+            n_max = max(n_max, task.num_examples)
+            if len(pending) >= min(chunk_size, self.group_size(n_max * num_features)):
+                yield self.train_chunk(params, pending, config)
+                pending, n_max = [], 0
+        if pending:
+            yield self.train_chunk(params, pending, config)
+
+    def train_chunk(self, params: torch.Tensor, tasks: Sequence[ClientTask], config: TrainConfig) -> CohortChunk:
+        """Train ``tasks`` from the flat ``params``; one :class:`CohortChunk` in task order."""
+        if params.dim() != 1 or params.numel() != self.num_params:
+            raise ValueError(f"flat parameters have shape {tuple(params.shape)}, model needs ({self.num_params},)")
+        if config.clip_norm is not None and not config.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {config.clip_norm}")
+        m = len(tasks)
+        ids = np.fromiter((t.device_id for t in tasks), dtype=np.int64, count=m)
+        counts = torch.tensor([t.num_examples for t in tasks], dtype=torch.int64)
+        deltas = torch.empty(m, self.num_params, dtype=params.dtype)
+        losses = torch.zeros(m, dtype=torch.float32)
+        n_max = max((t.num_examples for t in tasks), default=0)
+        group = self.group_size(n_max * self.num_features)
+        for start in range(0, m, group):
+            stop = min(start + group, m)
+            self._train_group(params, tasks[start:stop], config, deltas[start:stop], losses[start:stop])
+        return CohortChunk(device_ids=ids, deltas=deltas, num_examples=counts, losses=losses)
+
+    def group_size(self, data_elements: int) -> int:
+        """Clients per batched group when each brings ``data_elements`` input values.
+
+        The group's working set (its clients' weights and minibatch data) should stay in the last
+        level cache: ``GROUP_ELEMENTS / (num_params + data_elements)``, within ``[1, MAX_GROUP]``.
+        ``self.group``, when set, overrides the rule (benchmarks, tests).
+        """
+        if self.group is not None:
+            return self.group
+        return int(max(1, min(MAX_GROUP, GROUP_ELEMENTS // max(self.num_params + data_elements, 1))))
+
+    # ---------------------------------------------------------------------------------------
+    def _shared_weights(self, params: torch.Tensor, m: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per-layer ``[m, out, in]`` weights and ``[m, out]`` biases: views of ``params``
+        broadcast over the ``m`` clients (never written: the first update makes private copies)."""
+        out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        offset = 0
+        for layer in self.layers:
+            if isinstance(layer, _ReLU):
+                continue
+            size = layer.out_features * layer.in_features
+            w = params[offset : offset + size].view(1, layer.out_features, layer.in_features).expand(m, -1, -1)
+            offset += size
+            b = None
+            if layer.bias:
+                b = params[offset : offset + layer.out_features].view(1, layer.out_features).expand(m, -1)
+                offset += layer.out_features
+            out.append((w, b))
+        return out
+
+    def _train_group(
+        self,
+        params: torch.Tensor,
+        tasks: Sequence[ClientTask],
+        config: TrainConfig,
+        deltas: torch.Tensor,
+        losses: torch.Tensor,
+    ) -> None:
+        """Train one group; write its clipped deltas ``[m, P]`` and mean losses ``[m]``."""
+        m = len(tasks)
+        dtype = params.dtype
+        sizes = [t.num_examples for t in tasks]
+        n_max = max(sizes)
+        if n_max == 0:
+            deltas.zero_()
+            losses.zero_()
+            return
+        base = self._shared_weights(params, m)
+        weights = list(base)
+        owned = [False] * len(weights)  # True once a layer's weights are private copies
+        n = torch.tensor(sizes, dtype=torch.int64)
+        uniform = min(sizes) == n_max
+        bs = config.batch_size
+        steps_per_epoch = -(-n_max // bs)
+        gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
+        num_features = tasks[0].x.shape[1]
+        # padded rows (clients with fewer examples) must hold finite values: they are masked out
+        alloc = torch.empty if uniform else torch.zeros
+        xp = alloc(m, n_max, num_features, dtype=dtype)
+        yp = alloc(m, n_max, dtype=torch.int64)
+        loss_sum = torch.zeros(m, dtype=dtype)
+        lr = float(config.lr)
+        for _ in range(config.local_epochs):
+            # each client's own shuffle, drawn exactly as the loop draws it
+            for i, (task, gen) in enumerate(zip(tasks, gens, strict=True)):
+                if sizes[i] == 0:
+                    continue
+                order = torch.randperm(sizes[i], generator=gen)
+                if task.x.dtype == dtype:
+                    torch.index_select(task.x, 0, order, out=xp[i, : sizes[i]])
+                else:
+                    xp[i, : sizes[i]].copy_(task.x.index_select(0, order))
+                torch.index_select(task.y, 0, order, out=yp[i, : sizes[i]])
+            for step in range(steps_per_epoch):
+                lo = step * bs
+                hi = min(lo + bs, n_max)
+                if uniform:
+                    valid = None
+                    scale = torch.full((m,), 1.0 / (hi - lo), dtype=dtype)
+                else:
+                    cnt = (n - lo).clamp(min=0, max=hi - lo)  # examples of each client in this batch
+                    valid = torch.arange(hi - lo).unsqueeze(0) < cnt.unsqueeze(1)  # [m, b]
+                    scale = torch.where(cnt > 0, 1.0 / cnt.clamp(min=1).to(dtype), torch.zeros((), dtype=dtype))
+                loss_sum += self._step(weights, owned, xp[:, lo:hi], yp[:, lo:hi], valid, scale, lr)
+        steps = (-(-n // bs)) * config.local_epochs
+        losses.copy_(loss_sum / steps.clamp(min=1).to(dtype))
+        # deltas in model.parameters() order (weight, bias per Linear layer), clipped while the
+        # group's rows are still in cache
+        offset = 0
+        for (w, b), (w0, b0) in zip(weights, base, strict=True):
+            size = w.shape[1] * w.shape[2]
+            torch.sub(w.reshape(m, size), w0[:1].reshape(1, size), out=deltas[:, offset : offset + size])
+            offset += size
+            if b is not None and b0 is not None:
+                torch.sub(b, b0[:1], out=deltas[:, offset : offset + b.shape[1]])
+                offset += b.shape[1]
+        if config.clip_norm is not None:
+            _clip_rows_(deltas, config.clip_norm)
+
+    def _step(
+        self,
+        weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+        owned: list[bool],
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        valid: torch.Tensor | None,
+        scale: torch.Tensor,
+        lr: float,
+    ) -> torch.Tensor:
+        """One SGD step for every client; returns each client's minibatch mean loss ``[m]``.
+
+        ``valid`` ``[m, b]`` marks real (not padded) rows, ``None`` when all are real; ``scale``
+        is ``1 / rows`` per client (0 for a client with no rows in this step). Layers whose
+        weights are still the shared global ones (``owned[i]`` false: views of the global
+        parameters) use one plain matmul forward and get private copies from their first update;
+        shared weights are never written.
+        """
+        inputs: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
+        h = xb
+        li = 0
+        for layer in self.layers:
+            if isinstance(layer, _Linear):
+                w, b = weights[li]
+                inputs.append(h)
+                if not owned[li]:
+                    h = torch.matmul(h, w[0].t())
+                    if b is not None:
+                        h = h + b[0]
+                elif b is not None:
+                    h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                else:
+                    h = torch.bmm(h, w.transpose(1, 2))
+                masks.append(None)
+                li += 1
+            else:
+                mask = h > 0
+                h = h * mask
+                masks[-1] = mask  # the ReLU right after Linear li - 1
+        # mean cross-entropy per client over its valid rows, and its gradient w.r.t. the logits
+        logp = h - torch.logsumexp(h, dim=2, keepdim=True)  # [m, b, C]
+        picked = logp.gather(2, yb.unsqueeze(2)).squeeze(2)  # [m, b]
+        if valid is not None:
+            picked = picked * valid
+        loss = -picked.sum(dim=1) * scale
+        grad = logp.exp_()
+        grad.scatter_add_(2, yb.unsqueeze(2), torch.full_like(picked, -1.0).unsqueeze(2))
+        row_scale = scale.view(-1, 1, 1)
+        if valid is not None:
+            row_scale = row_scale * valid.unsqueeze(2).to(grad.dtype)
+        grad.mul_(row_scale)
+        # backward, updating each Linear right after its pre-update weights were used
+        for pos in reversed(range(len(weights))):
+            w, b = weights[pos]
+            mask = masks[pos]
+            if mask is not None:
+                grad = grad * mask
+            shared = not owned[pos]
+            grad_in = None
+            if pos > 0:
+                grad_in = torch.matmul(grad, w[0]) if shared else torch.bmm(grad, w)
+            if shared:
+                w = torch.baddbmm(w, grad.transpose(1, 2), inputs[pos], alpha=-lr)
+                if b is not None:
+                    b = b - lr * grad.sum(dim=1)
+                weights[pos] = (w, b)
+                owned[pos] = True
+            else:
+                w.baddbmm_(grad.transpose(1, 2), inputs[pos], alpha=-lr)
+                if b is not None:
+                    b.sub_(grad.sum(dim=1), alpha=lr)
+            if grad_in is not None:
+                grad = grad_in
+        return loss
+
+
+def _clip_rows_(deltas: torch.Tensor, clip_norm: float) -> None:
+    """Clip every row to L2 norm ``clip_norm`` in place (same formula as ``clip_by_norm``)."""
+    norms = torch.linalg.vector_norm(deltas, dim=1, keepdim=True)
+    deltas.mul_(torch.clamp(clip_norm / (norms + 1e-12), max=1.0))
