@@ -57,11 +57,77 @@ every = {{every}}
 keep = 2
 """
 
+# DP-FTRL: tree-aggregation state, server momentum, (k, b) participation ledgers, privacy ledger
+DP_FTRL = """
+name = "resume-dp-ftrl"
+seed = 11
+rounds = {rounds}
+clients-per-round = 20
+[data]
+dataset = "digits"
+num-devices = 100
+partitioner = "iid"
+[model]
+name = "mlp"
+hidden = 32
+[client]
+local-epochs = {epochs}
+batch-size = 2
+lr = 0.05
+[strategy]
+name = "dp-ftrl"
+noise-multiplier = 1.0
+clip-norm = 0.5
+momentum = 0.9
+max-participations = 8
+min-separation = 3
+[privacy]
+delta = 1e-6
+{budget}
+[checkpoint]
+every = {every}
+keep = 2
+"""
 
-def _write(tmp_path: Path, template: str, *, rounds: int = 12, epochs: int = 1, every: int = 2) -> Path:
+# DP-FedAvg with Poisson sampling: per-round noise and sampled-Gaussian ledger events
+DP_FEDAVG = """
+name = "resume-dp-fedavg"
+seed = 5
+rounds = {rounds}
+clients-per-round = 20
+[data]
+dataset = "digits"
+num-devices = 100
+[model]
+name = "logreg"
+[client]
+local-epochs = {epochs}
+batch-size = 4
+[strategy]
+name = "dp-fedavg"
+noise-multiplier = 1.1
+clip-norm = 0.5
+momentum = 0.5
+sampling = "poisson"
+[checkpoint]
+every = {every}
+"""
+
+
+def _write(tmp_path: Path, template: str, *, rounds: int = 12, epochs: int = 1, every: int = 2, budget: str = "") -> Path:
     path = tmp_path / "scenario.toml"
-    path.write_text(template.format(rounds=rounds, epochs=epochs, every=every))
+    path.write_text(template.format(rounds=rounds, epochs=epochs, every=every, budget=budget))
     return path
+
+
+def _dp_ftrl_budget(rounds: int, stop_after: int) -> tuple[str, float]:
+    """A ``max-rho`` line that admits exactly ``stop_after`` DP-FTRL rounds of :data:`DP_FTRL`."""
+    from fedsim.privacy.sensitivity import tree_sensitivity_sq_prefixes
+
+    rhos = [sq / 2.0 for sq in tree_sensitivity_sq_prefixes(rounds, 8, 3)]  # z = 1
+    assert rhos[stop_after] > rhos[stop_after - 1]
+    budget = (rhos[stop_after - 1] + rhos[stop_after]) / 2
+    return f"max-rho = {budget!r}", rhos[stop_after - 1]
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -146,6 +212,22 @@ def test_sigkill_mid_round_then_resume_is_bit_identical_fedavgm(tmp_path: Path) 
     print(info)
 
 
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_is_bit_identical_dp_ftrl_with_budget(tmp_path: Path) -> None:
+    """DP-FTRL: tree state and privacy ledger survive a SIGKILL; replayed rounds reuse their noise
+    (identical ledger and parameters), and the max-rho guard stops at the same round."""
+    rounds, stop_after = 40, 29
+    budget, rho = _dp_ftrl_budget(rounds, stop_after)
+    scenario = _write(tmp_path, DP_FTRL, rounds=rounds, epochs=3, every=2, budget=budget)
+    info = _kill_and_resume(tmp_path, scenario, stop_after)
+    print(info)
+    for run in ("ref", "victim"):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert summary["rounds"] == stop_after and summary["rho"] == rho
+        assert f"round {stop_after + 1} would reach" in summary["stopped_reason"]
+        assert len(json.loads((tmp_path / run / "ledger.json").read_text())) == stop_after
+
+
 # ----------------------------------------------------------------------------------------------
 # in-process: a crash inside a round (state mutated in memory, nothing persisted)
 
@@ -167,9 +249,13 @@ def _crash_in_round(sim: Simulation, crash_round: int) -> None:
     sim.run_round = run_round  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("crash_round", [0, 3, 4, 9])
-def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, crash_round: int) -> None:
-    scenario = _write(tmp_path, FEDAVGM, rounds=10, every=2)
+@pytest.mark.parametrize(
+    ("template", "crash_round"),
+    [(FEDAVGM, 0), (FEDAVGM, 3), (FEDAVGM, 4), (FEDAVGM, 9), (DP_FTRL, 5), (DP_FEDAVG, 7)],
+    ids=["fedavgm-0", "fedavgm-3", "fedavgm-4", "fedavgm-9", "dp-ftrl-5", "dp-fedavg-7"],
+)
+def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, template: str, crash_round: int) -> None:
+    scenario = _write(tmp_path, template, rounds=10, every=2)
     _run(scenario, tmp_path / "ref")
     out = tmp_path / "crashed"
     sim = Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False)
@@ -184,6 +270,34 @@ def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, crash
     else:
         assert resumed.resume() == crash_round - crash_round % 2
     resumed.run()
+    _assert_same_run(tmp_path / "ref", out)
+
+
+def test_max_rho_guard_holds_across_resume(tmp_path: Path) -> None:
+    """Crash in the round just before the budget stop, and resume a run that already stopped:
+    the guard stops before the same round, and the ledger never holds more than the budget."""
+    rounds, stop_after = 16, 9
+    budget, rho = _dp_ftrl_budget(rounds, stop_after)
+    scenario = _write(tmp_path, DP_FTRL, rounds=rounds, every=2, budget=budget)
+    _run(scenario, tmp_path / "ref")
+    out = tmp_path / "run"
+    sim = Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False)
+    _crash_in_round(sim, stop_after - 1)  # the last round that fits, done in memory, then lost
+    with pytest.raises(_Crash):
+        sim.run()
+    assert len(sim.ledger) == stop_after  # spent in memory before the crash ...
+    resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
+    assert resumed.resume() == 8
+    assert len(resumed.ledger) == 8  # ... and not counted twice: the ledger is the checkpoint's
+    result = resumed.run()
+    assert result.summary["rounds"] == stop_after and result.summary["rho"] == rho
+    assert len(result.ledger) == stop_after
+    _assert_same_run(tmp_path / "ref", out)
+    # resuming the stopped run again spends nothing more and stops at the same place
+    again = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
+    again.resume()
+    result = again.run()
+    assert result.summary["rounds"] == stop_after and "max-rho" in result.summary["stopped_reason"]
     _assert_same_run(tmp_path / "ref", out)
 
 
