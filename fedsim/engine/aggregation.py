@@ -157,8 +157,18 @@ class UpdateAccumulator:
         else:
             stated, valid = _as_ints(_as_1d(raw_rounds), m, low=0, high=2**62)
             fresh = valid & (stated == self.round)
-        finite = torch.isfinite(deltas).all(dim=1).numpy()
-        norms = torch.linalg.vector_norm(torch.nan_to_num(deltas, nan=0.0, posinf=0.0, neginf=0.0), dim=1)
+        # one pass over the deltas: a finite norm implies finite entries (NaN and inf propagate),
+        # so only rows whose norm is not finite are inspected entry by entry
+        norms = torch.linalg.vector_norm(deltas, dim=1)
+        finite = np.ones(m, dtype=bool)
+        suspect = torch.nonzero(~torch.isfinite(norms)).reshape(-1)
+        if len(suspect):
+            rows = deltas.index_select(0, suspect)
+            finite[suspect.numpy()] = torch.isfinite(rows).all(dim=1).numpy()
+            norms[suspect] = torch.linalg.vector_norm(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), dim=1)
+        allowed = np.ones(m, dtype=bool)
+        if self.ledger is not None and known.any():
+            allowed[known] = self.ledger.allowed(self.round, ids[known])
         in_clip = within_clip(norms, self.clip_norm).numpy() if self.clip_norm is not None else np.ones(m, bool)
         in_max = (norms <= self.max_norm).numpy() if self.max_norm is not None else np.ones(m, bool)
         for i in range(m):
@@ -176,7 +186,7 @@ class UpdateAccumulator:
                 reason[i] = "stale_round"
             elif int(ids[i]) in self._seen:
                 reason[i] = "duplicate_device"
-            elif self.ledger is not None and not bool(self.ledger.allowed(self.round, ids[i : i + 1])[0]):
+            elif not allowed[i]:
                 reason[i] = "participation_limit"
             else:
                 self._seen.add(int(ids[i]))
@@ -186,7 +196,7 @@ class UpdateAccumulator:
         if not accepted.any():
             return accepted
         idx = torch.from_numpy(np.flatnonzero(accepted))
-        good = deltas.index_select(0, idx)
+        good = deltas if len(idx) == m else deltas.index_select(0, idx)
         accepted_counts = torch.from_numpy(counts[accepted])
         if self.weighting == "examples":
             weights = accepted_counts.to(torch.float32)
