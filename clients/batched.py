@@ -140,7 +140,8 @@ class BatchedSGD:
         for start in range(0, m, group):
             stop = min(start + group, m)
             self._train_group(params, tasks[start:stop], config, deltas[start:stop], losses[start:stop])
-        return CohortChunk(device_ids=ids, deltas=deltas, num_examples=counts, losses=losses)
+        rounds = np.full(m, config.round, dtype=np.int64)
+        return CohortChunk(device_ids=ids, deltas=deltas, num_examples=counts, losses=losses, rounds=rounds)
 
     def group_size(self, data_elements: int) -> int:
         """Clients per batched group when each brings ``data_elements`` input values.

@@ -73,6 +73,7 @@ def test_batched_equals_per_client_loop_in_float64(name: str, clip: float | None
     assert ref.abs().max() > 1e-2
     assert np.array_equal(chunk.device_ids, np.arange(len(tasks)))
     assert chunk.num_examples.tolist() == SIZES
+    assert chunk.rounds is not None and set(chunk.rounds.tolist()) == {3}
     torch.testing.assert_close(chunk.losses, torch.tensor([r.loss for r in expected], dtype=torch.float32), rtol=1e-5, atol=1e-6)
     assert torch.all(chunk.deltas[1] == 0) and chunk.losses[1] == 0  # the device with no data
     if clip is not None:
