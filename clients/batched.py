@@ -105,24 +105,30 @@ class BatchedSGD:
     def train_cohort(
         self, params: torch.Tensor, tasks: Iterable[ClientTask], config: TrainConfig, *, chunk_size: int = 256
     ) -> Iterator[CohortChunk]:
-        """Train a stream of clients, yielding one chunk per batched group (at most ``chunk_size``).
+        """Train a stream of clients ``chunk_size`` at a time, yielding one chunk per group.
 
-        Yielding each group as soon as it is trained lets the server validate and sum its deltas
-        while they are still in cache, and keeps memory at one group's worth whatever the cohort.
+        Each block of ``chunk_size`` tasks is split into cache-sized groups (:meth:`group_size`);
+        each group is yielded as soon as it is trained, so the server validates and sums its
+        deltas while they are still in cache, and memory stays at one block whatever the cohort.
+        The split depends only on the block, so any executor that hands out the same blocks
+        (the Ray backend) produces the same sequence of chunks.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        num_features = self.num_features
-        pending: list[ClientTask] = []
-        n_max = 0
+        block: list[ClientTask] = []
         for task in tasks:
-            pending.append(task)
-            n_max = max(n_max, task.num_examples)
-            if len(pending) >= min(chunk_size, self.group_size(n_max * num_features)):
-                yield self.train_chunk(params, pending, config)
-                pending, n_max = [], 0
-        if pending:
-            yield self.train_chunk(params, pending, config)
+            block.append(task)
+            if len(block) == chunk_size:
+                yield from self._train_block(params, block, config)
+                block = []
+        if block:
+            yield from self._train_block(params, block, config)
+
+    def _train_block(self, params: torch.Tensor, block: list[ClientTask], config: TrainConfig) -> Iterator[CohortChunk]:
+        n_max = max(t.num_examples for t in block)
+        group = self.group_size(n_max * self.num_features)
+        for start in range(0, len(block), group):
+            yield self.train_chunk(params, block[start : start + group], config)
 
     def train_chunk(self, params: torch.Tensor, tasks: Sequence[ClientTask], config: TrainConfig) -> CohortChunk:
         """Train ``tasks`` from the flat ``params``; one :class:`CohortChunk` in task order."""
