@@ -209,7 +209,8 @@ class UpdateAccumulator:
         self.accepted_ids.append(ids[accepted])
         losses = _as_1d(chunk.losses)
         if losses is not None and len(losses) == m and losses.dtype.kind == "f":
-            kept = losses[accepted].astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                kept = losses[accepted].astype(np.float32)
             kept = kept[np.isfinite(kept)]
             if len(kept):
                 self.losses.append(torch.from_numpy(kept))
