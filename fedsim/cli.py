@@ -42,6 +42,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="override the root seed")
     p.add_argument("--out", help="run directory (default: the scenario's output-dir)")
     p.add_argument(
+        "--backend",
+        choices=("inprocess", "flower"),
+        help="execution backend, overrides engine.backend: fedsim's in-process engine (default) or "
+        "Flower's simulation engine running the same strategy through the Flower bridge",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -62,6 +68,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(([key], value))
+    if args.backend is not None:
+        if args.resume is not None and args.backend == "flower":
+            raise FedsimError("--backend flower cannot be combined with --resume")
+        overrides.append((["engine", "backend"], args.backend))
     if args.resume is not None:
         sim = _resumed_simulation(args, overrides)
     else:
@@ -69,9 +79,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise FedsimError("run: a scenario file is required (or --resume RUN_DIR)")
         scenario = load_scenario(args.scenario, overrides)
 
-        from fedsim.engine import Simulation
+        if scenario.engine.backend == "flower":
+            from fedsim.flower.simulation import FlowerSimulation
 
-        sim = Simulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
+            sim = FlowerSimulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
+        else:
+            from fedsim.engine import Simulation
+
+            sim = Simulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
     result = sim.run()
     s = result.summary
     if args.json:

@@ -175,7 +175,8 @@ class PrivacyConfig:
 class EngineConfig:
     """``[engine]``: how rounds are executed."""
 
-    backend: Literal["inprocess"] = "inprocess"
+    #: ``"inprocess"``: fedsim's engine; ``"flower"``: Flower's simulation engine (Ray), same strategy
+    backend: Literal["inprocess", "flower"] = "inprocess"
     chunk_size: int = 256
     threads: int = 1
     eval_every: int = 1

@@ -1,0 +1,17 @@
+"""The Flower bridge: fedsim strategies on a Flower server, fedsim trainers in a Flower ClientApp.
+
+* :mod:`fedsim.flower.strategy`: :class:`FedsimStrategy`, a Flower Message-API strategy wrapping
+  any fedsim strategy (server-side validation, participation ledger, privacy accounting);
+* :mod:`fedsim.flower.server_app`: the app's ``ServerApp`` (``flwr run .``);
+* :mod:`fedsim.flower.protocol`, :mod:`fedsim.flower.records`: messages and record conversion;
+* :mod:`fedsim.flower.device`: a device's participation ledger on the SuperNode's disk;
+* :mod:`fedsim.flower.simulation`: ``fedsim run --backend flower`` (Flower's simulation engine);
+* the ``ClientApp`` itself is a client plug-in: ``clients/flower_client.py``.
+
+See docs/flower.md.
+"""
+
+from fedsim.flower.records import ParamLayout, RecordError
+from fedsim.flower.strategy import FedsimStrategy
+
+__all__ = ["FedsimStrategy", "ParamLayout", "RecordError"]

@@ -1,0 +1,142 @@
+"""fedsim's Flower ServerApp: runs a scenario file's strategy against real SuperNodes.
+
+``pyproject.toml`` names it as the app's ``serverapp`` component, so ``flwr run . <superlink>``
+starts it on a SuperLink. Its options are the app's run config (``[tool.flwr.app.config]``,
+override with ``flwr run . <superlink> --run-config 'key=value ...'``):
+
+=====================  ========================================================================
+key                    meaning (default)
+=====================  ========================================================================
+``scenario``           scenario file; relative paths are looked up in the app, then in the
+                       SuperLink's working directory (``scenarios/quickstart.toml``)
+``rounds``             override the scenario's rounds (0: keep)
+``seed``               override the scenario's seed (-1: keep)
+``out-dir``            run directory; relative to the SuperLink's working directory
+                       ("": the scenario's ``output-dir``)
+``job-id``             the job devices keep their participation ledgers under ("": this Flower
+                       run's id, so every run starts with fresh device ledgers)
+``min-nodes``          nodes that must check in before round 1 (1)
+``checkin-timeout``    seconds round 1 waits for check-ins (120)
+``round-timeout``      seconds a round waits for replies; late replies are dropped (300)
+=====================  ========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.engine.simulation import RunResult
+from fedsim.errors import ScenarioError
+from fedsim.flower.strategy import FedsimStrategy
+from fedsim.scenario import Scenario, load_scenario
+
+logger = logging.getLogger("flwr.fedsim")
+
+#: The directory the app's files live in (the installed FAB, or the repository).
+APP_DIR = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The ServerApp's run config, validated (see the module docstring)."""
+
+    scenario: str = "scenarios/quickstart.toml"
+    rounds: int = 0
+    seed: int = -1
+    out_dir: str = ""
+    job_id: str = ""
+    min_nodes: int = 1
+    checkin_timeout: float = 120.0
+    round_timeout: float = 300.0
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> ServerOptions:
+        """Read the kebab-case run config; unknown keys are ignored, wrong types raise."""
+        kwargs: dict[str, Any] = {}
+        for name, default in cls.__dataclass_fields__.items():
+            key = name.replace("_", "-")
+            if key not in config:
+                continue
+            value = config[key]
+            kind = type(default.default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ScenarioError(f"must be {kind.__name__}, got {value!r}", key=key, source="run config")
+            kwargs[name] = value
+        opts = cls(**kwargs)
+        for key, ok in (
+            ("rounds", opts.rounds >= 0),
+            ("seed", opts.seed >= -1),
+            ("min-nodes", opts.min_nodes >= 1),
+            ("checkin-timeout", opts.checkin_timeout > 0),
+            ("round-timeout", opts.round_timeout > 0),
+        ):
+            if not ok:
+                raise ScenarioError(f"out of range: {getattr(opts, key.replace('-', '_'))!r}", key=key, source="run config")
+        return opts
+
+    def resolve_scenario(self) -> Path:
+        """The scenario file: absolute, else in the app, else in the working directory."""
+        path = Path(self.scenario)
+        if path.is_absolute():
+            return path
+        in_app = APP_DIR / path
+        return in_app if in_app.exists() else Path.cwd() / path
+
+    def load(self) -> Scenario:
+        """The scenario with this run config's overrides applied."""
+        overrides: list[tuple[list[str], Any]] = []
+        if self.rounds:
+            overrides.append((["rounds"], self.rounds))
+        if self.seed >= 0:
+            overrides.append((["seed"], self.seed))
+        if self.out_dir:
+            overrides.append((["output-dir"], self.out_dir))
+        return load_scenario(self.resolve_scenario(), overrides)
+
+
+def run_server(
+    grid: Grid,
+    scenario: Scenario,
+    options: ServerOptions,
+    *,
+    job_id: str,
+    run_dir: str | Path | None,
+    progress: bool = False,
+) -> RunResult:
+    """Run ``scenario`` through :class:`FedsimStrategy` on ``grid``, writing ``run_dir`` if given."""
+    bridge = FedsimStrategy(
+        scenario,
+        run_dir=run_dir,
+        job_id=job_id,
+        min_nodes=options.min_nodes,
+        checkin_timeout=options.checkin_timeout,
+        progress=progress,
+    )
+    result = bridge.run(grid, round_timeout=options.round_timeout)
+    s = result.summary
+    logger.info(
+        "fedsim: %s finished: %d/%d rounds (%s), accuracy %.4f, rho %s, run dir %s",
+        scenario.name, s["rounds"], s["rounds_planned"], s["stopped_reason"], s["accuracy"],
+        "n/a" if s["rho"] is None else f"{s['rho']:.6g}", result.run_dir,
+    )
+    return result
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls: read the run config, load the scenario, run it."""
+    options = ServerOptions.from_run_config(dict(context.run_config))
+    scenario = options.load()
+    job_id = options.job_id or f"run-{context.run_id}"
+    run_server(grid, scenario, options, job_id=job_id, run_dir=scenario.output_dir)

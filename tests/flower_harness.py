@@ -1,0 +1,220 @@
+"""Real Flower processes on 127.0.0.1 for the deployment tests: a SuperLink, SuperNodes, ``flwr run``.
+
+Every process is started in its own session (its own process group) with a marker in its
+environment; :meth:`FlowerCluster.close` stops every process group it started and then every
+process that still carries the marker (found by PID in ``/proc``), so nothing outlives a test,
+whatever happens in it. Flower runs offline: telemetry, update checks and runtime dependency
+installation are off, and ``FLWR_HOME`` is private to the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MARKER = "FEDSIM_TEST_CLUSTER"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """PIDs of live processes whose environment carries ``MARKER=marker``."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and ") Z " not in stat:
+            found.append(int(entry.name))
+    return found
+
+
+class FlowerCluster:
+    """A SuperLink and SuperNodes on 127.0.0.1, stopped (all of it) by :meth:`close`.
+
+    Parameters
+    ----------
+    workdir:
+        Directory for ``FLWR_HOME``, logs, node state directories and run-config files.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.marker = uuid.uuid4().hex
+        self.home = self.workdir / "flwr-home"
+        self.home.mkdir(exist_ok=True)
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.link_port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(
+            os.environ,
+            FLWR_HOME=str(self.home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            PYTHONUNBUFFERED="1",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            **{MARKER: self.marker},
+        )
+        self.env.pop("FEDSIM_STATE_DIR", None)
+        config = {"superlink": {"default": "test", "test": {"address": f"127.0.0.1:{self.link_port}", "insecure": True}}}
+        (self.home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+    # ------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        """The captured output of process ``name``."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        """Start ``flower-superlink --insecure`` and wait until its port accepts connections."""
+        self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.link_port)])
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.link_port):
+            if self.procs["superlink"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("SuperLink did not start:\n" + self.log("superlink")[-3000:])
+            time.sleep(0.2)
+
+    def state_dir(self, device: int) -> Path:
+        """The state directory node ``device`` keeps its participation ledger in."""
+        return self.workdir / f"node-{device}"
+
+    def start_supernode(self, device: int, **node_config: Any) -> str:
+        """Start a SuperNode for ``device`` (``partition-id``), with a persistent ``state-dir``."""
+        name = f"node-{device}"
+        if name in self.procs and self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is already running")
+        config = {"partition-id": device, "state-dir": str(self.state_dir(device)), **node_config}
+        text = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+        self._spawn(
+            name,
+            [
+                str(BIN / "flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{self.link_port}",
+                "--port", str(free_port()),
+                "--node-config", text,
+            ],
+        )
+        return name
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to process ``name``'s whole process group and reap it."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+
+    def start_run(self, run_config: dict[str, Any]) -> str:
+        """Start ``flwr run <repo> test --stream --run-config <file>``; return its process name."""
+        config_file = self.workdir / f"run-config-{uuid.uuid4().hex[:8]}.toml"
+        config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
+        name = f"flwr-{config_file.stem}"
+        self._spawn(name, [str(BIN / "flwr"), "run", str(ROOT), "test", "--stream", "--run-config", str(config_file)])
+        return name
+
+    def wait_run(self, name: str, *, timeout: float = 240.0) -> subprocess.CompletedProcess:
+        """Wait for the ``flwr run`` started as ``name``; its output is ``stdout``."""
+        proc = self.procs[name]
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(name)
+            raise RuntimeError(f"flwr run did not finish in {timeout:g} s:\n{self.log(name)[-4000:]}") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, self.log(name), "")
+
+    def flwr_run(self, run_config: dict[str, Any], *, timeout: float = 240.0) -> subprocess.CompletedProcess:
+        """Start a run and wait for it to end."""
+        return self.wait_run(self.start_run(run_config), timeout=timeout)
+
+    def close(self) -> None:
+        """Stop every process this cluster started, and everything they started."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        for _ in range(3):  # anything that left its process group (ClientApps, ServerApps)
+            pids = _marked_pids(self.marker)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+
+    def survivors(self) -> list[int]:
+        """PIDs of live processes started by this cluster (empty after :meth:`close`)."""
+        return _marked_pids(self.marker)
+
+    def __enter__(self) -> FlowerCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_scenario(path: Path, table: dict[str, Any]) -> Path:
+    """Write a scenario TOML file."""
+    path.write_text(tomli_w.dumps(table), encoding="utf-8")
+    return path
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run directory's summary, metrics rows and (when present) participation ledger."""
+    out: dict[str, Any] = {
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "metrics": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line],
+    }
+    for name in ("participation.json", "ledger.json"):
+        if (run_dir / name).exists():
+            out[name.split(".")[0]] = json.loads((run_dir / name).read_text())
+    return out

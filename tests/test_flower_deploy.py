@@ -1,0 +1,191 @@
+"""fedsim on a real Flower deployment: a SuperLink, SuperNodes and ``flwr run`` on 127.0.0.1.
+
+* DP-FTRL end to end: every round completes, the model moves, the run's rho is what
+  ``fedsim privacy`` predicts, and the final parameters are the in-process simulator's;
+* faults: a SuperNode killed mid-run (the round times out cleanly, the run continues, nothing is
+  counted twice) and a client replying NaN / wrong shape / norm > C (rejected, logged, the round
+  completes);
+* the device-side participation limit holds across a SuperNode restart (a crash, SIGKILL).
+
+Every process is stopped by PID when the test ends, whatever happens (``flower_harness``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedsim.engine import run_scenario
+from fedsim.engine.simulation import Simulation
+from fedsim.flower.device import DeviceLedger
+from fedsim.scenario import load_scenario
+
+from .conftest import ROOT
+from .flower_harness import FlowerCluster, read_run, write_scenario
+
+pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = FlowerCluster(tmp_path / "cluster")
+    try:
+        c.start_superlink()
+        yield c
+    finally:
+        c.close()
+    assert c.survivors() == [], "processes outlived the cluster"
+
+
+def dp_ftrl_scenario(
+    path: Path, *, devices: int, per_round: int, rounds: int, k: int, b: int = 0, z: float = 0.5, seed: int = 7
+) -> Path:
+    """A small DP-FTRL scenario on the digits data (logistic regression: quick to train)."""
+    table: dict[str, Any] = {
+        "name": path.stem,
+        "seed": seed,
+        "rounds": rounds,
+        "clients-per-round": per_round,
+        "data": {"dataset": "digits", "num-devices": devices, "partitioner": "iid"},
+        "model": {"name": "logreg"},
+        "client": {"local-epochs": 1, "batch-size": 32, "lr": 0.1},
+        "strategy": {
+            "name": "dp-ftrl", "noise-multiplier": z, "clip-norm": 1.0, "server-lr": 1.0, "momentum": 0.5,
+            "max-participations": k, "min-separation": b,
+        },
+        "privacy": {"delta": 1e-5},
+    }
+    return write_scenario(path, table)
+
+
+def _check_ran(proc: subprocess.CompletedProcess, cluster: FlowerCluster) -> None:
+    assert proc.returncode == 0, proc.stdout[-4000:] + cluster.log("superlink")[-2000:]
+
+
+def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluster: FlowerCluster, tmp_path: Path) -> None:
+    scenario_file = dp_ftrl_scenario(tmp_path / "flower-e2e.toml", devices=2, per_round=2, rounds=3, k=3)
+    out = tmp_path / "run"
+    for device in (0, 1):
+        cluster.start_supernode(device)
+    proc = cluster.flwr_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
+    _check_ran(proc, cluster)
+    run = read_run(out)
+    s = run["summary"]
+    assert (s["rounds"], s["stopped_reason"], s["backend"]) == (3, "completed", "flower")
+    assert [m["round"] for m in run["metrics"]] == [1, 2, 3]
+    assert all(m["clients"] == 2 and m["eligible"] == 2 and m["rejected"] == 0 for m in run["metrics"])
+    assert s["flower"]["nodes"] == 2 and s["flower"]["no_reply"] == 0 and s["flower"]["client_error"] == 0
+
+    # the model changed
+    scenario = load_scenario(scenario_file)
+    initial = Simulation(scenario).params
+    final = torch.load(out / "model.pt")["flat"]
+    assert (final - initial).norm() > 0.1
+
+    # rho after every round, and the run's rho is the plan's
+    plan = subprocess.run(
+        [sys.executable, "-m", "fedsim", "privacy", "dp-ftrl", "--noise-multiplier", "0.5", "--rounds", "3",
+         "--max-participations", "3", "--min-separation", "0", "--delta", "1e-5", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert plan.returncode == 0, plan.stderr
+    predicted = json.loads(plan.stdout)
+    rhos = [m["rho"] for m in run["metrics"]]
+    assert all(r is not None for r in rhos) and rhos == sorted(rhos)
+    assert s["rho"] == pytest.approx(predicted["rho"], rel=1e-9)
+    assert rhos[-1] == pytest.approx(predicted["rho"], rel=1e-9)
+    assert s["epsilon"] == pytest.approx(predicted["epsilon"], rel=1e-6)
+    assert [e["round"] for e in run["ledger"]] == [0, 1, 2]
+
+    # the in-process simulator, same seed, partitions and noise seed: the same model
+    expected = run_scenario(scenario)
+    assert torch.allclose(final, expected.params, rtol=1e-5, atol=1e-5), (final - expected.params).abs().max()
+    for got, want in zip(run["metrics"], expected.metrics, strict=True):
+        assert got["clients"] == want["clients"] and got["eligible"] == want["eligible"]
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=2e-3)
+        assert got["rho"] == pytest.approx(want["rho"], rel=1e-12)
+    assert "fedsim: round 3/3" in proc.stdout and "rho" in proc.stdout
+
+
+def _wait_for_round(run_dir: Path, round: int, timeout: float) -> None:
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and sum(1 for line in path.read_text().splitlines() if line) >= round:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"round {round} did not complete within {timeout:g} s")
+
+
+def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: Path) -> None:
+    """Device 0 is honest, device 1 is killed after round 1, device 2 sends corrupt updates:
+    NaN in round 1, a wrongly shaped array in round 2, a norm above the clip bound in round 3."""
+    scenario_file = dp_ftrl_scenario(tmp_path / "flower-faults.toml", devices=3, per_round=3, rounds=3, k=3)
+    out = tmp_path / "run"
+    cluster.start_supernode(0)
+    cluster.start_supernode(1)
+    cluster.start_supernode(2, fault="nan,wrong-shape,exceed-clip")
+    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 40.0})
+    _wait_for_round(out, 1, timeout=180)
+    cluster.kill("node-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
+    proc = cluster.wait_run(name, timeout=240)
+    _check_ran(proc, cluster)
+    log = proc.stdout
+
+    run = read_run(out)
+    s, rows = run["summary"], run["metrics"]
+    assert (s["rounds"], s["stopped_reason"]) == (3, "completed")
+    # every corrupt update rejected by reason, every round completed with the honest updates
+    assert s["rejected"] == {"non_finite": 1, "wrong_shape": 1, "norm_exceeds_clip": 1}
+    assert [m["rejected"] for m in rows] == [1, 1, 1]
+    assert [m["clients"] for m in rows] == [2, 1, 1]
+    assert rows[2]["eligible"] == 2  # the dead node left the roster
+    assert s["flower"]["no_reply"] + s["flower"]["client_error"] >= 1
+    for reason in ("non_finite", "wrong_shape", "norm_exceeds_clip"):
+        assert reason in log
+    assert "rejected update(s) of device(s) [2]" in log
+    # nothing counted twice: the server's participation ledger holds exactly the accepted updates,
+    # and the privacy ledger one event per round
+    counts = {int(d): v["count"] for d, v in run["participation"]["devices"].items()}
+    assert counts == {0: 3, 1: 1}
+    assert sum(counts.values()) == sum(m["clients"] for m in rows)
+    assert [e["round"] for e in run["ledger"]] == [0, 1, 2]
+    # the honest device's own ledger agrees with the server's
+    assert DeviceLedger(cluster.state_dir(0), 0, s["flower"]["job_id"]).rounds() == [0, 1, 2]
+
+
+def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerCluster, tmp_path: Path) -> None:
+    """k = 1: devices 0 and 1 contribute in a first run; device 0's SuperNode crashes and restarts;
+    a second server for the same job (a fresh server ledger) asks again, the devices decline."""
+    scenario_file = dp_ftrl_scenario(tmp_path / "flower-restart.toml", devices=3, per_round=3, rounds=1, k=1)
+    job = {"scenario": str(scenario_file), "job-id": "restart-job", "round-timeout": 120.0}
+    cluster.start_supernode(0)
+    cluster.start_supernode(1)
+    first = cluster.flwr_run({**job, "out-dir": str(tmp_path / "first"), "min-nodes": 2})
+    _check_ran(first, cluster)
+    assert read_run(tmp_path / "first")["metrics"][0]["clients"] == 2
+    assert DeviceLedger(cluster.state_dir(0), 0, "restart-job").rounds() == [0]
+
+    cluster.kill("node-0", signal.SIGKILL)
+    cluster.start_supernode(0)  # same partition-id, same state-dir, new process and node id
+    cluster.start_supernode(2)  # a device that has not contributed yet
+    second = cluster.flwr_run({**job, "out-dir": str(tmp_path / "second"), "min-nodes": 3})
+    _check_ran(second, cluster)
+    run = read_run(tmp_path / "second")
+    row = run["metrics"][0]
+    assert row["eligible"] == 3  # the new server's own ledger is empty: it asks everyone
+    assert row["clients"] == 1  # only device 2 contributes
+    assert run["summary"]["flower"]["declined"] == 2
+    assert run["participation"]["devices"] == {"2": {"count": 1, "last_round": 1}}
+    assert "device 0" in second.stdout and "declined" in second.stdout
+    assert DeviceLedger(cluster.state_dir(0), 0, "restart-job").rounds() == [0]
+    assert DeviceLedger(cluster.state_dir(1), 1, "restart-job").rounds() == [0]
+    assert DeviceLedger(cluster.state_dir(2), 2, "restart-job").rounds() == [0]
