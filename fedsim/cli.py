@@ -43,9 +43,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: the scenario's output-dir)")
     p.add_argument(
         "--backend",
-        choices=("inprocess", "flower"),
-        help="execution backend, overrides engine.backend: fedsim's in-process engine (default) or "
-        "Flower's simulation engine running the same strategy through the Flower bridge",
+        choices=("inprocess", "flower", "ray"),
+        help="execution backend, overrides engine.backend: fedsim's in-process engine (default), "
+        "Flower's simulation engine running the same strategy through the Flower bridge, or fedsim's "
+        "engine with cohort training sharded over Ray workers (engine.ray-address, engine.ray-workers)",
     )
     p.add_argument(
         "--set",
@@ -159,7 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsim.privacy.cli import add_parser as _add_privacy
 
     _add_privacy(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from fedsim.bench import add_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark client-training throughput (fedsim vs naive loop vs Flower vs FLOP bound)",
+        description="Measure fedsim's engine, a naive per-client loop, Flower's simulation engine and the "
+        "FLOP bound side by side on the reference scenarios (see docs/benchmarks.md).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedsim.bench import run_from_args
+
+    return run_from_args(args)
 
 
 def _one_line(exc: Exception) -> str:

@@ -175,20 +175,27 @@ class PrivacyConfig:
 class EngineConfig:
     """``[engine]``: how rounds are executed."""
 
-    #: ``"inprocess"``: fedsim's engine; ``"flower"``: Flower's simulation engine (Ray), same strategy
-    backend: Literal["inprocess", "flower"] = "inprocess"
+    #: ``"inprocess"``: fedsim's engine; ``"flower"``: Flower's simulation engine (Ray), same strategy;
+    #: ``"ray"``: fedsim's engine with cohort chunks trained on Ray workers (fedsim/engine/ray_backend.py)
+    backend: Literal["inprocess", "flower", "ray"] = "inprocess"
     chunk_size: int = 256
+    #: torch intra-op threads of the engine (and of each Ray worker); see docs/benchmarks.md
     threads: int = 1
     eval_every: int = 1
     #: Server-side bound on any client delta's L2 norm (all strategies, DP or not): a larger (or
     #: overflowing) update is rejected as ``norm_exceeds_max`` instead of being averaged in.
     max_update_norm: float = 1e4
+    #: backend = "ray": cluster address ("" = this process's Ray runtime or a new local one)
+    ray_address: str = ""
+    #: backend = "ray": number of workers (0 = one per CPU the Ray cluster reports)
+    ray_workers: int = 0
 
     def __post_init__(self) -> None:
         _at_least("chunk-size", self.chunk_size, 1)
         _at_least("threads", self.threads, 1)
         _at_least("eval-every", self.eval_every, 1)
         _positive("max-update-norm", self.max_update_norm)
+        _at_least("ray-workers", self.ray_workers, 0)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,12 @@ class Simulation:
             hidden=scenario.model.hidden,
         )
         self.trainer = build_trainer(scenario, trainer_model)
+        # backend = "ray": the same round loop, cohort training sharded over Ray actors
+        self.ray: Any | None = None
+        if scenario.engine.backend == "ray":
+            from fedsim.engine.ray_backend import RayCohortRunner
+
+            self.ray = RayCohortRunner(scenario)
         self.ledger: Any | None = None
         self.accountant: Any | None = None
         self.rejected: Counter[str] = Counter()
@@ -241,7 +247,11 @@ class Simulation:
             keep_individual=self.strategy.needs_individual_updates,
             max_norm=sc.engine.max_update_norm,
         )
-        for chunk in self.trainer.train_cohort(self.params, self._tasks(round, cohort), config, chunk_size=sc.engine.chunk_size):
+        if self.ray is not None:
+            chunks = self.ray.train_cohort(self.params, round, cohort, config, chunk_size=sc.engine.chunk_size)
+        else:
+            chunks = self.trainer.train_cohort(self.params, self._tasks(round, cohort), config, chunk_size=sc.engine.chunk_size)
+        for chunk in chunks:
             acc.add(chunk)
         # devices remember that they contributed; the server records what it accepted
         self.population.device_memory.record(round, cohort)
@@ -299,6 +309,8 @@ class Simulation:
         finally:
             if bar is not None:
                 bar.close()
+            if self.ray is not None:
+                self.ray.close()
         wall = time.perf_counter() - start
         return self._finish(wall)
 

@@ -1,0 +1,283 @@
+"""The measurements of ``fedsim bench``, each run in its own interpreter.
+
+``python -m fedsim.bench.workers KIND 'SPEC-JSON'`` runs one measurement with ``SPEC["threads"]``
+torch threads and prints its result as one JSON line (plus ``_maxrss``, the process's peak
+resident memory in bytes). :mod:`fedsim.bench` starts these subprocesses and samples the memory
+of their whole process tree; see its docstring for what each figure means.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsim.bench import (
+    BATCH,
+    CLASSES,
+    DP_CLIP,
+    DP_NOISE_MULTIPLIER,
+    EPOCHS,
+    EXAMPLES,
+    FEATURES,
+    HIDDEN,
+    LR,
+    SEED,
+    TIMES_ENV,
+    round_seconds,
+    scenario_dict,
+)
+from fedsim.strategy import Strategy
+from fedsim.types import TrainConfig, UpdateBatch
+
+
+class TimedFedAvg(Strategy):
+    """FedAvg (``strategies.fedavg.FedAvg``) that records when each round's cohort is configured
+    and when the round is aggregated.
+
+    The times go to ``self.times`` and, when ``$FEDSIM_BENCH_TIMES`` names a file, are appended
+    there (the Flower bridge builds its own strategy object in its server).
+    """
+
+    name = "timed-fedavg"
+    weighting = "examples"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        from strategies.fedavg import FedAvg  # a plug-in: imported when used, not by the core
+
+        self.inner = FedAvg(server_lr=server_lr)
+        self.times: list[tuple[str, int, float]] = []
+
+    def _mark(self, event: str, round: int) -> None:
+        stamp = (event, round, time.perf_counter())
+        self.times.append(stamp)
+        path = os.environ.get(TIMES_ENV)
+        if path:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(f"{event} {round} {stamp[2]!r}\n")
+
+    def configure_client(self, *, round: int, base: TrainConfig) -> TrainConfig:
+        self._mark("start", round)
+        return self.inner.configure_client(round=round, base=base)
+
+    def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
+        out = self.inner.aggregate(round=round, params=params, batch=batch)
+        self._mark("end", round)
+        return out
+
+
+def matmul_gflops(threads: int, size: int = 1024, repeats: int = 7) -> float:
+    """Best sgemm rate of ``size x size`` float32 matrices with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+
+def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
+    """The in-process engine: full rounds, plus training alone on data generated beforehand."""
+    from fedsim.engine import Simulation
+    from fedsim.engine import seeds as seeds_mod
+    from fedsim.engine.aggregation import UpdateAccumulator
+    from fedsim.scenario import scenario_from_dict
+    from fedsim.types import ClientTask
+
+    rounds = spec["rounds"]
+    scenario = scenario_from_dict(
+        scenario_dict(spec["model"], clients=spec["clients"], devices=spec["clients"], rounds=rounds, threads=spec["threads"])
+    )
+    sim = Simulation(scenario, progress=False)
+    round_wall = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        sim.run_round(r)
+        round_wall.append(time.perf_counter() - start)
+    timed = round_seconds(sim.strategy.times)  # type: ignore[attr-defined]
+    # training alone: the same cohort's data generated first (the data generation timed apart)
+    cohort = list(range(spec["clients"]))
+    start = time.perf_counter()
+    tasks = []
+    for dev in cohort:
+        x, y = sim.data.client_data(dev)
+        tasks.append(ClientTask(dev, x, y, seeds_mod.client_seed(SEED, 0, dev)))
+    data_s = time.perf_counter() - start
+    config = sim.base_config
+    train_s = math.inf
+    for _ in range(spec["train_repeats"]):
+        acc = UpdateAccumulator(
+            num_params=sim.params.numel(), round=0, clip_norm=None, weighting="examples", ledger=None,
+            num_devices=sim.data.num_devices,
+        )
+        start = time.perf_counter()
+        for chunk in sim.trainer.train_cohort(sim.params, iter(tasks), config, chunk_size=scenario.engine.chunk_size):
+            acc.add(chunk)
+        train_s = min(train_s, time.perf_counter() - start)
+        assert acc.num_updates == len(tasks)
+    return {"round_s": timed, "run_round_s": round_wall, "train_s": train_s, "data_s": data_s}
+
+
+def _worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
+    """The obvious per-client loop: deepcopy, torch.optim.SGD, backward, running sum."""
+    from torch.nn import functional as F
+
+    from fedsim.data import SyntheticData
+    from fedsim.engine import seeds as seeds_mod
+    from fedsim.models import build_model
+
+    torch.set_num_threads(spec["threads"])
+    clients = spec["clients"]
+    data = SyntheticData(
+        num_devices=clients, examples_per_device=EXAMPLES, num_features=FEATURES, num_classes=CLASSES, seed=SEED
+    )
+    model = build_model(
+        spec["model"], num_features=FEATURES, num_classes=CLASSES, hidden=HIDDEN,
+        seed=seeds_mod.derived_seed(SEED, seeds_mod.STREAM_MODEL_INIT),
+    )
+    global_flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    total = torch.zeros_like(global_flat)
+    data_s = 0.0
+    start = time.perf_counter()
+    for dev in range(clients):
+        t0 = time.perf_counter()
+        x, y = data.client_data(dev)
+        data_s += time.perf_counter() - t0
+        local = copy.deepcopy(model)
+        opt = torch.optim.SGD(local.parameters(), lr=LR)
+        gen = torch.Generator().manual_seed(seeds_mod.client_seed(SEED, 0, dev))
+        for _ in range(EPOCHS):
+            order = torch.randperm(len(y), generator=gen)
+            for lo in range(0, len(y), BATCH):
+                idx = order[lo : lo + BATCH]
+                opt.zero_grad()
+                F.cross_entropy(local(x[idx]), y[idx]).backward()
+                opt.step()
+        delta = torch.nn.utils.parameters_to_vector(local.parameters()).detach() - global_flat
+        total += len(y) * delta
+    seconds = time.perf_counter() - start
+    assert torch.isfinite(total).all()
+    return {"round_s": [seconds], "data_s": data_s}
+
+
+def _worker_flower(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same scenario and strategy on Flower's simulation engine (fedsim's Flower backend)."""
+    from fedsim.flower.simulation import FlowerSimulation
+    from fedsim.scenario import scenario_from_dict
+
+    scenario = scenario_from_dict(
+        scenario_dict(
+            spec["model"], clients=spec["clients"], devices=spec["clients"], rounds=spec["rounds"],
+            threads=spec["threads"], backend="flower",
+        )
+    )
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
+        times_file = Path(tmp) / "times.txt"
+        os.environ[TIMES_ENV] = str(times_file)
+        start = time.perf_counter()
+        result = FlowerSimulation(scenario, run_dir=None, progress=False).run()
+        wall = time.perf_counter() - start
+        stamps = []
+        for line in times_file.read_text(encoding="utf-8").splitlines():
+            event, rnd, stamp = line.split()
+            stamps.append((event, int(rnd), float(stamp)))
+    return {"round_s": round_seconds(stamps), "wall_s": wall, "clients": [m["clients"] for m in result.metrics]}
+
+
+def _worker_matmul(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"gflops": matmul_gflops(spec["threads"])}
+
+
+def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
+    """A DP-FTRL round at scale, and the tree noise for a 1.3M-parameter model on its own."""
+    from fedsim.engine import Simulation
+    from fedsim.privacy.tree_noise import TreeNoise
+    from fedsim.scenario import scenario_from_dict
+
+    strategy = {
+        "name": "dp-ftrl",
+        "noise-multiplier": DP_NOISE_MULTIPLIER,
+        "clip-norm": DP_CLIP,
+        "max-participations": 6,
+        "min-separation": 313,
+        "estimator": "efficient",
+    }
+    raw = scenario_dict(
+        "logreg", clients=spec["clients"], devices=spec["population"], rounds=spec["rounds"], threads=spec["threads"],
+        strategy=strategy,
+    )
+    sim = Simulation(scenario_from_dict(raw), progress=False)
+    round_wall = []
+    clients = []
+    for r in range(spec["rounds"]):
+        start = time.perf_counter()
+        row = sim.run_round(r)
+        round_wall.append(time.perf_counter() - start)
+        clients.append(row["clients"] if row else 0)
+    out: dict[str, Any] = {"run_round_s": round_wall, "clients": clients, "local_params": int(sim.params.numel())}
+    if spec.get("noise_params"):
+        tree = TreeNoise(spec["noise_params"], DP_NOISE_MULTIPLIER * DP_CLIP, seed=12345, estimator="efficient")
+        steps = spec["noise_rounds"]
+        tree.step(0)
+        start = time.perf_counter()
+        for r in range(1, steps + 1):
+            tree.step(r)
+        out["noise_s_per_round"] = (time.perf_counter() - start) / steps
+    return out
+
+
+WORKERS = {
+    "fedsim": _worker_fedsim,
+    "naive": _worker_naive,
+    "flower": _worker_flower,
+    "matmul": _worker_matmul,
+    "dpftrl": _worker_dpftrl,
+}
+
+
+WORKERS = {
+    "fedsim": _worker_fedsim,
+    "naive": _worker_naive,
+    "flower": _worker_flower,
+    "matmul": _worker_matmul,
+    "dpftrl": _worker_dpftrl,
+}
+
+
+def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in this process with the spec's torch thread count."""
+    if kind not in WORKERS:
+        raise ValueError(f"unknown benchmark worker {kind!r}; known: {', '.join(sorted(WORKERS))}")
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    return WORKERS[kind](spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedsim.bench.workers KIND SPEC``: print one measurement as a JSON line."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("error: usage: python -m fedsim.bench.workers KIND 'SPEC-JSON'", file=sys.stderr)
+        return 2
+    result = run_worker(args[0], json.loads(args[1]))
+    result["_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
