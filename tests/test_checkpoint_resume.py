@@ -447,3 +447,24 @@ def test_resume_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     code, err = _cli(capsys, *args)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
+
+
+def test_checkpoint_from_before_a_new_scenario_key_still_resumes(tmp_path: Path) -> None:
+    """A key added to the scenario format later (at its default) does not block a resume; a
+    recorded key that now has a non-default value does."""
+    from fedsim.engine.checkpoint import checkpoint_path
+
+    ref, run = _finished_run(tmp_path, rounds=6)
+    path = checkpoint_path(run / CHECKPOINT_DIR, 6)
+    state = decode(path.read_bytes())
+    del state["scenario"]["engine"]["max-update-norm"]  # as if written before the key existed
+    path.write_bytes(encode(state))
+    sim = Simulation(load_scenario(run / "config.toml"), run_dir=run, progress=False)
+    assert sim.resume() == 6
+    sim.run()
+    _assert_same_run(ref, run)
+    state["scenario"]["engine"]["max-update-norm"] = 5.0
+    path.write_bytes(encode(state))
+    sim = Simulation(load_scenario(run / "config.toml"), run_dir=run, progress=False)
+    with pytest.raises(CheckpointError, match="differing keys: engine.max-update-norm"):
+        sim.resume()

@@ -220,16 +220,17 @@ def test_cli_rejects_bad_scenarios_with_exit_2_and_one_line(text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.toml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        out = Path(tmp) / "out"
         try:
-            load_scenario(path)
+            load_scenario(path, [(["output-dir"], str(out))])  # what the command below loads
         except ScenarioError:
             pass
         else:
             assume(False)  # a valid scenario would run: not this test's business
-        code, err = _cli_in_process("run", str(path), "--out", str(Path(tmp) / "out"), "--quiet")
+        code, err = _cli_in_process("run", str(path), "--out", str(out), "--quiet")
         assert code == 2
         assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
-        assert not (Path(tmp) / "out").exists()
+        assert not out.exists()
 
 
 def _dumpable(raw: dict[str, Any]) -> bool:

@@ -280,3 +280,20 @@ def test_ledger_refuses_to_count_a_round_twice() -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         ledger.record(0, GaussianEvent(1.0))
     assert len(ledger) == 1
+
+
+def test_memory_benchmark_script_runs_end_to_end() -> None:
+    """The long-run memory benchmark itself (tiny settings; its verdict is for the full run)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--devices", "300", "--rounds", "24",
+         "--clients-per-round", "10", "--checkpoint-every", "5", "--model", "logreg"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "rounds run     24 (completed)" in proc.stdout
+    assert "KiB/round" in proc.stdout and "verdict" in proc.stdout

@@ -193,10 +193,30 @@ def comparable(scenario_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in scenario_dict.items() if k not in NEUTRAL_KEYS}
 
 
-def scenario_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two scenario dicts (neutral keys ignored)."""
+def scenario_diff(
+    a: Mapping[str, Any], b: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Dotted keys whose values differ between two scenario dicts (neutral keys ignored).
+
+    With ``defaults`` (a resolved scenario dict of default values), a key that one side lacks
+    counts as having its default: a checkpoint written before a key was added to the scenario
+    format still matches a scenario that leaves the new key at its default.
+    """
     fa, fb = _flatten(comparable(a)), _flatten(comparable(b))
-    return sorted(k for k in fa.keys() | fb.keys() if k not in fa or k not in fb or fa[k] != fb[k])
+    fd = _flatten(comparable(defaults)) if defaults is not None else {}
+    missing = object()
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side.get(key, fd.get(key, missing))
+
+    return sorted(k for k in fa.keys() | fb.keys() if value(fa, k) is missing or value(fa, k) != value(fb, k))
+
+
+def default_scenario_dict() -> dict[str, Any]:
+    """The resolved dict of a scenario with every key at its default."""
+    from fedsim.scenario import Scenario
+
+    return Scenario(name="defaults").to_dict()
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,7 +343,7 @@ def _restore_metrics_log(sim: Simulation, position: dict[str, Any], ckpt: Path) 
 def restore(sim: Simulation, state: dict[str, Any], ckpt: Path) -> None:
     """Load a checkpoint state into a freshly built ``sim`` (same scenario)."""
     current = comparable(sim.scenario.to_dict())
-    diff = scenario_diff(state["scenario"], current)
+    diff = scenario_diff(state["scenario"], current, defaults=default_scenario_dict())
     if diff:
         raise CheckpointError(
             f"{ckpt} was written under a different scenario; differing keys: {', '.join(diff)}"
