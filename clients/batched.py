@@ -21,15 +21,22 @@ whose epoch is over takes exactly-zero steps (``W - lr * 0 == W``), so unequal d
 the same result as the loop, not an approximation.
 
 Why hand-batched. Measured on the 2-core reference machine (client = 64 examples, batch 16,
-1 epoch): for logistic regression on 784 features the per-client loop does ~700 updates/s,
-``torch.func.vmap`` over ``grad`` ~7,700/s, and these hand-batched layers ~13,500/s; for a
-784-128-10 MLP ~480/s, ~1,000/s and ~1,900/s (before fusing the update into the matmul). vmap
-materialises per-client gradients and re-derives the graph each step; the hand-written passes
-do not. Models with other layers fall back to the loop (:func:`supports` says which).
+1 epoch, 1 torch thread): for logistic regression on 784 features the per-client loop does
+~700 updates/s, ``torch.func.vmap`` over ``grad`` ~7,700/s, and these hand-batched layers
+~11,000-13,000/s; for a 784-128-10 MLP ~480/s, ~1,000/s and ~2,200/s. vmap materialises
+per-client gradients and re-derives the graph each step; the hand-written passes do not, and the
+batched matmuls themselves run at 75-120 GFLOP/s (sgemm peak ~105-115). A "deferred update"
+variant (one shared-weight gemm for every step's forward plus per-client low-rank corrections,
+one ``G^T X`` for the final delta) was measured too: it is exact but ~35 % slower for the MLP
+(the corrections cost more than they save). Models with other layers fall back to the loop
+(:func:`supports` says which).
 
-Chunk size. Clients are processed in groups of at most :data:`compute_chunk` for the model
-(:func:`compute_chunk`): small models profit from large groups (fewer, larger kernel calls),
-larger ones from groups whose weights stay in cache. Results do not depend on the grouping.
+Groups. Clients are trained in groups sized so that the group's working set (private weights
+plus shuffled data) stays in the 32 MB last-level cache (:meth:`BatchedSGD.group_size`):
+measured best at 8-16 clients for the MLP and 32-43 for logistic regression; larger groups
+spill to memory, smaller ones pay per-kernel overheads. Work buffers are reused between groups
+(fresh ones cost page faults: a quarter of the MLP's time went to the kernel). Results do not
+depend on the grouping.
 
 Numerics. In float32 the batched and the loop results agree to ~1e-6 relative; a ReLU
 pre-activation that is within rounding of zero can flip, so equality tests compare in float64
@@ -47,9 +54,9 @@ from torch import nn
 
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
-#: Upper bound on ``clients x parameters`` held as batched weights in one group (float32
-#: elements); 256 clients of a 100k-parameter MLP, or every client of a logistic regression.
-GROUP_ELEMENTS = 4_000_000
+#: Working-set budget of one group in float elements (weights + one epoch of data per client):
+#: ~8 MB, a quarter of the last-level cache; 13 clients of the MLP, 34 of logistic regression.
+GROUP_ELEMENTS = 2_000_000
 #: Upper bound on clients per group, whatever the model size.
 MAX_GROUP = 1024
 
