@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from fedsim.engine import seeds
-from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
+from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent, check_noise_multiplier
 from fedsim.privacy.tree_noise import gaussian_noise
 from fedsim.strategy import ParticipationLimit, Strategy, StrategyContext
 from fedsim.types import TrainConfig, UpdateBatch
@@ -125,7 +125,7 @@ class DPFedAvg(Strategy):
         max_participations: int | None = None,
         min_separation: int = 0,
     ) -> None:
-        self.noise_multiplier = positive_number("noise-multiplier", noise_multiplier)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier, "noise-multiplier")
         self.clip_norm = positive_number("clip-norm", clip_norm)
         self.server_lr = positive_number("server-lr", server_lr)
         self.momentum = momentum_value(momentum)

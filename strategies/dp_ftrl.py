@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import torch
 
-from fedsim.privacy.events import TreeAggregationEvent
+from fedsim.privacy.events import TreeAggregationEvent, check_noise_multiplier
 from fedsim.privacy.tree_noise import TreeNoise
 from fedsim.strategy import ParticipationLimit, Strategy, StrategyContext
 from fedsim.types import TrainConfig, UpdateBatch
@@ -89,7 +89,7 @@ class DPFTRL(Strategy):
         restart_every: int | None = None,
         estimator: Literal["vanilla", "efficient"] = "efficient",
     ) -> None:
-        self.noise_multiplier = positive_number("noise-multiplier", noise_multiplier)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier, "noise-multiplier")
         self.clip_norm = positive_number("clip-norm", clip_norm)
         self.server_lr = positive_number("server-lr", server_lr)
         self.momentum = momentum_value(momentum)

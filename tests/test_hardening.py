@@ -22,6 +22,8 @@ from fedsim.privacy.sensitivity import max_tree_sensitivity_sq
 from fedsim.scenario import load_scenario, scenario_from_dict
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
+from .conftest import run_cli
+
 
 def _acc(**kw) -> UpdateAccumulator:
     base = dict(num_params=3, round=5, clip_norm=None, weighting="uniform", ledger=None, num_devices=10, max_norm=100.0)
@@ -243,8 +245,8 @@ def test_accountant_infeasible_k_warns_and_uses_the_effective_value() -> None:
 
 
 def test_accountant_small_noise_gives_large_but_finite_figures() -> None:
-    report = dp_ftrl_privacy(1e-8, 100, 2, 3, 1e-6)
-    assert report.rho > 1e16 and math.isfinite(report.rho)
+    report = dp_ftrl_privacy(1e-6, 100, 2, 3, 1e-6)  # the smallest accepted noise multiplier
+    assert report.rho > 1e11 and math.isfinite(report.rho)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         huge_z = dp_fedavg_privacy(1e150, 100, 1e-6)
@@ -259,19 +261,16 @@ def test_accountant_rejects_invalid_noise_with_a_value_error(bad: float) -> None
         GaussianEvent(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="known gap (reported to the privacy owners): z so small that 2*z*z underflows to 0 "
-    "(z < ~1e-154) divides by zero in fedsim/privacy/accountant.py instead of giving rho=inf or a "
-    "clear ValueError; a scenario with such a noise-multiplier crashes the run with a traceback",
-)
-def test_accountant_underflowing_noise_is_a_clear_error_or_infinite_rho() -> None:
-    try:
-        report = dp_ftrl_privacy(1e-200, 100, 2, 3, 1e-6)
-    except ValueError:
-        return
-    assert report.rho == math.inf
+def test_underflowing_noise_is_a_clear_error_everywhere() -> None:
+    # 2*z*z underflows to 0 near z = 1e-154; anything below MIN_NOISE_MULTIPLIER is refused
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 1e-06"):
+        dp_ftrl_privacy(1e-200, 100, 2, 3, 1e-6)
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 1e-06"):
+        GaussianEvent(1e-300)
+    proc = run_cli("privacy", "dp-ftrl", "--noise-multiplier", "1e-300", "--rounds", "10",
+                   "--max-participations", "1", "--min-separation", "0", "--delta", "1e-6")
+    assert proc.returncode == 2 and "--noise-multiplier must be a finite number >= 1e-06" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_ledger_refuses_to_count_a_round_twice() -> None:

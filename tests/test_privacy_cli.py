@@ -222,5 +222,5 @@ def test_subprocess_exact_commands(module):
     assert res.returncode == 2
     assert res.stdout == ""
     assert res.stderr.strip().splitlines() == [
-        "error: --noise-multiplier must be a finite number > 0 (got -1.0)"
+        "error: --noise-multiplier must be a finite number >= 1e-06 (got -1.0)"
     ]

@@ -62,6 +62,7 @@ from fedsim.privacy.events import (
     PrivacyLedger,
     SampledGaussianEvent,
     TreeAggregationEvent,
+    check_noise_multiplier,
 )
 from fedsim.privacy.sensitivity import (
     _exact_gaussian_weight_sum,
@@ -347,7 +348,7 @@ def dp_ftrl_privacy(noise_multiplier: float, rounds: int, max_participations: in
     :class:`TreeAggregationEvent`. Warns (``UserWarning``) when
     ``max_participations`` cannot be reached, naming the effective value.
     """
-    z = _check_positive_number("noise_multiplier", noise_multiplier)
+    z = check_noise_multiplier(noise_multiplier)
     rounds = _check_rounds(rounds)
     delta = validate_delta(delta)
     event = TreeAggregationEvent(z, max_participations, min_separation, restart_every)
@@ -370,7 +371,7 @@ def dp_fedavg_privacy(noise_multiplier: float, rounds: int, delta: float,
     that rate (amplified ``epsilon``, unamplified ``rho``; see the module docstring).
     Equal to ``Accountant(delta).report`` of the ledger of ``rounds`` identical events.
     """
-    z = _check_positive_number("noise_multiplier", noise_multiplier)
+    z = check_noise_multiplier(noise_multiplier)
     rounds = _check_rounds(rounds)
     delta = validate_delta(delta)
     if sampling_rate is None:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 from fedsim.privacy.conversions import validate_rho
+from fedsim.privacy.events import MIN_NOISE_MULTIPLIER
 from fedsim.privacy.sensitivity import (
     effective_max_participations,
     max_gaussian_participations,
@@ -83,8 +84,11 @@ def _bisect_noise(rho_of: Callable[[float], float], target_rho: float, rel_tol: 
     while rho_of(lo) <= target_rho:
         hi = lo
         lo /= 2.0
-        if lo < 1e-300:
-            return hi
+        if lo < MIN_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"target rho {target_rho!r} is met by every noise multiplier >= {MIN_NOISE_MULTIPLIER:g}: "
+                "choose a smaller target"
+            )
     # invariant: rho_of(lo) > target >= rho_of(hi)
     while hi / lo - 1.0 > rel_tol:
         mid = math.sqrt(lo * hi)

@@ -23,6 +23,8 @@ import types
 import warnings
 from typing import Any
 
+from fedsim.privacy.events import MIN_NOISE_MULTIPLIER
+
 __all__ = ["add_parser", "run"]
 
 
@@ -105,8 +107,8 @@ def _validate(args: argparse.Namespace) -> None:
         return v is not None and math.isfinite(v)
 
     if args.noise_multiplier is not None and not (finite(args.noise_multiplier)
-                                                  and args.noise_multiplier > 0):
-        bad("--noise-multiplier", "a finite number > 0", args.noise_multiplier)
+                                                  and args.noise_multiplier >= MIN_NOISE_MULTIPLIER):
+        bad("--noise-multiplier", f"a finite number >= {MIN_NOISE_MULTIPLIER:g}", args.noise_multiplier)
     if args.target_rho is not None and not (finite(args.target_rho) and args.target_rho > 0):
         bad("--target-rho", "a finite number > 0", args.target_rho)
     if args.rounds < 1:

@@ -38,11 +38,22 @@ __all__ = [
 ]
 
 
-def _check_noise(event: Any) -> None:
-    z = event.noise_multiplier
+#: Smallest noise multiplier accepted anywhere. Below it rho exceeds 5e11 (no meaningful
+#: privacy) and, near 1e-154, 2 z^2 underflows to zero: refuse such values with a clear error.
+MIN_NOISE_MULTIPLIER = 1e-6
+
+
+def check_noise_multiplier(z: Any, name: str = "noise_multiplier") -> float:
+    """``z`` as a float, finite and ``>= MIN_NOISE_MULTIPLIER``, else ``ValueError`` naming ``name``."""
     if isinstance(z, bool) or not isinstance(z, numbers.Real) or not math.isfinite(z) or z <= 0:
-        raise ValueError(f"noise_multiplier must be a finite number > 0, got {z!r}")
-    object.__setattr__(event, "noise_multiplier", float(z))
+        raise ValueError(f"{name} must be a finite number > 0, got {z!r}")
+    if z < MIN_NOISE_MULTIPLIER:
+        raise ValueError(f"{name} must be >= {MIN_NOISE_MULTIPLIER:g} (smaller gives no meaningful privacy), got {z!r}")
+    return float(z)
+
+
+def _check_noise(event: Any) -> None:
+    object.__setattr__(event, "noise_multiplier", check_noise_multiplier(event.noise_multiplier))
 
 
 def _check_int(event: Any, name: str, low: int, allow_none: bool = False) -> None:
