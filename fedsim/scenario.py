@@ -450,7 +450,10 @@ def scenario_from_dict(
         _validate_plugin_params(scenario)
         return scenario
     except ScenarioError as exc:
-        origin = "--set" if exc.key in overridden else source
+        # an error on a whole section (a strategy's constructor refusing a value) is the
+        # override's when an override touched that section
+        from_override = exc.key in overridden or any(k.startswith(f"{exc.key}.") for k in overridden)
+        origin = "--set" if from_override else source
         raise exc.with_source(origin) if origin else exc from None
 
 
