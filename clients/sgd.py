@@ -36,13 +36,20 @@ class SGDTrainer(ClientTrainer):
     batched:
         Train cohorts with :class:`clients.batched.BatchedSGD` when the model supports it
         (default); ``False`` always loops over :meth:`train_client`.
+    workers:
+        Groups the batched path trains at once, each on its own single-threaded torch thread;
+        ``None`` (default): the torch thread count in effect when a cohort is trained, which the
+        engine sets from ``[engine] threads``. The per-client loop uses torch's own threads.
     """
 
-    def __init__(self, model: nn.Module, batched: bool = True) -> None:
+    def __init__(self, model: nn.Module, batched: bool = True, workers: int | None = None) -> None:
         super().__init__(model)
         if not isinstance(batched, bool):
             raise ValueError(f"batched must be true or false, got {batched!r}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         self.batched = BatchedSGD(model) if batched and supports(model) else None
+        self.workers = workers
 
     def train_cohort(
         self,
@@ -55,7 +62,10 @@ class SGDTrainer(ClientTrainer):
         """Train many clients: batched when the model allows it, else the per-client loop."""
         if self.batched is None:
             return super().train_cohort(params, tasks, config, chunk_size=chunk_size)
-        return self.batched.train_cohort(params.to(next(self.model.parameters()).dtype), tasks, config, chunk_size=chunk_size)
+        workers = self.workers if self.workers is not None else torch.get_num_threads()
+        return self.batched.train_cohort(
+            params.to(next(self.model.parameters()).dtype), tasks, config, chunk_size=chunk_size, workers=workers
+        )
 
     def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
         model = self.model

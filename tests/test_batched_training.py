@@ -163,3 +163,33 @@ def test_scenario_can_switch_the_batched_path_off() -> None:
         assert a["clients"] == b["clients"]
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.02)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+def test_concurrent_groups_give_identical_chunks_and_restore_threads() -> None:
+    model = _model("mlp", 30, torch.float32)
+    params = get_flat(model)
+    tasks = _tasks(30, torch.float32, SIZES * 4)
+    config = TrainConfig(round=1, lr=0.1, local_epochs=2, batch_size=8, clip_norm=0.5)
+    trainer = BatchedSGD(model)
+    trainer.group = 3
+    one = list(trainer.train_cohort(params, iter(tasks), config, chunk_size=7, workers=1))
+    threads = torch.get_num_threads()
+    three = list(trainer.train_cohort(params, iter(tasks), config, chunk_size=7, workers=3))
+    assert torch.get_num_threads() == threads
+    assert len(one) == len(three) > 10
+    for a, b in zip(one, three, strict=True):
+        assert np.array_equal(a.device_ids, b.device_ids)
+        assert torch.equal(a.deltas, b.deltas) and torch.equal(a.losses, b.losses)
+
+
+def test_engine_threads_do_not_change_results() -> None:
+    from fedsim.engine import run_scenario
+    from fedsim.scenario import load_scenario, parse_override
+
+    from .conftest import SCENARIOS
+
+    def run(threads: int) -> torch.Tensor:
+        sc = load_scenario(SCENARIOS / "quickstart.toml", [parse_override("rounds=2"), parse_override(f"engine.threads={threads}")])
+        return run_scenario(sc).params
+
+    assert torch.equal(run(1), run(2))

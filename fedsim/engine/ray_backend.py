@@ -26,9 +26,9 @@ others), install fedsim in the same environment on every node, and set::
 With ``ray-address = ""`` (the default) the backend uses the Ray runtime this process already
 initialised (``ray.init(...)`` before the run), else starts a local one with ``ray-workers``
 CPUs (all of this machine's when 0) and shuts it down when the run ends. Scenario plug-ins named
-by file path must exist at the same path on every node. Each actor sets
-``torch.set_num_threads(engine.threads)`` (default 1) and reserves one Ray CPU, so actors never
-oversubscribe a node.
+by file path must exist at the same path on every node. Each actor reserves one Ray CPU and runs
+torch with one thread, so actors never oversubscribe a node (``engine.threads`` applies to the
+driver only).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class CohortWorker:
         from fedsim.engine.simulation import build_data, build_trainer
         from fedsim.models import build_model
 
-        torch.set_num_threads(scenario.engine.threads)
+        torch.set_num_threads(1)  # one reserved Ray CPU per actor: the actors are the parallelism
         self.scenario = scenario
         self.data = build_data(scenario)
         model = build_model(
