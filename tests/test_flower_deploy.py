@@ -133,7 +133,7 @@ def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: 
     cluster.start_supernode(0)
     cluster.start_supernode(1)
     cluster.start_supernode(2, fault="nan,wrong-shape,exceed-clip")
-    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 40.0})
+    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 60.0})
     _wait_for_round(out, 1, timeout=180)
     cluster.kill("node-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
     proc = cluster.wait_run(name, timeout=240)

@@ -113,6 +113,9 @@ class FedsimStrategy(FlowerStrategy):
             raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
         if not checkin_timeout > 0:
             raise ValueError(f"checkin_timeout must be > 0, got {checkin_timeout}")
+        # Flower executes the rounds: the recorded scenario says so, and the engine starts no
+        # executor of its own (such as the "ray" backend's workers)
+        scenario = replace(scenario, engine=replace(scenario.engine, backend="flower"))
         self.scenario = scenario
         self.sim = Simulation(scenario, run_dir=run_dir, progress=False)
         self.strategy = self.sim.strategy

@@ -1,0 +1,94 @@
+"""``fedsim run --backend flower``: the scenario through Flower's simulation engine (Ray) with the
+bridged strategy gives the in-process engine's run; the flag's bad uses are one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim.engine import run_scenario
+from fedsim.scenario import load_scenario
+
+from .conftest import ROOT, SCENARIOS, run_cli
+from .flower_harness import MARKER, _marked_pids
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: Path) -> None:
+    out = tmp_path / "flower"
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{MARKER: marker})
+    args = [sys.executable, "-m", "fedsim", "run", str(SCENARIOS / "quickstart.toml"), "--backend", "flower",
+            "--rounds", "2", "--out", str(out), "--json", "--quiet"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for _ in range(20):  # Ray's own processes (raylet, workers) must be gone too
+            pids = _marked_pids(marker)
+            if not pids:
+                break
+            time.sleep(0.5)
+        for pid in _marked_pids(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-4000:]
+    summary = json.loads(stdout)
+    assert (summary["backend"], summary["rounds"], summary["stopped_reason"]) == ("flower", 2, "completed")
+    assert summary["flower"]["nodes"] == 100 and summary["flower"]["no_reply"] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for name in ("config.toml", "summary.json", "model.pt", "metrics.png", "participation.json"):
+        assert (out / name).is_file(), name
+
+    expected = run_scenario(load_scenario(SCENARIOS / "quickstart.toml", [(["rounds"], 2)]))
+    final = torch.load(out / "model.pt")["flat"]
+    assert torch.allclose(final, expected.params, rtol=1e-5, atol=1e-5), (final - expected.params).abs().max()
+    for got, want in zip(rows, expected.metrics, strict=True):
+        assert (got["clients"], got["eligible"], got["rejected"]) == (want["clients"], want["eligible"], 0)
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=2e-3)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+
+
+def test_backend_flag_errors_are_one_line(tmp_path: Path) -> None:
+    bad = run_cli("run", str(SCENARIOS / "quickstart.toml"), "--backend", "grpc")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--backend" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    resume = run_cli("run", "--resume", str(tmp_path), "--backend", "flower")
+    assert resume.returncode == 2 and resume.stderr.strip() == "error: --backend flower cannot be combined with --resume"
+    in_file = run_cli("run", str(SCENARIOS / "quickstart.toml"), "--set", 'engine.backend="ray-cluster"')
+    assert in_file.returncode == 2 and "engine.backend" in in_file.stderr and "'flower'" in in_file.stderr
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_privacy_budget_stops_a_flower_run_where_it_stops_the_inprocess_run(tmp_path: Path) -> None:
+    from fedsim.flower.simulation import FlowerSimulation
+
+    overrides = [
+        (["rounds"], 6), (["clients-per-round"], 4), (["data", "num-devices"], 8), (["privacy", "max-rho"], 10.0),
+        (["strategy", "noise-multiplier"], 1.0), (["strategy", "max-participations"], 6), (["strategy", "min-separation"], 0),
+    ]
+    scenario = load_scenario(SCENARIOS / "dp_ftrl.toml", overrides)
+    expected = run_scenario(scenario)
+    assert 0 < expected.summary["rounds"] < 6, "the budget must stop this run early"
+    got = FlowerSimulation(scenario, run_dir=tmp_path / "run", progress=False).run()
+    s = got.summary
+    assert (s["rounds"], s["stopped_reason"]) == (expected.summary["rounds"], expected.summary["stopped_reason"])
+    assert s["rho"] == pytest.approx(expected.summary["rho"], rel=1e-12) and s["rho"] <= 10.0
+    assert torch.allclose(got.params, expected.params, rtol=1e-5, atol=1e-5)
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert [e["round"] for e in ledger] == list(range(s["rounds"]))
