@@ -58,9 +58,6 @@ from fedsim.types import CohortChunk, TrainConfig
 
 logger = logging.getLogger("flwr.fedsim")
 
-#: Reasons a reply is rejected before the accumulator sees it (added to its per-reason counts).
-RECORD_REJECTIONS = ("malformed_record", "wrong_shape", "wrong_dtype", "device_mismatch", "bad_example_count")
-
 
 @dataclass
 class _Round:
@@ -78,6 +75,13 @@ class _Round:
 
 class FedsimStrategy(FlowerStrategy):
     """Run a fedsim scenario's strategy on a Flower server.
+
+    In a ServerApp, ``FedsimStrategy(scenario, run_dir=...).run(grid)`` runs every round and
+    writes the run directory; Flower's own ``start(grid, initial_arrays(), num_rounds, timeout)``
+    runs the rounds alone (metrics rows are still appended when a run directory is given).
+    Replies rejected before the accumulator sees them count as ``malformed_record``,
+    ``wrong_shape``, ``wrong_dtype``, ``device_mismatch`` or ``bad_example_count``, next to the
+    accumulator's own reasons.
 
     Parameters
     ----------
