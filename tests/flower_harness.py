@@ -3,7 +3,8 @@
 Every process is started in its own session (its own process group) with a marker in its
 environment; :meth:`FlowerCluster.close` stops every process group it started and then every
 process that still carries the marker (found by PID in ``/proc``), so nothing outlives a test,
-whatever happens in it. Flower runs offline: telemetry, update checks and runtime dependency
+whatever happens in it. Should the test process itself be killed before it can clean up, the
+kernel kills the processes it started (``PR_SET_PDEATHSIG``). Flower runs offline: telemetry, update checks and runtime dependency
 installation are off, and ``FLWR_HOME`` is private to the cluster.
 """
 
@@ -26,6 +27,18 @@ import tomli_w
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MARKER = "FEDSIM_TEST_CLUSTER"
+
+
+def die_with_parent() -> None:
+    """In a child before ``exec``: get SIGKILL when the parent (the test process) dies.
+
+    Covers a test process that is killed outright (SIGKILL, or SIGTERM, which skips fixture
+    finalizers); Flower's own helper processes watch their parents in turn (``--parent-pid``).
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -95,7 +108,13 @@ class FlowerCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         self.procs[name] = proc

@@ -20,7 +20,7 @@ from fedsim.engine import run_scenario
 from fedsim.scenario import load_scenario
 
 from .conftest import ROOT, SCENARIOS, run_cli
-from .flower_harness import MARKER, _marked_pids
+from .flower_harness import MARKER, _marked_pids, die_with_parent
 
 
 @pytest.mark.flower
@@ -32,7 +32,7 @@ def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: 
     args = [sys.executable, "-m", "fedsim", "run", str(SCENARIOS / "quickstart.toml"), "--backend", "flower",
             "--rounds", "2", "--out", str(out), "--json", "--quiet"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent)
     try:
         stdout, stderr = proc.communicate(timeout=300)
     finally:
