@@ -221,7 +221,7 @@ class BenchOptions:
     flower_rounds: int = 3
     flower_models: tuple[str, ...] = ("logreg", "mlp")
     models: tuple[str, ...] = ("logreg", "mlp")
-    threads: int = 1
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     dp_clients: tuple[int, ...] = (1000, DP_CLIENTS)
     dp_population: int = DP_POPULATION
     dp_rounds: int = 2
@@ -232,9 +232,9 @@ class BenchOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def quick_run(cls, threads: int = 1) -> BenchOptions:
+    def quick_run(cls, threads: int | None = None) -> BenchOptions:
         return cls(
-            clients=100, fedsim_rounds=3, flower_rounds=2, flower_models=("logreg",), threads=threads,
+            clients=100, fedsim_rounds=3, flower_rounds=2, flower_models=("logreg",), threads=threads or os.cpu_count() or 1,
             dp_clients=(DP_CLIENTS,), dp_rounds=1, noise_rounds=4, train_repeats=2, naive_repeats=1, quick=True,
         )
 
@@ -392,7 +392,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{cfg['local_epochs']} local epoch, batch {cfg['batch_size']}; synthetic {cfg['features']} features, "
         f"{cfg['classes']} classes; torch threads {cfg['threads']} ({cfg['cpus']} CPUs)"
         + (" [--quick]" if cfg["quick"] else ""),
-        f"fedsim: engine.threads = {cfg['threads']}; FLOP bound: sgemm with {cfg['threads']} thread(s); naive loop: "
+        f"fedsim: engine.threads = {cfg['threads']}; FLOP bound: sgemm on {cfg['threads']} core(s); naive loop: "
         "the better of 1 and that many torch threads; Flower: one Ray actor per CPU, one torch thread each",
         f"sgemm rate measured in this run: {_fmt(report['matmul_gflops'], 1)} GFLOP/s; load average "
         f"{cfg['load_average']['start'][0]:.2f} at start, {cfg['load_average']['end'][0]:.2f} at end"
@@ -474,7 +474,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the benchmark's options to ``p`` (shared by the CLI subcommand and the script)."""
     p.add_argument("--quick", action="store_true", help="reduced run (100 clients, Flower on logreg only), under a minute")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads of every engine (default 1)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="cores for fedsim (engine.threads) and the FLOP bound (default: all CPUs)",
+    )
     p.add_argument("--clients", type=_positive_int, help="clients per round (default 1000; --quick: 100)")
     p.add_argument("--no-flower", action="store_true", help="skip Flower's simulation engine")
 
