@@ -297,7 +297,9 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         row["flower_updates_per_s"] = opts.clients / flower_round if flower_round else None
         row["flop_bound_updates_per_s"] = gflops * 1e9 / flops if gflops else None
         row["fedsim_training_updates_per_s"] = opts.clients / fed.result["train_s"] if fed.result else None
-        row["peak_rss_mb"] = fed.peak_rss_mb
+        # fedsim's figure is the engine's own (ru_maxrss of its single process after the rounds,
+        # before the training-only measurement holds a whole cohort's data)
+        row["peak_rss_mb"] = fed.result["engine_maxrss"] / 2**20 if fed.result else None
         row["naive_peak_rss_mb"] = naive.peak_rss_mb
         row["flower_peak_rss_mb"] = flower.peak_rss_mb if flower else None
         row["seconds_per_round"] = {"fedsim": fed_round, "naive": naive_round, "flower": flower_round}

@@ -127,6 +127,9 @@ def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
         sim.run_round(r)
         round_wall.append(time.perf_counter() - start)
     timed = round_seconds(sim.strategy.times)  # type: ignore[attr-defined]
+    # the engine's peak memory, before the training-only measurement below holds a whole
+    # cohort's data at once (which the engine never does)
+    engine_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # the cohort's data generation on its own (streamed, as the engine does: nothing kept)
     cohort = list(range(spec["clients"]))
     data_s = math.inf
@@ -152,7 +155,10 @@ def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
             acc.add(chunk)
         train_s = min(train_s, time.perf_counter() - start)
         assert acc.num_updates == len(tasks)
-    return {"round_s": timed, "run_round_s": round_wall, "train_s": train_s, "data_s": data_s}
+    return {
+        "round_s": timed, "run_round_s": round_wall, "train_s": train_s, "data_s": data_s,
+        "engine_maxrss": engine_maxrss,
+    }
 
 
 def _worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
