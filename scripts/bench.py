@@ -11,8 +11,11 @@ docs/benchmarks.md for what is measured and how).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from fedsim.bench import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+
+from fedsim.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,6 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 #: Reference scenario parameters (the issue's: 64 examples, 1 epoch, batch 16, 784 features).
@@ -177,6 +178,9 @@ def measure(kind: str, spec: dict[str, Any], *, timeout: float = 1800.0) -> Meas
 
     cmd = [sys.executable, "-m", "fedsim.bench.workers", kind, json.dumps(spec)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    # the workers import fedsim (and the clients/strategies plug-ins) from where this copy lives
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -314,7 +318,12 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         row["naive_threads"] = naive_threads
         row["errors"] = {k: m.error for k, m in (("fedsim", fed), ("naive", naive), ("flower", flower)) if m and m.error}
         if flower is None:
-            row["errors"]["flower"] = "not run (--quick measures Flower on logreg only)" if opts.quick else "not run"
+            if not opts.flower_models:
+                row["errors"]["flower"] = "skipped (--no-flower)"
+            elif opts.quick:
+                row["errors"]["flower"] = "not run (--quick measures Flower on logreg only)"
+            else:
+                row["errors"]["flower"] = f"not run (Flower measured on {', '.join(opts.flower_models)})"
         scenarios.append(row)
     dp_rows = []
     for clients in opts.dp_clients:
