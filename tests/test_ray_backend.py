@@ -58,3 +58,15 @@ def test_more_workers_than_cluster_cpus_is_a_clear_error(local_ray: None) -> Non
     sim = Simulation(_scenario("ray", "engine.ray-workers=3"), progress=False)
     with pytest.raises(FedsimError, match="engine.ray-workers: 3 workers need 3 CPUs, the Ray cluster has 2"):
         sim.run()
+
+
+def test_unreachable_cluster_address_is_a_one_line_error(tmp_path) -> None:
+    from .conftest import run_cli
+
+    proc = run_cli(
+        "run", str(SCENARIOS / "quickstart.toml"), "--backend", "ray", "--rounds", "1", "--quiet",
+        "--out", str(tmp_path / "r"), "--set", 'engine.ray-address="127.0.0.1:1"', timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: engine.ray-address: cannot reach '127.0.0.1:1'")

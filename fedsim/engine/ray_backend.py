@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,6 +110,7 @@ class RayCohortRunner:
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
             if self.address:
+                _check_reachable(self.address)
                 kwargs["address"] = self.address
             elif self.requested_workers:
                 kwargs["num_cpus"] = self.requested_workers
@@ -170,3 +172,20 @@ class RayCohortRunner:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with a clear message, when an explicit ``host:port`` does not answer.
+
+    ``ray.init`` retries an unreachable head node for minutes; ``"auto"`` (find the cluster of
+    this node) is left to Ray, which fails fast by itself when there is none.
+    """
+    target = address.removeprefix("ray://")
+    if target == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise FedsimError(f"engine.ray-address: cannot reach {address!r} within {timeout:g} s: {exc}") from None
