@@ -49,7 +49,7 @@ from fedsim.population import (
 )
 from fedsim.scenario import Scenario
 from fedsim.strategy import STRATEGIES, Strategy, StrategyContext
-from fedsim.types import ClientTask, TrainConfig
+from fedsim.types import ClientTask, TrainConfig, UpdateBatch
 
 
 def build_data(scenario: Scenario) -> FederatedData:
@@ -253,12 +253,32 @@ class Simulation:
             chunks = self.trainer.train_cohort(self.params, self._tasks(round, cohort), config, chunk_size=sc.engine.chunk_size)
         for chunk in chunks:
             acc.add(chunk)
-        # devices remember that they contributed; the server records what it accepted
-        self.population.device_memory.record(round, cohort)
+        row, _ = self.finish_round(round, event=event, eligible=eligible, contributed=cohort, acc=acc)
+        return row
+
+    def finish_round(
+        self,
+        round: int,
+        *,
+        event: Any,
+        eligible: np.ndarray,
+        contributed: np.ndarray,
+        acc: UpdateAccumulator,
+        params: torch.Tensor | None = None,
+    ) -> tuple[dict[str, Any], UpdateBatch]:
+        """The part of a round after every update is in: ledgers, aggregation, accounting, metrics.
+
+        Shared by the in-process loop and the Flower bridge, so both record and report a round
+        identically. ``contributed`` are the devices that trained (they remember it); the server's
+        ledger records what ``acc`` accepted. ``params`` defaults to the current global model.
+        """
+        sc = self.scenario
+        self.population.device_memory.record(round, contributed)
         self.population.server_ledger.record(round, acc.accepted)
         batch = acc.result()
         self.rejected.update(batch.rejected)
-        self.params = self.strategy.aggregate(round=round, params=self.params, batch=batch).detach()
+        start = self.params if params is None else params
+        self.params = self.strategy.aggregate(round=round, params=start, batch=batch).detach()
         report = None
         if event is not None:
             ledger, accountant = self._privacy()
@@ -277,7 +297,7 @@ class Simulation:
             epsilon_rdp=getattr(report, "epsilon_rdp", None),
             delta=getattr(report, "delta", None),
         )
-        return row
+        return row, batch
 
     def run(self) -> RunResult:
         """Run all remaining rounds, writing the run directory as it goes."""

@@ -50,7 +50,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim.engine import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
-from fedsim.engine.simulation import RunResult, Simulation, evaluate
+from fedsim.engine.simulation import RunResult, Simulation
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.scenario import Scenario
@@ -281,28 +281,13 @@ class FedsimStrategy(FlowerStrategy):
                 logger.warning("fedsim: round %d: rejected update(s) of device(s) %s: %s", server_round, bad, reasons)
         # devices remember what they were asked to contribute (a device that declined did not);
         # the server's ledger holds what it accepted
-        sim.population.device_memory.record(r, np.asarray([d for d in st.devices if d not in declined], dtype=np.int64))
-        sim.population.server_ledger.record(r, acc.accepted)
-        batch = acc.result()
-        sim.rejected.update(batch.rejected)
-        sim.params = self.strategy.aggregate(round=r, params=st.params, batch=batch).detach()
-        report = None
-        if st.event is not None:
-            ledger, accountant = sim._privacy()
-            ledger.record(r, st.event)
-            report = accountant.report(ledger)
-        row: dict[str, Any] = {"round": r + 1, "accuracy": None, "loss": None}
-        if (r + 1) % sc.engine.eval_every == 0 or r + 1 == sc.rounds:
-            row["accuracy"], row["loss"] = evaluate(sim.model, sim.params, sim.data.test_x, sim.data.test_y)
-        row.update(
-            train_loss=acc.mean_loss,
-            clients=batch.num_updates,
-            eligible=int(len(st.eligible)),
-            rejected=batch.num_rejected,
-            rho=getattr(report, "rho", None),
-            epsilon=getattr(report, "epsilon", None),
-            epsilon_rdp=getattr(report, "epsilon_rdp", None),
-            delta=getattr(report, "delta", None),
+        row, batch = sim.finish_round(
+            r,
+            event=st.event,
+            eligible=st.eligible,
+            contributed=np.asarray([d for d in st.devices if d not in declined], dtype=np.int64),
+            acc=acc,
+            params=st.params,
         )
         sim.metrics.append(row)
         sim.next_round = r + 1
