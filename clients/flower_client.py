@@ -35,11 +35,10 @@ from flwr.clientapp import ClientApp
 
 from fedsim.client import ClientTrainer
 from fedsim.data.federated import FederatedData
-from fedsim.engine.simulation import build_data, build_trainer
+from fedsim.engine.simulation import build_data, build_scenario_model, build_trainer
 from fedsim.flower.device import DeviceLedger, default_state_dir
 from fedsim.flower.protocol import TrainInstruction, scenario_from_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, dumps
-from fedsim.models import build_model
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.types import ClientTask
@@ -96,12 +95,7 @@ def _setup(sections_json: str) -> tuple[Scenario, FederatedData, ClientTrainer, 
 
     scenario = scenario_from_sections(json.loads(sections_json))
     data = build_data(scenario)
-    model = build_model(
-        scenario.model.name,
-        num_features=data.num_features,
-        num_classes=data.num_classes,
-        hidden=scenario.model.hidden,
-    )
+    model = build_scenario_model(scenario, data)
     return scenario, data, build_trainer(scenario, model), ParamLayout.of(model)
 
 

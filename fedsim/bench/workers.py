@@ -284,15 +284,6 @@ WORKERS = {
 }
 
 
-WORKERS = {
-    "fedsim": _worker_fedsim,
-    "naive": _worker_naive,
-    "flower": _worker_flower,
-    "matmul": _worker_matmul,
-    "dpftrl": _worker_dpftrl,
-}
-
-
 def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in this process with the spec's torch thread count."""
     if kind not in WORKERS:

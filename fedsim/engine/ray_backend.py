@@ -54,19 +54,12 @@ class CohortWorker:
     """The actor: one scenario's data, model and trainer, training blocks of devices."""
 
     def __init__(self, scenario: Scenario) -> None:
-        from fedsim.engine.simulation import build_data, build_trainer
-        from fedsim.models import build_model
+        from fedsim.engine.simulation import build_data, build_scenario_model, build_trainer
 
         torch.set_num_threads(1)  # one reserved Ray CPU per actor: the actors are the parallelism
         self.scenario = scenario
         self.data = build_data(scenario)
-        model = build_model(
-            scenario.model.name,
-            num_features=self.data.num_features,
-            num_classes=self.data.num_classes,
-            hidden=scenario.model.hidden,
-        )
-        self.trainer = build_trainer(scenario, model)
+        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data))
 
     def train(self, params: torch.Tensor, round: int, device_ids: np.ndarray, config: TrainConfig) -> list[CohortChunk]:
         """Train one block of devices for ``round``; the chunks the in-process engine would get."""

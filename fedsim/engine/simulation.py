@@ -88,6 +88,17 @@ def build_strategy(scenario: Scenario) -> Strategy:
     return cls(**scenario.strategy.params)
 
 
+def build_scenario_model(scenario: Scenario, data: FederatedData, *, seed: int = 0) -> torch.nn.Module:
+    """The scenario's model sized for ``data`` (parameters initialised from ``seed``)."""
+    return build_model(
+        scenario.model.name,
+        num_features=data.num_features,
+        num_classes=data.num_classes,
+        hidden=scenario.model.hidden,
+        seed=seed,
+    )
+
+
 def build_trainer(scenario: Scenario, model: torch.nn.Module) -> ClientTrainer:
     cls = TRAINERS.get(scenario.client.trainer, base_dir=scenario.base_dir)
     return cls(model, **scenario.client.params)
@@ -134,12 +145,8 @@ class Simulation:
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
         torch.set_num_threads(scenario.engine.threads)
         self.data = build_data(scenario)
-        self.model = build_model(
-            scenario.model.name,
-            num_features=self.data.num_features,
-            num_classes=self.data.num_classes,
-            hidden=scenario.model.hidden,
-            seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT),
+        self.model = build_scenario_model(
+            scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT)
         )
         self.params = get_flat(self.model)
         self.strategy = build_strategy(scenario)
@@ -161,13 +168,7 @@ class Simulation:
         )
         self.population = Population(self.data, build_availability(scenario), self.strategy.participation_limit())
         # the trainer gets its own copy of the model so evaluation never disturbs it
-        trainer_model = build_model(
-            scenario.model.name,
-            num_features=self.data.num_features,
-            num_classes=self.data.num_classes,
-            hidden=scenario.model.hidden,
-        )
-        self.trainer = build_trainer(scenario, trainer_model)
+        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data))
         # backend = "ray": the same round loop, cohort training sharded over Ray actors
         self.ray: Any | None = None
         if scenario.engine.backend == "ray":
