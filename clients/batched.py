@@ -46,9 +46,7 @@ pre-activation that is within rounding of zero can flip, so equality tests compa
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,54 +122,149 @@ class BatchedSGD:
     ) -> Iterator[CohortChunk]:
         """Train a stream of clients ``chunk_size`` at a time, yielding one chunk per group.
 
-        Each block of ``chunk_size`` tasks is split into cache-sized groups (:meth:`group_size`);
-        each group is yielded as soon as it is trained, so the server validates and sums its
-        deltas while they are still in cache, and memory stays at a few groups whatever the
-        cohort. The split depends only on the block, so any executor that hands out the same
-        blocks (the Ray backend) produces the same sequence of chunks.
+        Blocks of ``chunk_size`` consecutive tasks are split into cache-sized groups
+        (:meth:`_group_stream`); each group is yielded as soon as it is trained, so the server
+        validates and sums its deltas while they are still in cache, and memory stays at a few
+        groups whatever the cohort. The split depends only on the task sequence, so any executor
+        that hands out the same blocks (the Ray backend) produces the same sequence of chunks.
 
         ``workers > 1`` trains that many groups at once on helper threads, each running torch
-        single-threaded (torch releases the GIL inside its kernels), while this thread keeps
-        loading the next devices' data; chunks still come out in order and every group is
-        computed exactly as with one worker, so results are identical. Unlike torch's intra-op
-        threads there is no barrier per kernel: a thread that another process preempts does not
-        stall the others (measured on the loaded 2-core machine: intra-op threads can make a
-        round several times slower, concurrent groups do not).
+        single-threaded (torch releases the GIL inside its kernels); each worker also pulls its
+        own group from ``tasks`` (under a lock), so the devices' data is generated on the core
+        that trains it while the consuming thread only validates and sums. Chunks still come out
+        in order and every group is computed exactly as with one worker, so results are
+        identical. Unlike torch's intra-op threads there is no barrier per kernel: a thread that
+        another process preempts does not stall the others (measured on the loaded 2-core
+        machine: intra-op threads can make a round several times slower, concurrent groups do
+        not).
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        groups = self._group_stream(tasks, chunk_size)
         if workers == 1:
-            for block in _blocks(tasks, chunk_size):
-                for group in self._groups(block):
-                    yield self.train_chunk(params, group, config)
+            for group in groups:
+                yield self.train_chunk(params, group, config)
             return
-        yield from self._train_concurrently(params, tasks, config, chunk_size, workers)
+        yield from self._train_concurrently(params, groups, config, workers)
 
-    def _groups(self, block: list[ClientTask]) -> list[list[ClientTask]]:
-        n_max = max(t.num_examples for t in block)
-        size = self.group_size(n_max * self.num_features)
-        return [block[i : i + size] for i in range(0, len(block), size)]
+    def _group_stream(self, tasks: Iterable[ClientTask], chunk_size: int) -> Iterator[list[ClientTask]]:
+        """Split a stream of tasks into consecutive cache-sized groups, pulling tasks lazily.
+
+        A group takes tasks while its padded working set ``clients x (num_params + n_max x
+        features)`` fits :data:`GROUP_ELEMENTS` (``self.group``, when set, fixes the count); groups
+        never cross a block of ``chunk_size`` consecutive tasks. The split depends only on the
+        task sequence, so every executor (one thread, several, a Ray actor per block) trains the
+        same groups. Tasks are pulled one at a time (with the engine's generator that is when a
+        device's data is generated), so a group's data is fresh in cache when it is trained.
+        """
+        it = iter(tasks)
+        pending = next(it, None)
+        in_block = 0
+        while pending is not None:
+            if in_block == chunk_size:
+                in_block = 0
+            group = [pending]
+            n_max = pending.num_examples
+            pending = None
+            while len(group) < chunk_size - in_block:
+                task = next(it, None)
+                if task is None:
+                    break
+                n = max(n_max, task.num_examples)
+                if self.group is not None:
+                    fits = len(group) < self.group
+                else:
+                    fits = len(group) < MAX_GROUP and (len(group) + 1) * (self.num_params + n * self.num_features) <= GROUP_ELEMENTS
+                if not fits:
+                    pending = task
+                    break
+                group.append(task)
+                n_max = n
+            else:
+                pending = next(it, None)
+            in_block += len(group)
+            yield group
 
     def _train_concurrently(
-        self, params: torch.Tensor, tasks: Iterable[ClientTask], config: TrainConfig, chunk_size: int, workers: int
+        self, params: torch.Tensor, groups: Iterator[list[ClientTask]], config: TrainConfig, workers: int
     ) -> Iterator[CohortChunk]:
+        """Train ``groups`` on ``workers`` threads; yield their chunks in group order.
+
+        Each worker pulls the next group itself (under a lock, so the engine's task generator,
+        and with it the devices' data generation, runs on the worker that trains them and the
+        data is still in that core's cache) and trains it with one torch thread. At most
+        ``2 x workers`` groups are taken and not yet consumed, so memory stays at a few groups.
+        The consuming thread only hands chunks on (to the server's validation and sum).
+        """
         intra_op = torch.get_num_threads()
         torch.set_num_threads(1)  # one core per group: workers x 1 threads, never workers x N
-        pending: deque[Future[CohortChunk]] = deque()
+        cond = threading.Condition()
+        pull_lock = threading.Lock()
+        results: dict[int, CohortChunk | BaseException] = {}
+        state = {"taken": 0, "consumed": 0, "done": False, "stop": False}
+        limit = 2 * workers
+
+        def work() -> None:
+            while True:
+                with pull_lock:
+                    with cond:
+                        while not state["stop"] and state["taken"] - state["consumed"] >= limit:
+                            cond.wait()
+                        if state["stop"] or state["done"]:
+                            return
+                    try:
+                        group: list[ClientTask] | BaseException = next(groups)
+                    except StopIteration:
+                        with cond:
+                            state["done"] = True
+                            cond.notify_all()
+                        return
+                    except BaseException as exc:  # a failing task source ends the stream
+                        group = exc
+                    with cond:
+                        index = state["taken"]
+                        state["taken"] += 1
+                        if isinstance(group, BaseException):
+                            state["done"] = True
+                            results[index] = group
+                            cond.notify_all()
+                            return
+                try:
+                    item: CohortChunk | BaseException = self.train_chunk(params, group, config)
+                except BaseException as exc:
+                    item = exc
+                with cond:
+                    results[index] = item
+                    cond.notify_all()
+
+        threads = [
+            threading.Thread(target=work, name=f"fedsim-group-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in threads:
+            t.start()
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedsim-group") as pool:
-                for block in _blocks(tasks, chunk_size):
-                    for group in self._groups(block):
-                        pending.append(pool.submit(self.train_chunk, params, group, config))
-                        while len(pending) > 2 * workers:  # bound memory: a few groups in flight
-                            yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
+            index = 0
+            while True:
+                with cond:
+                    while index not in results and not (state["done"] and index >= state["taken"]):
+                        cond.wait()
+                    if index not in results:
+                        break
+                    item = results.pop(index)
+                    state["consumed"] += 1
+                    cond.notify_all()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                index += 1
         finally:
-            for future in pending:
-                future.cancel()
+            with cond:
+                state["stop"] = True
+                cond.notify_all()
+            for t in threads:
+                t.join()
             torch.set_num_threads(intra_op)
 
     def train_chunk(self, params: torch.Tensor, tasks: Sequence[ClientTask], config: TrainConfig) -> CohortChunk:
@@ -392,15 +485,3 @@ def _clip_rows_(deltas: torch.Tensor, clip_norm: float) -> None:
     """Clip every row to L2 norm ``clip_norm`` in place (same formula as ``clip_by_norm``)."""
     norms = torch.linalg.vector_norm(deltas, dim=1, keepdim=True)
     deltas.mul_(torch.clamp(clip_norm / (norms + 1e-12), max=1.0))
-
-
-def _blocks(tasks: Iterable[ClientTask], size: int) -> Iterator[list[ClientTask]]:
-    """Consecutive lists of ``size`` tasks (the last one shorter)."""
-    block: list[ClientTask] = []
-    for task in tasks:
-        block.append(task)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block

@@ -193,3 +193,102 @@ def test_engine_threads_do_not_change_results() -> None:
         return run_scenario(sc).params
 
     assert torch.equal(run(1), run(2))
+
+
+def test_groups_fit_the_cache_budget_and_never_cross_a_block() -> None:
+    import clients.batched as batched
+
+    model = _model("mlp", 30, torch.float32)
+    trainer = BatchedSGD(model)
+    sizes = [5, 40, 3, 3, 64, 1, 0, 7] * 6
+    tasks = _tasks(30, torch.float32, sizes)
+    per_client = trainer.num_params  # budget so that about four small clients fit
+    old = batched.GROUP_ELEMENTS
+    batched.GROUP_ELEMENTS = 4 * (per_client + 10 * 30)
+    try:
+        groups = list(trainer._group_stream(iter(tasks), chunk_size=11))
+    finally:
+        batched.GROUP_ELEMENTS = old
+    assert [t.device_id for g in groups for t in g] == list(range(len(tasks)))  # in order, all once
+    start = 0
+    for g in groups:
+        n_max = max(t.num_examples for t in g)
+        assert len(g) == 1 or len(g) * (per_client + n_max * 30) <= 4 * (per_client + 10 * 30)
+        assert start // 11 == (start + len(g) - 1) // 11  # inside one block of chunk_size
+        start += len(g)
+    assert len({len(g) for g in groups}) > 1  # sizes adapt to the clients' data
+
+
+def test_concurrent_workers_pull_the_task_stream_themselves() -> None:
+    """The devices' data (the task generator) is produced on the worker threads, in order."""
+    import threading
+
+    model = _model("logreg", 20, torch.float32)
+    params = get_flat(model)
+    tasks = _tasks(20, torch.float32, SIZES * 3)
+    pulled_on: list[str] = []
+
+    def source():
+        for task in tasks:
+            pulled_on.append(threading.current_thread().name)
+            yield task
+
+    trainer = BatchedSGD(model)
+    trainer.group = 2
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8)
+    chunks = list(trainer.train_cohort(params, source(), config, chunk_size=5, workers=2))
+    assert np.concatenate([c.device_ids for c in chunks]).tolist() == list(range(len(tasks)))
+    assert len(pulled_on) == len(tasks)
+    assert all(name.startswith("fedsim-group-") for name in pulled_on)
+    assert not any(t.name.startswith("fedsim-group-") for t in threading.enumerate())  # all joined
+
+
+def test_concurrent_training_reports_a_failing_task_source_and_stops() -> None:
+    import threading
+
+    model = _model("logreg", 20, torch.float32)
+    params = get_flat(model)
+    tasks = _tasks(20, torch.float32, SIZES * 3)
+
+    def source():
+        yield from tasks[:7]
+        raise RuntimeError("device 7: data file is corrupt")
+
+    trainer = BatchedSGD(model)
+    trainer.group = 2
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8)
+    seen = []
+    with pytest.raises(RuntimeError, match="device 7: data file is corrupt"):
+        for chunk in trainer.train_cohort(params, source(), config, chunk_size=5, workers=2):
+            seen.extend(chunk.device_ids.tolist())
+    assert seen == list(range(len(seen))) and len(seen) <= 7
+    # a consumer that stops early does not leave threads behind either
+    stream = trainer.train_cohort(params, iter(tasks), config, chunk_size=5, workers=2)
+    next(stream)
+    stream.close()
+    assert not any(t.name.startswith("fedsim-group-") for t in threading.enumerate())
+
+
+def test_engine_keeps_freed_memory_for_reuse_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from fedsim.engine import allocator
+
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv("FEDSIM_KEEP_FREED_MEMORY", "0")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.delenv("FEDSIM_KEEP_FREED_MEMORY")
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert allocator.keep_freed_memory() is expected
+    if expected:
+        # freed memory is reused: allocating and freeing data-sized blocks faults in no new pages
+        import resource
+
+        blocks = [torch.empty(64 * 784).fill_(1.0) for _ in range(64)]
+        del blocks
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            blocks = [torch.empty(64 * 784).fill_(1.0) for _ in range(64)]
+            del blocks
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 64 * 49  # < one batch of fresh pages

@@ -54,9 +54,11 @@ class CohortWorker:
     """The actor: one scenario's data, model and trainer, training blocks of devices."""
 
     def __init__(self, scenario: Scenario) -> None:
+        from fedsim.engine.allocator import keep_freed_memory
         from fedsim.engine.simulation import build_data, build_scenario_model, build_trainer
 
         torch.set_num_threads(1)  # one reserved Ray CPU per actor: the actors are the parallelism
+        keep_freed_memory()
         self.scenario = scenario
         self.data = build_data(scenario)
         self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data))

@@ -37,6 +37,7 @@ from fedsim.data import (
 from fedsim.data.federated import FederatedData
 from fedsim.engine import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
+from fedsim.engine.allocator import keep_freed_memory
 from fedsim.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, resume_from_checkpoint
 from fedsim.engine.rundir import RunDir
 from fedsim.models import build_model, get_flat, num_params, set_flat
@@ -144,6 +145,7 @@ class Simulation:
         self.progress = progress
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
         torch.set_num_threads(scenario.engine.threads)
+        keep_freed_memory()  # reuse freed heap memory: see fedsim.engine.allocator
         self.data = build_data(scenario)
         self.model = build_scenario_model(
             scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT)
