@@ -394,7 +394,7 @@ class BatchedSGD:
                 hi = min(lo + bs, n_max)
                 if uniform:
                     valid = None
-                    scale = torch.full((m,), 1.0 / (hi - lo), dtype=dtype)
+                    scale: torch.Tensor | float = 1.0 / (hi - lo)
                 else:
                     cnt = (n - lo).clamp(min=0, max=hi - lo)  # examples of each client in this batch
                     valid = torch.arange(hi - lo).unsqueeze(0) < cnt.unsqueeze(1)  # [m, b]
@@ -417,19 +417,22 @@ class BatchedSGD:
         xb: torch.Tensor,
         yb: torch.Tensor,
         valid: torch.Tensor | None,
-        scale: torch.Tensor,
+        scale: torch.Tensor | float,
         lr: float,
     ) -> torch.Tensor:
         """One SGD step for every client, updating ``weights`` in place; returns each client's
         minibatch mean loss ``[m]``.
 
         ``valid`` ``[m, b]`` marks real (not padded) rows, ``None`` when all are real; ``scale``
-        is ``1 / rows`` per client (0 for a client with no rows in this step). On a group's
-        first step every client still holds the global weights: ``shared`` (one copy) then
-        serves the forward pass and input gradients as single plain matmuls.
+        is ``1 / rows`` per client (0 for a client with no rows in this step), a plain number
+        when every client has the same rows. On a group's first step every client still holds
+        the global weights: ``shared`` (one copy) then serves the forward pass and input
+        gradients as single plain matmuls. Each elementwise stage is one fused kernel
+        (``log_softmax``, ``relu``, ``threshold_backward``): on these small per-step tensors
+        the cost is the number of kernels, not their arithmetic.
         """
         inputs: list[torch.Tensor] = []
-        masks: list[torch.Tensor | None] = []
+        outputs: list[torch.Tensor | None] = []  # post-ReLU activations, for the ReLU backward
         h = xb
         li = 0
         for layer in self.layers:
@@ -439,37 +442,40 @@ class BatchedSGD:
                     w0, b0 = shared[li]
                     h = torch.matmul(h, w0[0].t())
                     if b0 is not None:
-                        h = h + b0[0]
+                        h.add_(b0[0])
                 else:
                     w, b = weights[li]
                     if b is not None:
                         h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
                     else:
                         h = torch.bmm(h, w.transpose(1, 2))
-                masks.append(None)
+                outputs.append(None)
                 li += 1
             else:
-                mask = h > 0
-                h = h * mask
-                masks[-1] = mask  # the ReLU right after Linear li - 1
+                h = torch.relu_(h)
+                outputs[-1] = h  # the ReLU right after Linear li - 1
         # mean cross-entropy per client over its valid rows, and its gradient w.r.t. the logits
-        logp = h - torch.logsumexp(h, dim=2, keepdim=True)  # [m, b, C]
+        logp = torch.log_softmax(h, dim=2)  # [m, b, C]
         picked = logp.gather(2, yb.unsqueeze(2)).squeeze(2)  # [m, b]
-        if valid is not None:
-            picked = picked * valid
-        loss = -picked.sum(dim=1) * scale
-        grad = logp.exp_()
-        grad.scatter_add_(2, yb.unsqueeze(2), torch.full_like(picked, -1.0).unsqueeze(2))
-        row_scale = scale.view(-1, 1, 1)
-        if valid is not None:
-            row_scale = row_scale * valid.unsqueeze(2).to(grad.dtype)
-        grad.mul_(row_scale)
+        grad = logp.exp_()  # softmax, in place
+        grad.scatter_add_(2, yb.unsqueeze(2), self._neg_ones(yb.shape, grad.dtype))
+        if valid is None and isinstance(scale, float):
+            loss = picked.sum(dim=1).mul_(-scale)
+            grad.mul_(scale)
+        else:
+            if valid is not None:
+                picked = picked * valid
+            loss = picked.sum(dim=1).neg_().mul_(scale)
+            row_scale = torch.as_tensor(scale, dtype=grad.dtype).reshape(-1, 1, 1)
+            if valid is not None:
+                row_scale = row_scale * valid.unsqueeze(2).to(grad.dtype)
+            grad.mul_(row_scale)
         # backward, updating each Linear right after its pre-update weights were used
         for pos in reversed(range(len(weights))):
             w, b = weights[pos]
-            mask = masks[pos]
-            if mask is not None:
-                grad = grad * mask
+            out = outputs[pos]
+            if out is not None:
+                grad = torch.ops.aten.threshold_backward(grad, out, 0)
             grad_in = None
             if pos > 0:
                 grad_in = torch.matmul(grad, shared[pos][0][0]) if shared is not None else torch.bmm(grad, w)
@@ -479,6 +485,11 @@ class BatchedSGD:
             if grad_in is not None:
                 grad = grad_in
         return loss
+
+    def _neg_ones(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A ``[m, b, 1]`` tensor of -1 (the one-hot term of the cross-entropy gradient), reused."""
+        m, b = shape
+        return self._buffer("neg_ones", m * b, dtype).fill_(-1.0).view(m, b, 1)
 
 
 def _clip_rows_(deltas: torch.Tensor, clip_norm: float) -> None:
