@@ -107,11 +107,18 @@ class SyntheticData(FederatedData):
         gen = torch.Generator().manual_seed(_torch_seed(seed, 0x7E57))
         self.test_y = torch.randint(0, num_classes, (num_test,), generator=gen)
         self.test_x = torch.randn(num_test, num_features, generator=gen).add_(self._means_t.index_select(0, self.test_y))
+        # each device's generator seed, derived once (SeedSequence costs ~6 us, a round asks for
+        # thousands); -1: not derived yet
+        self._device_seeds = np.full(num_devices, -1, dtype=np.int64)
 
     def client_data(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= device_id < self.num_devices:
             raise IndexError(f"device {device_id} out of range [0, {self.num_devices})")
-        gen = torch.Generator().manual_seed(_torch_seed(self.seed, 0xDA7A, device_id))
+        seed = int(self._device_seeds[device_id])
+        if seed < 0:
+            seed = _torch_seed(self.seed, 0xDA7A, device_id)
+            self._device_seeds[device_id] = seed
+        gen = torch.Generator().manual_seed(seed)
         n = self.examples_per_device
         y = torch.randint(0, self.num_classes, (n,), generator=gen)
         offsets = torch.randint(0, self._windows.shape[0], (n,), generator=gen)
