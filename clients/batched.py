@@ -32,11 +32,13 @@ one ``G^T X`` for the final delta) was measured too: it is exact but ~35 % slowe
 (:func:`supports` says which).
 
 Groups. Clients are trained in groups sized so that the group's working set (private weights
-plus shuffled data) stays in the 32 MB last-level cache (:meth:`BatchedSGD.group_size`):
+plus shuffled data) stays in the 32 MB last-level cache (:meth:`BatchedSGD._group_stream`):
 measured best at 8-16 clients for the MLP and 32-43 for logistic regression; larger groups
-spill to memory, smaller ones pay per-kernel overheads. Work buffers are reused between groups
-(fresh ones cost page faults: a quarter of the MLP's time went to the kernel). Results do not
-depend on the grouping.
+spill to memory, smaller ones pay per-kernel overheads. Groups are cut from the task stream as
+tasks arrive, so with the engine's task generator a device's data is generated just before
+its group trains (and, with several workers, on the worker that trains it). Work buffers are
+reused between groups (fresh ones cost page faults: a quarter of the MLP's time went to the
+kernel). Results do not depend on the grouping.
 
 Numerics. In float32 the batched and the loop results agree to ~1e-6 relative; a ReLU
 pre-activation that is within rounding of zero can flip, so equality tests compare in float64

@@ -221,7 +221,7 @@ class BenchOptions:
     """What one benchmark run measures."""
 
     clients: int = 1000
-    fedsim_rounds: int = 4
+    fedsim_rounds: int = 6
     flower_rounds: int = 3
     flower_models: tuple[str, ...] = ("logreg", "mlp")
     models: tuple[str, ...] = ("logreg", "mlp")
