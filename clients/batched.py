@@ -155,7 +155,8 @@ class BatchedSGD:
         """Split a stream of tasks into consecutive cache-sized groups, pulling tasks lazily.
 
         A group takes tasks while its padded working set ``clients x (num_params + n_max x
-        features)`` fits :data:`GROUP_ELEMENTS` (``self.group``, when set, fixes the count); groups
+        features)`` fits :data:`GROUP_ELEMENTS` (:meth:`group_size`; ``self.group``, when set,
+        fixes the count); groups
         never cross a block of ``chunk_size`` consecutive tasks. The split depends only on the
         task sequence, so every executor (one thread, several, a Ray actor per block) trains the
         same groups. Tasks are pulled one at a time (with the engine's generator that is when a
@@ -175,11 +176,7 @@ class BatchedSGD:
                 if task is None:
                     break
                 n = max(n_max, task.num_examples)
-                if self.group is not None:
-                    fits = len(group) < self.group
-                else:
-                    fits = len(group) < MAX_GROUP and (len(group) + 1) * (self.num_params + n * self.num_features) <= GROUP_ELEMENTS
-                if not fits:
+                if len(group) >= self.group_size(n * self.num_features):  # padded to n rows, it would not fit
                     pending = task
                     break
                 group.append(task)
