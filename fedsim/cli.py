@@ -1,4 +1,5 @@
-"""Command line: ``fedsim run SCENARIO``, ``fedsim run --resume RUN_DIR``, ``fedsim privacy ...``.
+"""Command line: ``fedsim run SCENARIO``, ``fedsim run --resume RUN_DIR``, ``fedsim privacy ...``,
+``fedsim sweep SCENARIO --grid KEY=V1,V2 ...`` (:mod:`fedsim.sweep`).
 
 Bad input never produces a traceback: it is one line ``error: <where>: <what is allowed>`` on
 stderr and exit code 2.
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_privacy(sub)
     _add_bench(sub)
+    from fedsim.sweep import add_parser as _add_sweep
+
+    _add_sweep(sub)
     return parser
 
 

@@ -408,7 +408,12 @@ def _validate_plugin_params(scenario: Scenario) -> None:
             raise ScenarioError(f"{section} {name!r} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)
         if section == "strategy":
             try:
-                cls(**params)  # strategies validate their own values in __init__
+                strategy = cls(**params)  # strategies validate their own values in __init__
+                # a strategy that solves its noise from a target (target-rho) does so now, so a
+                # target no noise multiplier reaches fails before the run
+                calibrate = getattr(strategy, "calibrated_noise_multiplier", None)
+                if callable(calibrate):
+                    calibrate(num_rounds=scenario.rounds)
             except (ValueError, TypeError, ArithmeticError) as exc:
                 raise ScenarioError(str(exc), key="strategy") from None
 

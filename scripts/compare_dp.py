@@ -18,17 +18,23 @@ momentum (``scripts/fedavgm.py``). Accuracy is the final test accuracy, mean and
 deviation over seeds. The script prints a markdown table and writes ``docs/dp_comparison.png``
 (test accuracy against the ``rho`` / ``epsilon`` spent so far, round by round).
 
+The runs are a ``fedsim sweep`` (:mod:`fedsim.sweep`): one configuration per method and target,
+each run a normal run directory under ``--runs`` (default ``runs/compare_dp``), in parallel worker
+processes, and runs already complete there are reused (the sweep's ``results.md``, ``results.csv``
+and plots are written there too). DP-FTRL and the fixed-cohort DP-FedAvg name their target with
+``[strategy] target-rho``; the Poisson variant gets its epsilon-matched noise multiplier.
+
 Usage::
 
     python scripts/compare_dp.py                 # 3 targets x 3 seeds, about 2 minutes on 2 cores
     python scripts/compare_dp.py --quick         # 1 target, 1 seed
-    python scripts/compare_dp.py --rho 0.5 1 2 --seeds 3 --out docs/dp_comparison.png
+    python scripts/compare_dp.py --rho 0.5 1 2 --seeds 3 --out docs/dp_comparison.png --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import math
 import sys
 import tomllib
@@ -39,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.engine import run_scenario
+from fedsim.errors import FedsimError
 from fedsim.privacy.accountant import dp_fedavg_privacy, dp_ftrl_privacy
 from fedsim.privacy.calibration import calibrate_noise_multiplier
-from fedsim.scenario import scenario_from_dict
+from fedsim.sweep import Configuration, plan_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "scenarios" / "dp_ftrl.toml"
@@ -60,6 +66,7 @@ class Method:
     eps_curve: list[float | None] = field(default_factory=list)
     rho: float | None = None
     epsilon: float | None = None
+    name: str = ""
 
 
 def _smallest_z_for_epsilon(target_eps: float, rounds: int, delta: float, q: float) -> float:
@@ -90,37 +97,45 @@ def methods_for(target_rho: float, base: dict[str, Any], momentum: float) -> lis
         z_avg = calibrate_noise_multiplier(target_rho, "dp-fedavg", rounds=rounds, max_participations=k, min_separation=b)
         eps_ftrl = dp_ftrl_privacy(z_ftrl, rounds, k, b, delta).epsilon
     z_poisson = _smallest_z_for_epsilon(eps_ftrl, rounds, delta, q)
-    ftrl = {"name": "dp-ftrl", **common, "max-participations": k, "min-separation": b}
+    ftrl = {"name": "dp-ftrl", **common, "max-participations": k, "min-separation": b, "target-rho": target_rho}
+    tag = f"rho-{target_rho:g}"
     return [
-        Method("DP-FTRL (efficient)", {**ftrl, "estimator": "efficient", "noise-multiplier": z_ftrl}, z_ftrl, "rho"),
-        Method("DP-FTRL (vanilla)", {**ftrl, "estimator": "vanilla", "noise-multiplier": z_ftrl}, z_ftrl, "rho"),
+        Method("DP-FTRL (efficient)", {**ftrl, "estimator": "efficient"}, z_ftrl, "rho", name=f"{tag}__dp-ftrl-efficient"),
+        Method("DP-FTRL (vanilla)", {**ftrl, "estimator": "vanilla"}, z_ftrl, "rho", name=f"{tag}__dp-ftrl-vanilla"),
         Method(
             "DP-FedAvg (fixed, same k, b)",
-            {"name": "dp-fedavg", **common, "max-participations": k, "min-separation": b, "noise-multiplier": z_avg},
+            {"name": "dp-fedavg", **common, "max-participations": k, "min-separation": b, "target-rho": target_rho},
             z_avg,
             "rho",
+            name=f"{tag}__dp-fedavg-fixed",
         ),
         Method(
             "DP-FedAvg (Poisson q)",
             {"name": "dp-fedavg", **common, "sampling": "poisson", "noise-multiplier": z_poisson},
             z_poisson,
             "epsilon",
+            name=f"{tag}__dp-fedavg-poisson",
         ),
     ]
 
 
-def run(method: Method, base: dict[str, Any], seeds: list[int]) -> None:
-    for seed in seeds:
-        raw = copy.deepcopy(base)
-        raw["seed"] = seed
-        raw["strategy"] = dict(method.strategy)
-        raw.setdefault("engine", {})["eval-every"] = 1
-        result = run_scenario(scenario_from_dict(raw, source=str(BASE)))
-        method.accuracy.append(result.summary["accuracy"])
-        method.curves.append([m["accuracy"] for m in result.metrics])
-        method.rho_curve = [m["rho"] for m in result.metrics]
-        method.eps_curve = [m["epsilon"] for m in result.metrics]
-        method.rho, method.epsilon = result.summary["rho"], result.summary["epsilon"]
+def run_all(methods: list[Method], seeds: int, runs: Path, workers: int | None) -> None:
+    """Run every method as one sweep over ``seeds`` seeds and fill in its results."""
+    configs = [Configuration(m.label, {"strategy": m.strategy, "engine.eval-every": 1}, m.name) for m in methods]
+    specs = plan_sweep(BASE, configs, seeds=seeds, out=runs)
+    result = run_sweep(specs, runs, workers=workers, progress=True)
+    if result.failed:
+        raise FedsimError(f"{len(result.failed)} run(s) failed, see the lines above")
+    by_name = {m.name: m for m in methods}
+    for spec in specs:
+        m = by_name[spec.config.name]
+        summary = result.summaries[spec.run_dir]
+        rows = [json.loads(x) for x in (spec.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x]
+        m.accuracy.append(summary["accuracy"])
+        m.curves.append([r["accuracy"] for r in rows])
+        m.rho_curve = [r["rho"] for r in rows]
+        m.eps_curve = [r["epsilon"] for r in rows]
+        m.rho, m.epsilon = summary["rho"], summary["epsilon"]
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -185,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rho", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="target rho values")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dp_comparison.png", help="figure path")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "compare_dp",
+                        help="sweep directory with the run directories (complete runs are reused)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: one per CPU)")
     parser.add_argument("--momentum", type=float, default=None, help="server momentum of every method (default: the scenario's)")
     parser.add_argument("--quick", action="store_true", help="one target (rho = 1), one seed")
     args = parser.parse_args(argv)
@@ -193,28 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or any(not (r > 0 and math.isfinite(r)) for r in args.rho):
         print("error: --seeds must be >= 1 and every --rho a finite number > 0", file=sys.stderr)
         return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     base = tomllib.loads(BASE.read_text(encoding="utf-8"))
     momentum = base["strategy"]["momentum"] if args.momentum is None else args.momentum
     if not 0.0 <= momentum < 1.0:
         print(f"error: --momentum must be in [0, 1), got {momentum}", file=sys.stderr)
         return 2
-    seeds = list(range(args.seeds))
     fedavg = Method(
         f"FedAvg, server momentum {momentum:g} (no DP)",
         {"name": f"{ROOT / 'scripts' / 'fedavgm.py'}:FedAvgM", "server-lr": base["strategy"]["server-lr"], "momentum": momentum},
         None,
         "-",
+        name=f"fedavgm-{momentum:g}",
     )
-    print(f"running FedAvg ({args.seeds} seed(s)) ...", file=sys.stderr, flush=True)
-    run(fedavg, base, seeds)
     results: dict[float, list[Method]] = {}
     rows: list[tuple[float | None, Method]] = [(None, fedavg)]
     for target in args.rho:
         results[target] = methods_for(target, base, momentum)
-        for m in results[target]:
-            print(f"rho {target:g}: {m.label} (z = {m.noise_multiplier:.4g}) ...", file=sys.stderr, flush=True)
-            run(m, base, seeds)
-            rows.append((target, m))
+        rows += [(target, m) for m in results[target]]
+    try:
+        run_all([m for _, m in rows], args.seeds, args.runs, args.workers)
+    except FedsimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(table(rows, args.seeds))
     plot(results, fedavg, args.out)
     print(f"\nfigure: {args.out}", file=sys.stderr)

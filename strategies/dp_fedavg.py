@@ -76,6 +76,53 @@ def int_at_least(key: str, value: Any, low: int, *, optional: bool = False) -> i
     return int(value)
 
 
+def noise_from_target(noise_multiplier: Any, target_rho: Any) -> tuple[float | None, float | None]:
+    """Validate ``noise-multiplier`` / ``target-rho`` (at most one; neither: ``z = 1``)."""
+    if target_rho is None:
+        z = 1.0 if noise_multiplier is None else noise_multiplier
+        return check_noise_multiplier(z, "noise-multiplier"), None
+    if noise_multiplier is not None:
+        raise ValueError("give noise-multiplier or target-rho, not both")
+    if isinstance(target_rho, bool) or not isinstance(target_rho, int | float) or not np.isfinite(target_rho) or target_rho <= 0:
+        raise ValueError(f"target-rho must be a finite number > 0, got {target_rho!r}")
+    return None, float(target_rho)
+
+
+def calibrate_to_target(
+    target_rho: float,
+    mechanism: str,
+    *,
+    num_rounds: int,
+    max_participations: int | None,
+    min_separation: int,
+    restart_every: int | None = None,
+) -> float:
+    """The smallest noise multiplier whose run reaches at most ``target_rho`` (planning code).
+
+    :func:`fedsim.privacy.calibration.calibrate_noise_multiplier` with the run's parameters: the
+    accountant then reports ``rho = target_rho`` (to its relative tolerance, 1e-6) at the end of a
+    run of ``num_rounds`` rounds. ``ValueError`` (naming ``target-rho``) when no noise multiplier
+    reaches the target.
+    """
+    import warnings
+
+    from fedsim.privacy.calibration import calibrate_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unreachable k is reported by the accountant's users
+        try:
+            return calibrate_noise_multiplier(
+                target_rho,
+                mechanism,
+                rounds=num_rounds,
+                max_participations=max_participations,
+                min_separation=min_separation,
+                restart_every=restart_every,
+            )
+        except ValueError as exc:
+            raise ValueError(f"target-rho = {target_rho:g} over {num_rounds} rounds: {exc}") from None
+
+
 def noise_seed(ctx: StrategyContext) -> int:
     """The secret noise seed of a simulated run, derived from the run seed.
 
@@ -94,7 +141,11 @@ class DPFedAvg(Strategy):
     Parameters
     ----------
     noise_multiplier:
-        ``z``: the noise standard deviation on the sum is ``z * clip_norm``.
+        ``z``: the noise standard deviation on the sum is ``z * clip_norm`` (default 1).
+    target_rho:
+        Instead of ``noise_multiplier``: the run's ``rho`` (zCDP). The smallest ``z`` that reaches
+        it over the run's rounds (with ``max_participations``, ``min_separation``) is solved with
+        :func:`fedsim.privacy.calibration.calibrate_noise_multiplier` before the first round.
     clip_norm:
         ``C``: L2 bound every client clips its delta to (sent in the round's ``TrainConfig``).
     server_lr:
@@ -116,7 +167,7 @@ class DPFedAvg(Strategy):
 
     def __init__(
         self,
-        noise_multiplier: float = 1.0,
+        noise_multiplier: float | None = None,
         clip_norm: float = 1.0,
         server_lr: float = 1.0,
         momentum: float = 0.0,
@@ -124,8 +175,10 @@ class DPFedAvg(Strategy):
         sampling_rate: float | None = None,
         max_participations: int | None = None,
         min_separation: int = 0,
+        target_rho: float | None = None,
     ) -> None:
-        self.noise_multiplier = check_noise_multiplier(noise_multiplier, "noise-multiplier")
+        z, self.target_rho = noise_from_target(noise_multiplier, target_rho)
+        self.noise_multiplier: float = 1.0 if z is None else z  # solved in setup() from target-rho
         self.clip_norm = positive_number("clip-norm", clip_norm)
         self.server_lr = positive_number("server-lr", server_lr)
         self.momentum = momentum_value(momentum)
@@ -146,8 +199,21 @@ class DPFedAvg(Strategy):
         self._seed: int | None = None
 
     # -- set-up ------------------------------------------------------------------------------
+    def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
+        """The run's noise multiplier: ``noise-multiplier``, or solved from ``target-rho``."""
+        if self.target_rho is None:
+            return self.noise_multiplier
+        return calibrate_to_target(
+            self.target_rho,
+            "dp-fedavg",
+            num_rounds=num_rounds,
+            max_participations=self.max_participations,
+            min_separation=self.min_separation,
+        )
+
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
+        self.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
         self._seed = noise_seed(ctx)
         self.buffer = None
         if self.sampling == "poisson" and self._requested_rate is None:

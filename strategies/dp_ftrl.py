@@ -43,11 +43,18 @@ from typing import Any, Literal
 
 import torch
 
-from fedsim.privacy.events import TreeAggregationEvent, check_noise_multiplier
+from fedsim.privacy.events import TreeAggregationEvent
 from fedsim.privacy.tree_noise import TreeNoise
 from fedsim.strategy import ParticipationLimit, Strategy, StrategyContext
 from fedsim.types import TrainConfig, UpdateBatch
-from strategies.dp_fedavg import int_at_least, momentum_value, noise_seed, positive_number
+from strategies.dp_fedavg import (
+    calibrate_to_target,
+    int_at_least,
+    momentum_value,
+    noise_from_target,
+    noise_seed,
+    positive_number,
+)
 
 __all__ = ["DPFTRL"]
 
@@ -58,7 +65,12 @@ class DPFTRL(Strategy):
     Parameters
     ----------
     noise_multiplier:
-        ``z``: every tree node carries ``N(0, (z * clip_norm)**2 I)`` noise.
+        ``z``: every tree node carries ``N(0, (z * clip_norm)**2 I)`` noise (default 1).
+    target_rho:
+        Instead of ``noise_multiplier``: the run's ``rho`` (zCDP). The smallest ``z`` that reaches
+        it over the run's rounds under ``(k, b)`` and ``restart_every`` is solved with
+        :func:`fedsim.privacy.calibration.calibrate_noise_multiplier` before the first round, so
+        the run ends at ``rho = target_rho``.
     clip_norm:
         ``C``: L2 bound every client clips its delta to.
     server_lr:
@@ -80,7 +92,7 @@ class DPFTRL(Strategy):
 
     def __init__(
         self,
-        noise_multiplier: float = 1.0,
+        noise_multiplier: float | None = None,
         clip_norm: float = 1.0,
         server_lr: float = 1.0,
         momentum: float = 0.9,
@@ -88,8 +100,10 @@ class DPFTRL(Strategy):
         min_separation: int = 0,
         restart_every: int | None = None,
         estimator: Literal["vanilla", "efficient"] = "efficient",
+        target_rho: float | None = None,
     ) -> None:
-        self.noise_multiplier = check_noise_multiplier(noise_multiplier, "noise-multiplier")
+        z, self.target_rho = noise_from_target(noise_multiplier, target_rho)
+        self.noise_multiplier: float = 1.0 if z is None else z  # solved in setup() from target-rho
         self.clip_norm = positive_number("clip-norm", clip_norm)
         self.server_lr = positive_number("server-lr", server_lr)
         self.momentum = momentum_value(momentum)
@@ -105,8 +119,22 @@ class DPFTRL(Strategy):
         self.buffer: torch.Tensor | None = None
 
     # -- set-up ------------------------------------------------------------------------------
+    def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
+        """The run's noise multiplier: ``noise-multiplier``, or solved from ``target-rho``."""
+        if self.target_rho is None:
+            return self.noise_multiplier
+        return calibrate_to_target(
+            self.target_rho,
+            "dp-ftrl",
+            num_rounds=num_rounds,
+            max_participations=self.max_participations,
+            min_separation=self.min_separation,
+            restart_every=self.restart_every,
+        )
+
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
+        self.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
         self.tree = TreeNoise(
             ctx.num_params,
             self.noise_multiplier * self.clip_norm,

@@ -1,0 +1,715 @@
+"""``fedsim sweep``: grids of runs for privacy-utility studies.
+
+::
+
+    fedsim sweep scenarios/shakespeare_dp_ftrl.toml \\
+        --grid strategy.name=fedavg,dp-fedavg,dp-ftrl --grid strategy.target-rho=0.81,2.63 \\
+        --seeds 3 --out runs/sweep [--workers 2] [--set rounds=50] [--backend ray --ray-address auto]
+
+Every combination of the ``--grid`` values (a *configuration*) runs once per seed, each as a normal
+run directory ``OUT/<configuration>/seed-<s>``; seeds are ``scenario seed + 0 .. N-1``. Runs go to
+worker processes on this machine (``--workers``, default: one per CPU, at most one per run) or to
+Ray tasks (``--backend ray``; ``--ray-address`` names a running cluster, default a local one). A
+run directory that already holds a ``summary.json`` for the same resolved scenario is complete and
+is skipped, so an interrupted sweep continues where it stopped when started again.
+
+Strategy parameters follow the configuration's strategy: a ``[strategy]`` key of the scenario or
+of the grid that the configuration's strategy does not take (``target-rho`` for ``fedavg``) is left
+out of that configuration, and configurations that become identical run once. A grid value of
+``strategy.noise-multiplier`` replaces the scenario's ``target-rho`` and vice versa. A grid key
+that no configuration takes, or any other invalid value, fails before any run starts. From Python,
+:func:`plan_sweep` also takes explicit :class:`Configuration` lists (``scripts/compare_dp.py``),
+where an override ``"strategy": {...}`` replaces the whole section.
+
+The sweep directory gets
+
+* ``runs.csv``: one row per run (grid values, seed, final ``accuracy``, ``loss``, ``rounds``,
+  ``rho``, ``epsilon``, ``delta``, ``noise_multiplier``, ``wall_time_s``, run directory);
+* ``results.csv`` and ``results.md``: one row per configuration, mean and sample standard
+  deviation over seeds of accuracy, loss and wall time, with its ``rho`` and ``epsilon``;
+* ``accuracy_vs_round.png`` (mean test accuracy per round of every configuration, the band one
+  standard deviation) and ``accuracy_vs_rho.png`` (final accuracy against the run's ``rho``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import FedsimError, ScenarioError
+
+__all__ = [
+    "Configuration",
+    "RunSpec",
+    "SweepResult",
+    "expand_grid",
+    "parse_grid",
+    "plan_sweep",
+    "run_sweep",
+]
+
+#: Files a finished run directory holds that the sweep copies back from a Ray task.
+_RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "ledger.json", "model.pt", "metrics.png")
+
+
+class SweepError(FedsimError):
+    """Bad sweep input (a grid flag, seeds, workers): one line, exit 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# grids and configurations
+
+
+def parse_grid(text: str) -> tuple[str, list[Any]]:
+    """``key=v1,v2,...`` -> ``(key, [v1, v2, ...])``; each value is read as TOML, else a string."""
+    if "=" not in text:
+        raise SweepError(f"--grid expects key=v1,v2,..., got {text!r}")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise SweepError(f"--grid expects a dotted key like strategy.target-rho, got {key!r}")
+    values = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            raise SweepError(f"--grid {key}: empty value in {raw!r}")
+        try:
+            value = tomllib.loads(f"v = {item}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = item
+        values.append(value)
+    if len(set(map(repr, values))) != len(values):
+        raise SweepError(f"--grid {key}: repeated value in {raw!r}")
+    return key, values
+
+
+def expand_grid(grid: Sequence[tuple[str, Sequence[Any]]]) -> list[dict[str, Any]]:
+    """Every combination of the grid values, in order (the last key varies fastest)."""
+    keys = [k for k, _ in grid]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise SweepError(f"--grid {dup}: given twice")
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One point of a sweep: a label, dotted overrides of the base scenario, and a directory name."""
+
+    label: str
+    overrides: dict[str, Any]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", _slug(self.overrides) if self.overrides else "base")
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, str):
+        tail = value.rpartition(":")[2] if ":" in value else value
+        return Path(tail).name or tail
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _slug(overrides: dict[str, Any]) -> str:
+    text = "__".join(f"{k}={_fmt_value(v)}" for k, v in overrides.items())
+    text = re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+    if len(text) > 120:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        text = f"{text[:110]}-{digest}"
+    return text
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: the configuration, its seed, resolved scenario and run directory."""
+
+    config: Configuration
+    seed: int
+    raw: dict[str, Any]
+    source: str
+    run_dir: Path
+    noise_multiplier: float | None
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: one summary per run (``None`` for a run that failed)."""
+
+    out: Path
+    specs: list[RunSpec]
+    summaries: dict[Path, dict[str, Any] | None] = field(default_factory=dict)
+    skipped: int = 0
+    wall_time_s: float = 0.0
+
+    @property
+    def failed(self) -> list[RunSpec]:
+        return [s for s in self.specs if self.summaries.get(s.run_dir) is None]
+
+
+def _load_raw(path: Path) -> dict[str, Any]:
+    from fedsim.scenario import load_scenario
+
+    load_scenario(path)  # the base scenario itself must be valid
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _strategy_parameters(name: str, base_dir: Path) -> set[str] | None:
+    """Kebab-case constructor parameters of a strategy, ``None`` if it takes ``**kwargs``."""
+    import inspect
+
+    from fedsim.strategy import STRATEGIES
+
+    cls = STRATEGIES.get(name, base_dir=base_dir)
+    sig = inspect.signature(cls.__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {p.replace("_", "-") for p in sig.parameters if p != "self"}
+
+
+#: Strategy parameters that exclude each other: a configuration's value of one drops the other.
+_EXCLUSIVE = {"noise-multiplier": "target-rho", "target-rho": "noise-multiplier"}
+
+
+def _resolve(
+    raw: dict[str, Any], overrides: dict[str, Any], source: Path, used: set[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Apply a configuration's overrides; drop strategy parameters its strategy does not take.
+
+    Returns the scenario dict and the overrides that apply (what identifies the configuration).
+    ``used`` collects the grid keys that this configuration took.
+    """
+    import copy
+
+    out = copy.deepcopy(raw)
+    applied: dict[str, Any] = {}
+    strategy = dict(out.get("strategy", {}))
+    for key, value in overrides.items():
+        path = key.split(".")
+        if key == "strategy" and isinstance(value, dict):
+            strategy = dict(value)  # a whole [strategy] section replaces the scenario's
+            applied[key] = value
+            used.add(key)
+            continue
+        if path[0] == "strategy" and len(path) == 2:
+            strategy[path[1]] = value
+            other = _EXCLUSIVE.get(path[1])
+            if other is not None and f"strategy.{other}" not in overrides:
+                strategy.pop(other, None)  # a grid noise multiplier replaces the scenario's target
+            continue
+        table = out
+        for part in path[:-1]:
+            nxt = table.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise SweepError(f"--grid {key}: {part!r} is not a table")
+            table = nxt
+        table[path[-1]] = value
+        applied[key] = value
+        used.add(key)
+    try:
+        accepted = _strategy_parameters(strategy.get("name", "fedavg"), source.parent)
+    except Exception:  # an unknown strategy: the scenario check reports it, naming the key
+        accepted = None
+    if accepted is not None:
+        strategy = {k: v for k, v in strategy.items() if k == "name" or k in accepted}
+    for key in overrides:
+        path = key.split(".")
+        if path[0] == "strategy" and len(path) == 2 and path[1] in strategy:
+            applied[key] = strategy[path[1]]
+            used.add(key)
+    out["strategy"] = strategy
+    return out, applied
+
+
+def plan_sweep(
+    scenario: str | Path,
+    configurations: Sequence[Configuration],
+    *,
+    seeds: int,
+    out: str | Path,
+    overrides: Sequence[tuple[list[str], Any]] = (),
+    check_grid_keys: Iterable[str] = (),
+) -> list[RunSpec]:
+    """Validate every run of a sweep before any starts; return them in order.
+
+    Raises
+    ------
+    ScenarioError, SweepError
+        Naming the configuration and key, when a run's scenario is invalid, or a key of
+        ``check_grid_keys`` applies to no configuration.
+    """
+    from fedsim.scenario import scenario_from_dict
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise SweepError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    path = Path(scenario)
+    raw = _load_raw(path)
+    base = scenario_from_dict(raw, source=str(path), overrides=list(overrides))
+    raw = base.to_dict()
+    out = Path(out)
+    used: set[str] = set()
+    specs: list[RunSpec] = []
+    seen: dict[str, Configuration] = {}
+    for config in configurations:
+        resolved, applied = _resolve(raw, config.overrides, path, used)
+        fingerprint = json.dumps(applied, sort_keys=True, default=str)
+        if fingerprint in seen:
+            continue  # identical to an earlier configuration once inapplicable keys are dropped
+        effective = Configuration(
+            config.label if config.label != _label(config.overrides) else _label(applied),
+            applied,
+            config.name if config.name != _slug(config.overrides) else (_slug(applied) if applied else "base"),
+        )
+        seen[fingerprint] = effective
+        for i in range(seeds):
+            seed = base.seed + i
+            run_raw = dict(resolved, seed=seed)
+            run_dir = out / effective.name / f"seed-{seed}"
+            run_raw["output-dir"] = str(run_dir)
+            try:
+                sc = scenario_from_dict(run_raw, source=str(path))
+            except ScenarioError as exc:
+                from_grid = exc.key is not None and any(
+                    k == exc.key or k.startswith(f"{exc.key}.") for k in effective.overrides
+                )
+                if from_grid:
+                    where = f" (configuration {effective.label})" if exc.key not in effective.overrides else ""
+                    raise ScenarioError(f"{exc.message}{where}", key=exc.key, source="--grid") from None
+                where = f" (configuration {effective.label})" if effective.overrides else ""
+                raise ScenarioError(f"{exc.message}{where}", key=exc.key, source=str(path)) from None
+            specs.append(
+                RunSpec(effective, seed, sc.to_dict(), str(path), run_dir, _noise_multiplier(sc))
+            )
+    for key in check_grid_keys:
+        if key not in used:
+            raise SweepError(
+                f"--grid {key}: unknown key: no configuration's scenario or strategy takes it"
+            )
+    return specs
+
+
+def _label(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in overrides.items()) or "base"
+
+
+def _noise_multiplier(scenario: Any) -> float | None:
+    """The noise multiplier the run will use (calibrated from ``target-rho`` where given)."""
+    from fedsim.engine.simulation import build_strategy
+
+    strategy = build_strategy(scenario)
+    resolve = getattr(strategy, "calibrated_noise_multiplier", None)
+    if callable(resolve):
+        try:
+            return float(resolve(num_rounds=scenario.rounds))
+        except ValueError as exc:
+            raise ScenarioError(str(exc), key="strategy", source=scenario.source) from None
+    z = getattr(strategy, "noise_multiplier", None)
+    return float(z) if isinstance(z, int | float) else None
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+def _is_complete(spec: RunSpec) -> bool:
+    summary = spec.run_dir / "summary.json"
+    config = spec.run_dir / "config.toml"
+    if not (summary.is_file() and config.is_file()):
+        return False
+    try:
+        recorded = tomllib.loads(config.read_text(encoding="utf-8"))
+        json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return recorded == spec.raw
+
+
+def run_one(raw: dict[str, Any], source: str, run_dir: str) -> dict[str, Any]:
+    """Run one scenario dict into ``run_dir``; return its summary (worker entry point)."""
+    from fedsim.engine.simulation import Simulation
+    from fedsim.scenario import scenario_from_dict
+
+    scenario = scenario_from_dict(raw, source=source)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an incomplete earlier attempt starts afresh
+    return Simulation(scenario, run_dir=run_dir, progress=False).run().summary
+
+
+def run_one_returning_files(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Ray task: run in a temporary directory on the worker node and return the run's files."""
+    with tempfile.TemporaryDirectory(prefix="fedsim-sweep-") as tmp:
+        run_dir = Path(tmp) / "run"
+        raw = dict(raw, **{"output-dir": str(run_dir)})
+        summary = run_one(raw, source, str(run_dir))
+        files = {n: (run_dir / n).read_bytes() for n in _RUN_FILES if (run_dir / n).is_file()}
+    return summary, files
+
+
+def _default_workers(n_runs: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, n_runs))
+
+
+def run_sweep(
+    specs: Sequence[RunSpec],
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    backend: str = "processes",
+    ray_address: str = "",
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Run every incomplete run of ``specs`` and write the sweep's results files and plots."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = SweepResult(out, list(specs))
+    todo = []
+    for spec in specs:
+        if _is_complete(spec):
+            result.summaries[spec.run_dir] = json.loads((spec.run_dir / "summary.json").read_text(encoding="utf-8"))
+            result.skipped += 1
+        else:
+            todo.append(spec)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(specs), initial=result.skipped, desc="sweep", unit="run", dynamic_ncols=True)
+    say = echo or (bar.write if bar is not None else (lambda s: print(s, file=sys.stderr)))
+    if result.skipped:
+        say(f"{result.skipped} of {len(specs)} runs already complete in {out}: skipped")
+
+    def finished(spec: RunSpec, summary: dict[str, Any] | None, error: str | None = None) -> None:
+        result.summaries[spec.run_dir] = summary
+        if bar is not None:
+            bar.update(1)
+        say(_run_line(spec, summary, error))
+
+    try:
+        if todo and backend == "ray":
+            _run_ray(todo, ray_address, finished)
+        elif todo:
+            n = workers or _default_workers(len(todo))
+            if n == 1:
+                for spec in todo:
+                    try:
+                        finished(spec, run_one(spec.raw, spec.source, str(spec.run_dir)))
+                    except Exception as exc:  # one failed run does not stop the sweep
+                        finished(spec, None, f"{type(exc).__name__}: {exc}")
+            else:
+                _run_processes(todo, n, finished)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.wall_time_s = time.perf_counter() - start
+    write_results(result)
+    return result
+
+
+def _run_processes(todo: Sequence[RunSpec], workers: int, finished: Callable[..., None]) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: dict[Future, RunSpec] = {
+            pool.submit(run_one, spec.raw, spec.source, str(spec.run_dir)): spec for spec in todo
+        }
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                spec = pending.pop(fut)
+                exc = fut.exception()
+                if exc is None:
+                    finished(spec, fut.result())
+                else:
+                    finished(spec, None, f"{type(exc).__name__}: {exc}")
+
+
+def _run_ray(todo: Sequence[RunSpec], address: str, finished: Callable[..., None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("--backend ray needs the ray package (pip install 'ray[default]')") from None
+    from fedsim.engine.ray_backend import _check_reachable
+
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            _check_reachable(address)
+            kwargs["address"] = address
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise SweepError(f"--ray-address: cannot start or reach {address or 'a local Ray'}: {exc}") from None
+        started = True
+    task = ray.remote(num_cpus=1)(run_one_returning_files)
+    try:
+        pending = {task.remote(spec.raw, spec.source): spec for spec in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                spec = pending.pop(ref)
+                try:
+                    summary, files = ray.get(ref)
+                except Exception as exc:
+                    finished(spec, None, f"{type(exc).__name__}: {exc}")
+                    continue
+                shutil.rmtree(spec.run_dir, ignore_errors=True)
+                spec.run_dir.mkdir(parents=True, exist_ok=True)
+                for name, data in files.items():
+                    (spec.run_dir / name).write_bytes(data)
+                finished(spec, summary)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_line(spec: RunSpec, s: dict[str, Any] | None, error: str | None) -> str:
+    head = f"{spec.config.label} seed={spec.seed}"
+    if s is None:
+        return f"FAILED {head}: {error}"
+    parts = [f"accuracy {s['accuracy']:.4f}", f"loss {s['loss']:.4f}"]
+    if s.get("rho") is not None:
+        parts.append(f"rho {s['rho']:.4g}")
+        parts.append(f"epsilon {s['epsilon']:.4g}")
+    parts.append(f"{s['wall_time_s']:.1f} s")
+    return f"done   {head}: " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def configuration_rows(result: SweepResult) -> list[dict[str, Any]]:
+    """One aggregated row per configuration (in sweep order)."""
+    rows = []
+    by_config: dict[str, list[RunSpec]] = {}
+    for spec in result.specs:
+        by_config.setdefault(spec.config.name, []).append(spec)
+    for specs in by_config.values():
+        config = specs[0].config
+        sums = [result.summaries.get(s.run_dir) for s in specs]
+        ok = [s for s in sums if s is not None]
+        row: dict[str, Any] = {"configuration": config.label, "name": config.name, **config.overrides}
+        for key in ("accuracy", "loss", "wall_time_s"):
+            row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd([s[key] for s in ok])
+        for key in ("rho", "epsilon", "delta"):
+            vals = [s.get(key) for s in ok if s.get(key) is not None]
+            row[key] = max(vals) if vals else None
+        row["rounds"] = min((s["rounds"] for s in ok), default=None)
+        row["noise_multiplier"] = specs[0].noise_multiplier
+        row["seeds"] = len(ok)
+        row["failed"] = len(sums) - len(ok)
+        rows.append(row)
+    return rows
+
+
+def run_rows(result: SweepResult) -> list[dict[str, Any]]:
+    """One row per run."""
+    rows = []
+    for spec in result.specs:
+        s = result.summaries.get(spec.run_dir) or {}
+        rows.append(
+            {
+                "configuration": spec.config.label,
+                **spec.config.overrides,
+                "seed": spec.seed,
+                **{k: s.get(k) for k in ("accuracy", "loss", "rounds", "rho", "epsilon", "delta")},
+                "noise_multiplier": spec.noise_multiplier,
+                "wall_time_s": s.get("wall_time_s"),
+                "run_dir": str(spec.run_dir),
+            }
+        )
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def results_markdown(result: SweepResult) -> str:
+    """The ``results.md`` table: one row per configuration."""
+    rows = configuration_rows(result)
+    seeds = max((r["seeds"] for r in rows), default=0)
+    lines = [
+        f"| configuration | noise multiplier | accuracy (mean ± sd, {seeds} seed{'s' if seeds != 1 else ''}) "
+        "| loss | rho (zCDP) | epsilon | wall time per run (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = "-" if r["accuracy_mean"] is None else f"{r['accuracy_mean']:.4f}"
+        if r["accuracy_sd"] is not None:
+            acc += f" ± {r['accuracy_sd']:.4f}"
+        if r["failed"]:
+            acc += f" ({r['failed']} failed)"
+        eps = _num(r["epsilon"], 4)
+        if r["epsilon"] is not None and r["delta"] is not None:
+            eps += f" (delta = {r['delta']:g})"
+        lines.append(
+            f"| {r['configuration']} | {_num(r['noise_multiplier'])} | {acc} | {_num(r['loss_mean'])} "
+            f"| {_num(r['rho'])} | {eps} | {_num(r['wall_time_s_mean'], 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: SweepResult) -> None:
+    """``runs.csv``, ``results.csv``, ``results.md`` and the two plots in the sweep directory."""
+    out = result.out
+    _write_csv(out / "runs.csv", run_rows(result))
+    _write_csv(out / "results.csv", configuration_rows(result))
+    (out / "results.md").write_text(results_markdown(result), encoding="utf-8")
+    plot_results(result)
+
+
+def _curves(result: SweepResult) -> dict[str, list[list[tuple[int, float]]]]:
+    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    for spec in result.specs:
+        if result.summaries.get(spec.run_dir) is None:
+            continue
+        path = spec.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+        curves.setdefault(spec.config.label, []).append(pts)
+    return curves
+
+
+def plot_results(result: SweepResult) -> None:
+    """``accuracy_vs_round.png`` and ``accuracy_vs_rho.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
+    for i, (label, runs) in enumerate(_curves(result).items()):
+        common = sorted(set.intersection(*(set(r for r, _ in pts) for pts in runs))) if runs else []
+        if not common:
+            continue
+        ys = np.array([[dict(pts)[r] for r in common] for pts in runs], dtype=float)
+        mean = ys.mean(axis=0)
+        ax.plot(common, mean, label=label, color=f"C{i % 10}", lw=1.3)
+        if len(runs) > 1:
+            sd = ys.std(axis=0, ddof=1)
+            ax.fill_between(common, mean - sd, mean + sd, color=f"C{i % 10}", alpha=0.15, lw=0)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title("test accuracy per round (mean over seeds, band: ± 1 sd)")
+    fig.savefig(result.out / "accuracy_vs_round.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.4), constrained_layout=True)
+    rows = configuration_rows(result)
+    for i, r in enumerate(rows):
+        if r["accuracy_mean"] is None:
+            continue
+        if r["rho"] is None:
+            ax.axhline(r["accuracy_mean"], ls="--", color=f"C{i % 10}", lw=1, label=f"{r['configuration']} (no DP)")
+        else:
+            ax.errorbar(r["rho"], r["accuracy_mean"], yerr=r["accuracy_sd"] or 0.0, fmt="o", color=f"C{i % 10}",
+                        capsize=3, label=r["configuration"])
+    if any(r["rho"] is not None for r in rows):
+        ax.set_xscale("log")
+    ax.set_xlabel("rho (zCDP) of the run")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    if ax.lines or ax.collections:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title("final accuracy against privacy")
+    fig.savefig(result.out / "accuracy_vs_rho.png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``fedsim sweep`` on an argparse subparsers object."""
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of scenario variants over seeds (privacy-utility studies)",
+        description="Run every combination of --grid values, once per seed, each as a normal run "
+        "directory under --out; complete runs are skipped (resumable); writes results.csv, results.md, "
+        "runs.csv and plots.",
+    )
+    p.add_argument("scenario", help="path to the base scenario TOML file")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a scenario key and its values, e.g. --grid strategy.target-rho=0.81,2.63 (repeatable)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds scenario seed + 0..N-1 (default 1)")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: one per CPU)")
+    p.add_argument("--backend", choices=("processes", "ray"), default="processes",
+                   help="where runs execute: worker processes on this machine (default) or Ray tasks")
+    p.add_argument("--ray-address", default="", help="--backend ray: a running cluster's address ('auto'); default a local Ray")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base scenario for every run, e.g. --set rounds=20")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per finished run still)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: Any) -> int:
+    from fedsim.scenario import parse_override
+
+    if args.workers is not None and args.workers < 1:
+        raise SweepError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray_address and args.backend != "ray":
+        raise SweepError("--ray-address needs --backend ray")
+    grid = [parse_grid(g) for g in args.grid]
+    configs = [Configuration(_label(c), c) for c in expand_grid(grid)] if grid else [Configuration("base", {})]
+    overrides = [parse_override(t) for t in args.overrides]
+    specs = plan_sweep(args.scenario, configs, seeds=args.seeds, out=args.out, overrides=overrides,
+                       check_grid_keys=[k for k, _ in grid])
+    n_configs = len({s.config.name for s in specs})
+    print(f"sweep: {n_configs} configuration(s) x {args.seeds} seed(s) = {len(specs)} runs -> {args.out}",
+          file=sys.stderr)
+    result = run_sweep(specs, args.out, workers=args.workers, backend=args.backend,
+                       ray_address=args.ray_address, progress=not args.quiet,
+                       echo=None if not args.quiet else lambda s: print(s, file=sys.stderr))
+    print(results_markdown(result), end="")
+    print(f"results: {Path(args.out) / 'results.md'} ({result.wall_time_s:.1f} s, {result.skipped} skipped)",
+          file=sys.stderr)
+    return 1 if result.failed else 0
