@@ -13,6 +13,13 @@ Propositions 1.6 and 1.7). With ``n`` events of a kind recorded so far:
   ``rho = S_n / (2 z**2)`` with ``S_n`` the exact worst-case sum of squared node
   counts over the first ``n`` leaves (:mod:`fedsim.privacy.sensitivity`). All tree
   events of a ledger must share ``(z, k, b, E)``.
+* ``MatrixFactorizationEvent`` (DP-FTRL with a BLT or banded Toeplitz strategy ``C``;
+  Denisov et al. NeurIPS 2022, arXiv:2404.16706, arXiv:2306.08153):
+  ``rho = sens_n**2 / (2 z**2)`` with ``sens_n**2`` the worst case under ``(k, b)`` of
+  the leading ``n x n`` block of ``C`` (the first ``n`` rounds' releases are a
+  Gaussian mechanism on that block; :func:`fedsim.privacy.matrix_factorization.
+  toeplitz_sensitivity_sq`, exact for the strategies fedsim optimises, an upper
+  bound otherwise). All such events of a ledger must share ``(z, k, b, family, params)``.
 * ``GaussianEvent`` (no amplification): ``rho = m / (2 z**2)`` with
   ``m = min(k, ceil(n / (b + 1)))`` (``k = n`` when unset), the most rounds a
   device can contribute to. If ``z`` varies across rounds, ``rho`` is the exact
@@ -58,6 +65,7 @@ from fedsim.privacy.conversions import (
 )
 from fedsim.privacy.events import (
     GaussianEvent,
+    MatrixFactorizationEvent,
     PrivacyEvent,
     PrivacyLedger,
     SampledGaussianEvent,
@@ -78,6 +86,8 @@ __all__ = [
     "PrivacyReport",
     "dp_fedavg_privacy",
     "dp_ftrl_privacy",
+    "mf_privacy",
+    "mf_sensitivity_sq",
     "sampled_gaussian_epsilon",
 ]
 
@@ -189,6 +199,28 @@ def _tree_rho(group: _Group) -> tuple[float, float]:
     return s / (2.0 * z * z), z
 
 
+@functools.lru_cache(maxsize=4096)
+def mf_sensitivity_sq(family: str, params: tuple[float, ...], max_participations: int,
+                      min_separation: int, rounds: int) -> tuple[float, bool]:
+    """``(sens^2, exact)`` of the first ``rounds`` rounds of a matrix-factorization strategy."""
+    from fedsim.privacy.matrix_factorization import strategy_coefs, toeplitz_sensitivity_sq
+
+    sens = toeplitz_sensitivity_sq(strategy_coefs(family, params, rounds), rounds,
+                                   max_participations, min_separation)
+    return sens.value, sens.exact
+
+
+def _mf_rho(group: _Group) -> tuple[float, float]:
+    params = _single_params(
+        group, ("noise_multiplier", "max_participations", "min_separation", "family", "params"),
+        "MatrixFactorizationEvent",
+    )
+    s, _ = mf_sensitivity_sq(params["family"], params["params"], params["max_participations"],
+                             params["min_separation"], group.count)
+    z = params["noise_multiplier"]
+    return s / (2.0 * z * z), z
+
+
 def _unamplified_rho(group: _Group, kind: str) -> tuple[float, float | None]:
     params = _single_params(group, ("max_participations", "min_separation"), kind)
     k, b = params["max_participations"], params["min_separation"]
@@ -211,6 +243,10 @@ def _compose(groups: Mapping[type, _Group], delta: float) -> PrivacyReport:
     zs: list[float | None] = []
     if TreeAggregationEvent in groups:
         r, z = _tree_rho(groups[TreeAggregationEvent])
+        rho_other += r
+        zs.append(z)
+    if MatrixFactorizationEvent in groups:
+        r, z = _mf_rho(groups[MatrixFactorizationEvent])
         rho_other += r
         zs.append(z)
     if GaussianEvent in groups:
@@ -242,7 +278,7 @@ def _compose(groups: Mapping[type, _Group], delta: float) -> PrivacyReport:
                          noise_multiplier=noise)
 
 
-_KINDS = (TreeAggregationEvent, GaussianEvent, SampledGaussianEvent)
+_KINDS = (TreeAggregationEvent, MatrixFactorizationEvent, GaussianEvent, SampledGaussianEvent)
 
 
 class Accountant:
@@ -277,8 +313,8 @@ class Accountant:
             raise ValueError(f"round must be an integer, got {round!r}")
         if type(event) not in _KINDS:
             raise TypeError(
-                f"event must be a GaussianEvent, SampledGaussianEvent or TreeAggregationEvent, "
-                f"got {event!r}"
+                f"event must be a GaussianEvent, SampledGaussianEvent, TreeAggregationEvent or "
+                f"MatrixFactorizationEvent, got {event!r}"
             )
         entries = ledger.events()
         if entries and round <= entries[-1][0]:
@@ -359,6 +395,21 @@ def dp_ftrl_privacy(noise_multiplier: float, rounds: int, max_participations: in
     return PrivacyReport(rho=rho, epsilon=epsilon_from_rho(rho, delta),
                          epsilon_rdp=epsilon_rdp_from_rho(rho, delta), delta=delta,
                          noise_multiplier=z)
+
+
+def mf_privacy(noise_multiplier: float, rounds: int, max_participations: int,
+               min_separation: int, delta: float, family: str,
+               params: tuple[float, ...]) -> PrivacyReport:
+    """Predicted privacy of a ``rounds``-round matrix-factorization DP-FTRL run.
+
+    Equal to ``Accountant(delta).report`` of a ledger holding ``rounds`` identical
+    :class:`MatrixFactorizationEvent` (the same function computes ``rho``).
+    """
+    z = check_noise_multiplier(noise_multiplier)
+    rounds = _check_rounds(rounds)
+    delta = validate_delta(delta)
+    event = MatrixFactorizationEvent(z, max_participations, min_separation, family, params)
+    return _compose({MatrixFactorizationEvent: _Group(rounds, {event: rounds}, None)}, delta)
 
 
 def dp_fedavg_privacy(noise_multiplier: float, rounds: int, delta: float,

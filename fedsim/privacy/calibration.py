@@ -23,6 +23,7 @@ from fedsim.privacy.sensitivity import (
 
 __all__ = [
     "MECHANISMS",
+    "calibrate_mf_noise_multiplier",
     "calibrate_noise_multiplier",
     "sensitivity_sq",
 ]
@@ -120,6 +121,30 @@ def calibrate_noise_multiplier(target_rho: float, mechanism: str = "dp-ftrl", *,
     s = sensitivity_sq(mechanism, rounds=rounds, max_participations=max_participations,
                        min_separation=min_separation, restart_every=restart_every,
                        sampling_rate=sampling_rate)
+
+    def rho_of(z: float) -> float:
+        return s / (2.0 * z * z)
+
+    return _bisect_noise(rho_of, target, rel_tol)
+
+
+def calibrate_mf_noise_multiplier(target_rho: float, sensitivity_sq: float,
+                                  rel_tol: float = 1e-6) -> float:
+    """Smallest ``z`` (within ``rel_tol``) with ``sensitivity_sq / (2 z**2) <= target_rho``.
+
+    For matrix-factorization DP-FTRL (:class:`~fedsim.privacy.events.MatrixFactorizationEvent`):
+    ``sensitivity_sq`` is the run's worst-case squared sensitivity of the strategy, e.g. from
+    :func:`~fedsim.privacy.accountant.mf_sensitivity_sq`; the bisection uses the accountant's
+    ``rho`` expression, so the returned ``z`` never overshoots the target.
+    """
+    target = validate_rho(target_rho)
+    if target == 0.0 or math.isinf(target):
+        raise ValueError(f"target_rho must be a finite number > 0, got {target_rho!r}")
+    if not 0.0 < rel_tol < 1.0:
+        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    s = float(sensitivity_sq)
+    if not (s > 0 and math.isfinite(s)):
+        raise ValueError(f"sensitivity_sq must be a finite number > 0, got {sensitivity_sq!r}")
 
     def rho_of(z: float) -> float:
         return s / (2.0 * z * z)

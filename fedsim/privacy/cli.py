@@ -7,10 +7,15 @@
     fedsim privacy dp-fedavg --noise-multiplier 1 --rounds 1000 --sampling-rate 0.01 --delta 1e-6
     fedsim privacy dp-fedavg --noise-multiplier 1 --rounds 1000 --max-participations 5 --delta 1e-6
     fedsim privacy dp-ftrl ... --target-rho 0.81     # solve for the noise multiplier
+    fedsim privacy dp-ftrl ... --mechanism blt [--buffers 3 | --blt-params FILE.json]
+    fedsim privacy dp-ftrl ... --mechanism banded [--bands B]
 
 ``--json`` prints one object with at least the keys ``rho``, ``epsilon``,
-``epsilon_rdp``, ``delta`` and ``noise_multiplier``. Bad input is one line
-``error: ...`` on stderr and exit code 2.
+``epsilon_rdp``, ``delta``, ``noise_multiplier`` and, for dp-ftrl, ``prefix_rmse``
+(the root-mean-square over rounds of the noise on the released prefix sums, per
+coordinate, in units of the clip norm) and ``noise_mechanism``; the matrix-factorization
+mechanisms add their parameters (``decays``, ``scales`` or ``coefs``) and the tree's
+RMSE at the same ``rho``. Bad input is one line ``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -80,6 +85,23 @@ def add_parser(subparsers: Any) -> None:
                       help="rounds strictly between two contributions of a device (>= 0)")
     ftrl.add_argument("--restart-every", type=int, metavar="E",
                       help="start a new tree every E rounds (>= 1; default: never)")
+    ftrl.add_argument("--mechanism", dest="noise_mechanism", default="tree",
+                      choices=("tree", "blt", "banded"),
+                      help="correlated noise: tree aggregation (default), a buffered linear "
+                      "Toeplitz (BLT) or a banded matrix factorization")
+    ftrl.add_argument("--estimator", default="efficient", choices=("efficient", "vanilla"),
+                      help="tree estimator for the prefix-sum RMSE (default efficient)")
+    ftrl.add_argument("--buffers", type=int, default=3, metavar="N",
+                      help="BLT buffers to optimise (1..12, default 3)")
+    ftrl.add_argument("--blt-params", metavar="FILE",
+                      help="JSON file {\"decays\": [...], \"scales\": [...]} to evaluate "
+                      "instead of optimising (--mechanism blt)")
+    ftrl.add_argument("--bands", type=int, metavar="N",
+                      help="bands of the banded strategy (1..min-separation + 1, default the maximum)")
+    ftrl.add_argument("--error", dest="mf_error", default="max", choices=("max", "mean"),
+                      help="prefix-sum error the strategy is optimised for (default max)")
+    ftrl.add_argument("--max-iterations", type=int, default=2000, metavar="N",
+                      help="L-BFGS iterations per start when optimising a strategy (default 2000)")
     ftrl.set_defaults(func=run)
 
     fedavg = mech.add_parser(
@@ -125,6 +147,63 @@ def _validate(args: argparse.Namespace) -> None:
     q = getattr(args, "sampling_rate", None)
     if q is not None and not (finite(q) and 0 < q <= 1):
         bad("--sampling-rate", "in (0, 1]", q)
+    if args.mechanism == "dp-ftrl":
+        _validate_mf(args, bad)
+
+
+def _validate_mf(args: argparse.Namespace, bad: Any) -> None:
+    mech = args.noise_mechanism
+    if mech != "blt" and args.blt_params is not None:
+        raise _UsageError("--blt-params needs --mechanism blt")
+    if mech != "banded" and args.bands is not None:
+        raise _UsageError("--bands needs --mechanism banded")
+    if mech == "tree":
+        return
+    if args.restart_every is not None:
+        raise _UsageError(f"--restart-every applies to --mechanism tree only, not {mech}")
+    fit = -(-args.rounds // (args.min_separation + 1))
+    if args.max_participations > fit:
+        raise _UsageError(
+            f"--max-participations {args.max_participations} is infeasible with --rounds "
+            f"{args.rounds} and --min-separation {args.min_separation} (at most "
+            f"ceil({args.rounds}/{args.min_separation + 1}) = {fit} contributions fit)"
+        )
+    if args.rounds < 2 and args.blt_params is None:
+        bad("--rounds", f"an integer >= 2 to optimise a {mech} strategy", args.rounds)
+    if not 1 <= args.buffers <= 12:
+        bad("--buffers", "an integer in 1..12", args.buffers)
+    if args.max_iterations < 1:
+        bad("--max-iterations", "an integer >= 1", args.max_iterations)
+    if args.bands is not None:
+        top = min(args.min_separation + 1, args.rounds)
+        if not 1 <= args.bands <= top:
+            bad("--bands", f"an integer in 1..min(--min-separation + 1, --rounds) = 1..{top}",
+                args.bands)
+
+
+def _load_blt_params(path: str) -> Any:
+    from fedsim.privacy.matrix_factorization import BLT
+
+    where = f"--blt-params {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise _UsageError(f"{where}: cannot read the file ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or not {"decays", "scales"} <= set(data):
+        raise _UsageError(f"{where}: needs an object with keys 'decays' and 'scales'")
+    unknown = sorted(set(data) - {"decays", "scales", "family"})
+    if unknown:
+        raise _UsageError(f"{where}: unknown key {unknown[0]!r} (expected 'decays' and 'scales')")
+    for key in ("decays", "scales"):
+        if not isinstance(data[key], list) or not data[key]:
+            raise _UsageError(f"{where}: {key} must be a non-empty list of numbers")
+    try:
+        return BLT(tuple(data["decays"]), tuple(data["scales"])).check_strategy()
+    except ValueError as exc:
+        raise _UsageError(f"{where}: {exc}") from None
 
 
 def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
@@ -169,6 +248,8 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                                        max_participations=args.max_participations
                                        if sampling is not None else k,
                                        min_separation=b)
+    if is_ftrl and args.noise_mechanism != "tree":
+        return _compute_mf(args, k, eff), notes
     result: dict[str, Any] = {
         "rho": report.rho,
         "epsilon": report.epsilon,
@@ -184,6 +265,10 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     }
     if is_ftrl:
         result["restart_every"] = restart
+        result["noise_mechanism"] = "tree"
+        result["estimator"] = args.estimator
+        result["prefix_rmse"] = report.noise_multiplier * _tree_rms(
+            args.rounds, args.estimator, restart)
     else:
         result["sampling_rate"] = sampling
     if args.target_rho is not None:
@@ -191,7 +276,114 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     return result, notes
 
 
+def _tree_rms(rounds: int, estimator: str, restart: int | None) -> float:
+    """sqrt(mean over rounds of the tree's prefix variance), in node-variance units."""
+    from fedsim.privacy.tree_noise import prefix_variance
+
+    total = sum(prefix_variance(t, estimator=estimator, restart_every=restart)  # type: ignore[arg-type]
+                for t in range(rounds))
+    return math.sqrt(total / rounds)
+
+
+def _compute_mf(args: argparse.Namespace, k: int, eff: int) -> dict[str, Any]:
+    from fedsim.privacy.accountant import mf_privacy, mf_sensitivity_sq
+    from fedsim.privacy.calibration import calibrate_mf_noise_multiplier
+    from fedsim.privacy.matrix_factorization import banded_strategy, blt_strategy
+    from fedsim.privacy.sensitivity import max_tree_sensitivity_sq
+
+    t, b = args.rounds, args.min_separation
+    if args.noise_mechanism == "blt":
+        given = None if args.blt_params is None else _load_blt_params(args.blt_params)
+        strategy = blt_strategy(t, k, b, num_buffers=args.buffers, error=args.mf_error,
+                                max_iter=args.max_iterations, blt=given)
+    else:
+        strategy = banded_strategy(t, k, b, bands=args.bands, error=args.mf_error,
+                                   max_iter=args.max_iterations)
+    s, exact = mf_sensitivity_sq(strategy.family, strategy.params, k, b, t)
+    z = args.noise_multiplier
+    if args.target_rho is not None:
+        z = calibrate_mf_noise_multiplier(args.target_rho, s)
+    report = mf_privacy(z, t, k, b, args.delta, strategy.family, strategy.params)
+    variances = strategy.prefix_variances(t)
+    rho = report.rho
+    assert rho is not None
+    tree_s = max_tree_sensitivity_sq(t, k, b)
+    tree_z = math.sqrt(tree_s / (2.0 * rho))
+    result: dict[str, Any] = {
+        "rho": rho,
+        "epsilon": report.epsilon,
+        "epsilon_rdp": report.epsilon_rdp,
+        "delta": report.delta,
+        "noise_multiplier": report.noise_multiplier,
+        "mechanism": "dp-ftrl",
+        "noise_mechanism": args.noise_mechanism,
+        "rounds": t,
+        "max_participations": k,
+        "effective_max_participations": eff,
+        "min_separation": b,
+        "sensitivity_sq": s,
+        "sensitivity_exact": exact,
+        "prefix_rmse": z * math.sqrt(float(variances.mean())),
+        "prefix_max_std": z * math.sqrt(float(variances.max())),
+        "optimised_for": None if args.blt_params is not None else f"{args.mf_error} error",
+        **{key: value for key, value in strategy.to_dict().items() if key != "family"},
+        "tree_noise_multiplier": tree_z,
+        "tree_sensitivity_sq": tree_s,
+        "tree_prefix_rmse": tree_z * _tree_rms(t, "efficient", None),
+        "tree_prefix_rmse_vanilla": tree_z * _tree_rms(t, "vanilla", None),
+    }
+    if args.noise_mechanism == "blt":
+        result["num_buffers"] = len(result["decays"])
+    if args.target_rho is not None:
+        result["target_rho"] = args.target_rho
+    return result
+
+
+def _mf_table(result: dict[str, Any]) -> str:
+    mech = result["noise_mechanism"]
+    k = result["max_participations"]
+    rows = [
+        ("mechanism", "dp-ftrl (BLT matrix factorization, "
+         f"{result['num_buffers']} buffers)" if mech == "blt"
+         else f"dp-ftrl (banded matrix factorization, {result['bands']} bands)"),
+        ("noise multiplier", f"{result['noise_multiplier']:.6g}"),
+    ]
+    if "target_rho" in result:
+        rows.append(("target rho", f"{result['target_rho']:.6g}"))
+    rows += [
+        ("rounds", str(result["rounds"])),
+        ("max participations", f"{k}"),
+        ("min separation", f"{result['min_separation']} rounds strictly between"),
+        ("strategy", "optimised for " + result["optimised_for"] if result["optimised_for"]
+         else "from --blt-params"),
+    ]
+    if mech == "blt":
+        rows.append(("BLT decays", ", ".join(f"{d:.17g}" for d in result["decays"])))
+        rows.append(("BLT scales", ", ".join(f"{v:.17g}" for v in result["scales"])))
+    else:
+        coefs = result["coefs"]
+        shown = ", ".join(f"{c:.6g}" for c in coefs[:6]) + (", ..." if len(coefs) > 6 else "")
+        rows.append(("band coefficients", shown + "  (all in --json)"))
+    rows += [
+        ("sensitivity^2", f"{result['sensitivity_sq']:.6g} C^2  ("
+         + ("exact" if result["sensitivity_exact"] else "upper bound") + ")"),
+        ("rho (zCDP)", f"{result['rho']:.6g}"),
+        ("delta", f"{result['delta']:g}"),
+        ("epsilon", f"{result['epsilon']:.4f}  (exact Gaussian conversion)"),
+        ("epsilon_rdp", f"{result['epsilon_rdp']:.4f}  (RDP conversion)"),
+        ("prefix-sum RMSE", f"{result['prefix_rmse']:.4g} C  (worst round: std "
+         f"{result['prefix_max_std']:.4g} C)"),
+        ("tree at same rho", f"noise multiplier {result['tree_noise_multiplier']:.4g}, "
+         f"prefix-sum RMSE {result['tree_prefix_rmse']:.4g} C efficient, "
+         f"{result['tree_prefix_rmse_vanilla']:.4g} C vanilla"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
 def _table(result: dict[str, Any]) -> str:
+    if result.get("noise_mechanism") in ("blt", "banded"):
+        return _mf_table(result)
     is_ftrl = result["mechanism"] == "dp-ftrl"
     k = result["max_participations"]
     rows = [

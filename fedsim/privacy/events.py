@@ -13,6 +13,10 @@ noise standard deviation is ``noise_multiplier * C``.
 ``TreeAggregationEvent``
     One round (one leaf) of DP-FTRL with tree aggregation; the leaf index is
     the event's position among the ledger's tree events.
+``MatrixFactorizationEvent``
+    One round of DP-FTRL with a matrix-factorization strategy (a BLT or a banded
+    Toeplitz matrix, :mod:`fedsim.privacy.matrix_factorization`); the round index
+    is the event's position among the ledger's matrix-factorization events.
 
 ``max_participations`` (``k``) and ``min_separation`` (``b``, the number of
 rounds strictly between two contributions of the same device) describe how
@@ -29,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "GaussianEvent",
+    "MatrixFactorizationEvent",
     "PrivacyEvent",
     "PrivacyLedger",
     "SampledGaussianEvent",
@@ -116,12 +121,59 @@ class TreeAggregationEvent:
         _check_int(self, "restart_every", 1, allow_none=True)
 
 
-PrivacyEvent = GaussianEvent | SampledGaussianEvent | TreeAggregationEvent
+MF_FAMILIES = ("blt", "banded")
+
+
+@dataclass(frozen=True)
+class MatrixFactorizationEvent:
+    """One round of DP-FTRL with a lower-triangular Toeplitz strategy ``C`` (matrix factorization).
+
+    ``family = "blt"``: ``params`` are the strategy's decays followed by its scales;
+    ``"banded"``: ``params`` are the coefficients ``c_0 = 1, c_1, ..., c_{bands-1}``. The noise
+    std is ``noise_multiplier * C_clip`` on ``C x``; ``rho`` after ``n`` rounds is
+    ``sens_n^2 / (2 z^2)`` with ``sens_n^2`` the worst case under ``(k, b)`` of the leading
+    ``n x n`` block of ``C`` (see :mod:`fedsim.privacy.accountant`).
+    """
+
+    noise_multiplier: float
+    max_participations: int
+    min_separation: int
+    family: str
+    params: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _check_noise(self)
+        _check_int(self, "max_participations", 1)
+        _check_int(self, "min_separation", 0)
+        if self.family not in MF_FAMILIES:
+            raise ValueError(f"family must be one of {MF_FAMILIES}, got {self.family!r}")
+        params = self.params
+        if isinstance(params, str | bytes) or not hasattr(params, "__iter__"):
+            raise ValueError(f"params must be a list of numbers, got {params!r}")
+        values = []
+        for v in params:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"params must hold finite numbers, got {v!r}")
+            values.append(float(v))
+        if not values or (self.family == "blt" and len(values) % 2):
+            raise ValueError(
+                f"params of a {self.family} event must be "
+                + ("decays then scales (an even count)" if self.family == "blt"
+                   else "the band coefficients (at least one)")
+                + f", got {len(values)} numbers"
+            )
+        if self.family == "banded" and values[0] != 1.0:
+            raise ValueError(f"banded params must start with c_0 = 1, got {values[0]!r}")
+        object.__setattr__(self, "params", tuple(values))
+
+
+PrivacyEvent = GaussianEvent | SampledGaussianEvent | TreeAggregationEvent | MatrixFactorizationEvent
 
 _EVENT_TYPES: dict[str, type] = {
     "gaussian": GaussianEvent,
     "sampled_gaussian": SampledGaussianEvent,
     "tree_aggregation": TreeAggregationEvent,
+    "matrix_factorization": MatrixFactorizationEvent,
 }
 _TYPE_NAMES = {cls: name for name, cls in _EVENT_TYPES.items()}
 
@@ -168,8 +220,8 @@ class PrivacyLedger:
             raise ValueError(f"round must be an integer, got {round!r}")
         if type(event) not in _TYPE_NAMES:
             raise TypeError(
-                f"event must be a GaussianEvent, SampledGaussianEvent or TreeAggregationEvent, "
-                f"got {event!r}"
+                f"event must be a GaussianEvent, SampledGaussianEvent, TreeAggregationEvent or "
+                f"MatrixFactorizationEvent, got {event!r}"
             )
         if self._entries and round <= self._entries[-1][0]:
             raise ValueError(
