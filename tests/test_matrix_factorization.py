@@ -1,0 +1,295 @@
+"""Matrix-factorization DP-FTRL (BLT, banded): algebra, exact sensitivity, optimiser, noise streams.
+
+References are independent of the code under test: dense matrices and ``numpy.linalg.inv`` for
+the Toeplitz algebra, enumeration of every participation pattern for the sensitivity, and the
+values measured with jax_privacy 2.0.0 at the Gboard parameters (FIELD-NOTES: 3-buffer BLT
+product 117, banded 314 bands 110).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.privacy import matrix_factorization as mf
+
+
+class _Source:
+    """A keyed standard-normal source with the ``NoiseSource.normal(words, n)`` interface."""
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+
+    def normal(self, words: tuple[int, ...], n: int) -> torch.Tensor:
+        seq = np.random.SeedSequence([self.key, *words])
+        gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+        return torch.randn(n, generator=gen, dtype=torch.float32)
+
+
+def _source(key: int = 7):
+    try:
+        from fedsim.privacy.noise import NoiseKey, NoiseSource  # landed by the redesign
+    except ImportError:
+        return _Source(key)
+    try:
+        return NoiseSource(NoiseKey.generate())
+    except TypeError:
+        return _Source(key)
+
+
+def _random_blt(rng: np.random.Generator, nb: int) -> mf.BLT:
+    d = np.sort(rng.uniform(0.05, 0.99, nb))[::-1]
+    s = rng.dirichlet(np.ones(nb)) * rng.uniform(0.1, 0.95)
+    return mf.BLT(tuple(d), tuple(s))
+
+
+# -- algebra ----------------------------------------------------------------------------------------
+def test_blt_coefficients_and_inverse_match_dense_matrices():
+    rng = np.random.default_rng(0)
+    for nb in (1, 2, 4):
+        blt = _random_blt(rng, nb)
+        n = 17
+        c = blt.coefs(n)
+        d, s = np.array(blt.decays), np.array(blt.scales)
+        expected = [1.0] + [float((s * d ** (k - 1)).sum()) for k in range(1, n)]
+        np.testing.assert_allclose(c, expected, rtol=1e-13)
+        dense_inv = np.linalg.inv(mf.toeplitz_matrix(c, n))
+        np.testing.assert_allclose(blt.inverse_coefs(n), dense_inv[:, 0], atol=1e-12)
+        np.testing.assert_allclose(mf.inverse_coefs(c, n), dense_inv[:, 0], atol=1e-12)
+        # the inverse is a BLT again (negative scales), and inverting twice gives C back
+        inv = blt.inverse()
+        np.testing.assert_allclose(inv.coefs(n), dense_inv[:, 0], atol=1e-12)
+        assert all(v < 0 for v in inv.scales)
+        np.testing.assert_allclose(mf.inverse_coefs(inv.coefs(n), n), c, atol=1e-11)
+
+
+def test_prefix_variances_are_row_norms_of_b():
+    blt = _random_blt(np.random.default_rng(1), 3)
+    n = 12
+    c_inv = np.linalg.inv(mf.toeplitz_matrix(blt.coefs(n), n))
+    b = np.tril(np.ones((n, n))) @ c_inv
+    np.testing.assert_allclose(mf.prefix_variances(blt.inverse_coefs(n)), (b * b).sum(axis=1),
+                               rtol=1e-12)
+    # identity strategy: independent noise per round, the prefix at t sums t + 1 of them
+    np.testing.assert_allclose(mf.prefix_variances(np.eye(1, n)[0]), np.arange(1, n + 1))
+
+
+def test_toeplitz_gram_matches_dense():
+    c = np.random.default_rng(2).normal(size=9)
+    mat = mf.toeplitz_matrix(c, 9)
+    np.testing.assert_allclose(mf._toeplitz_gram(c), mat.T @ mat, atol=1e-12)
+
+
+# -- sensitivity ------------------------------------------------------------------------------------
+def _every_pattern(n, k, sep):
+    for size in range(1, k + 1):
+        for pts in itertools.combinations(range(n), size):
+            if all(b - a >= sep for a, b in zip(pts, pts[1:], strict=False)):
+                yield pts
+
+
+def test_brute_force_enumerates_every_pattern():
+    mat = mf.toeplitz_matrix(np.random.default_rng(3).uniform(0, 1, 8), 8)
+    for k, b in ((1, 0), (2, 1), (3, 2), (8, 0)):
+        ref = max(float(mat[:, list(p)].sum(axis=1) @ mat[:, list(p)].sum(axis=1))
+                  for p in _every_pattern(8, k, b + 1))
+        assert mf.brute_force_sensitivity_sq(mat, k, b) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("n,k,b", [(6, 2, 1), (9, 3, 2), (10, 2, 4), (12, 4, 1), (11, 11, 0),
+                                   (12, 3, 5), (7, 5, 1)])
+def test_blt_sensitivity_is_exact_against_brute_force(n, k, b):
+    rng = np.random.default_rng(n * 100 + k * 10 + b)
+    for nb in (1, 3):
+        blt = _random_blt(rng, nb)
+        c = blt.coefs(n)
+        assert np.all(np.diff(c) <= 0) and np.all(c >= 0)
+        got = mf.toeplitz_sensitivity_sq(c, n, k, b)
+        assert got.exact
+        ref = mf.brute_force_sensitivity_sq(mf.toeplitz_matrix(c, n), k, b)
+        assert got.value == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("n,k,b,bands", [(10, 3, 2, 3), (12, 2, 5, 6), (9, 9, 0, 1), (11, 4, 1, 2)])
+def test_banded_sensitivity_is_exact_for_any_signs(n, k, b, bands):
+    rng = np.random.default_rng(bands * 7 + n)
+    coefs = np.concatenate([[1.0], rng.normal(size=bands - 1)])
+    got = mf.toeplitz_sensitivity_sq(coefs, n, k, b)
+    assert got.exact
+    # columns of separated participations are disjoint: the sum of squared column norms
+    ref = mf.brute_force_sensitivity_sq(mf.toeplitz_matrix(coefs, n), k, b)
+    assert got.value == pytest.approx(ref, rel=1e-12)
+    # the issue's bound sqrt(k) x max column norm dominates it
+    assert got.value <= mf.effective_participations(n, k, b) * float(coefs @ coefs) + 1e-12
+
+
+def test_other_strategies_get_an_upper_bound():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        n, k, b = 10, int(rng.integers(2, 4)), int(rng.integers(0, 3))
+        coefs = np.concatenate([[1.0], rng.uniform(0.0, 1.5, n - 1)])  # increasing somewhere
+        got = mf.toeplitz_sensitivity_sq(coefs, n, k, b)
+        assert not got.exact
+        ref = mf.brute_force_sensitivity_sq(mf.toeplitz_matrix(coefs, n), k, b)
+        assert got.value >= ref - 1e-9
+    # a BLT whose scales sum above 1 has c_1 > c_0: only the bound applies
+    blt = mf.BLT((0.9, 0.5), (0.8, 0.7))
+    assert not mf.toeplitz_sensitivity_sq(blt.coefs(10), 10, 3, 1).exact
+
+
+def test_effective_participations():
+    assert mf.effective_participations(2000, 6, 313) == 6
+    assert mf.effective_participations(2000, 9, 313) == 7  # ceil(2000 / 314)
+    assert mf.effective_participations(5, 9, 0) == 5
+
+
+# -- optimiser --------------------------------------------------------------------------------------
+def _product(strategy: mf.MFStrategy, n, k, b):
+    sens = mf.toeplitz_sensitivity_sq(strategy.coefs(n), n, k, b).value
+    return sens * float(strategy.prefix_variances(n).max())
+
+
+def test_blt_optimiser_small_t_deterministic_and_better_than_the_square_root():
+    n, k, b = 40, 3, 9
+    first = mf.blt_strategy(n, k, b, num_buffers=2)
+    mf.optimize_blt.cache_clear()
+    again = mf.blt_strategy(n, k, b, num_buffers=2)
+    assert first == again  # bit-identical, not only close
+    blt = first.blt
+    assert all(0 < d < 1 for d in blt.decays) and all(s > 0 for s in blt.scales)
+    assert sum(blt.scales) < 1  # non-increasing coefficients: the exact sensitivity applies
+    sqrt_a = mf.MFStrategy("banded", tuple(mf.banded_init_coefs(n)))  # A^(1/2), not banded
+    sens_sqrt = mf.toeplitz_sensitivity_sq(sqrt_a.coefs(n), n, k, b).value
+    assert _product(first, n, k, b) < sens_sqrt * float(sqrt_a.prefix_variances(n).max())
+    # the identity (independent noise) and the prefix-sum matrix are far worse
+    ident = mf.MFStrategy("banded", (1.0,))
+    assert _product(first, n, k, b) < 0.5 * _product(ident, n, k, b)
+
+
+def test_banded_optimiser_small_t():
+    n, k, b = 30, 3, 6
+    band = mf.banded_strategy(n, k, b)
+    assert len(band.params) == b + 1 and band.params[0] == 1.0
+    init = mf.MFStrategy("banded", tuple(mf.banded_init_coefs(b + 1)))
+    assert _product(band, n, k, b) < _product(init, n, k, b)
+    assert mf.banded_strategy(n, k, b, bands=3).params != band.params
+    with pytest.raises(ValueError, match="bands must be <= min_separation"):
+        mf.optimize_banded(n, k, b, bands=b + 2)
+
+
+def test_non_convergence_is_an_error():
+    with pytest.raises(mf.OptimizationError, match="did not converge in 1 iterations"):
+        mf.optimize_blt(50, 2, 9, 3, "max", 1)
+    with pytest.raises(mf.OptimizationError, match="did not converge"):
+        mf.optimize_banded(50, 2, 9, None, "max", 1)
+
+
+def test_gboard_reference_values():
+    # jax_privacy 2.0.0 at T=2000, k=6, min_sep=314: 3-buffer BLT 26.28 x 4.46 = 117 (decays
+    # ~[1 - 1.2e-10, 0.9925, 0.7944], scales ~[0.00756, 0.1277, 0.3278]); banded 314 bands 110.
+    n, k, b = 2000, 6, 313
+    blt = mf.blt_strategy(n, k, b, num_buffers=3)
+    sens = mf.toeplitz_sensitivity_sq(blt.coefs(n), n, k, b)
+    err = float(blt.prefix_variances(n).max())
+    assert sens.exact
+    assert sens.value == pytest.approx(26.28, abs=0.05)
+    assert err == pytest.approx(4.46, abs=0.02)
+    assert sens.value * err <= 117.3
+    np.testing.assert_allclose(blt.blt.decays[1:], [0.9925, 0.7944], atol=2e-4)
+    np.testing.assert_allclose(blt.blt.scales, [0.00756, 0.1277, 0.3278], atol=2e-4)
+    assert 1 - blt.blt.decays[0] < 1e-7  # not representable in float32
+    assert np.float32(blt.blt.decays[0]) == 1.0
+    band = mf.banded_strategy(n, k, b)
+    assert len(band.params) == 314
+    assert _product(band, n, k, b) <= 110.5
+
+
+# -- noise streams ----------------------------------------------------------------------------------
+def _dense_noise(coefs, source, tag, n, p, std):
+    z = torch.stack([source.normal((tag, t), p) for t in range(n)]).double().numpy()
+    return std * np.linalg.solve(mf.toeplitz_matrix(coefs, n), z)
+
+
+def test_blt_noise_is_c_inverse_times_keyed_normals_and_resumes_bit_identically():
+    source = _source()
+    blt = mf.BLT((1 - 1e-10, 0.95, 0.5), (0.01, 0.2, 0.3))
+    n, p, std = 25, 64, 1.7
+    stream = mf.BLTNoise(blt, p, std, source)
+    out = torch.stack([stream.step(t) for t in range(n)]).double().numpy()
+    np.testing.assert_allclose(out, _dense_noise(blt.coefs(n), source, mf.TAG_BLT, n, p, std),
+                               atol=1e-5)
+    # resume after round 9 from the saved state: the same float32 bits
+    first = mf.BLTNoise(blt, p, std, source)
+    head = [first.step(t) for t in range(10)]
+    saved = first.state_dict()
+    tail = [first.step(t) for t in range(10, n)]
+    second = mf.BLTNoise(blt, p, std, source)
+    second.load_state_dict(saved)
+    assert saved["buffers"].dtype == torch.float64
+    for t, expected in zip(range(10, n), tail, strict=True):
+        assert torch.equal(second.step(t), expected)
+    assert torch.equal(torch.stack(head), torch.from_numpy(out[:10]).float())
+    with pytest.raises(ValueError, match="expects round 25"):
+        second.step(3)
+
+
+def test_banded_noise_is_c_inverse_times_keyed_normals_and_resumes_bit_identically():
+    source = _source()
+    coefs = (1.0, 0.6, -0.2, 0.3)
+    n, p, std = 20, 48, 0.8
+    stream = mf.BandedNoise(coefs, p, std, source)
+    out = torch.stack([stream.step(t) for t in range(n)]).double().numpy()
+    np.testing.assert_allclose(out, _dense_noise(coefs, source, mf.TAG_BANDED, n, p, std),
+                               atol=1e-5)
+    first = mf.BandedNoise(coefs, p, std, source)
+    for t in range(7):
+        first.step(t)
+    saved = first.state_dict()
+    tail = [first.step(t) for t in range(7, n)]
+    second = mf.BandedNoise(coefs, p, std, source)
+    second.load_state_dict(saved)
+    for t, expected in zip(range(7, n), tail, strict=True):
+        assert torch.equal(second.step(t), expected)
+
+
+def _prefix_variance_accepted(std_used: float, std_claimed: float) -> bool:
+    """Do the empirical prefix variances of the BLT stream match the claimed std? (chi-square)."""
+    blt = mf.BLT((0.99, 0.6), (0.15, 0.3))
+    n, p = 12, 4000
+    stream = mf.BLTNoise(blt, p, std_used, _Source(11))
+    prefix = torch.cumsum(torch.stack([stream.step(t) for t in range(n)]).double(), 0).numpy()
+    predicted = std_claimed ** 2 * mf.prefix_variances(blt.inverse_coefs(n))
+    # each round's p coordinates are i.i.d. N(0, var_t): sum (x / sd)^2 ~ chi2(p)
+    stats = (prefix ** 2 / predicted[:, None]).sum(axis=1)
+    z = (stats - p) / math.sqrt(2 * p)
+    return bool(np.all(np.abs(z) < 4.5))
+
+
+def test_statistical_noise_scale_accepts_the_right_sigma_and_rejects_wrong_ones():
+    assert _prefix_variance_accepted(2.0, 2.0)
+    assert not _prefix_variance_accepted(2.0 * 2 / 3, 2.0)
+    assert not _prefix_variance_accepted(2.0 * 1.5, 2.0)
+
+
+def test_float32_buffers_would_lose_the_slowest_decay():
+    d = 1 - 1.2e-10
+    assert np.float32(d) == 1.0
+    blt = mf.BLT((d,), (0.5,))
+    stream = mf.BLTNoise(blt, 4, 1.0, _Source(3))
+    assert stream.buffers.dtype == torch.float64
+    assert stream._decays.dtype == torch.float64 and float(stream._decays[0, 0]) < 1.0
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match=r"decays\[0\] must be in the open interval"):
+        mf.BLT((1.0,), (0.5,)).check_strategy()
+    with pytest.raises(ValueError, match=r"scales\[1\] must be > 0"):
+        mf.BLT((0.9, 0.5), (0.5, -0.1)).check_strategy()
+    with pytest.raises(ValueError, match="equal length"):
+        mf.BLT((0.9, 0.5), (0.5,))
+    with pytest.raises(ValueError, match="c_0 = 1"):
+        mf.BandedNoise((2.0, 0.5), 4, 1.0, _Source(1))
