@@ -23,13 +23,18 @@ cohort.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
+from fedsim import seeds
+from fedsim.optim import ServerOptimizer
+from fedsim.privacy.mechanisms import Mechanism
+from fedsim.privacy.noise import NoiseSource
 from fedsim.registry import Registry
 from fedsim.types import TrainConfig, UpdateBatch
 
@@ -55,7 +60,11 @@ class ParticipationLimit:
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """Facts about the run that a strategy may need, given once at :meth:`Strategy.setup`."""
+    """Facts about the run that a strategy may need, given once at :meth:`Strategy.setup`.
+
+    ``noise`` is where privacy noise comes from (the engine builds it for the run); when it is
+    ``None``, :meth:`noise_source` derives it from ``seed``, as for a simulated run.
+    """
 
     num_params: int
     num_rounds: int
@@ -63,6 +72,18 @@ class StrategyContext:
     clients_per_round: int
     seed: int
     base_train_config: TrainConfig
+    noise: NoiseSource | None = None
+
+    def noise_source(self) -> NoiseSource:
+        """The run's :class:`~fedsim.privacy.noise.NoiseSource`."""
+        if self.noise is not None:
+            return self.noise
+        return simulation_noise_source(self.seed)
+
+
+def simulation_noise_source(seed: int) -> NoiseSource:
+    """The noise source of a simulated run: keyed by ``derived_seed(seed, STREAM_NOISE)``."""
+    return NoiseSource.from_seed(seeds.derived_seed(seed, seeds.STREAM_NOISE))
 
 
 class Strategy(ABC):
@@ -128,6 +149,69 @@ class Strategy(ABC):
         """Restore :meth:`state_dict`."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+class MechanismStrategy(Strategy):
+    """A DP strategy: a :class:`~fedsim.privacy.mechanisms.Mechanism` and a server optimizer.
+
+    Each round, the mechanism releases the noisy (for correlated noise: the increment of the
+    noisy prefix) sum of the clipped deltas; the strategy divides it by the fixed
+    :attr:`denominator` and the :class:`~fedsim.optim.ServerOptimizer` takes a step with it.
+    Everything after the release is post-processing: the guarantee is the mechanism's.
+    Subclasses set :attr:`mechanism` and :attr:`optimizer` in ``__init__``, and
+    :attr:`target_rho` when the noise multiplier is to be solved from a zCDP target (``target-rho``)
+    for the run's number of rounds at :meth:`setup`.
+    """
+
+    weighting: ClassVar[Literal["examples", "uniform"]] = "uniform"
+
+    mechanism: Mechanism
+    optimizer: ServerOptimizer
+    target_rho: float | None = None
+
+    def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
+        """The run's noise multiplier: the mechanism's, or solved from ``target-rho``."""
+        if self.target_rho is None:
+            return self.mechanism.noise_multiplier
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an unreachable k is reported by the accountant's users
+                return self.mechanism.calibrate(self.target_rho, num_rounds=num_rounds)
+        except ValueError as exc:
+            raise ValueError(f"target-rho = {self.target_rho:g} over {num_rounds} rounds: {exc}") from None
+
+    def setup(self, ctx: StrategyContext) -> None:
+        super().setup(ctx)
+        self.mechanism.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
+        self.mechanism.setup(num_params=ctx.num_params, num_rounds=ctx.num_rounds, source=ctx.noise_source())
+        self.optimizer.reset()
+
+    @property
+    def denominator(self) -> float:
+        """The fixed denominator of the average (default: ``clients_per_round``)."""
+        return float(self.ctx.clients_per_round)
+
+    def configure_client(self, *, round: int, base: TrainConfig) -> TrainConfig:
+        return replace(base, clip_norm=self.mechanism.clip_norm)
+
+    def privacy_event(self, *, round: int) -> Any:
+        return self.mechanism.privacy_event(round)
+
+    def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
+        # every round releases a noisy sum, even one without accepted updates
+        released = self.mechanism.release(round, batch.delta_sum)
+        if self.mechanism.restarts_at(round):
+            self.optimizer.reset()
+        return self.optimizer.step(params, released / self.denominator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mechanism": self.mechanism.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"mechanism", "optimizer"}:
+            raise ValueError(f"{self.name} state needs keys ['mechanism', 'optimizer'], got {sorted(state)}")
+        self.mechanism.load_state_dict(state["mechanism"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", builtin_package="strategies")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fedsim.optim import ServerOptimizer
 from fedsim.strategy import Strategy
 from fedsim.types import UpdateBatch
 
@@ -31,24 +32,16 @@ class FedAvgM(Strategy):
     weighting = "examples"
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
-        if not server_lr > 0:
-            raise ValueError(f"server-lr must be > 0, got {server_lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.server_lr = float(server_lr)
-        self.momentum = float(momentum)
-        self.buffer: torch.Tensor | None = None
+        # fedsim's server optimizer: heavy-ball momentum, validated as the scenario keys
+        self.optimizer = ServerOptimizer(server_lr, momentum)
 
     def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
         if batch.num_updates == 0 or batch.weight_sum <= 0:
             return params
-        avg = batch.delta_sum / batch.weight_sum
-        self.buffer = avg.clone() if self.buffer is None else self.momentum * self.buffer + avg
-        return params + self.server_lr * self.buffer
+        return self.optimizer.step(params, batch.delta_sum / batch.weight_sum)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": None if self.buffer is None else self.buffer.clone()}
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        buf = state.get("buffer")
-        self.buffer = None if buf is None else buf.clone()
+        self.optimizer.load_state_dict(state)

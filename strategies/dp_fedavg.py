@@ -28,114 +28,37 @@ Guarantee (user level: adding or removing all of one device's data):
   per contribution, so ``rho = c / (2 z**2)`` for ``c`` contributions per device (at most the
   number of rounds, or ``max_participations``).
 
-The noise of round ``r`` is a pure function of ``(secret seed, r)``
-(:func:`fedsim.privacy.tree_noise.gaussian_noise`), so a replayed round adds the same noise.
+The strategy is the Gaussian sum mechanism (:class:`fedsim.privacy.mechanisms.GaussianSumMechanism`)
+composed with the server optimizer (:class:`fedsim.optim.ServerOptimizer`). The noise of round
+``r`` is a pure function of the run's noise key and ``r``, so a replayed round adds the same noise.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-import torch
 
-from fedsim.engine import seeds
-from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent, check_noise_multiplier
-from fedsim.privacy.tree_noise import gaussian_noise
-from fedsim.strategy import ParticipationLimit, Strategy, StrategyContext
-from fedsim.types import TrainConfig, UpdateBatch
+from fedsim import seeds
+from fedsim.optim import ServerOptimizer
+from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
+from fedsim.privacy.mechanisms import GaussianSumMechanism, noise_or_target
+from fedsim.strategy import MechanismStrategy, ParticipationLimit, StrategyContext
+from fedsim.validation import choice, number_in
 
-__all__ = ["DPFedAvg"]
-
-
-# ----------------------------------------------------------------------------------------------
-# validation helpers shared with DP-FTRL: every message names the scenario key (kebab-case)
-
-
-def positive_number(key: str, value: Any) -> float:
-    """``value`` as a float that must be finite and > 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{key} must be a number > 0, got {value!r}")
-    return float(value)
-
-
-def momentum_value(value: Any) -> float:
-    """Momentum coefficient in ``[0, 1)``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def int_at_least(key: str, value: Any, low: int, *, optional: bool = False) -> int | None:
-    """An integer ``>= low`` (or ``None`` when ``optional``)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        extra = " (or omit it)" if optional else ""
-        raise ValueError(f"{key} must be an integer >= {low}{extra}, got {value!r}")
-    return int(value)
-
-
-def noise_from_target(noise_multiplier: Any, target_rho: Any) -> tuple[float | None, float | None]:
-    """Validate ``noise-multiplier`` / ``target-rho`` (at most one; neither: ``z = 1``)."""
-    if target_rho is None:
-        z = 1.0 if noise_multiplier is None else noise_multiplier
-        return check_noise_multiplier(z, "noise-multiplier"), None
-    if noise_multiplier is not None:
-        raise ValueError("give noise-multiplier or target-rho, not both")
-    if isinstance(target_rho, bool) or not isinstance(target_rho, int | float) or not np.isfinite(target_rho) or target_rho <= 0:
-        raise ValueError(f"target-rho must be a finite number > 0, got {target_rho!r}")
-    return None, float(target_rho)
-
-
-def calibrate_to_target(
-    target_rho: float,
-    mechanism: str,
-    *,
-    num_rounds: int,
-    max_participations: int | None,
-    min_separation: int,
-    restart_every: int | None = None,
-) -> float:
-    """The smallest noise multiplier whose run reaches at most ``target_rho`` (planning code).
-
-    :func:`fedsim.privacy.calibration.calibrate_noise_multiplier` with the run's parameters: the
-    accountant then reports ``rho = target_rho`` (to its relative tolerance, 1e-6) at the end of a
-    run of ``num_rounds`` rounds. ``ValueError`` (naming ``target-rho``) when no noise multiplier
-    reaches the target.
-    """
-    import warnings
-
-    from fedsim.privacy.calibration import calibrate_noise_multiplier
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an unreachable k is reported by the accountant's users
-        try:
-            return calibrate_noise_multiplier(
-                target_rho,
-                mechanism,
-                rounds=num_rounds,
-                max_participations=max_participations,
-                min_separation=min_separation,
-                restart_every=restart_every,
-            )
-        except ValueError as exc:
-            raise ValueError(f"target-rho = {target_rho:g} over {num_rounds} rounds: {exc}") from None
+__all__ = ["DPFedAvg", "noise_seed"]
 
 
 def noise_seed(ctx: StrategyContext) -> int:
-    """The secret noise seed of a simulated run, derived from the run seed.
+    """The integer that keys a simulated run's noise source, derived from the run seed.
 
-    A deployment draws it from the OS's secure source instead (``secrets.randbits(63)``), keeps it
-    only in the server's checkpoints, and never logs it.
+    ``StrategyContext.noise_source()`` is ``NoiseSource.from_seed(noise_seed(ctx))`` when the
+    engine gives no source of its own.
     """
     return seeds.derived_seed(ctx.seed, seeds.STREAM_NOISE)
 
 
-# ----------------------------------------------------------------------------------------------
-
-
-class DPFedAvg(Strategy):
+class DPFedAvg(MechanismStrategy):
     """DP-FedAvg with fixed clipping, Gaussian noise on the sum and a fixed denominator.
 
     Parameters
@@ -177,47 +100,58 @@ class DPFedAvg(Strategy):
         min_separation: int = 0,
         target_rho: float | None = None,
     ) -> None:
-        z, self.target_rho = noise_from_target(noise_multiplier, target_rho)
-        self.noise_multiplier: float = 1.0 if z is None else z  # solved in setup() from target-rho
-        self.clip_norm = positive_number("clip-norm", clip_norm)
-        self.server_lr = positive_number("server-lr", server_lr)
-        self.momentum = momentum_value(momentum)
-        if sampling not in ("poisson", "fixed"):
-            raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
-        self.sampling: Literal["poisson", "fixed"] = sampling
+        z, self.target_rho = noise_or_target(noise_multiplier, target_rho)
+        self.mechanism = GaussianSumMechanism(
+            noise_multiplier=z,
+            clip_norm=clip_norm,
+            max_participations=max_participations,
+            min_separation=min_separation,
+        )
+        self.optimizer = ServerOptimizer(server_lr, momentum)
+        self.sampling: Literal["poisson", "fixed"] = choice(  # type: ignore[assignment]
+            "sampling", sampling, ("poisson", "fixed")
+        )
         if sampling_rate is not None:
             if sampling != "poisson":
                 raise ValueError("sampling-rate applies only to sampling = \"poisson\"")
-            if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int | float) or not 0.0 < sampling_rate <= 1.0:
-                raise ValueError(f"sampling-rate must be a number in (0, 1], got {sampling_rate!r}")
-            sampling_rate = float(sampling_rate)
-        self._requested_rate: float | None = sampling_rate
-        self.sampling_rate: float | None = sampling_rate
-        self.max_participations = int_at_least("max-participations", max_participations, 1, optional=True)
-        self.min_separation = int_at_least("min-separation", min_separation, 0)
-        self.buffer: torch.Tensor | None = None
-        self._seed: int | None = None
+            sampling_rate = number_in("sampling-rate", sampling_rate, 0.0, 1.0, low_open=True)
+        self.requested_rate: float | None = sampling_rate
+        self.mechanism.sampling_rate = sampling_rate
+
+    # the strategy's parameters, as attributes (the mechanism and optimizer own them)
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    @property
+    def clip_norm(self) -> float:
+        return self.mechanism.clip_norm
+
+    @property
+    def max_participations(self) -> int | None:
+        return self.mechanism.max_participations
+
+    @property
+    def min_separation(self) -> int:
+        return self.mechanism.min_separation
+
+    @property
+    def sampling_rate(self) -> float | None:
+        return self.mechanism.sampling_rate
+
+    @property
+    def server_lr(self) -> float:
+        return self.optimizer.lr
+
+    @property
+    def momentum(self) -> float:
+        return self.optimizer.momentum
 
     # -- set-up ------------------------------------------------------------------------------
-    def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
-        """The run's noise multiplier: ``noise-multiplier``, or solved from ``target-rho``."""
-        if self.target_rho is None:
-            return self.noise_multiplier
-        return calibrate_to_target(
-            self.target_rho,
-            "dp-fedavg",
-            num_rounds=num_rounds,
-            max_participations=self.max_participations,
-            min_separation=self.min_separation,
-        )
-
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
-        self.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
-        self._seed = noise_seed(ctx)
-        self.buffer = None
-        if self.sampling == "poisson" and self._requested_rate is None:
-            self.sampling_rate = min(1.0, ctx.clients_per_round / ctx.num_devices)
+        if self.sampling == "poisson" and self.requested_rate is None:
+            self.mechanism.sampling_rate = min(1.0, ctx.clients_per_round / ctx.num_devices)
 
     @property
     def denominator(self) -> float:
@@ -241,47 +175,8 @@ class DPFedAvg(Strategy):
         mask = rng.random(len(eligible)) < self.sampling_rate
         return np.sort(np.asarray(eligible)[mask])
 
-    def configure_client(self, *, round: int, base: TrainConfig) -> TrainConfig:
-        from dataclasses import replace
-
-        return replace(base, clip_norm=self.clip_norm)
-
-    def noisy_average(self, round: int, batch: UpdateBatch) -> torch.Tensor:
-        """``(sum of clipped deltas + N(0, (zC)^2 I)) / denominator`` for this round."""
-        assert self._seed is not None, "setup() must be called before aggregate()"
-        std = self.noise_multiplier * self.clip_norm
-        noise = gaussian_noise(self._seed, round, batch.delta_sum.numel(), std)
-        return (batch.delta_sum + noise) / self.denominator
-
-    def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
-        # every round releases a noisy sum, even one without accepted updates
-        avg = self.noisy_average(round, batch)
-        if self.momentum > 0:
-            self.buffer = avg if self.buffer is None else self.buffer.mul(self.momentum).add_(avg)
-            step = self.buffer
-        else:
-            step = avg
-        return params + self.server_lr * step
-
     def privacy_event(self, *, round: int) -> GaussianEvent | SampledGaussianEvent:
-        if self.sampling == "poisson":
-            rate = self.sampling_rate
-            if rate is None:  # before setup: the rate is clients_per_round / num_devices
-                raise RuntimeError("dp-fedavg: the Poisson sampling rate is known after setup()")
-            return SampledGaussianEvent(
-                self.noise_multiplier, rate, max_participations=self.max_participations, min_separation=self.min_separation
-            )
-        return GaussianEvent(
-            self.noise_multiplier, max_participations=self.max_participations, min_separation=self.min_separation
-        )
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": None if self.buffer is None else self.buffer.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"buffer"}
-        if unknown:
-            raise ValueError(f"dp-fedavg state has unknown keys {sorted(unknown)}")
-        buf = state.get("buffer")
-        self.buffer = None if buf is None else torch.as_tensor(buf, dtype=torch.float32).clone()
+        if self.sampling == "poisson" and self.sampling_rate is None:
+            # before setup: the rate is clients_per_round / num_devices
+            raise RuntimeError("dp-fedavg: the Poisson sampling rate is known after setup()")
+        return self.mechanism.privacy_event(round)

@@ -31,35 +31,33 @@ needs no sampling randomness: devices may check in whenever they are available, 
 trains whoever is eligible (the per-device limit ``(k, b)`` is enforced by devices and by the
 server). The accountant uses the configured ``(k, b)``, never an observed count.
 
-State for checkpoints: the round counter and the tree's current nodes, the exact prefix sum,
-``theta_0`` and the momentum buffer. Every node's noise is a pure function of (secret seed, node),
-so a round replayed from saved state adds bit-for-bit the same noise.
+Implementation: a mechanism (``mechanism = "tree"``, the default:
+:class:`fedsim.privacy.mechanisms.TreeAggregationMechanism`) releases each round's increment of
+the noisy prefix sum, ``(X_t + N_t) - (X_{t-1} + N_{t-1})``; divided by ``n`` it is
+``S_t - S_{t-1}``, and the server optimizer (:class:`fedsim.optim.ServerOptimizer`, heavy-ball
+momentum restarted with each tree) takes the step ``theta_t = theta_{t-1} + server_lr * v_t`` of
+step 4. Another registered mechanism (``fedsim.privacy.mechanisms.MECHANISMS``) gives another
+DP-FTRL without a new strategy.
+
+State for checkpoints: the mechanism's (the tree's round counter and current nodes, the previous
+prefix noise) and the momentum buffer. Every node's noise is a pure function of (noise key,
+node), so a round replayed from saved state adds bit-for-bit the same noise.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Literal
+from typing import Literal
 
-import torch
-
-from fedsim.privacy.events import TreeAggregationEvent
-from fedsim.privacy.tree_noise import TreeNoise
-from fedsim.strategy import ParticipationLimit, Strategy, StrategyContext
-from fedsim.types import TrainConfig, UpdateBatch
-from strategies.dp_fedavg import (
-    calibrate_to_target,
-    int_at_least,
-    momentum_value,
-    noise_from_target,
-    noise_seed,
-    positive_number,
-)
+from fedsim.optim import ServerOptimizer
+from fedsim.privacy.mechanisms import build_mechanism, noise_or_target
+from fedsim.strategy import MechanismStrategy, ParticipationLimit
 
 __all__ = ["DPFTRL"]
 
+_DEFAULT_OPTIONS = {"estimator": "efficient", "restart_every": None}
 
-class DPFTRL(Strategy):
+
+class DPFTRL(MechanismStrategy):
     """DP-FTRL with tree-aggregation noise, participation limits and server momentum.
 
     Parameters
@@ -85,6 +83,8 @@ class DPFTRL(Strategy):
         Restart the tree every ``E`` rounds, or ``None`` for one tree over the whole run.
     estimator:
         ``"efficient"`` (Honaker, lower variance, same privacy) or ``"vanilla"``.
+    mechanism:
+        Registered correlated-noise mechanism (``"tree"``, the default).
     """
 
     name = "dp-ftrl"
@@ -101,106 +101,47 @@ class DPFTRL(Strategy):
         restart_every: int | None = None,
         estimator: Literal["vanilla", "efficient"] = "efficient",
         target_rho: float | None = None,
+        mechanism: str = "tree",
     ) -> None:
-        z, self.target_rho = noise_from_target(noise_multiplier, target_rho)
-        self.noise_multiplier: float = 1.0 if z is None else z  # solved in setup() from target-rho
-        self.clip_norm = positive_number("clip-norm", clip_norm)
-        self.server_lr = positive_number("server-lr", server_lr)
-        self.momentum = momentum_value(momentum)
-        self.max_participations = int_at_least("max-participations", max_participations, 1)
-        self.min_separation = int_at_least("min-separation", min_separation, 0)
-        self.restart_every = int_at_least("restart-every", restart_every, 1, optional=True)
-        if estimator not in ("vanilla", "efficient"):
-            raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
-        self.estimator: Literal["vanilla", "efficient"] = estimator
-        self.tree: TreeNoise | None = None
-        self.prefix_sum: torch.Tensor | None = None
-        self.init_params: torch.Tensor | None = None
-        self.buffer: torch.Tensor | None = None
-
-    # -- set-up ------------------------------------------------------------------------------
-    def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
-        """The run's noise multiplier: ``noise-multiplier``, or solved from ``target-rho``."""
-        if self.target_rho is None:
-            return self.noise_multiplier
-        return calibrate_to_target(
-            self.target_rho,
-            "dp-ftrl",
-            num_rounds=num_rounds,
-            max_participations=self.max_participations,
-            min_separation=self.min_separation,
-            restart_every=self.restart_every,
+        z, self.target_rho = noise_or_target(noise_multiplier, target_rho)
+        self.mechanism = build_mechanism(
+            mechanism,
+            {"estimator": estimator, "restart_every": restart_every},
+            _DEFAULT_OPTIONS,
+            noise_multiplier=z,
+            clip_norm=clip_norm,
+            max_participations=max_participations,
+            min_separation=min_separation,
         )
+        self.optimizer = ServerOptimizer(server_lr, momentum)
+        self.mechanism_name = mechanism
+        self.restart_every = restart_every
+        self.estimator = estimator
 
-    def setup(self, ctx: StrategyContext) -> None:
-        super().setup(ctx)
-        self.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
-        self.tree = TreeNoise(
-            ctx.num_params,
-            self.noise_multiplier * self.clip_norm,
-            noise_seed(ctx),
-            estimator=self.estimator,
-            restart_every=self.restart_every,
-        )
-        self.prefix_sum = torch.zeros(ctx.num_params, dtype=torch.float32)
-        self.buffer = torch.zeros(ctx.num_params, dtype=torch.float32)
-        self.init_params = None
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    @property
+    def clip_norm(self) -> float:
+        return self.mechanism.clip_norm
+
+    @property
+    def max_participations(self) -> int:
+        assert self.mechanism.max_participations is not None
+        return self.mechanism.max_participations
+
+    @property
+    def min_separation(self) -> int:
+        return self.mechanism.min_separation
+
+    @property
+    def server_lr(self) -> float:
+        return self.optimizer.lr
+
+    @property
+    def momentum(self) -> float:
+        return self.optimizer.momentum
 
     def participation_limit(self) -> ParticipationLimit:
         return ParticipationLimit(max_participations=self.max_participations, min_separation=self.min_separation)
-
-    def configure_client(self, *, round: int, base: TrainConfig) -> TrainConfig:
-        return replace(base, clip_norm=self.clip_norm)
-
-    # -- a round -----------------------------------------------------------------------------
-    def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
-        """One DP-FTRLM step; rounds must come in order (restore state to replay one)."""
-        tree = self.tree
-        assert tree is not None and self.prefix_sum is not None and self.buffer is not None, (
-            "setup() must be called before aggregate()"
-        )
-        if round != tree.next_round:
-            raise ValueError(
-                f"dp-ftrl expects round {tree.next_round}, got {round}; "
-                "to replay a round, restore the strategy state saved before it"
-            )
-        if tree.is_restart(round):
-            self.init_params = params.detach().clone()
-            self.prefix_sum.zero_()
-            self.buffer.zero_()
-        assert self.init_params is not None
-        # the exact prefix sum of clipped deltas plus the tree's noise-only prefix estimate
-        self.prefix_sum.add_(batch.delta_sum)
-        noise = tree.step(round)
-        noisy_prefix = (self.prefix_sum + noise) / float(self.ctx.clients_per_round)
-        self.buffer.mul_(self.momentum).add_(noisy_prefix)
-        return self.init_params + self.server_lr * self.buffer
-
-    def privacy_event(self, *, round: int) -> TreeAggregationEvent:
-        return TreeAggregationEvent(
-            self.noise_multiplier,
-            max_participations=self.max_participations,
-            min_separation=self.min_separation,
-            restart_every=self.restart_every,
-        )
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        assert self.tree is not None and self.prefix_sum is not None and self.buffer is not None
-        return {
-            "tree": self.tree.state_dict(),
-            "prefix_sum": self.prefix_sum.clone(),
-            "buffer": self.buffer.clone(),
-            "init_params": None if self.init_params is None else self.init_params.clone(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.tree is not None, "setup() must be called before load_state_dict()"
-        expected = {"tree", "prefix_sum", "buffer", "init_params"}
-        if set(state) != expected:
-            raise ValueError(f"dp-ftrl state needs keys {sorted(expected)}, got {sorted(state)}")
-        self.tree.load_state_dict(state["tree"])
-        self.prefix_sum = torch.as_tensor(state["prefix_sum"], dtype=torch.float32).clone()
-        self.buffer = torch.as_tensor(state["buffer"], dtype=torch.float32).clone()
-        init = state["init_params"]
-        self.init_params = None if init is None else torch.as_tensor(init, dtype=torch.float32).clone()

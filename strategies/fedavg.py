@@ -11,6 +11,7 @@ import torch
 
 from fedsim.strategy import Strategy
 from fedsim.types import UpdateBatch
+from fedsim.validation import positive_number
 
 
 class FedAvg(Strategy):
@@ -26,9 +27,7 @@ class FedAvg(Strategy):
     weighting = "examples"
 
     def __init__(self, server_lr: float = 1.0) -> None:
-        if not server_lr > 0:
-            raise ValueError(f"server-lr must be > 0, got {server_lr}")
-        self.server_lr = float(server_lr)
+        self.server_lr = positive_number("server-lr", server_lr)
 
     def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
         if batch.num_updates == 0 or batch.weight_sum <= 0:

@@ -110,8 +110,8 @@ def matmul_gflops(threads: int, size: int = 1024, repeats: int = 7) -> float:
 
 def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
     """The in-process engine: full rounds, plus training alone on data generated beforehand."""
+    from fedsim import seeds as seeds_mod
     from fedsim.engine import Simulation
-    from fedsim.engine import seeds as seeds_mod
     from fedsim.engine.aggregation import UpdateAccumulator
     from fedsim.scenario import scenario_from_dict
     from fedsim.types import ClientTask
@@ -172,8 +172,8 @@ def _worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
     """The obvious per-client loop: deepcopy, torch.optim.SGD, backward, running sum."""
     from torch.nn import functional as F
 
+    from fedsim import seeds as seeds_mod
     from fedsim.data import SyntheticData
-    from fedsim.engine import seeds as seeds_mod
     from fedsim.models import build_model
 
     torch.set_num_threads(spec["threads"])

@@ -65,7 +65,7 @@ class CohortWorker:
 
     def train(self, params: torch.Tensor, round: int, device_ids: np.ndarray, config: TrainConfig) -> list[CohortChunk]:
         """Train one block of devices for ``round``; the chunks the in-process engine would get."""
-        from fedsim.engine import seeds
+        from fedsim import seeds
 
         seed = self.scenario.seed
         tasks = []

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fedsim import seeds
 from fedsim.client import TRAINERS, ClientTrainer
 from fedsim.data import (
     PartitionedData,
@@ -35,7 +36,6 @@ from fedsim.data import (
     load_digits,
 )
 from fedsim.data.federated import FederatedData
-from fedsim.engine import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.allocator import keep_freed_memory
 from fedsim.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, resume_from_checkpoint
@@ -49,7 +49,7 @@ from fedsim.population import (
     Population,
 )
 from fedsim.scenario import Scenario
-from fedsim.strategy import STRATEGIES, Strategy, StrategyContext
+from fedsim.strategy import STRATEGIES, Strategy, StrategyContext, simulation_noise_source
 from fedsim.types import ClientTask, TrainConfig, UpdateBatch
 
 
@@ -166,6 +166,7 @@ class Simulation:
                 clients_per_round=scenario.clients_per_round,
                 seed=scenario.seed,
                 base_train_config=self.base_config,
+                noise=simulation_noise_source(scenario.seed),
             )
         )
         self.population = Population(self.data, build_availability(scenario), self.strategy.participation_limit())

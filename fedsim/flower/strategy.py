@@ -48,7 +48,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from fedsim.engine import seeds
+from fedsim import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.simulation import RunResult, Simulation
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections

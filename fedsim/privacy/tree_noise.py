@@ -58,8 +58,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fedsim.privacy.noise import TAG_ROUND, TAG_TREE, NoiseSource
+
 __all__ = [
+    "Source",
     "TreeNoise",
+    "as_source",
     "decomposition",
     "efficient_node_variance",
     "gaussian_noise",
@@ -68,12 +72,20 @@ __all__ = [
     "prefix_variance",
 ]
 
-#: Domain separation of the noise streams derived from one secret seed.
-_TAG_TREE_NODE = 0x54524545  # "TREE"
-_TAG_ROUND = 0x524F554E  # "ROUN"
-
 Estimator = Literal["vanilla", "efficient"]
 Node = tuple[int, int]
+#: Where the noise comes from: a :class:`~fedsim.privacy.noise.NoiseSource`, or an integer seed
+#: (shorthand for ``NoiseSource.from_seed(seed)``).
+Source = NoiseSource | int
+
+
+def as_source(seed: Source) -> NoiseSource:
+    """``seed`` as a :class:`~fedsim.privacy.noise.NoiseSource`."""
+    if isinstance(seed, NoiseSource):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"a noise seed is a NoiseSource or a non-negative integer, got {seed!r}")
+    return NoiseSource.from_seed(int(seed))
 
 
 def _check_common(num_params: int, std: float) -> None:
@@ -83,20 +95,18 @@ def _check_common(num_params: int, std: float) -> None:
         raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
 
 
-def _normal(seed_words: list[int], num_params: int, std: float) -> torch.Tensor:
-    state = np.random.SeedSequence(seed_words).generate_state(1, np.uint64)
-    gen = torch.Generator().manual_seed(int(state[0]))
-    out = torch.randn(num_params, generator=gen, dtype=torch.float32)
+def _normal(source: NoiseSource, words: tuple[int, ...], num_params: int, std: float) -> torch.Tensor:
+    out = source.normal(words, num_params)
     return out.mul_(std) if std != 1.0 else out
 
 
-def gaussian_noise(seed: int, round: int, num_params: int, std: float) -> torch.Tensor:
+def gaussian_noise(seed: Source, round: int, num_params: int, std: float) -> torch.Tensor:
     """``N(0, std**2 I)`` noise of one round: a pure function of ``(seed, round)``.
 
     Parameters
     ----------
     seed:
-        The secret noise seed (non-negative integer).
+        The noise source (or an integer seed for it).
     round:
         0-based round index.
     num_params:
@@ -107,16 +117,16 @@ def gaussian_noise(seed: int, round: int, num_params: int, std: float) -> torch.
     _check_common(num_params, std)
     if round < 0:
         raise ValueError(f"round must be >= 0, got {round}")
-    return _normal([int(seed), _TAG_ROUND, int(round)], int(num_params), float(std))
+    return _normal(as_source(seed), (TAG_ROUND, int(round)), int(num_params), float(std))
 
 
-def node_noise(seed: int, node: Node, num_params: int, std: float) -> torch.Tensor:
+def node_noise(seed: Source, node: Node, num_params: int, std: float) -> torch.Tensor:
     """``N(0, std**2 I)`` noise of one tree node ``(start, end)``: a pure function of both."""
     _check_common(num_params, std)
     start, end = int(node[0]), int(node[1])
     if not 0 <= start < end:
         raise ValueError(f"a tree node is a non-empty round interval [start, end), got {node!r}")
-    return _normal([int(seed), _TAG_TREE_NODE, start, end], int(num_params), float(std))
+    return _normal(as_source(seed), (TAG_TREE, start, end), int(num_params), float(std))
 
 
 def _check_restart(restart_every: int | None) -> None:
@@ -174,7 +184,7 @@ def prefix_variance(round: int, *, estimator: Estimator = "vanilla", restart_eve
     raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
 
 
-def _efficient_estimate(seed: int, node: Node, num_params: int, std: float) -> torch.Tensor:
+def _efficient_estimate(seed: Source, node: Node, num_params: int, std: float) -> torch.Tensor:
     """Bottom-up efficient estimate of one node from its whole subtree (recomputed from scratch)."""
     own = node_noise(seed, node, num_params, std)
     h = _height(node)
@@ -188,7 +198,7 @@ def _efficient_estimate(seed: int, node: Node, num_params: int, std: float) -> t
 
 
 def prefix_noise(
-    seed: int,
+    seed: Source,
     round: int,
     num_params: int,
     std: float,
@@ -202,6 +212,7 @@ def prefix_noise(
     computation is an optimisation of this pure function of ``(seed, round)``.
     """
     nodes = decomposition(round, restart_every)
+    seed = as_source(seed)
     if estimator == "vanilla":
         values = [node_noise(seed, n, num_params, std) for n in nodes]
     elif estimator == "efficient":
@@ -228,7 +239,8 @@ class TreeNoise:
     std:
         Noise standard deviation per node and coordinate, ``z * C`` (noise on sums).
     seed:
-        The secret noise seed; every node's noise is a pure function of it and the node.
+        The noise source (or an integer seed for it); every node's noise is a pure function of
+        the source's key and the node.
     estimator:
         ``"vanilla"``: sum of the decomposition's node noises; ``"efficient"``: Honaker's
         lower-variance estimate of each node (same privacy, see the module docstring).
@@ -243,7 +255,7 @@ class TreeNoise:
         self,
         num_params: int,
         std: float,
-        seed: int,
+        seed: Source,
         *,
         estimator: Estimator = "vanilla",
         restart_every: int | None = None,
@@ -254,7 +266,7 @@ class TreeNoise:
             raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
         self.num_params = int(num_params)
         self.std = float(std)
-        self.seed = int(seed)
+        self.source = as_source(seed)
         self.estimator: Estimator = estimator
         self.restart_every = None if restart_every is None else int(restart_every)
         self.next_round = 0
@@ -299,17 +311,17 @@ class TreeNoise:
             self._nodes.pop()
             self._values.pop()
         self._nodes.append(new)
-        self._values.append(node_noise(self.seed, new, self.num_params, self.std))
+        self._values.append(node_noise(self.source, new, self.num_params, self.std))
 
     def _step_efficient(self, round: int) -> None:
         node: Node = (round, round + 1)
-        value = node_noise(self.seed, node, self.num_params, self.std)
+        value = node_noise(self.source, node, self.num_params, self.std)
         while self._nodes and _height(self._nodes[-1]) == _height(node):
             left, left_value = self._nodes.pop(), self._values.pop()
             parent = (left[0], node[1])
             a = _honaker_weight(_height(parent))
             children = left_value.add_(value)
-            value = node_noise(self.seed, parent, self.num_params, self.std).mul_(a).add_(children, alpha=1.0 - a)
+            value = node_noise(self.source, parent, self.num_params, self.std).mul_(a).add_(children, alpha=1.0 - a)
             node = parent
         self._nodes.append(node)
         self._values.append(value)
