@@ -1,5 +1,5 @@
 """Command line: ``fedsim run SCENARIO``, ``fedsim run --resume RUN_DIR``, ``fedsim privacy ...``,
-``fedsim sweep SCENARIO --grid KEY=V1,V2 ...`` (:mod:`fedsim.sweep`).
+``fedsim sweep SCENARIO --grid KEY=V1,V2 ...`` (:mod:`fedsim.sweep`), ``fedsim audit RUN_DIR``.
 
 Bad input never produces a traceback: it is one line ``error: <where>: <what is allowed>`` on
 stderr and exit code 2.
@@ -145,6 +145,13 @@ def _summary_text(s: dict, run_dir: object) -> str:
         lines.append(f"epsilon      {s['epsilon']:.3f} at delta={s['delta']:g} (epsilon_rdp {s['epsilon_rdp']:.3f})")
     else:
         lines.append("privacy      none (no DP strategy)")
+    audit = s.get("audit")
+    if audit is not None:
+        lo, hi = audit["ci"]
+        lines.append(
+            f"empirical    epsilon {audit['epsilon']:.3f} [{lo:.3f}, {hi:.3f}] ({audit['threat_model']}, "
+            f"{audit['canaries']} canaries; fedsim audit RUN_DIR for the report)"
+        )
     if s.get("rejected"):
         lines.append("rejected     " + ", ".join(f"{k}={v}" for k, v in s["rejected"].items()))
     lines.append(f"wall time    {s['wall_time_s']:.1f} s")
@@ -165,7 +172,40 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsim.sweep import add_parser as _add_sweep
 
     _add_sweep(sub)
+    _add_audit(sub)
     return parser
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="empirical privacy estimate of a finished run with canaries ([audit] canaries = N)",
+        description="Recompute a finished run's one-shot empirical epsilon (Andrew et al., ICLR 2024) from "
+        "its saved canary directions (RUN_DIR/secret/canaries.pt) and its released model, for both threat "
+        "models, next to the formal epsilon (docs/audit.md).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written with [audit] canaries = N")
+    p.add_argument(
+        "--threat-model",
+        choices=("final-model", "all-iterates"),
+        help="the estimate reported first (default: the run's [audit] threat-model)",
+    )
+    p.add_argument("--bootstrap", type=int, default=200, metavar="B", help="bootstrap resamples for the interval (200)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedsim.engine.canaries import audit_run, format_report
+
+    if args.bootstrap < 0:
+        raise FedsimError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
+    report = audit_run(args.run_dir, threat_model=args.threat_model, num_bootstrap=args.bootstrap)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -127,13 +127,24 @@ class Population:
     limit:
         Participation limit enforced by every device (``device_memory``) and by the server
         (``server_ledger``), or ``None``.
+    extra_devices:
+        Devices without local data after the real ones (the audit's canary clients).
     """
 
-    def __init__(self, data: FederatedData, availability: Availability, limit: ParticipationLimit | None) -> None:
+    def __init__(
+        self,
+        data: FederatedData,
+        availability: Availability,
+        limit: ParticipationLimit | None,
+        *,
+        extra_devices: int = 0,
+    ) -> None:
         self.data = data
         self.availability = availability
         self.limit = limit
-        self.num_devices = data.num_devices
+        #: real devices plus ``extra_devices`` (canary clients, ids after the real ones) that check
+        #: in and are limited like any device
+        self.num_devices = data.num_devices + extra_devices
         self.device_memory = ParticipationLedger(self.num_devices, limit)
         self.server_ledger = ParticipationLedger(self.num_devices, limit)
 

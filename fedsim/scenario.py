@@ -215,6 +215,30 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: canary clients for the one-shot empirical privacy estimate (docs/audit.md).
+
+    ``canaries`` (0 = off) canary clients join the population as extra devices under the same
+    participation limits and clipping; as many further canary directions are never inserted.
+    ``threat-model`` is the estimate reported first (both are computed): ``"final-model"`` (the
+    adversary sees the final model) or ``"all-iterates"`` (every round's model). ``canary-norm``
+    is the L2 norm of a canary's update: the round's clip bound when omitted (1.0 for strategies
+    that do not clip).
+    """
+
+    canaries: int = 0
+    threat_model: Literal["final-model", "all-iterates"] = "final-model"
+    canary_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("canaries", self.canaries, 0)
+        if self.canaries == 1:
+            raise ScenarioError("must be 0 (off) or >= 2 (a Gaussian is fitted to the canaries), got 1", key="canaries")
+        if self.canary_norm is not None:
+            _positive("canary-norm", self.canary_norm)
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole, validated scenario."""
 
@@ -231,6 +255,7 @@ class Scenario:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -244,6 +269,7 @@ class Scenario:
                 f"must be <= data.num-devices ({self.data.num_devices}), got {self.clients_per_round}",
                 key="clients-per-round",
             )
+        _check_canary_capacity(self)
         if not self.output_dir:
             object.__setattr__(self, "output_dir", f"runs/{self.name}")
 
@@ -262,6 +288,29 @@ class Scenario:
         for section, key in (("strategy", "name"), ("client", "trainer")):
             out[section][key] = _resolved_plugin(out[section][key], self.base_dir)
         return out
+
+
+def _check_canary_capacity(scenario: Scenario) -> None:
+    """Canaries are extra devices: they must not outnumber the real devices, and all of them
+    must fit, at least once each, into half of the run's cohort slots (``rounds`` x
+    ``clients-per-round``), so that real devices keep the majority of every run's updates."""
+    n = scenario.audit.canaries
+    if n == 0:
+        return
+    devices = scenario.data.num_devices
+    if n > devices:
+        raise ScenarioError(
+            f"{n} canaries cannot be carried by a population of {devices} devices "
+            f"(canaries are extra devices under the same limits; at most data.num-devices = {devices})",
+            key="audit.canaries",
+        )
+    slots = scenario.rounds * scenario.clients_per_round
+    if n > slots // 2:
+        raise ScenarioError(
+            f"{n} canaries do not fit: the run has {scenario.rounds} x {scenario.clients_per_round} = {slots} "
+            f"cohort slots and canaries may take at most half of them (at most {slots // 2} canaries)",
+            key="audit.canaries",
+        )
 
 
 def _resolved_plugin(name: str, base_dir: Path) -> str:

@@ -315,6 +315,7 @@ def snapshot(sim: Simulation) -> dict[str, Any]:
         "rejected": dict(sim.rejected),
         "metrics": _metrics_position(sim),
         "rng": {"torch": torch.get_rng_state()},
+        "audit": sim.canaries.state_dict() if getattr(sim, "canaries", None) is not None else None,
     }
 
 
@@ -366,6 +367,8 @@ def restore(sim: Simulation, state: dict[str, Any], ckpt: Path) -> None:
     sim.rejected.clear()
     sim.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
     torch.set_rng_state(state["rng"]["torch"])
+    if state.get("audit") is not None and getattr(sim, "canaries", None) is not None:
+        sim.canaries.load_state_dict(state["audit"])
     sim.next_round = int(state["round"])
     sim.metrics = sim.run_dir.read_metrics() if sim.run_dir is not None else []
 

@@ -94,8 +94,12 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(_clean(data), indent=2) + "\n")
 
-    def plot(self, rows: list[dict[str, Any]], title: str) -> Path:
-        """Write ``metrics.png``: accuracy and loss (and rho when present) against round."""
+    def plot(self, rows: list[dict[str, Any]], title: str, audit: dict[str, Any] | None = None) -> Path:
+        """Write ``metrics.png``: accuracy and loss (and rho when present) against round.
+
+        Audited runs get a fourth panel: formal epsilon and the empirical estimate per round, and
+        the final estimate's interval (``audit``: ``summary.json["audit"]``).
+        """
         import matplotlib
 
         matplotlib.use("Agg")
@@ -103,10 +107,13 @@ class RunDir:
 
         rounds = [r["round"] for r in rows]
         has_rho = any(r.get("rho") is not None for r in rows)
-        ncols = 3 if has_rho else 2
+        has_audit = any(r.get("audit_epsilon") is not None for r in rows)
+        ncols = 2 + has_rho + has_audit
         fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
         series = [("accuracy", "test accuracy"), ("loss", "test loss")] + ([("rho", "rho (zCDP)")] if has_rho else [])
-        for ax, (key, label) in zip(axes, series, strict=True):
+        if has_audit:
+            _plot_epsilons(axes[-1], rows, audit)
+        for ax, (key, label) in zip(axes, series, strict=False):
             pts = [(x, r[key]) for x, r in zip(rounds, rows, strict=True) if r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts, strict=True)
@@ -119,3 +126,24 @@ class RunDir:
         fig.savefig(out, dpi=110)
         plt.close(fig)
         return out
+
+
+def _plot_epsilons(ax: Any, rows: list[dict[str, Any]], audit: dict[str, Any] | None) -> None:
+    """Formal vs empirical epsilon against round (the audit panel of ``metrics.png``)."""
+    for key, label in (("epsilon", "formal epsilon"), ("audit_epsilon", "empirical epsilon")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, label=label)
+    if audit is not None:
+        lo, hi = audit["ci"]
+        last = rows[-1]["round"]
+        if math.isfinite(audit["epsilon"]) and math.isfinite(hi):
+            ax.errorbar(
+                [last], [audit["epsilon"]], yerr=[[audit["epsilon"] - lo], [hi - audit["epsilon"]]],
+                fmt="o", color="C1", capsize=3, label=f"{audit['threat_model']} ({audit['confidence']:.0%} CI)",
+            )
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"epsilon (delta = {audit['delta']:g})" if audit else "epsilon")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)

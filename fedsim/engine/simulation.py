@@ -38,6 +38,7 @@ from fedsim.data import (
 from fedsim.data.federated import FederatedData
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.allocator import keep_freed_memory
+from fedsim.engine.canaries import CanaryClients
 from fedsim.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, resume_from_checkpoint
 from fedsim.engine.rundir import RunDir
 from fedsim.models import build_model, get_flat, num_params, set_flat
@@ -73,15 +74,39 @@ def build_data(scenario: Scenario) -> FederatedData:
     return PartitionedData(dataset, parts)
 
 
-def build_availability(scenario: Scenario) -> Availability:
+def build_availability(scenario: Scenario, *, extra_devices: int = 0) -> Availability:
+    """The scenario's availability model (for its devices plus ``extra_devices`` canaries)."""
     cfg = scenario.population
     if cfg.availability == "bernoulli":
         return BernoulliAvailability(cfg.check_in_prob)
     if cfg.availability == "diurnal":
         return DiurnalAvailability(
-            cfg.check_in_prob, cfg.amplitude, cfg.period, num_devices=scenario.data.num_devices, seed=scenario.seed
+            cfg.check_in_prob,
+            cfg.amplitude,
+            cfg.period,
+            num_devices=scenario.data.num_devices + extra_devices,
+            seed=scenario.seed,
         )
     return AlwaysAvailable()
+
+
+def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, source: Any) -> CanaryClients | None:
+    """The run's canary clients (``[audit] canaries``), or ``None``."""
+    cfg = scenario.audit
+    if cfg.canaries == 0:
+        return None
+    sample = np.linspace(0, data.num_devices - 1, num=min(data.num_devices, 1000)).astype(np.int64)
+    examples = int(round(float(np.mean([data.num_examples(int(d)) for d in sample]))))
+    return CanaryClients(
+        cfg.canaries,
+        num_params=num_params,
+        first_id=data.num_devices,
+        source=source,
+        threat_model=cfg.threat_model,
+        delta=scenario.privacy.delta,
+        canary_norm=cfg.canary_norm,
+        examples=examples,
+    )
 
 
 def build_strategy(scenario: Scenario) -> Strategy:
@@ -169,7 +194,15 @@ class Simulation:
                 noise=simulation_noise_source(scenario.seed),
             )
         )
-        self.population = Population(self.data, build_availability(scenario), self.strategy.participation_limit())
+        # [audit]: canary clients are extra devices (ids after the real ones), see fedsim.engine.canaries
+        self.canaries = build_canaries(scenario, self.data, self.params.numel(), self._noise_source())
+        extra = self.canaries.count if self.canaries is not None else 0
+        self.population = Population(
+            self.data,
+            build_availability(scenario, extra_devices=extra),
+            self.strategy.participation_limit(),
+            extra_devices=extra,
+        )
         # the trainer gets its own copy of the model so evaluation never disturbs it
         self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data))
         # backend = "ray": the same round loop, cohort training sharded over Ray actors
@@ -189,6 +222,12 @@ class Simulation:
             self.checkpointer = Checkpointer(
                 self.run_dir.path / CHECKPOINT_DIR, scenario.checkpoint.every, scenario.checkpoint.keep
             )
+
+    def _noise_source(self) -> Any:
+        """The run's secret noise source (canary directions are drawn from it, tag TAG_AUDIT)."""
+        from fedsim.privacy.noise import NoiseSource
+
+        return NoiseSource.from_seed(seeds.derived_seed(self.scenario.seed, seeds.STREAM_NOISE))
 
     def resume(self) -> int:
         """Continue from the newest usable checkpoint in the run directory.
@@ -251,10 +290,15 @@ class Simulation:
             keep_individual=self.strategy.needs_individual_updates,
             max_norm=sc.engine.max_update_norm,
         )
+        real = cohort
+        if self.canaries is not None:
+            real, canary_ids = self.canaries.split(cohort)
+            if len(canary_ids):  # canary updates: validated and summed like any device's
+                acc.add(self.canaries.chunk(round, canary_ids, config.clip_norm))
         if self.ray is not None:
-            chunks = self.ray.train_cohort(self.params, round, cohort, config, chunk_size=sc.engine.chunk_size)
+            chunks = self.ray.train_cohort(self.params, round, real, config, chunk_size=sc.engine.chunk_size)
         else:
-            chunks = self.trainer.train_cohort(self.params, self._tasks(round, cohort), config, chunk_size=sc.engine.chunk_size)
+            chunks = self.trainer.train_cohort(self.params, self._tasks(round, real), config, chunk_size=sc.engine.chunk_size)
         for chunk in chunks:
             acc.add(chunk)
         row, _ = self.finish_round(round, event=event, eligible=eligible, contributed=cohort, acc=acc)
@@ -282,7 +326,11 @@ class Simulation:
         batch = acc.result()
         self.rejected.update(batch.rejected)
         start = self.params if params is None else params
+        if self.canaries is not None:
+            self.canaries.start(start)
         self.params = self.strategy.aggregate(round=round, params=start, batch=batch).detach()
+        if self.canaries is not None:
+            self.canaries.record_round(start, self.params, acc.accepted)
         report = None
         if event is not None:
             ledger, accountant = self._privacy()
@@ -301,6 +349,8 @@ class Simulation:
             epsilon_rdp=getattr(report, "epsilon_rdp", None),
             delta=getattr(report, "delta", None),
         )
+        if self.canaries is not None:
+            row["audit_epsilon"] = self.canaries.quick_epsilon(self.params)
         return row, batch
 
     def run(self) -> RunResult:
@@ -367,6 +417,10 @@ class Simulation:
         example = self.trainer.example_privacy()
         if example is not None:
             summary["example_level"] = example
+        if self.canaries is not None and self.next_round > 0:
+            summary["audit"] = self.canaries.report(
+                self.params, formal={"rho": summary["rho"], "epsilon": summary["epsilon"]}
+            )
         if self.run_dir is not None:
             set_flat(self.model, self.params)
             torch.save(
@@ -382,8 +436,10 @@ class Simulation:
             )
             if self.ledger is not None:
                 self.run_dir.write_json("ledger.json", self.ledger.to_json())
+            if self.canaries is not None and self.next_round > 0:
+                self.canaries.save(self.run_dir.path, self.params)
             self.run_dir.write_json("summary.json", summary)
-            self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})")
+            self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})", summary.get("audit"))
         return RunResult(self.run_dir.path if self.run_dir else None, self.params, self.metrics, summary, self.ledger, dict(self.rejected))
 
 
@@ -395,9 +451,9 @@ def _with_round(config: TrainConfig, round: int) -> TrainConfig:
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:
     out = {}
-    for key in ("accuracy", "loss", "rho", "epsilon"):
+    for key, short in (("accuracy", "acc"), ("loss", "los"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")):
         if row.get(key) is not None:
-            out[key[:3] if key != "epsilon" else "eps"] = f"{row[key]:.4g}"
+            out[short] = f"{row[key]:.4g}"
     out["clients"] = str(row["clients"])
     return out
 
