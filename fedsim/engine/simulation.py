@@ -183,6 +183,7 @@ class Simulation:
             local_epochs=scenario.client.local_epochs,
             batch_size=scenario.client.batch_size,
         )
+        self.noise = simulation_noise_source(scenario.seed)
         self.strategy.setup(
             StrategyContext(
                 num_params=num_params(self.model),
@@ -191,7 +192,7 @@ class Simulation:
                 clients_per_round=scenario.clients_per_round,
                 seed=scenario.seed,
                 base_train_config=self.base_config,
-                noise=simulation_noise_source(scenario.seed),
+                noise=self.noise,
             )
         )
         # [audit]: canary clients are extra devices (ids after the real ones), see fedsim.engine.canaries
@@ -225,9 +226,7 @@ class Simulation:
 
     def _noise_source(self) -> Any:
         """The run's secret noise source (canary directions are drawn from it, tag TAG_AUDIT)."""
-        from fedsim.privacy.noise import NoiseSource
-
-        return NoiseSource.from_seed(seeds.derived_seed(self.scenario.seed, seeds.STREAM_NOISE))
+        return self.noise
 
     def resume(self) -> int:
         """Continue from the newest usable checkpoint in the run directory.
