@@ -7,12 +7,16 @@ Run with ``python scripts/bench_privacy.py``. It prints:
 * ``S_n`` for every prefix n = 1..2000 in one pass;
 * a simulated 2000-round run that asks the accountant for a report after every
   round (plus a budget-guard ``report_with`` before each round);
-* a few other configurations, and the ``fedsim privacy`` command end to end.
+* a few other configurations, and the ``fedsim privacy`` command end to end;
+* matrix-factorization DP-FTRL: the BLT and banded optimisers at the Gboard parameters, a
+  2000-round BLT run's per-round accounting, and the server's noise per round (ms and state
+  memory) of the tree, BLT and banded streams for a 1.3M-parameter model (``--params``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -20,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 from fedsim.privacy import accountant as accountant_module  # noqa: E402
 from fedsim.privacy import sensitivity  # noqa: E402
@@ -43,9 +49,102 @@ def _timed(fn, repeat: int = 1):
     return value, best
 
 
+def _state_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def bench_server_noise(num_params: int, rounds: int, warmup: int = 3) -> None:
+    """ms per round and state memory of each DP-FTRL noise stream for a ``num_params`` model."""
+    from fedsim.privacy import matrix_factorization as mf
+    from fedsim.privacy.noise import NoiseKey, NoiseSource
+    from fedsim.privacy.tree_noise import TreeNoise
+
+    torch.set_num_threads(1)
+    source = NoiseSource(NoiseKey.generate())
+    T, k, b = 2000, 6, 313
+    blt = mf.optimize_blt(T, k, b, 3)
+    band14 = mf.optimize_banded(100, 7, 13)  # scenarios/dp_ftrl.toml: b = 13, 14 bands
+    streams = [
+        ("one Gaussian draw (baseline)", None),
+        ("tree, vanilla", TreeNoise(num_params, 1.0, source, estimator="vanilla")),
+        ("tree, efficient", TreeNoise(num_params, 1.0, source, estimator="efficient")),
+        ("BLT, 3 buffers (Gboard-optimised)", mf.BLTNoise(blt, num_params, 1.0, source)),
+        ("banded, 14 bands (dp_ftrl.toml)", mf.BandedNoise(band14, num_params, 1.0, source)),
+    ]
+    print(f"Server noise per round, {num_params / 1e6:.1f}M parameters, one thread "
+          f"(mean of rounds {warmup}..{warmup + rounds - 1}):")
+    for label, stream in streams:
+        times = []
+        for t in range(warmup + rounds):
+            start = time.perf_counter()
+            if stream is None:
+                source.normal((0x42454E43, t), num_params)
+            else:
+                stream.step(t)
+            if t >= warmup:
+                times.append(time.perf_counter() - start)
+        mem = 0 if stream is None else _state_bytes(stream.state_dict())
+        note = ""
+        if isinstance(stream, TreeNoise):
+            note = f"  (after {warmup + rounds} rounds; at most log2(T) + 1 = 12 nodes at T = 2000)"
+        print(f"  {label:<36} {1e3 * sum(times) / len(times):8.2f} ms/round   state "
+              f"{mem / 2**20:8.1f} MiB{note}")
+    print(f"  banded with 314 bands (Gboard b = 313) would hold 313 vectors: "
+          f"{313 * num_params * 4 / 2**20:.0f} MiB")
+
+
+def bench_mf_planning() -> None:
+    """Optimiser and accountant cost of the matrix-factorization mechanisms (Gboard parameters)."""
+    from fedsim.privacy import matrix_factorization as mf
+    from fedsim.privacy.accountant import mf_sensitivity_sq
+    from fedsim.privacy.events import MatrixFactorizationEvent
+
+    T, k, b, z, delta = 2000, 6, 313, 4.03, 1e-10
+    print(f"Matrix factorization at T={T}, k={k}, b={b}:")
+    mf.optimize_blt.cache_clear()
+    blt, t_blt = _timed(lambda: mf.optimize_blt(T, k, b, 3))
+    sens = mf.toeplitz_sensitivity_sq(blt.coefs(T), T, k, b).value
+    err = float(mf.prefix_variances(blt.inverse_coefs(T)).max())
+    print(f"  optimize_blt (3 buffers)     {t_blt:8.2f} s    sens^2={sens:.3f} max var={err:.3f} "
+          f"product={sens * err:.2f}")
+    mf.optimize_banded.cache_clear()
+    band, t_band = _timed(lambda: mf.optimize_banded(T, k, b))
+    sens = mf.toeplitz_sensitivity_sq(band, T, k, b).value
+    err = float(mf.prefix_variances(mf.inverse_coefs(band, T)).max())
+    print(f"  optimize_banded (314 bands)  {t_band:8.2f} s    sens^2={sens:.3f} max var={err:.3f} "
+          f"product={sens * err:.2f}")
+
+    def simulated_run():
+        ledger = PrivacyLedger()
+        acc = Accountant(delta)
+        event = MatrixFactorizationEvent(z, k, b, "blt", blt.decays + blt.scales)
+        last = None
+        for r in range(T):
+            acc.report_with(ledger, r, event)
+            ledger.record(r, event)
+            last = acc.report(ledger)
+        return last
+
+    mf_sensitivity_sq.cache_clear()
+    last, t_run = _timed(simulated_run)
+    assert last is not None and math.isfinite(last.rho)
+    print(f"  {T}-round BLT run, report_with + report every round: {t_run:.3f} s total "
+          f"({t_run / T * 1e3:.3f} ms per round), final rho={last.rho:.4f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-cli", action="store_true", help="do not time the CLI subprocess")
+    parser.add_argument("--params", type=float, default=1.3e6,
+                        help="model size for the server-noise rows (default 1.3e6)")
+    parser.add_argument("--noise-rounds", type=int, default=20,
+                        help="timed rounds per noise stream (default 20; 0 skips the rows)")
     args = parser.parse_args()
 
     T, k, b, z, delta = 2000, 6, 313, 7.0, 1e-10
@@ -110,6 +209,9 @@ def main() -> int:
         print(f"CLI `fedsim privacy dp-ftrl ... --json`: {wall:.2f} s wall (interpreter start and "
               f"imports included), exit {res.returncode}")
         print("  " + res.stdout.strip())
+    bench_mf_planning()
+    if args.noise_rounds > 0:
+        bench_server_noise(int(args.params), args.noise_rounds)
     return 0
 
 

@@ -652,18 +652,19 @@ class BLTNoise(_Stream):
     def __init__(self, blt: BLT, num_params: int, std: float, source: Any) -> None:
         super().__init__(num_params, std, source)
         self.blt = blt.check_strategy()
-        self._decays = torch.tensor(blt.decays, dtype=torch.float64)[:, None]
-        self._scales = torch.tensor(blt.scales, dtype=torch.float64)[None, :]
         self.buffers = torch.zeros(blt.num_buffers, self.num_params, dtype=torch.float64)
 
     def step(self, round: int) -> torch.Tensor:
         """The noise of ``round`` (float32, shape ``[num_params]``); rounds must come in order."""
         self._check_round(round)
-        y = self._draw(round).to(torch.float64)
-        x = y - (self._scales @ self.buffers)[0]
-        self.buffers.mul_(self._decays).add_(x)
+        x = self._draw(round).to(torch.float64)
+        # one pass per buffer and operation (a (1 x n) @ (n x P) product is several times slower)
+        for buf, scale in zip(self.buffers, self.blt.scales, strict=True):
+            x.sub_(buf, alpha=scale)
+        for buf, decay in zip(self.buffers, self.blt.decays, strict=True):
+            buf.mul_(decay).add_(x)
         self.next_round += 1
-        return (x * self.std).to(torch.float32)
+        return x.mul_(self.std).to(torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_round": self.next_round, "buffers": self.buffers.clone()}
