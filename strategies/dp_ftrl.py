@@ -54,7 +54,7 @@ from fedsim.strategy import MechanismStrategy, ParticipationLimit
 
 __all__ = ["DPFTRL"]
 
-_DEFAULT_OPTIONS = {"estimator": "efficient", "restart_every": None}
+_DEFAULT_OPTIONS = {"estimator": "efficient", "restart_every": None, "buffers": 3, "bands": None}
 
 
 class DPFTRL(MechanismStrategy):
@@ -84,7 +84,14 @@ class DPFTRL(MechanismStrategy):
     estimator:
         ``"efficient"`` (Honaker, lower variance, same privacy) or ``"vanilla"``.
     mechanism:
-        Registered correlated-noise mechanism (``"tree"``, the default).
+        Registered correlated-noise mechanism: ``"tree"`` (the default), ``"blt"`` (a buffered
+        linear Toeplitz matrix factorization) or ``"banded"`` (a banded one), see
+        :mod:`fedsim.privacy.mf_mechanisms`; the matrix factorizations choose their strategy for
+        the run's rounds and ``(k, b)``.
+    buffers:
+        ``mechanism = "blt"``: number of BLT buffers (default 3).
+    bands:
+        ``mechanism = "banded"``: band width, at most ``min_separation + 1`` (default that).
     """
 
     name = "dp-ftrl"
@@ -102,11 +109,14 @@ class DPFTRL(MechanismStrategy):
         estimator: Literal["vanilla", "efficient"] = "efficient",
         target_rho: float | None = None,
         mechanism: str = "tree",
+        buffers: int = 3,
+        bands: int | None = None,
     ) -> None:
         z, self.target_rho = noise_or_target(noise_multiplier, target_rho)
         self.mechanism = build_mechanism(
             mechanism,
-            {"estimator": estimator, "restart_every": restart_every},
+            {"estimator": estimator, "restart_every": restart_every, "buffers": buffers,
+             "bands": bands},
             _DEFAULT_OPTIONS,
             noise_multiplier=z,
             clip_norm=clip_norm,

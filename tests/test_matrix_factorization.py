@@ -16,29 +16,11 @@ import pytest
 import torch
 
 from fedsim.privacy import matrix_factorization as mf
+from fedsim.privacy.noise import NoiseKey, NoiseSource
 
 
-class _Source:
-    """A keyed standard-normal source with the ``NoiseSource.normal(words, n)`` interface."""
-
-    def __init__(self, key: int) -> None:
-        self.key = key
-
-    def normal(self, words: tuple[int, ...], n: int) -> torch.Tensor:
-        seq = np.random.SeedSequence([self.key, *words])
-        gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
-        return torch.randn(n, generator=gen, dtype=torch.float32)
-
-
-def _source(key: int = 7):
-    try:
-        from fedsim.privacy.noise import NoiseKey, NoiseSource  # landed by the redesign
-    except ImportError:
-        return _Source(key)
-    try:
-        return NoiseSource(NoiseKey.generate())
-    except TypeError:
-        return _Source(key)
+def _source(key: int = 7) -> NoiseSource:
+    return NoiseSource(NoiseKey.from_seed(key))
 
 
 def _random_blt(rng: np.random.Generator, nb: int) -> mf.BLT:
@@ -260,7 +242,7 @@ def _prefix_variance_accepted(std_used: float, std_claimed: float) -> bool:
     """Do the empirical prefix variances of the BLT stream match the claimed std? (chi-square)."""
     blt = mf.BLT((0.99, 0.6), (0.15, 0.3))
     n, p = 12, 4000
-    stream = mf.BLTNoise(blt, p, std_used, _Source(11))
+    stream = mf.BLTNoise(blt, p, std_used, _source(11))
     prefix = torch.cumsum(torch.stack([stream.step(t) for t in range(n)]).double(), 0).numpy()
     predicted = std_claimed ** 2 * mf.prefix_variances(blt.inverse_coefs(n))
     # each round's p coordinates are i.i.d. N(0, var_t): sum (x / sd)^2 ~ chi2(p)
@@ -279,7 +261,7 @@ def test_float32_buffers_would_lose_the_slowest_decay():
     d = 1 - 1.2e-10
     assert np.float32(d) == 1.0
     blt = mf.BLT((d,), (0.5,))
-    stream = mf.BLTNoise(blt, 4, 1.0, _Source(3))
+    stream = mf.BLTNoise(blt, 4, 1.0, _source(3))
     assert stream.buffers.dtype == torch.float64
     for t in range(3):
         stream.step(t)
@@ -295,4 +277,4 @@ def test_bad_parameters():
     with pytest.raises(ValueError, match="equal length"):
         mf.BLT((0.9, 0.5), (0.5,))
     with pytest.raises(ValueError, match="c_0 = 1"):
-        mf.BandedNoise((2.0, 0.5), 4, 1.0, _Source(1))
+        mf.BandedNoise((2.0, 0.5), 4, 1.0, _source(1))

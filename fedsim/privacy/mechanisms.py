@@ -377,3 +377,7 @@ def register_mechanism(name: str, cls: type[Mechanism]) -> type[Mechanism]:
 
 register_mechanism("gaussian", GaussianSumMechanism)
 register_mechanism("tree", TreeAggregationMechanism)
+
+# the matrix-factorization mechanisms register "blt" and "banded" (a plain import: it works
+# whichever of the two modules is imported first)
+import fedsim.privacy.mf_mechanisms  # noqa: E402,F401
