@@ -5,6 +5,8 @@
 * :mod:`~fedsim.privacy.events` -- privacy events and the append-only ledger.
 * :mod:`~fedsim.privacy.accountant` -- the accountant and the planning functions.
 * :mod:`~fedsim.privacy.calibration` -- noise calibration to a zCDP budget.
+* :mod:`~fedsim.privacy.matrix_factorization` -- BLT and banded matrix-factorization strategies
+  for DP-FTRL (sensitivity, optimiser, noise streams).
 
 See ``docs/privacy.md`` for the accounting rules and conventions.
 """
@@ -14,6 +16,7 @@ from fedsim.privacy.accountant import (
     PrivacyReport,
     dp_fedavg_privacy,
     dp_ftrl_privacy,
+    mf_privacy,
     sampled_gaussian_epsilon,
 )
 from fedsim.privacy.calibration import calibrate_noise_multiplier, sensitivity_sq
@@ -24,6 +27,7 @@ from fedsim.privacy.conversions import (
 )
 from fedsim.privacy.events import (
     GaussianEvent,
+    MatrixFactorizationEvent,
     PrivacyLedger,
     SampledGaussianEvent,
     TreeAggregationEvent,
@@ -39,6 +43,7 @@ from fedsim.privacy.sensitivity import (
 __all__ = [
     "Accountant",
     "GaussianEvent",
+    "MatrixFactorizationEvent",
     "PrivacyLedger",
     "PrivacyReport",
     "SampledGaussianEvent",
@@ -53,6 +58,7 @@ __all__ = [
     "epsilon_naive_from_rho",
     "epsilon_rdp_from_rho",
     "max_tree_sensitivity_sq",
+    "mf_privacy",
     "sampled_gaussian_epsilon",
     "sensitivity_sq",
     "tree_sensitivity_sq_prefixes",
