@@ -228,6 +228,18 @@ def test_sigkill_mid_round_then_resume_is_bit_identical_dp_ftrl_with_budget(tmp_
         assert len(json.loads((tmp_path / run / "ledger.json").read_text())) == stop_after
 
 
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_is_bit_identical_dp_ftrl_blt(tmp_path: Path) -> None:
+    """DP-FTRL with BLT noise: the float64 buffers survive a SIGKILL and replayed rounds reuse
+    their noise (identical parameters, run log and ledger)."""
+    rounds = 40
+    blt = DP_FTRL.replace('name = "dp-ftrl"', 'name = "dp-ftrl"\nmechanism = "blt"')
+    scenario = _write(tmp_path, blt, rounds=rounds, epochs=3, every=2, budget="")
+    print(_kill_and_resume(tmp_path, scenario, rounds))
+    ledger = json.loads((tmp_path / "victim" / "ledger.json").read_text())
+    assert len(ledger) == rounds and ledger[0]["event"]["type"] == "matrix_factorization"
+
+
 # ----------------------------------------------------------------------------------------------
 # in-process: a crash inside a round (state mutated in memory, nothing persisted)
 
