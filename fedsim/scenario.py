@@ -297,6 +297,12 @@ def _check_canary_capacity(scenario: Scenario) -> None:
     n = scenario.audit.canaries
     if n == 0:
         return
+    if scenario.engine.backend == "flower":
+        raise ScenarioError(
+            "canary clients run with the in-process and Ray backends; the Flower bridge does not insert them "
+            "(set audit.canaries = 0 or engine.backend = \"inprocess\")",
+            key="audit.canaries",
+        )
     devices = scenario.data.num_devices
     if n > devices:
         raise ScenarioError(

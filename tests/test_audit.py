@@ -93,6 +93,9 @@ def test_canary_directions_are_kept_secret(ftrl_run) -> None:
 def test_fedsim_audit_recomputes_the_run(ftrl_run, capsys) -> None:
     sim, result = ftrl_run
     report = audit_run(result.run_dir)
+    assert "canary_contributions" not in result.summary["audit"]  # selection counts stay private
+    assert report["canary_contributions"]["mean"] == pytest.approx(sim.canaries.contributions.mean())
+    del report["canary_contributions"]
     assert report == json.loads(json.dumps(result.summary["audit"]))
     assert main(["audit", str(result.run_dir), "--json", "--threat-model", "final-model"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -123,6 +126,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
         (["run", str(FTRL), "--set", "rounds=4", "--set", "audit.canaries=300", "--out", str(tmp_path / "x")], "cohort slots"),
         (["run", str(FTRL), "--set", "audit.canaries=1", "--out", str(tmp_path / "x")], "audit.canaries"),
         (["run", str(FTRL), "--set", "audit.threat-model=oracle", "--out", str(tmp_path / "x")], "audit.threat-model"),
+        (["run", str(FTRL), "--set", "audit.canaries=10", "--backend", "flower", "--out", str(tmp_path / "x")], "Flower"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2
@@ -135,3 +139,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
         assert main(["audit", str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and needle in err, err
+
+
+def test_resumed_run_gives_the_same_audit(tmp_path) -> None:
+    sets = ("rounds=10", "audit.canaries=10", "checkpoint.every=2", "audit.threat-model=all-iterates")
+    _, ref = run(FTRL, tmp_path / "ref", *sets)
+    from fedsim.scenario import parse_override
+
+    out = tmp_path / "crashed"
+    scenario = load_scenario(FTRL, [parse_override(s) for s in sets] + [(["output-dir"], str(out))])
+    sim = Simulation(scenario, run_dir=out, progress=False)
+    original = sim.run_round
+
+    def crash(r: int):
+        row = original(r)
+        if r == 5:
+            raise KeyboardInterrupt
+        return row
+
+    sim.run_round = crash  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        sim.run()
+    resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
+    assert resumed.resume() == 4
+    again = resumed.run()
+    assert again.summary["audit"] == ref.summary["audit"]
+    a = torch.load(out / "secret" / "canaries.pt", weights_only=False)
+    b = torch.load(ref.run_dir / "secret" / "canaries.pt", weights_only=False)
+    assert np.array_equal(a["round_cosines"], b["round_cosines"]) and np.array_equal(a["contributions"], b["contributions"])

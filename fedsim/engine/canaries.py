@@ -181,6 +181,7 @@ class CanaryClients:
             canaries=self.count,
             contributions=self.contributions,
             formal=formal,
+            public=True,
         )
 
     # -- persistence ---------------------------------------------------------------------------
@@ -244,11 +245,16 @@ def audit_report(
     canaries: int,
     contributions: np.ndarray,
     formal: dict[str, Any],
+    public: bool = False,
 ) -> dict[str, Any]:
-    """The ``audit`` block of ``summary.json`` / ``fedsim audit --json``."""
+    """The ``audit`` block of ``summary.json`` (``public``) / ``fedsim audit --json``.
+
+    The public block leaves out how often canaries were selected: with fixed-size cohorts that
+    count tells how many real devices took part, which DP runs do not publish.
+    """
     main = estimates[threat_model]
     contributions = np.asarray(contributions)
-    return {
+    out = {
         "threat_model": threat_model,
         "canaries": canaries,
         "held_out": canaries,
@@ -266,6 +272,9 @@ def audit_report(
         },
         "estimates": {tm: est.to_dict() for tm, est in estimates.items()},
     }
+    if public:
+        del out["canary_contributions"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
