@@ -167,3 +167,11 @@ def test_resumed_run_gives_the_same_audit(tmp_path) -> None:
     a = torch.load(out / "secret" / "canaries.pt", weights_only=False)
     b = torch.load(ref.run_dir / "secret" / "canaries.pt", weights_only=False)
     assert np.array_equal(a["round_cosines"], b["round_cosines"]) and np.array_equal(a["contributions"], b["contributions"])
+
+
+@pytest.mark.parametrize("mechanism", ["blt", "banded"])
+def test_every_dp_ftrl_mechanism_is_audited(tmp_path, mechanism) -> None:
+    sim, result = run(FTRL, tmp_path / mechanism, "rounds=14", f"strategy.mechanism={mechanism}", "audit.canaries=20")
+    audit = result.summary["audit"]
+    assert audit["formal_rho"] == result.summary["rho"] > 0
+    assert sim.canaries.contributions.sum() > 0 and 0 <= audit["ci"][0] <= audit["epsilon"] <= audit["ci"][1]
