@@ -159,13 +159,15 @@ class UpdateAccumulator:
             fresh = valid & (stated == self.round)
         # one pass over the deltas: a finite norm implies finite entries (NaN and inf propagate),
         # so only rows whose norm is not finite are inspected entry by entry
-        norms = torch.linalg.vector_norm(deltas, dim=1)
+        norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)  # float32 sums drift ~1e-4
         finite = np.ones(m, dtype=bool)
         suspect = torch.nonzero(~torch.isfinite(norms)).reshape(-1)
         if len(suspect):
             rows = deltas.index_select(0, suspect)
             finite[suspect.numpy()] = torch.isfinite(rows).all(dim=1).numpy()
-            norms[suspect] = torch.linalg.vector_norm(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), dim=1)
+            norms[suspect] = torch.linalg.vector_norm(
+                torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), dim=1, dtype=torch.float64
+            )
         allowed = np.ones(m, dtype=bool)
         if self.ledger is not None and known.any():
             allowed[known] = self.ledger.allowed(self.round, ids[known])

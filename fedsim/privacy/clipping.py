@@ -17,13 +17,19 @@ def clip_by_norm(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """Scale ``delta`` (one vector, or rows of a 2-D tensor) to L2 norm at most ``clip_norm``."""
     if clip_norm <= 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    # norms accumulated in float64: a float32 sum of squares over ~1e6 entries underestimates
+    # the norm by ~1e-4 relative, so a "clipped" float32 delta would exceed C by that much
     if delta.dim() == 1:
-        norm = torch.linalg.vector_norm(delta)
-        return delta * torch.clamp(clip_norm / (norm + 1e-12), max=1.0)
-    norms = torch.linalg.vector_norm(delta, dim=1, keepdim=True)
-    return delta * torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+        norm = torch.linalg.vector_norm(delta, dtype=torch.float64)
+        return delta * torch.clamp(clip_norm / (norm + 1e-12), max=1.0).to(delta.dtype)
+    norms = torch.linalg.vector_norm(delta, dim=1, keepdim=True, dtype=torch.float64)
+    return delta * torch.clamp(clip_norm / (norms + 1e-12), max=1.0).to(delta.dtype)
 
 
 def within_clip(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Boolean mask of norms that respect ``clip_norm`` up to :data:`NORM_TOLERANCE`."""
+    """Boolean mask of norms that respect ``clip_norm`` up to :data:`NORM_TOLERANCE`.
+
+    ``norms`` should be accumulated in float64 (``vector_norm(..., dtype=torch.float64)``): float32
+    accumulation over a large model is off by more than the tolerance.
+    """
     return norms <= clip_norm * (1.0 + NORM_TOLERANCE)
