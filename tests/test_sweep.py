@@ -117,7 +117,7 @@ def test_sweep_results_and_resume(scenario: Path, tmp_path: Path) -> None:
     assert len([ln for ln in lines if ln.startswith("done")]) == len(specs) == 6
     for spec in specs:
         assert (spec.run_dir / "summary.json").is_file() and (spec.run_dir / "metrics.jsonl").is_file()
-    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    rows = list(csv.DictReader((out / "results.csv").read_text(encoding="utf-8").splitlines()))
     assert len(rows) == 3
     by_rho = {r["strategy.target-rho"]: r for r in rows if r["strategy.name"] == "dp-ftrl"}
     for target in ("0.5", "2.0"):
@@ -128,7 +128,7 @@ def test_sweep_results_and_resume(scenario: Path, tmp_path: Path) -> None:
     # the mean over seeds is the mean of the runs' summaries
     accs = [json.loads((s.run_dir / "summary.json").read_text())["accuracy"] for s in specs if s.config.name == specs[0].config.name]
     assert float(rows[0]["accuracy_mean"]) == pytest.approx(sum(accs) / len(accs))
-    runs = list(csv.DictReader(open(out / "runs.csv", encoding="utf-8")))
+    runs = list(csv.DictReader((out / "runs.csv").read_text(encoding="utf-8").splitlines()))
     assert len(runs) == 6 and {r["seed"] for r in runs} == {"3", "4"}
     md = (out / "results.md").read_text()
     assert md.count("\n") == 2 + 3 and "± " in md and "strategy.target-rho=0.5" in md
