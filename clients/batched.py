@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clients.concurrent import train_concurrently
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
 #: Working-set budget of one group in float elements (weights + one epoch of data per client):
@@ -78,12 +79,23 @@ class _ReLU:
 
 def supports(model: nn.Module) -> bool:
     """Whether :class:`BatchedSGD` can train ``model`` (a ``Sequential`` of Linear/ReLU layers
-    that starts with a Linear layer)."""
-    if not isinstance(model, nn.Sequential) or len(model) == 0:
+    that starts with a Linear layer, optionally after an ``nn.Flatten`` of the whole example)."""
+    layers = _layers(model)
+    if layers is None or not layers or not isinstance(layers[0], nn.Linear):
         return False
-    if not isinstance(model[0], nn.Linear):
-        return False
-    return all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+    return all(type(m) in (nn.Linear, nn.ReLU) for m in layers)
+
+
+def _layers(model: nn.Module) -> list[nn.Module] | None:
+    """The Sequential's layers without a leading whole-example ``Flatten``; ``None`` if not a Sequential."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    layers = list(model)
+    if layers and type(layers[0]) is nn.Flatten:
+        if (layers[0].start_dim, layers[0].end_dim) != (1, -1):
+            return None
+        layers = layers[1:]
+    return layers
 
 
 class BatchedSGD:
@@ -101,13 +113,15 @@ class BatchedSGD:
                 f"batched training supports nn.Sequential stacks of nn.Linear / nn.ReLU, got {type(model).__name__}"
             )
         self.layers: list[_Linear | _ReLU] = []
-        for m in model:
+        layers = _layers(model)
+        assert layers is not None
+        for m in layers:
             if isinstance(m, nn.Linear):
                 self.layers.append(_Linear(m.in_features, m.out_features, m.bias is not None))
             else:
                 self.layers.append(_ReLU())
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.num_features = model[0].in_features
+        self.num_features = layers[0].in_features
         #: clients per batched group; ``None``: sized by :meth:`group_size`'s cache rule
         self.group: int | None = None
         self._local = threading.local()  # work buffers, one set per training thread
@@ -189,82 +203,9 @@ class BatchedSGD:
     def _train_concurrently(
         self, params: torch.Tensor, groups: Iterator[list[ClientTask]], config: TrainConfig, workers: int
     ) -> Iterator[CohortChunk]:
-        """Train ``groups`` on ``workers`` threads; yield their chunks in group order.
-
-        Each worker pulls the next group itself (under a lock, so the engine's task generator,
-        and with it the devices' data generation, runs on the worker that trains them and the
-        data is still in that core's cache) and trains it with one torch thread. At most
-        ``2 x workers`` groups are taken and not yet consumed, so memory stays at a few groups.
-        The consuming thread only hands chunks on (to the server's validation and sum).
-        """
-        intra_op = torch.get_num_threads()
-        torch.set_num_threads(1)  # one core per group: workers x 1 threads, never workers x N
-        cond = threading.Condition()
-        pull_lock = threading.Lock()
-        results: dict[int, CohortChunk | BaseException] = {}
-        state = {"taken": 0, "consumed": 0, "done": False, "stop": False}
-        limit = 2 * workers
-
-        def work() -> None:
-            while True:
-                with pull_lock:
-                    with cond:
-                        while not state["stop"] and state["taken"] - state["consumed"] >= limit:
-                            cond.wait()
-                        if state["stop"] or state["done"]:
-                            return
-                    try:
-                        group: list[ClientTask] | BaseException = next(groups)
-                    except StopIteration:
-                        with cond:
-                            state["done"] = True
-                            cond.notify_all()
-                        return
-                    except BaseException as exc:  # a failing task source ends the stream
-                        group = exc
-                    with cond:
-                        index = state["taken"]
-                        state["taken"] += 1
-                        if isinstance(group, BaseException):
-                            state["done"] = True
-                            results[index] = group
-                            cond.notify_all()
-                            return
-                try:
-                    item: CohortChunk | BaseException = self.train_chunk(params, group, config)
-                except BaseException as exc:
-                    item = exc
-                with cond:
-                    results[index] = item
-                    cond.notify_all()
-
-        threads = [
-            threading.Thread(target=work, name=f"fedsim-group-{i}", daemon=True) for i in range(workers)
-        ]
-        for t in threads:
-            t.start()
-        try:
-            index = 0
-            while True:
-                with cond:
-                    while index not in results and not (state["done"] and index >= state["taken"]):
-                        cond.wait()
-                    if index not in results:
-                        break
-                    item = results.pop(index)
-                    state["consumed"] += 1
-                    cond.notify_all()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                index += 1
-        finally:
-            with cond:
-                state["stop"] = True
-                cond.notify_all()
-            for t in threads:
-                t.join()
-            torch.set_num_threads(intra_op)
+        """Train ``groups`` on ``workers`` threads; yield their chunks in group order
+        (:func:`clients.concurrent.train_concurrently`)."""
+        return train_concurrently(lambda group: self.train_chunk(params, group, config), groups, workers)
 
     def train_chunk(self, params: torch.Tensor, tasks: Sequence[ClientTask], config: TrainConfig) -> CohortChunk:
         """Train ``tasks`` from the flat ``params``; one :class:`CohortChunk` in task order."""
@@ -368,7 +309,7 @@ class BatchedSGD:
         bs = config.batch_size
         steps_per_epoch = -(-n_max // bs)
         gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
-        num_features = tasks[0].x.shape[1]
+        num_features = self.num_features
         xp = self._buffer("x", m * n_max * num_features, dtype).view(m, n_max, num_features)
         yp = self._buffer("y", m * n_max, torch.int64).view(m, n_max)
         if not uniform:  # padded rows must hold finite values: they are masked out
@@ -383,10 +324,11 @@ class BatchedSGD:
                 if sizes[i] == 0:
                     continue
                 order = torch.randperm(sizes[i], generator=gen)
-                if task.x.dtype == dtype:
-                    torch.index_select(task.x, 0, order, out=xp[i, : sizes[i]])
+                tx = task.x if task.x.dim() == 2 else task.x.reshape(sizes[i], -1)  # images: flattened
+                if tx.dtype == dtype:
+                    torch.index_select(tx, 0, order, out=xp[i, : sizes[i]])
                 else:
-                    xp[i, : sizes[i]].copy_(task.x.index_select(0, order))
+                    xp[i, : sizes[i]].copy_(tx.index_select(0, order))
                 torch.index_select(task.y, 0, order, out=yp[i, : sizes[i]])
             for step in range(steps_per_epoch):
                 lo = step * bs

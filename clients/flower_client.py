@@ -96,7 +96,7 @@ def _setup(sections_json: str) -> tuple[Scenario, FederatedData, ClientTrainer, 
     scenario = scenario_from_sections(json.loads(sections_json))
     data = build_data(scenario)
     model = build_scenario_model(scenario, data)
-    return scenario, data, build_trainer(scenario, model), ParamLayout.of(model)
+    return scenario, data, build_trainer(scenario, model, data), ParamLayout.of(model)
 
 
 def _corrupt(delta: torch.Tensor, fault: str, clip: float | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedsim.registry import Registry
+from fedsim.tasks import Task
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
 
@@ -40,6 +41,10 @@ class ClientTrainer(ABC):
         Template module; trainers copy parameters into it (or a private copy), never keep state
         between clients.
     """
+
+    #: The learning task (loss and metrics of the dataset's :class:`~fedsim.data.DataSpec`), set
+    #: by the engine after construction; ``None``: classification with mean cross-entropy.
+    objective: Task | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

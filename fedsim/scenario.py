@@ -34,6 +34,7 @@ the scenario is loaded, so a typo fails before the run starts.
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import inspect
@@ -76,26 +77,49 @@ def _kebab(name: str) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """``[data]``: dataset, held-out split and partitioning across devices."""
+    """``[data]``: dataset, held-out split and partitioning across devices.
 
-    dataset: Literal["digits", "synthetic"] = "digits"
-    num_devices: int = 100
-    partitioner: Literal["iid", "dirichlet"] = "iid"
+    ``dataset`` is a registered name (``digits``, ``synthetic``), a loader ``"pkg.mod:load"`` /
+    ``"path/file.py:load"`` or a data file (``.npz``, ``.csv``, ``.jsonl``; see
+    :mod:`fedsim.data.loaders`). Keys other than these are the loader's parameters.
+    ``num-devices`` and ``partitioner`` default to 100 and ``iid`` for the built-in datasets;
+    for other datasets unset means "the dataset's own" (one device per user id when the data has
+    user ids).
+    """
+
+    dataset: str = "digits"
+    num_devices: int | None = None
+    partitioner: Literal["iid", "dirichlet", "natural"] | None = None
     alpha: float = 0.5
     test_fraction: float = 0.2
     # synthetic only
     examples_per_device: int = 64
     num_features: int = 784
     num_classes: int = 10
+    #: reshape every example (e.g. [1, 8, 8]: the digits as images for the cnn)
+    input_shape: tuple[int, ...] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _at_least("num-devices", self.num_devices, 1)
+        if not self.dataset:
+            raise ScenarioError("must name a dataset, a loader 'pkg.mod:load' or a data file", key="dataset")
+        if self.dataset in ("digits", "synthetic"):  # fedsim partitions these itself
+            if self.num_devices is None:
+                object.__setattr__(self, "num_devices", 100)
+            if self.partitioner is None:
+                object.__setattr__(self, "partitioner", "iid")
+            if self.partitioner == "natural":
+                raise ScenarioError(f"dataset {self.dataset!r} has no user ids; use 'iid' or 'dirichlet'", key="partitioner")
+        if self.num_devices is not None:
+            _at_least("num-devices", self.num_devices, 1)
         _positive("alpha", self.alpha)
         _in_open_unit("test-fraction", self.test_fraction)
         _at_least("examples-per-device", self.examples_per_device, 1)
         _at_least("num-features", self.num_features, 1)
         _at_least("num-classes", self.num_classes, 2)
-        if self.dataset == "digits" and self.num_devices > 1437:
+        if self.input_shape is not None and (not self.input_shape or any(d < 1 for d in self.input_shape)):
+            raise ScenarioError(f"must be a non-empty list of integers >= 1, got {list(self.input_shape)!r}", key="input-shape")
+        if self.dataset == "digits" and self.num_devices is not None and self.num_devices > 1437:
             raise ScenarioError(
                 f"the digits training split has 1437 examples, cannot serve {self.num_devices} devices "
                 "(use dataset = \"synthetic\" for large populations)",
@@ -122,13 +146,25 @@ class PopulationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``[model]``: the model every client trains."""
+    """``[model]``: the model every client trains.
 
-    name: Literal["logreg", "mlp"] = "mlp"
-    hidden: int = 64
+    ``name`` is a built-in (``logreg``, ``mlp``, ``cnn``, ``lstm-lm``, ``transformer-lm``) or a
+    builder ``"pkg.mod:build"`` / ``"path/file.py:build"`` called as ``build(spec, **params)``
+    (see :mod:`fedsim.models`); other keys are the builder's parameters. ``hidden`` defaults to
+    64 for ``logreg`` and ``mlp`` (logreg ignores it); other builders get it only when it is set.
+    """
+
+    name: str = "mlp"
+    hidden: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _at_least("hidden", self.hidden, 1)
+        if not self.name:
+            raise ScenarioError("must name a model, a builder 'pkg.mod:build' or 'file.py:build'", key="name")
+        if self.hidden is None and self.name in ("logreg", "mlp"):
+            object.__setattr__(self, "hidden", 64)
+        if self.hidden is not None:
+            _at_least("hidden", self.hidden, 1)
 
 
 @dataclass(frozen=True)
@@ -264,7 +300,7 @@ class Scenario:
         _at_least("seed", self.seed, 0)
         _at_least("rounds", self.rounds, 1)
         _at_least("clients-per-round", self.clients_per_round, 1)
-        if self.clients_per_round > self.data.num_devices:
+        if self.data.num_devices is not None and self.clients_per_round > self.data.num_devices:
             raise ScenarioError(
                 f"must be <= data.num-devices ({self.data.num_devices}), got {self.clients_per_round}",
                 key="clients-per-round",
@@ -285,7 +321,7 @@ class Scenario:
         absolute path they resolved to, so the dict (``config.toml``) loads from anywhere.
         """
         out = _to_toml_dict(self)
-        for section, key in (("strategy", "name"), ("client", "trainer")):
+        for section, key in (("strategy", "name"), ("client", "trainer"), ("model", "name"), ("data", "dataset")):
             out[section][key] = _resolved_plugin(out[section][key], self.base_dir)
         return out
 
@@ -320,6 +356,16 @@ def _check_canary_capacity(scenario: Scenario) -> None:
 
 
 def _resolved_plugin(name: str, base_dir: Path) -> str:
+    from fedsim.data.files import is_data_file
+
+    if is_data_file(name):  # a data file, relative to the scenario's directory first
+        try:
+            candidate = base_dir / name
+            if not Path(name).is_absolute() and candidate.exists():
+                return str(candidate.resolve())
+        except (OSError, ValueError):
+            pass
+        return name
     target, sep, attr = name.rpartition(":")
     if not sep or not target.endswith(".py") or Path(target).is_absolute():
         return name
@@ -342,11 +388,11 @@ def _to_toml_dict(obj: Any) -> dict[str, Any]:
         if value is None:
             continue
         if f.name == "params":
-            out.update({_kebab(k): v for k, v in value.items()})
+            out.update({_kebab(k): list(v) if isinstance(v, tuple) else v for k, v in value.items()})
         elif dataclasses.is_dataclass(value):
             nested[_kebab(f.name)] = _to_toml_dict(value)
         else:
-            out[_kebab(f.name)] = value
+            out[_kebab(f.name)] = list(value) if isinstance(value, tuple) else value
     out.update(nested)  # tables after plain keys
     return out
 
@@ -354,7 +400,13 @@ def _to_toml_dict(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # building from raw TOML tables
 
-_OPEN_SECTIONS = {ClientConfig: {"trainer", "local_epochs", "batch_size", "lr"}, StrategyConfig: {"name"}}
+_OPEN_SECTIONS = {
+    ClientConfig: {"trainer", "local_epochs", "batch_size", "lr"},
+    StrategyConfig: {"name"},
+    # [data] / [model]: keys other than fedsim's own are the loader's / builder's parameters
+    DataConfig: {f.name for f in dataclasses.fields(DataConfig) if f.name != "params"},
+    ModelConfig: {"name", "hidden"},
+}
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -391,6 +443,12 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ScenarioError(f"must be a string, got {value!r}", key=key)
         return value
+    if origin in (tuple, list, collections.abc.Sequence) and typing.get_args(hint):
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple):
+            raise ScenarioError(f"must be a list, got {value!r}", key=key)
+        items = [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is not list else items
     return value
 
 
@@ -473,6 +531,75 @@ def _validate_plugin_params(scenario: Scenario) -> None:
                 raise ScenarioError(str(exc), key="strategy") from None
 
 
+def _check_plugin_values(
+    fn: Any, params: dict[str, Any], accepted: dict[str, Any], takes_any: bool, section: str, what: str, fixed: set[str]
+) -> None:
+    """Names and annotated types of a loader's / builder's ``[section]`` parameters; converts in place."""
+    for pname in params:
+        if pname not in accepted and not takes_any:
+            own = ", ".join(sorted(_kebab(n) for n in fixed))
+            theirs = ", ".join(sorted(_kebab(n) for n in accepted)) or "(none)"
+            raise ScenarioError(f"unknown key; allowed keys: {own}; parameters of {what}: {theirs}", key=f"{section}.{_kebab(pname)}")
+    missing = [n for n, p in accepted.items() if p.default is inspect.Parameter.empty and n not in params]
+    if missing:
+        raise ScenarioError(f"{what} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations in a user's plug-in: names are still checked
+        hints = {}
+    for pname, value in list(params.items()):
+        hint = hints.get(pname)
+        if hint is not None and pname in accepted:
+            params[pname] = _check_type(value, hint, f"{section}.{_kebab(pname)}")
+
+
+def _validate_data_and_model(scenario: Scenario) -> None:
+    """``[data] dataset`` and ``[model] name`` resolve, and their parameters fit the signatures."""
+    from fedsim.data.loaders import loader_parameters, resolve_loader
+    from fedsim.models import IGNORES_HIDDEN, MODELS, builder_parameters
+    from fedsim.registry import UnknownPluginError
+
+    data, model = scenario.data, scenario.model
+    data_fixed = {f.name for f in dataclasses.fields(DataConfig) if f.name != "params"}
+    try:
+        loader = resolve_loader(data.dataset, scenario.base_dir)
+    except UnknownPluginError as exc:
+        raise ScenarioError(f"{exc}, or a data file (.npz, .csv, .jsonl)", key="data.dataset") from None
+    except Exception as exc:
+        raise ScenarioError(f"cannot load {data.dataset!r}: {type(exc).__name__}: {exc}", key="data.dataset") from None
+    if data.dataset in ("digits", "synthetic"):
+        names, required, takes_any = set(), set(), False
+    else:
+        try:
+            names, required, takes_any = loader_parameters(loader)
+        except (TypeError, ValueError) as exc:
+            raise ScenarioError(f"{data.dataset!r} has no inspectable signature: {exc}", key="data.dataset") from None
+    accepted = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=(inspect.Parameter.empty if n in required else None)) for n in names}
+    _check_plugin_values(loader, data.params, accepted, takes_any, "data", f"dataset {data.dataset!r}", data_fixed)
+
+    try:
+        builder = MODELS.get(model.name, base_dir=scenario.base_dir)
+    except UnknownPluginError as exc:
+        raise ScenarioError(str(exc).replace("'package.module:Class'", "'package.module:build' or 'file.py:build'"), key="model.name") from None
+    except Exception as exc:
+        raise ScenarioError(f"cannot load {model.name!r}: {type(exc).__name__}: {exc}", key="model.name") from None
+    if not callable(builder):
+        raise ScenarioError(f"{model.name!r} is not callable (a builder build(spec, **params) -> nn.Module)", key="model.name")
+    try:
+        named, takes_any = builder_parameters(builder)
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError(f"{model.name!r} has no inspectable signature: {exc}", key="model.name") from None
+    given = dict(model.params)
+    if model.hidden is not None and model.name not in IGNORES_HIDDEN:
+        if "hidden" not in named and not takes_any:
+            raise ScenarioError(f"model {model.name!r} takes no parameter 'hidden'; its parameters: "
+                                f"{', '.join(sorted(_kebab(n) for n in named)) or '(none)'}", key="model.hidden")
+        given["hidden"] = model.hidden
+    _check_plugin_values(builder, given, named, takes_any, "model", f"model {model.name!r}", {"name", "hidden"})
+    given.pop("hidden", None)
+    model.params.update(given)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``--set key.sub=value``; the value is read as TOML (``0.1``, ``true``, ``"x"``), else a string."""
     if "=" not in text:
@@ -508,6 +635,7 @@ def scenario_from_dict(
         scenario = _build(Scenario, raw, "")
         scenario = dataclasses.replace(scenario, source=source)
         _validate_plugin_params(scenario)
+        _validate_data_and_model(scenario)
         return scenario
     except ScenarioError as exc:
         # an error on a whole section (a strategy's constructor refusing a value) is the

@@ -1,20 +1,48 @@
-"""Embedded datasets (no download at run time).
+"""Centralised datasets (a loader's return value) and the embedded ones (no download at run time).
+
+A :class:`Dataset` is a whole dataset in memory: training arrays of any example shape, a held-out
+test split, its :class:`~fedsim.data.spec.DataSpec` and, for naturally partitioned data, the user
+id of every training example. fedsim splits it across devices: one device per user id
+(``partitioner = "natural"``, the default when user ids are present) or with a partitioner
+(``iid``, ``dirichlet``).
 
 ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes; UCI optical
 recognition of handwritten digits), pixel values scaled to [0, 1], split into train and a
-held-out test set with a seeded, class-stratified shuffle.
+held-out test set with a seeded, class-stratified shuffle. Examples are 64 features; with
+``[data] input-shape = [1, 8, 8]`` they are 1x8x8 images (for ``[model] name = "cnn"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from fedsim.data.spec import DataSpec
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A centralised classification dataset with a held-out test split."""
+    """A centralised dataset with a held-out test split.
+
+    Attributes
+    ----------
+    name:
+        For messages.
+    x_train, y_train:
+        Training inputs ``[n, *input_shape]`` and targets ``[n]`` (classification) or ``[n, L]``
+        (next-token).
+    x_test, y_test:
+        The server-side test split, same layout.
+    num_classes:
+        Number of classes (vocabulary size for next-token); kept for existing callers, equal to
+        ``spec.num_classes``.
+    spec:
+        The dataset's spec; ``None``: classification with ``input_shape = x_train.shape[1:]``.
+    user_ids:
+        ``[n]`` user id of every training example (any sortable values), or ``None``. With user
+        ids the natural partition is one device per distinct id, in sorted id order.
+    """
 
     name: str
     x_train: np.ndarray
@@ -22,10 +50,19 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    spec: DataSpec | None = None
+    user_ids: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            shape = tuple(int(s) for s in np.shape(self.x_train)[1:])
+            object.__setattr__(self, "spec", DataSpec("classification", shape, int(self.num_classes)))
 
     @property
     def num_features(self) -> int:
-        return int(self.x_train.shape[1])
+        """Values per input example."""
+        assert self.spec is not None
+        return self.spec.num_features
 
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

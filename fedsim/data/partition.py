@@ -3,7 +3,8 @@
 Every example is assigned to exactly one device. ``iid`` shuffles and deals evenly;
 ``dirichlet`` draws, for every class, the share each device gets from Dirichlet(alpha)
 (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
-Classification"): small alpha gives strong label skew, large alpha approaches IID.
+Classification"): small alpha gives strong label skew, large alpha approaches IID;
+``natural`` makes one device per distinct user id (real cross-device data comes this way).
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def dirichlet_partition(
             donor = int(np.argmax([len(p) for p in out]))
             out[dev], out[donor] = out[donor][-1:], out[donor][:-1]
     return [np.sort(p.astype(np.int64)) for p in out]
+
+
+def natural_partition(user_ids: np.ndarray) -> tuple[list[np.ndarray], list]:
+    """One device per distinct user id: ``(parts, names)``, devices in sorted id order.
+
+    ``parts[d]`` are the (sorted) indices of the examples of user ``names[d]``; every example is
+    in exactly one part. Ids may be integers or strings (anything NumPy sorts).
+    """
+    ids = np.asarray(user_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"user ids must be one-dimensional, got shape {ids.shape}")
+    if len(ids) == 0:
+        raise ValueError("no examples to partition")
+    names, inverse = np.unique(ids, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(names)))[:-1]
+    parts = [np.asarray(p, dtype=np.int64) for p in np.split(order, bounds)]
+    return parts, [n.item() if hasattr(n, "item") else n for n in names]
 
 
 def label_skew(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> float:

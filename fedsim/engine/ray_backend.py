@@ -61,7 +61,7 @@ class CohortWorker:
         keep_freed_memory()
         self.scenario = scenario
         self.data = build_data(scenario)
-        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data))
+        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data), self.data)
 
     def train(self, params: torch.Tensor, round: int, device_ids: np.ndarray, config: TrainConfig) -> list[CohortChunk]:
         """Train one block of devices for ``round``; the chunks the in-process engine would get."""

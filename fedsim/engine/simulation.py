@@ -15,6 +15,8 @@ One round (see docs/architecture.md):
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,24 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from fedsim import seeds
+from fedsim import seeds, workloads
 from fedsim.client import TRAINERS, ClientTrainer
-from fedsim.data import (
-    PartitionedData,
-    SyntheticData,
-    dirichlet_partition,
-    iid_partition,
-    load_digits,
-)
 from fedsim.data.federated import FederatedData
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.allocator import keep_freed_memory
 from fedsim.engine.canaries import CanaryClients
 from fedsim.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, resume_from_checkpoint
 from fedsim.engine.rundir import RunDir
-from fedsim.models import build_model, get_flat, num_params, set_flat
+from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import (
     AlwaysAvailable,
     Availability,
@@ -55,28 +49,16 @@ from fedsim.types import ClientTask, TrainConfig, UpdateBatch
 
 
 def build_data(scenario: Scenario) -> FederatedData:
-    """The scenario's federated dataset (partitioned digits, or synthetic per-device data)."""
-    cfg = scenario.data
-    if cfg.dataset == "synthetic":
-        return SyntheticData(
-            num_devices=cfg.num_devices,
-            examples_per_device=cfg.examples_per_device,
-            num_features=cfg.num_features,
-            num_classes=cfg.num_classes,
-            seed=scenario.seed,
-        )
-    dataset = load_digits(test_fraction=cfg.test_fraction, seed=scenario.seed)
-    rng = seeds.round_rng(scenario.seed, seeds.STREAM_PARTITION, 0)
-    if cfg.partitioner == "dirichlet":
-        parts = dirichlet_partition(dataset.y_train, cfg.num_devices, cfg.alpha, rng)
-    else:
-        parts = iid_partition(len(dataset.y_train), cfg.num_devices, rng)
-    return PartitionedData(dataset, parts)
+    """The scenario's federated dataset (:func:`fedsim.workloads.build_data`)."""
+    return workloads.build_data(scenario)
 
 
-def build_availability(scenario: Scenario, *, extra_devices: int = 0) -> Availability:
-    """The scenario's availability model (for its devices plus ``extra_devices`` canaries)."""
+def build_availability(scenario: Scenario, *, extra_devices: int = 0, num_devices: int | None = None) -> Availability:
+    """The scenario's availability model (for its ``num_devices`` devices, default the scenario's,
+    plus ``extra_devices`` canaries)."""
     cfg = scenario.population
+    if num_devices is None:
+        num_devices = scenario.data.num_devices
     if cfg.availability == "bernoulli":
         return BernoulliAvailability(cfg.check_in_prob)
     if cfg.availability == "diurnal":
@@ -84,7 +66,7 @@ def build_availability(scenario: Scenario, *, extra_devices: int = 0) -> Availab
             cfg.check_in_prob,
             cfg.amplitude,
             cfg.period,
-            num_devices=scenario.data.num_devices + extra_devices,
+            num_devices=num_devices + extra_devices,
             seed=scenario.seed,
         )
     return AlwaysAvailable()
@@ -116,28 +98,22 @@ def build_strategy(scenario: Scenario) -> Strategy:
 
 def build_scenario_model(scenario: Scenario, data: FederatedData, *, seed: int = 0) -> torch.nn.Module:
     """The scenario's model sized for ``data`` (parameters initialised from ``seed``)."""
-    return build_model(
-        scenario.model.name,
-        num_features=data.num_features,
-        num_classes=data.num_classes,
-        hidden=scenario.model.hidden,
-        seed=seed,
-    )
+    return workloads.build_scenario_model(scenario, data, seed=seed)
 
 
-def build_trainer(scenario: Scenario, model: torch.nn.Module) -> ClientTrainer:
+def build_trainer(scenario: Scenario, model: torch.nn.Module, data: FederatedData | None = None) -> ClientTrainer:
+    """The scenario's client trainer for ``model``, training on ``data``'s task."""
     cls = TRAINERS.get(scenario.client.trainer, base_dir=scenario.base_dir)
-    return cls(model, **scenario.client.params)
+    trainer = cls(model, **scenario.client.params)
+    if data is not None:
+        trainer.objective = workloads.task_of(data)
+    return trainer
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``params`` on ``(x, y)``."""
+def evaluate(model: torch.nn.Module, params: torch.Tensor, data: FederatedData) -> dict[str, float]:
+    """Test metrics of ``params`` on ``data``'s test split (``accuracy``, ``loss``, task extras)."""
     set_flat(model, params)
-    logits = model(x)
-    loss = float(F.cross_entropy(logits, y))
-    acc = float((logits.argmax(dim=1) == y).float().mean())
-    return acc, loss
+    return workloads.task_of(data).evaluate(model, data.test_x, data.test_y)
 
 
 @dataclass
@@ -200,12 +176,12 @@ class Simulation:
         extra = self.canaries.count if self.canaries is not None else 0
         self.population = Population(
             self.data,
-            build_availability(scenario, extra_devices=extra),
+            build_availability(scenario, extra_devices=extra, num_devices=self.data.num_devices),
             self.strategy.participation_limit(),
             extra_devices=extra,
         )
         # the trainer gets its own copy of the model so evaluation never disturbs it
-        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data))
+        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data), self.data)
         # backend = "ray": the same round loop, cohort training sharded over Ray actors
         self.ray: Any | None = None
         if scenario.engine.backend == "ray":
@@ -335,9 +311,9 @@ class Simulation:
             ledger, accountant = self._privacy()
             ledger.record(round, event)
             report = accountant.report(ledger)
-        row: dict[str, Any] = {"round": round + 1, "accuracy": None, "loss": None}
+        row: dict[str, Any] = {"round": round + 1, **dict.fromkeys(workloads.task_of(self.data).metric_keys())}
         if (round + 1) % sc.engine.eval_every == 0 or round + 1 == sc.rounds:
-            row["accuracy"], row["loss"] = evaluate(self.model, self.params, self.data.test_x, self.data.test_y)
+            row.update(evaluate(self.model, self.params, self.data))
         row.update(
             train_loss=acc.mean_loss,
             clients=batch.num_updates,
@@ -361,6 +337,10 @@ class Simulation:
             if self.next_round == 0:
                 self.run_dir.reset_metrics()
         bar = None
+        describe = getattr(self.trainer, "describe", None)
+        if self.progress and describe is not None and self.ray is None:
+            path = describe()
+            print(f"{sc.name}: trainer path {path['path']}: {path['reason']}", file=sys.stderr, flush=True)
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -391,15 +371,17 @@ class Simulation:
         sc = self.scenario
         last_eval = next((m for m in reversed(self.metrics) if m["accuracy"] is not None), None)
         if last_eval is None or last_eval["round"] != self.next_round:
-            acc, loss = evaluate(self.model, self.params, self.data.test_x, self.data.test_y)
+            final = evaluate(self.model, self.params, self.data)
         else:
-            acc, loss = last_eval["accuracy"], last_eval["loss"]
+            final = {k: v for k, v in last_eval.items() if k in ("accuracy", "loss", "perplexity")}
+        acc, loss = final["accuracy"], final["loss"]
         report = self.accountant.report(self.ledger) if self.ledger is not None else None
         summary: dict[str, Any] = {
             "name": sc.name,
             "strategy": sc.strategy.name,
             "accuracy": acc,
             "loss": loss,
+            **({"perplexity": final["perplexity"]} if "perplexity" in final else {}),
             "rounds": self.next_round,
             "rounds_planned": sc.rounds,
             "stopped_reason": self.stopped_reason,
@@ -413,6 +395,9 @@ class Simulation:
             "clients_per_round": sc.clients_per_round,
             "seed": sc.seed,
         }
+        describe = getattr(self.trainer, "describe", None)
+        if describe is not None:
+            summary["trainer"] = describe()
         example = self.trainer.example_privacy()
         if example is not None:
             summary["example_level"] = example
@@ -427,6 +412,8 @@ class Simulation:
                     "state_dict": self.model.state_dict(),
                     "model": sc.model.name,
                     "hidden": sc.model.hidden,
+                    "model_params": dict(sc.model.params),
+                    "spec": dataclasses.asdict(self.data.spec),
                     "num_features": self.data.num_features,
                     "num_classes": self.data.num_classes,
                     "flat": self.params.clone(),
