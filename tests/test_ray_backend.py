@@ -70,3 +70,26 @@ def test_unreachable_cluster_address_is_a_one_line_error(tmp_path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: engine.ray-address: cannot reach '127.0.0.1:1'")
+
+
+def test_ray_trains_user_models_and_datasets_from_files(local_ray: None, tmp_path) -> None:
+    import numpy as np
+
+    # a user's model and dataset (vmap path), and a language model on a data file (loop path)
+    custom = ["rounds=2", "clients-per-round=10", "data.users=12", "engine.chunk-size=4"]
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(1, 10, size=(60, 6))
+    np.savez(tmp_path / "lm.npz", x=seqs, y=np.roll(seqs, -1, axis=1), user_id=np.arange(60) % 8)
+    (tmp_path / "lm.toml").write_text(
+        'name = "lm"\nrounds = 2\nclients-per-round = 6\n[data]\ndataset = "lm.npz"\npad-id = 0\n'
+        '[model]\nname = "lstm-lm"\nhidden = 8\n[engine]\nchunk-size = 4\n',
+        encoding="utf-8",
+    )
+    for path, extra in ((SCENARIOS / "custom_workload.toml", custom), (tmp_path / "lm.toml", [])):
+        def run(backend: str, path=path, extra=extra):
+            sc = load_scenario(path, [parse_override(o) for o in [*extra, f'engine.backend="{backend}"']])
+            return run_scenario(sc)
+
+        via_ray, in_process = run("ray"), run("inprocess")
+        assert torch.equal(via_ray.params, in_process.params)
+        assert via_ray.metrics == in_process.metrics

@@ -77,6 +77,10 @@ class FlowerSimulation:
         out: dict[str, RunResult] = {}
         server_app = ServerApp()
         num_devices = scenario.data.num_devices
+        if num_devices is None:  # a naturally partitioned dataset: one SuperNode per user
+            from fedsim.workloads import build_data
+
+            num_devices = build_data(scenario).num_devices
         options = ServerOptions(min_nodes=num_devices, checkin_timeout=600.0, round_timeout=3600.0)
 
         @server_app.main()
