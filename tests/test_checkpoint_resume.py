@@ -232,7 +232,7 @@ def test_sigkill_mid_round_then_resume_is_bit_identical_dp_ftrl_with_budget(tmp_
 def test_sigkill_mid_round_then_resume_is_bit_identical_dp_ftrl_blt(tmp_path: Path) -> None:
     """DP-FTRL with BLT noise: the float64 buffers survive a SIGKILL and replayed rounds reuse
     their noise (identical parameters, run log and ledger)."""
-    rounds = 40
+    rounds = 30
     blt = DP_FTRL.replace('name = "dp-ftrl"', 'name = "dp-ftrl"\nmechanism = "blt"')
     scenario = _write(tmp_path, blt, rounds=rounds, epochs=3, every=2, budget="")
     print(_kill_and_resume(tmp_path, scenario, rounds))

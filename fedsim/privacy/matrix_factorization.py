@@ -516,7 +516,7 @@ def optimize_blt(num_rounds: int, max_participations: int, min_separation: int,
             res = minimize(_blt_loss, start, args=(n, k_eff, sep, error), jac=True,
                            method="L-BFGS-B", bounds=bounds,
                            options={"maxiter": max_iter, "maxfun": 4 * max_iter,
-                                    "ftol": 1e-13, "gtol": 1e-9})
+                                    "ftol": 1e-10, "gtol": 1e-7})
         if res.status != 1 and math.isfinite(res.fun):  # not the iteration limit, finite loss
             found.append((float(res.fun), np.asarray(res.x)))
     best = min(found, key=lambda item: item[0]) if found else None
@@ -600,7 +600,7 @@ def optimize_banded(num_rounds: int, max_participations: int, min_separation: in
         with _TorchThreads():
             res = minimize(_banded_loss, out[1:], args=(n, k_eff, sep, error), jac=True,
                            method="L-BFGS-B", options={"maxiter": max_iter, "maxfun": 4 * max_iter,
-                                                       "ftol": 1e-13, "gtol": 1e-9})
+                                                       "ftol": 1e-10, "gtol": 1e-7})
         if res.status == 1 or not math.isfinite(res.fun):
             raise OptimizationError(
                 f"banded optimisation did not converge in {max_iter} iterations (T={n}, "
