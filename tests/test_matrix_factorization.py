@@ -121,6 +121,11 @@ def test_other_strategies_get_an_upper_bound():
     # a BLT whose scales sum above 1 has c_1 > c_0: only the bound applies
     blt = mf.BLT((0.9, 0.5), (0.8, 0.7))
     assert not mf.toeplitz_sensitivity_sq(blt.coefs(10), 10, 3, 1).exact
+    # long horizons: the triangle-inequality bound, no T x T matrix
+    n = mf._GRAM_LIMIT + 1
+    big = mf.toeplitz_sensitivity_sq(blt.coefs(n), n, 3, 100)
+    assert not big.exact and big.value == pytest.approx(9 * float(blt.coefs(n) @ blt.coefs(n)))
+    assert big.value >= mf.toeplitz_sensitivity_sq(blt.coefs(n), 1000, 3, 100).value
 
 
 def test_effective_participations():

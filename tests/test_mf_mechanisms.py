@@ -48,6 +48,8 @@ def test_registered_and_built_by_name():
         BLTMechanism(noise_multiplier=1.0, clip_norm=1.0, buffers=13)
     with pytest.raises(ValueError, match=r"decays\[0\] must be in the open interval"):
         BLTMechanism(noise_multiplier=1.0, clip_norm=1.0, decays=[1.5], scales=[0.1])
+    with pytest.raises(ValueError, match="scales must sum to < 1"):
+        BLTMechanism(noise_multiplier=1.0, clip_norm=1.0, decays=[0.9, 0.5], scales=[0.6, 0.5])
 
 
 @pytest.mark.parametrize("cls,tag", [(BLTMechanism, mf.TAG_BLT), (BandedMechanism, mf.TAG_BANDED)])

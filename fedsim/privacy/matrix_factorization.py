@@ -44,7 +44,8 @@ case is ``u_i`` all equal, so ``sens^2 = max_P 1_P^T C^T C 1_P`` (in units of ``
   Toeplitz band the column norms do not increase, so it is again the pattern above: **exact**.
 * Otherwise :func:`toeplitz_sensitivity_sq` returns an **upper bound**:
   ``max_P sum_{i in P} (|G_ii| + (k - 1) max_{|j - i| >= min_sep} |G_ij|)`` over allowed patterns
-  (``G = C^T C``), which dominates ``sum_{i, j in P} |G_ij|`` and hence every pattern.
+  (``G = C^T C``), which dominates ``sum_{i, j in P} |G_ij|`` and hence every pattern; above
+  4096 rounds the cruder ``k_eff^2 ||c||^2`` (triangle inequality over the columns).
 
 :func:`brute_force_sensitivity_sq` enumerates every pattern for small ``T`` (the tests' reference).
 
@@ -225,11 +226,17 @@ def toeplitz_sensitivity_sq(coefs: Sequence[float] | np.ndarray, num_rounds: int
     if monotone or bands <= sep:
         v = _pattern_vector(c, n, k_eff, sep)
         return Sensitivity(float(np.dot(v, v)), True)
+    if n > _GRAM_LIMIT:  # ||sum_{p in P} C[:, p]|| <= k_eff max column norm = k_eff ||c||
+        return Sensitivity(float(k_eff * k_eff * np.dot(c, c)), False)
     gram = np.abs(_toeplitz_gram(c))
     far = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]) >= sep
     off = np.where(far, gram, 0.0).max(axis=1) if n > sep else np.zeros(n)
     weights = np.diag(gram) + (k_eff - 1) * off
     return Sensitivity(_best_separated_sum(weights, k_eff, sep), False)
+
+
+#: Above this many rounds the upper bound uses ``k_eff^2 ||c||^2`` instead of the ``T x T`` Gram matrix.
+_GRAM_LIMIT = 4096
 
 
 def _toeplitz_gram(c: np.ndarray) -> np.ndarray:

@@ -143,8 +143,8 @@ class BLTMechanism(_MatrixFactorizationMechanism):
     buffers:
         Number of BLT buffers to optimise for (3 by default; 3-7 are usually best).
     decays, scales:
-        A given BLT (both or neither; decays in ``(0, 1)``, scales ``> 0``) instead of the one
-        optimised for the run's ``(T, k, b)``.
+        A given BLT (both or neither; decays in ``(0, 1)``, scales ``> 0`` summing to ``< 1``, so
+        that its sensitivity is exact) instead of the one optimised for the run's ``(T, k, b)``.
     error:
         ``"max"`` (default) or ``"mean"`` squared prefix-sum error, the optimisation target.
     """
@@ -165,6 +165,13 @@ class BLTMechanism(_MatrixFactorizationMechanism):
         if (decays is None) != (scales is None):
             raise ValueError("decays and scales must be given together")
         self.given = None if decays is None else BLT(tuple(decays), tuple(scales)).check_strategy()
+        if self.given is not None and sum(self.given.scales) >= 1.0:
+            # c_1 = sum(scales) > c_0 = 1: only an upper bound on the sensitivity is known, and
+            # it costs O(T^2) per round to account; the optimised strategies always qualify
+            raise ValueError(
+                f"scales must sum to < 1 (non-increasing Toeplitz coefficients, exact "
+                f"sensitivity), got {sum(self.given.scales):.6g}"
+            )
 
     def _strategy(self, num_rounds: int) -> MFStrategy:
         assert self.max_participations is not None
