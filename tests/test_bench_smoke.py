@@ -54,8 +54,21 @@ def test_tiny_benchmark_run_reports_every_column() -> None:
     names = [t["target"] for t in report["targets"]]
     assert "mlp: fedsim / naive loop" in names and "mlp: fedsim training / FLOP bound" in names
     text = format_report(report)
-    for column in ("fedsim", "naive loop", "Flower", "FLOP bound", "targets"):
+    for column in ("fedsim", "naive loop", "Flower", "FLOP bound", "vs naive"):
         assert column in text
+    # without --targets: comparisons only, no verdicts on the project's own goals
+    for verdict in ("target", "goal", " met", "NOT MET", "not measured"):
+        assert verdict not in text, verdict
+    with_targets = format_report(report, targets=True)
+    assert "project targets" in with_targets and "mlp: fedsim / naive loop" in with_targets
+    assert "(goal >= 5x)" in with_targets and ("met" in with_targets)
+
+
+def test_targets_flag_is_off_by_default() -> None:
+    from fedsim.bench import build_parser
+
+    assert build_parser().parse_args([]).targets is False
+    assert build_parser().parse_args(["--targets"]).targets is True
 
 
 def test_bad_arguments_are_one_line_errors() -> None:
