@@ -91,7 +91,8 @@ class OpacusTrainer(ClientTrainer):
     max_grad_norm:
         Per-example gradient clip bound.
     target_delta:
-        ``delta`` of the reported example-level ``(epsilon, delta)``.
+        ``delta`` of the reported example-level ``(epsilon, delta)``; ``None`` (default): the
+        scenario's ``[privacy] delta``, the one the user-level figures use.
     max_participations:
         Participations per device to account for; ``None``: the most any device made in the run.
     """
@@ -101,15 +102,17 @@ class OpacusTrainer(ClientTrainer):
         model: nn.Module,
         noise_multiplier: float = 1.0,
         max_grad_norm: float = 1.0,
-        target_delta: float = 1e-5,
+        target_delta: float | None = None,
         max_participations: int | None = None,
     ) -> None:
         super().__init__(model)
         self.noise_multiplier = _positive("noise-multiplier", noise_multiplier)
         self.max_grad_norm = _positive("max-grad-norm", max_grad_norm)
-        if isinstance(target_delta, bool) or not isinstance(target_delta, int | float) or not 0 < target_delta < 1:
-            raise ValueError(f"target-delta must be a number in (0, 1), got {target_delta!r}")
-        self.target_delta = float(target_delta)
+        if target_delta is not None and (
+            isinstance(target_delta, bool) or not isinstance(target_delta, int | float) or not 0 < target_delta < 1
+        ):
+            raise ValueError(f"target-delta must be a number in (0, 1) (or omit it), got {target_delta!r}")
+        self.target_delta = None if target_delta is None else float(target_delta)
         if max_participations is not None and (
             isinstance(max_participations, bool) or not isinstance(max_participations, int) or max_participations < 1
         ):
@@ -171,10 +174,14 @@ class OpacusTrainer(ClientTrainer):
         self._participations[dev] = self._participations.get(dev, 0) + 1
         return ClientResult(delta.contiguous(), n, total_loss / max(total_examples, 1))
 
-    def example_privacy(self) -> dict[str, Any] | None:
-        """Worst-device example-level ``(epsilon, delta)`` over all local steps a device can take."""
+    def example_privacy(self, *, delta: float | None = None) -> dict[str, Any] | None:
+        """Worst-device example-level ``(epsilon, delta)`` over all local steps a device can take.
+
+        The delta is ``target-delta`` when set, else ``delta`` (the scenario's), else ``1e-6``.
+        """
         if not self._schedule:
             return None
+        target = self.target_delta if self.target_delta is not None else (delta if delta is not None else 1e-6)
         observed = max(self._participations.values())
         k = self.max_participations if self.max_participations is not None else observed
         cache: dict[tuple[float, int], float] = {}
@@ -182,12 +189,12 @@ class OpacusTrainer(ClientTrainer):
         for rate, steps_per in self._schedule.values():
             key = (rate, steps_per * k)
             if key not in cache:
-                cache[key] = example_level_epsilon(self.noise_multiplier, rate, steps_per * k, self.target_delta)
+                cache[key] = example_level_epsilon(self.noise_multiplier, rate, steps_per * k, target)
             if cache[key] > worst[0]:
                 worst = (cache[key], rate, steps_per * k)
         return {
             "epsilon": worst[0],
-            "delta": self.target_delta,
+            "delta": target,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "sampling_rate": worst[1],

@@ -41,7 +41,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--seed", type=int, help="override the root seed")
-    p.add_argument("--out", help="run directory (default: the scenario's output-dir)")
+    p.add_argument("--out", help="run directory (default: the scenario's output-dir); must not hold an earlier run")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in the run directory (without it fedsim refuses to touch one)",
+    )
     p.add_argument(
         "--backend",
         choices=("inprocess", "flower", "ray"),
@@ -63,24 +68,33 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.engine.rundir import claim_run_dir, is_run_dir
     from fedsim.scenario import load_scenario, parse_override
 
     overrides = [parse_override(text) for text in args.overrides]
     for flag, key in (("rounds", "rounds"), ("seed", "seed"), ("out", "output-dir")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(([key], value))
+            overrides.append(([key], value, f"--{flag}"))
     if args.backend is not None:
         if args.resume is not None and args.backend == "flower":
             raise FedsimError("--backend flower cannot be combined with --resume")
-        overrides.append((["engine", "backend"], args.backend))
+        overrides.append((["engine", "backend"], args.backend, "--backend"))
+    if args.out is not None and not args.out.strip():
+        raise FedsimError("--out: must be a directory path, got ''")
     if args.resume is not None:
+        if args.overwrite:
+            raise FedsimError("--overwrite cannot be combined with --resume (which continues the run in RUN_DIR)")
         sim = _resumed_simulation(args, overrides)
     else:
         if args.scenario is None:
             raise FedsimError("run: a scenario file is required (or --resume RUN_DIR)")
         scenario = load_scenario(args.scenario, overrides)
-
+        run_dir = Path(scenario.output_dir)
+        replacing = is_run_dir(run_dir)
+        claim_run_dir(run_dir, overwrite=args.overwrite)
+        if replacing:
+            print(f"--overwrite: removed the earlier run in {run_dir}", file=sys.stderr)
         if scenario.engine.backend == "flower":
             from fedsim.flower.simulation import FlowerSimulation
 
@@ -143,8 +157,16 @@ def _summary_text(s: dict, run_dir: object) -> str:
     if s.get("rho") is not None:
         lines.append(f"rho (zCDP)   {s['rho']:.4f}")
         lines.append(f"epsilon      {s['epsilon']:.3f} at delta={s['delta']:g} (epsilon_rdp {s['epsilon_rdp']:.3f})")
+        if _amplified(s):
+            lines.append("             rho ignores the amplification by sampling; epsilon includes it")
     else:
-        lines.append("privacy      none (no DP strategy)")
+        lines.append("user-level   none (no DP strategy)" if s.get("example_level") else "privacy      none (no DP strategy)")
+    example = s.get("example_level")
+    if example:
+        lines.append(
+            f"example-level epsilon {example['epsilon']:.3f} at delta={example['delta']:g} "
+            "(DP-SGD on each device: protects one example, not all of a device's data)"
+        )
     audit = s.get("audit")
     if audit is not None:
         lo, hi = audit["ci"]
@@ -157,6 +179,16 @@ def _summary_text(s: dict, run_dir: object) -> str:
     lines.append(f"wall time    {s['wall_time_s']:.1f} s")
     lines.append(f"run dir      {run_dir}")
     return "\n".join(lines)
+
+
+def _amplified(s: dict) -> bool:
+    """Whether the run's epsilon is below what its rho alone gives (privacy amplification by sampling)."""
+    from fedsim.privacy.conversions import epsilon_rdp_from_rho
+
+    try:
+        return s["epsilon_rdp"] < epsilon_rdp_from_rho(s["rho"], s["delta"]) * (1 - 1e-9)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sweep(sub)
     _add_audit(sub)
+    _add_check_strategy(sub)
     return parser
 
 
@@ -206,6 +239,46 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def _add_check_strategy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-strategy",
+        help="run the strategy contract suite on your own strategy",
+        description="Run the contract suite every built-in strategy passes (tests/test_strategy_contract.py, "
+        "needs a source checkout and pytest) on SPEC: 'path/file.py:Class' (relative to the working "
+        "directory) or 'package.module:Class'. The strategy must be constructible with its defaults.",
+    )
+    p.add_argument("spec", metavar="SPEC", help="path/file.py:Class or package.module:Class")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="further pytest arguments (e.g. -x -v)")
+    p.set_defaults(func=_cmd_check_strategy)
+
+
+def _cmd_check_strategy(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from fedsim.registry import UnknownPluginError
+    from fedsim.strategy import STRATEGIES, Strategy
+
+    spec = args.spec
+    target, sep, attr = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        spec = f"{Path(target).resolve()}:{attr}"
+    try:
+        cls = STRATEGIES.get(spec, base_dir=Path.cwd())
+    except UnknownPluginError as exc:
+        raise FedsimError(f"check-strategy: {exc}") from None
+    except Exception as exc:  # the user's module failed to import or execute
+        raise FedsimError(f"check-strategy: cannot load {args.spec!r}: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise FedsimError(f"check-strategy: {args.spec!r} is not a fedsim.strategy.Strategy subclass")
+    suite = Path(__file__).resolve().parents[1] / "tests" / "test_strategy_contract.py"
+    if not suite.is_file():
+        raise FedsimError(f"check-strategy: the contract suite {suite} is missing (it ships with a source checkout)")
+    env = dict(os.environ, FEDSIM_STRATEGY=spec)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite), *args.pytest_args]
+    return subprocess.run(cmd, cwd=suite.parents[1], env=env).returncode
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -82,8 +82,12 @@ class ClientTrainer(ABC):
         if ids:
             yield _chunk(ids, deltas, counts, losses, config.round)
 
-    def example_privacy(self) -> dict[str, Any] | None:
-        """Example-level privacy figures of local training (DP-SGD trainers), else ``None``."""
+    def example_privacy(self, *, delta: float | None = None) -> dict[str, Any] | None:
+        """Example-level privacy figures of local training (DP-SGD trainers), else ``None``.
+
+        ``delta`` is the scenario's ``[privacy] delta``, which the engine passes so that the
+        example-level ``(epsilon, delta)`` uses the same delta as the user-level one.
+        """
         return None
 
 

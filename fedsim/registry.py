@@ -77,9 +77,13 @@ class Registry(Generic[T]):
             return self._items[name]
         if ":" in name:
             return _load_path(name, self.kind, base_dir)
+        from fedsim.errors import closest_match
+
         known = ", ".join(self.names()) or "(none)"
+        guess = closest_match(name, self.names())
+        hint = f" (did you mean {guess!r}?)" if guess is not None else ""
         raise UnknownPluginError(
-            f"unknown {self.kind} {name!r}; known: {known}, or an import path 'package.module:Class'"
+            f"unknown {self.kind} {name!r}{hint}; known: {known}, or an import path 'package.module:Class'"
         )
 
 

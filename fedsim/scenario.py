@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedsim.errors import ScenarioError
+from fedsim.errors import ScenarioError, unknown_key_message
 
 # --------------------------------------------------------------------------------------------
 # validation helpers: each names the field it checks
@@ -323,6 +323,9 @@ class Scenario:
         out = _to_toml_dict(self)
         for section, key in (("strategy", "name"), ("client", "trainer"), ("model", "name"), ("data", "dataset")):
             out[section][key] = _resolved_plugin(out[section][key], self.base_dir)
+        for (section, key), applies in _APPLIES_WHEN.items():
+            if section in out and key in out[section] and not applies(self):
+                del out[section][key]
         return out
 
 
@@ -353,6 +356,25 @@ def _check_canary_capacity(scenario: Scenario) -> None:
             f"cohort slots and canaries may take at most half of them (at most {slots // 2} canaries)",
             key="audit.canaries",
         )
+
+
+#: Keys that only mean something in some settings: :meth:`Scenario.to_dict` (hence a run's
+#: ``config.toml``) leaves them out elsewhere, so a digits run does not list the synthetic data's
+#: ``num-features = 784`` beside a model with 64 inputs. Loading the dict back gives the same
+#: scenario (the left-out keys take their defaults, which nothing reads).
+_APPLIES_WHEN: dict[tuple[str, str], Any] = {
+    ("data", "examples-per-device"): lambda sc: sc.data.dataset == "synthetic",
+    ("data", "num-features"): lambda sc: sc.data.dataset == "synthetic",
+    ("data", "num-classes"): lambda sc: sc.data.dataset == "synthetic",
+    ("data", "partitioner"): lambda sc: sc.data.dataset != "synthetic",
+    ("data", "test-fraction"): lambda sc: sc.data.dataset != "synthetic",
+    ("data", "alpha"): lambda sc: sc.data.dataset != "synthetic" and sc.data.partitioner == "dirichlet",
+    ("population", "check-in-prob"): lambda sc: sc.population.availability != "always",
+    ("population", "period"): lambda sc: sc.population.availability == "diurnal",
+    ("population", "amplitude"): lambda sc: sc.population.availability == "diurnal",
+    ("engine", "ray-address"): lambda sc: sc.engine.backend == "ray",
+    ("engine", "ray-workers"): lambda sc: sc.engine.backend == "ray",
+}
 
 
 def _resolved_plugin(name: str, base_dir: Path) -> str:
@@ -467,8 +489,7 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
             if open_keys is not None:
                 extra[name] = value
                 continue
-            allowed = ", ".join(sorted(_kebab(n) for n in fields))
-            raise ScenarioError(f"unknown key; allowed keys: {allowed}", key=key)
+            raise ScenarioError(unknown_key_message(raw_key, (_kebab(n) for n in fields)), key=key)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, key + ".")
@@ -509,8 +530,17 @@ def _validate_plugin_params(scenario: Scenario) -> None:
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
         for pname in params:
             if pname not in accepted and not takes_any:
-                allowed = ", ".join(sorted(_kebab(p) for p in accepted)) or "(none)"
-                raise ScenarioError(f"unknown parameter of {section} {name!r}; allowed: {allowed}", key=f"{section}.{_kebab(pname)}")
+                own = _OPEN_SECTIONS[ClientConfig if section == "client" else StrategyConfig]
+                raise ScenarioError(
+                    unknown_key_message(
+                        _kebab(pname),
+                        (_kebab(k) for k in own),
+                        extra={f"parameters of {'trainer' if section == 'client' else 'strategy'} {name!r}": (
+                            _kebab(p) for p in accepted
+                        )},
+                    ),
+                    key=f"{section}.{_kebab(pname)}",
+                )
         missing = [
             p for p in accepted
             if sig.parameters[p].default is inspect.Parameter.empty
@@ -615,13 +645,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: One override: ``(path, value)`` from ``--set``, or ``(path, value, flag)`` from a dedicated
+#: command-line flag (``(["rounds"], 5, "--rounds")``): errors in it then name that flag.
+Override = tuple[list[str], Any] | tuple[list[str], Any, str]
+
+
 def scenario_from_dict(
-    raw: dict[str, Any], *, source: str | None = None, overrides: list[tuple[list[str], Any]] | None = None
+    raw: dict[str, Any], *, source: str | None = None, overrides: list[Override] | None = None
 ) -> Scenario:
-    """Validate a raw (TOML-decoded) scenario dict, applying dotted overrides first."""
+    """Validate a raw (TOML-decoded) scenario dict, applying dotted overrides first.
+
+    An error in an overridden value is attributed to ``--set`` (or to the override's own flag,
+    for three-element overrides), an error elsewhere to ``source``.
+    """
     raw = copy.deepcopy(raw)
     overridden: set[str] = set()
-    for path, value in overrides or []:
+    flags: dict[str, str] = {}
+    for override in overrides or []:
+        path, value = override[0], override[1]
+        if len(override) > 2:
+            flags[".".join(path)] = override[2]  # type: ignore[misc]
         table = raw
         for part in path[:-1]:
             nxt = table.setdefault(part, {})
@@ -640,12 +683,14 @@ def scenario_from_dict(
     except ScenarioError as exc:
         # an error on a whole section (a strategy's constructor refusing a value) is the
         # override's when an override touched that section
+        if exc.key in flags:  # a dedicated flag (--rounds -5): name the flag the user typed
+            raise ScenarioError(exc.message, source=flags[exc.key]) from None
         from_override = exc.key in overridden or any(k.startswith(f"{exc.key}.") for k in overridden)
         origin = "--set" if from_override else source
         raise exc.with_source(origin) if origin else exc from None
 
 
-def load_scenario(path: str | Path, overrides: list[tuple[list[str], Any]] | None = None) -> Scenario:
+def load_scenario(path: str | Path, overrides: list[Override] | None = None) -> Scenario:
     """Read and validate a scenario TOML file."""
     path = Path(path)
     if not path.exists():

@@ -49,7 +49,7 @@ def test_registered_and_validates_its_parameters() -> None:
     ):
         with pytest.raises(ValueError, match=f"^{key} "):
             OpacusTrainer(_model(), **kwargs)
-    with pytest.raises(ScenarioError, match="unknown parameter of client 'opacus'"):
+    with pytest.raises(ScenarioError, match="unknown key 'noise' \\(did you mean 'noise-multiplier'\\?\\); .*; parameters of trainer 'opacus': max-grad-norm"):
         scenario_from_dict({"name": "x", "client": {"trainer": "opacus", "noise": 1.0}})
 
 
@@ -112,7 +112,12 @@ def test_example_level_epsilon_matches_an_independent_accountant() -> None:
     for _ in range(2):
         observed.train_client(params, _task(0, 6, seed=0), config)
     assert observed.example_privacy()["max_participations"] == 2
-    assert observed.example_privacy()["epsilon"] == pytest.approx(example_level_epsilon(1.1, 0.5, 8, 1e-5))
+    # the delta: target-delta when set, else the scenario's (the engine passes it), else 1e-6
+    assert observed.example_privacy(delta=1e-5)["epsilon"] == pytest.approx(example_level_epsilon(1.1, 0.5, 8, 1e-5))
+    assert observed.example_privacy()["delta"] == 1e-6
+    fixed = OpacusTrainer(model, noise_multiplier=1.1, max_grad_norm=1.0, target_delta=1e-3)
+    fixed.train_client(params, _task(0, 6, seed=0), config)
+    assert fixed.example_privacy(delta=1e-5)["delta"] == 1e-3
 
 
 def test_example_level_dp_run_reports_it_separately(tmp_path: Path) -> None:
@@ -130,7 +135,8 @@ def test_example_level_dp_run_reports_it_separately(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     example = summary["example_level"]
     assert math.isfinite(example["epsilon"]) and example["epsilon"] > 0
-    assert example["delta"] == 1e-5 and example["max_participations"] == 2
+    assert example["delta"] == summary["delta"] == 1e-6  # the scenario's [privacy] delta
+    assert example["max_participations"] == 2
     assert summary["rejected"] == {}  # every delta was within the round's clip bound
     assert summary["rho"] == pytest.approx(2 / (2 * 1.0**2))  # user level: 2 contributions at z = 1
     assert summary["epsilon"] != example["epsilon"]

@@ -33,8 +33,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "key", "needle"),
     [
-        (GOOD.replace("rounds = 2", "rounds = 2\ncolour = 1"), "colour", "unknown key; allowed keys"),
-        (GOOD.replace("[data]", "[data]\nshards = 3"), "data.shards", "allowed keys"),
+        (GOOD.replace("rounds = 2", "rounds = 2\ncolour = 1"), "colour", "unknown key 'colour'; allowed: checkpoint, client"),
+        (GOOD.replace("[data]", "[data]\nshards = 3"), "data.shards", "allowed: alpha, dataset"),
         (GOOD.replace("rounds = 2", 'rounds = "two"'), "rounds", "must be an integer"),
         (GOOD.replace("lr = 0.1", 'lr = "fast"'), "client.lr", "must be a number"),
         (GOOD.replace("lr = 0.1", "lr = -0.1"), "client.lr", "must be > 0"),
@@ -57,7 +57,7 @@ def test_invalid_values_name_file_key_and_allowed(tmp_path: Path, text: str, key
 
 
 def test_unknown_strategy_parameter_lists_allowed(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match=r"strategy\.bogus: unknown parameter of strategy 'fedavg'; allowed: server-lr"):
+    with pytest.raises(ScenarioError, match=r"strategy\.bogus: unknown key 'bogus'; allowed: name; parameters of strategy 'fedavg': server-lr"):
         load_scenario(_write(tmp_path, GOOD + "bogus = 1\n"))
 
 

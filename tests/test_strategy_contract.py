@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from fedsim.types import TrainConfig, UpdateBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "scripts" / "fedavgm.py") + ":FedAvgM"
-NAMES = [*STRATEGIES.names(), EXAMPLE]
+#: ``FEDSIM_STRATEGY=path/file.py:Class`` (or ``pkg.mod:Class``, comma-separated for several)
+#: runs the suite on those strategies only: what ``fedsim check-strategy SPEC`` does.
+NAMES = [n for n in os.environ.get("FEDSIM_STRATEGY", "").split(",") if n] or [*STRATEGIES.names(), EXAMPLE]
 P = 50
 
 

@@ -15,6 +15,10 @@ file                content
 
 ``metrics.jsonl`` holds only values determined by the scenario and seed (no timings), so the same
 scenario and seed give a byte-identical file.
+
+A run never replaces an earlier one silently: :func:`claim_run_dir` (called by ``fedsim run``
+before anything runs) refuses a directory that already holds a run unless the user asked for
+``--overwrite`` (or continues it with ``--resume``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,65 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+from fedsim.errors import FedsimError
+
+#: Files that mark a directory as a fedsim run directory (any one of them).
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "ledger.json", "checkpoints")
+
+
+class RunDirExists(FedsimError):
+    """The run directory already holds a run (or other files) and ``--overwrite`` was not given."""
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding (part of) a fedsim run."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def claim_run_dir(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Make sure a new run may write to ``path``; return it.
+
+    A missing or empty directory is fine. A directory that holds a run is refused with a
+    :class:`RunDirExists` naming the choices (another ``--out``, ``--overwrite``, ``--resume``),
+    unless ``overwrite``: then the earlier run's directory is removed (the caller says so on
+    screen). A non-empty directory that is not a run directory (or the working directory, or one
+    of its parents) is never removed, ``overwrite`` or not.
+
+    Parameters
+    ----------
+    path:
+        The run directory the scenario (or ``--out``) names.
+    overwrite:
+        Replace an earlier run in ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirExists(f"{path} exists and is not a directory; choose another --out DIR")
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if not is_run_dir(path):
+        raise RunDirExists(
+            f"{path} is not empty and holds no fedsim run; choose another --out DIR "
+            "(fedsim only replaces its own run directories)"
+        )
+    if not overwrite:
+        finished = (path / "summary.json").exists()
+        what = "a finished run" if finished else "an unfinished run"
+        raise RunDirExists(
+            f"{path} already holds {what}; choose another --out DIR, pass --overwrite to replace it, "
+            f"or --resume {path} to continue it from its checkpoints"
+        )
+    here = Path.cwd().resolve()
+    target = path.resolve()
+    if target == here or target in here.parents or target == Path.home().resolve():
+        raise RunDirExists(f"--overwrite: refusing to remove {path} (the working directory, a parent or home)")
+    shutil.rmtree(target)
+    return path
 
 #: Keys present in every ``metrics.jsonl`` line (values may be ``null``).
 METRIC_KEYS = (
@@ -76,6 +135,8 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def write_config(self, config: dict[str, Any]) -> None:
+        import tomli_w
+
         atomic_write_text(self.path / "config.toml", tomli_w.dumps(config))
 
     def reset_metrics(self) -> None:

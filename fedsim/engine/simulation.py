@@ -398,7 +398,7 @@ class Simulation:
         describe = getattr(self.trainer, "describe", None)
         if describe is not None:
             summary["trainer"] = describe()
-        example = self.trainer.example_privacy()
+        example = self.trainer.example_privacy(delta=sc.privacy.delta)
         if example is not None:
             summary["example_level"] = example
         if self.canaries is not None and self.next_round > 0:

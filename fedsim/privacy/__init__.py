@@ -11,34 +11,58 @@
 See ``docs/privacy.md`` for the accounting rules and conventions.
 """
 
-from fedsim.privacy.accountant import (
-    Accountant,
-    PrivacyReport,
-    dp_fedavg_privacy,
-    dp_ftrl_privacy,
-    mf_privacy,
-    sampled_gaussian_epsilon,
-)
-from fedsim.privacy.calibration import calibrate_noise_multiplier, sensitivity_sq
-from fedsim.privacy.conversions import (
-    epsilon_from_rho,
-    epsilon_naive_from_rho,
-    epsilon_rdp_from_rho,
-)
-from fedsim.privacy.events import (
-    GaussianEvent,
-    MatrixFactorizationEvent,
-    PrivacyLedger,
-    SampledGaussianEvent,
-    TreeAggregationEvent,
-)
-from fedsim.privacy.sensitivity import (
-    TreePrefixSensitivity,
-    brute_force_tree_sensitivity_sq,
-    effective_max_participations,
-    max_tree_sensitivity_sq,
-    tree_sensitivity_sq_prefixes,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> the submodule that defines it. The package imports a submodule only when one of
+#: its names is first used (PEP 562), so ``import fedsim.privacy.events`` (the planning CLI, the
+#: scenario loader) does not pull in scipy through the accountant.
+_EXPORTS = {
+    "Accountant": "fedsim.privacy.accountant",
+    "GaussianEvent": "fedsim.privacy.events",
+    "MatrixFactorizationEvent": "fedsim.privacy.events",
+    "PrivacyLedger": "fedsim.privacy.events",
+    "PrivacyReport": "fedsim.privacy.accountant",
+    "SampledGaussianEvent": "fedsim.privacy.events",
+    "TreeAggregationEvent": "fedsim.privacy.events",
+    "TreePrefixSensitivity": "fedsim.privacy.sensitivity",
+    "brute_force_tree_sensitivity_sq": "fedsim.privacy.sensitivity",
+    "calibrate_noise_multiplier": "fedsim.privacy.calibration",
+    "dp_fedavg_privacy": "fedsim.privacy.accountant",
+    "dp_ftrl_privacy": "fedsim.privacy.accountant",
+    "effective_max_participations": "fedsim.privacy.sensitivity",
+    "epsilon_from_rho": "fedsim.privacy.conversions",
+    "epsilon_naive_from_rho": "fedsim.privacy.conversions",
+    "epsilon_rdp_from_rho": "fedsim.privacy.conversions",
+    "max_tree_sensitivity_sq": "fedsim.privacy.sensitivity",
+    "mf_privacy": "fedsim.privacy.accountant",
+    "sampled_gaussian_epsilon": "fedsim.privacy.accountant",
+    "sensitivity_sq": "fedsim.privacy.calibration",
+    "tree_sensitivity_sq_prefixes": "fedsim.privacy.sensitivity",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:  # a submodule used as an attribute (``fedsim.privacy.accountant``)
+        if name.startswith("_"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "Accountant",

@@ -47,7 +47,7 @@ class _UsageError(Exception):
 def _add_common(p: argparse.ArgumentParser) -> None:
     noise = p.add_mutually_exclusive_group(required=True)
     noise.add_argument("--noise-multiplier", type=float, metavar="Z",
-                       help="noise standard deviation / clipping norm (> 0)")
+                       help=f"noise standard deviation / clipping norm (a finite number >= {MIN_NOISE_MULTIPLIER:g})")
     noise.add_argument("--target-rho", type=float, metavar="RHO",
                        help="solve for the smallest noise multiplier with rho <= RHO (> 0)")
     p.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds (>= 1)")
