@@ -218,12 +218,16 @@ def test_the_command_line_imports_no_heavy_package() -> None:
     assert _imported_after("import fedsim.cli\nfedsim.cli.build_parser()") == []
 
 
-def test_fedsim_privacy_imports_no_torch_flower_ray_or_plotting() -> None:
-    code = (
-        "from fedsim.cli import main\n"
-        "assert main(['privacy', 'dp-ftrl', '--noise-multiplier', '7', '--rounds', '200', "
-        "'--max-participations', '2', '--min-separation', '50', '--delta', '1e-6', '--json']) == 0"
-    )
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dp-ftrl", "--noise-multiplier", "7", "--rounds", "200", "--max-participations", "2", "--min-separation", "50"],
+        ["dp-ftrl", "--target-rho", "0.5", "--rounds", "100", "--max-participations", "2", "--min-separation", "10"],
+        ["dp-fedavg", "--noise-multiplier", "1", "--rounds", "100", "--sampling-rate", "0.01"],
+    ],
+)
+def test_fedsim_privacy_imports_no_torch_flower_ray_or_plotting(argv: list[str]) -> None:
+    code = f"from fedsim.cli import main\nassert main(['privacy', *{argv!r}, '--delta', '1e-6', '--json']) == 0"
     assert _imported_after(code) == ["scipy"]  # the (epsilon, delta) conversions need scipy, nothing else
 
 

@@ -278,7 +278,7 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
 
 def _tree_rms(rounds: int, estimator: str, restart: int | None) -> float:
     """sqrt(mean over rounds of the tree's prefix variance), in node-variance units."""
-    from fedsim.privacy.tree_noise import prefix_variance
+    from fedsim.privacy.tree_structure import prefix_variance
 
     total = sum(prefix_variance(t, estimator=estimator, restart_every=restart)  # type: ignore[arg-type]
                 for t in range(rounds))

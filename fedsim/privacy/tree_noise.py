@@ -53,12 +53,22 @@ efficient estimator two on average.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.privacy.noise import TAG_ROUND, TAG_TREE, NoiseSource
+from fedsim.privacy.tree_structure import (  # the tree's shape and variances (no torch needed)
+    Estimator,
+    Node,
+    _check_restart,
+    _height,
+    _honaker_weight,
+    decomposition,
+    efficient_node_variance,
+    prefix_variance,
+)
 
 __all__ = [
     "Source",
@@ -72,8 +82,6 @@ __all__ = [
     "prefix_variance",
 ]
 
-Estimator = Literal["vanilla", "efficient"]
-Node = tuple[int, int]
 #: Where the noise comes from: a :class:`~fedsim.privacy.noise.NoiseSource`, or an integer seed
 #: (shorthand for ``NoiseSource.from_seed(seed)``).
 Source = NoiseSource | int
@@ -127,61 +135,6 @@ def node_noise(seed: Source, node: Node, num_params: int, std: float) -> torch.T
     if not 0 <= start < end:
         raise ValueError(f"a tree node is a non-empty round interval [start, end), got {node!r}")
     return _normal(as_source(seed), (TAG_TREE, start, end), int(num_params), float(std))
-
-
-def _check_restart(restart_every: int | None) -> None:
-    if restart_every is not None and (
-        isinstance(restart_every, bool) or not isinstance(restart_every, int | np.integer) or restart_every < 1
-    ):
-        raise ValueError(f"restart_every must be a positive integer or None, got {restart_every!r}")
-
-
-def decomposition(round: int, restart_every: int | None = None) -> list[Node]:
-    """Nodes whose noise makes up the prefix ending at ``round`` (inclusive), largest first.
-
-    The prefix starts at the beginning of ``round``'s segment (round 0 without restarts) and is
-    decomposed into dyadic intervals relative to that start, one per set bit of its length.
-    """
-    _check_restart(restart_every)
-    if round < 0:
-        raise ValueError(f"round must be >= 0, got {round}")
-    base = 0 if restart_every is None else (round // restart_every) * restart_every
-    length = round - base + 1
-    nodes: list[Node] = []
-    start = base
-    for h in range(length.bit_length() - 1, -1, -1):
-        if length >> h & 1:
-            nodes.append((start, start + (1 << h)))
-            start += 1 << h
-    return nodes
-
-
-def _height(node: Node) -> int:
-    return (node[1] - node[0]).bit_length() - 1
-
-
-def _honaker_weight(height: int) -> float:
-    """Weight of a node's own value in the efficient estimate, ``1 / (2 - 2**-h)``."""
-    return 1.0 / (2.0 - 0.5**height)
-
-
-def efficient_node_variance(height: int) -> float:
-    """Variance (in units of ``sigma**2``) of the efficient estimate of a node of this height."""
-    return 2.0**height / (2.0 ** (height + 1) - 1.0)
-
-
-def prefix_variance(round: int, *, estimator: Estimator = "vanilla", restart_every: int | None = None) -> float:
-    """Per-coordinate variance, in units of ``sigma**2``, of the noise on the prefix at ``round``.
-
-    Vanilla: the number of nodes in the decomposition; efficient: the sum of
-    :func:`efficient_node_variance` over them.
-    """
-    nodes = decomposition(round, restart_every)
-    if estimator == "vanilla":
-        return float(len(nodes))
-    if estimator == "efficient":
-        return float(sum(efficient_node_variance(_height(n)) for n in nodes))
-    raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
 
 
 def _efficient_estimate(seed: Source, node: Node, num_params: int, std: float) -> torch.Tensor:
