@@ -52,6 +52,7 @@ import functools
 import importlib.util
 import math
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,13 +157,26 @@ def _sampled_rdp_per_round(sampling_rate: float, noise_multiplier: float) -> np.
     return out
 
 
+def _privacy_spent(rdp: Sequence[float] | np.ndarray, delta: float) -> float:
+    """Opacus's RDP-to-(epsilon, delta) conversion over :data:`RDP_ORDERS`, without its warnings.
+
+    Opacus warns when the best order is the smallest or the largest of the grid: the epsilon it
+    returns is still a valid upper bound (a finer grid could only lower it), and where it is
+    loose (large epsilon, optimum at the smallest order) the accountant reports the minimum with the
+    zCDP conversion anyway. A user cannot act on the warning, so it is not shown.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Optimal order is the (smallest|largest) alpha")
+        eps, _ = _opacus_rdp().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    return float(eps)
+
+
 def sampled_gaussian_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
                              delta: float) -> float:
     """Amplified epsilon of ``rounds`` Poisson-subsampled Gaussian rounds (Opacus RDP, no cap)."""
     delta = validate_delta(delta)
     rdp = _sampled_rdp_per_round(float(sampling_rate), float(noise_multiplier)) * rounds
-    eps, _ = _opacus_rdp().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
-    return float(eps)
+    return _privacy_spent(rdp, delta)
 
 
 class _Group:
@@ -268,9 +282,7 @@ def _compose(groups: Mapping[type, _Group], delta: float) -> PrivacyReport:
             amplified = amplified + _sampled_rdp_per_round(
                 event.sampling_rate, event.noise_multiplier) * count
         curve = np.minimum(amplified, orders * rho_sampled) + orders * rho_other
-        eps_curve, _ = _opacus_rdp().get_privacy_spent(
-            orders=list(RDP_ORDERS), rdp=curve, delta=delta
-        )
+        eps_curve = _privacy_spent(curve, delta)
         eps_rdp = min(float(eps_curve), epsilon_rdp_from_rho(rho, delta))
         eps = min(eps_rdp, epsilon_from_rho(rho, delta))
     noise = zs[0] if zs and all(z is not None and z == zs[0] for z in zs) else None
