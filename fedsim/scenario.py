@@ -567,9 +567,12 @@ def _check_plugin_values(
     """Names and annotated types of a loader's / builder's ``[section]`` parameters; converts in place."""
     for pname in params:
         if pname not in accepted and not takes_any:
-            own = ", ".join(sorted(_kebab(n) for n in fixed))
-            theirs = ", ".join(sorted(_kebab(n) for n in accepted)) or "(none)"
-            raise ScenarioError(f"unknown key; allowed keys: {own}; parameters of {what}: {theirs}", key=f"{section}.{_kebab(pname)}")
+            raise ScenarioError(
+                unknown_key_message(
+                    _kebab(pname), (_kebab(n) for n in fixed), extra={f"parameters of {what}": (_kebab(n) for n in accepted)}
+                ),
+                key=f"{section}.{_kebab(pname)}",
+            )
     missing = [n for n, p in accepted.items() if p.default is inspect.Parameter.empty and n not in params]
     if missing:
         raise ScenarioError(f"{what} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)

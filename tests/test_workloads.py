@@ -144,7 +144,7 @@ def test_model_parameters_are_typed_and_existing_keys_keep_working() -> None:
     assert sc.model.params == {"channels": (4, 8)}
     with pytest.raises(ScenarioError, match=r"model\.channels\[1\]: must be an integer"):
         scenario_from_dict({**base, "model": {"name": "cnn", "channels": [4, "x"]}})
-    with pytest.raises(ScenarioError, match=r"model\.width: unknown key; allowed keys: hidden, name; parameters of model 'cnn'"):
+    with pytest.raises(ScenarioError, match=r"model\.width: unknown key 'width'( \(did you mean '[a-z-]+'\?\))?; allowed: hidden, name; parameters of model 'cnn'"):
         scenario_from_dict({**base, "model": {"name": "cnn", "width": 3}})
     # [model] hidden still sizes the MLP, and the init is what it always was (seeded Linear layers)
     mlp = scenario_from_dict({"name": "t", "clients-per-round": 2, "model": {"name": "mlp", "hidden": 7}})
@@ -281,7 +281,7 @@ def test_unknown_model_and_dataset_names(tmp_path: Path) -> None:
         ('[model]\nname = "resnet"\n', "model.name", "unknown model 'resnet'; known: cnn, logreg, lstm-lm, mlp, transformer-lm"),
         ('[data]\ndataset = "imagenet"\n', "data.dataset", "unknown dataset 'imagenet'; known: digits, synthetic"),
         ('[data]\ndataset = "nope.csv"\n', "data.dataset", "nope.csv: no such file"),
-        ('[data]\ndataset = "digits"\nuser-column = "u"\n', "data.user-column", "unknown key; allowed keys"),
+        ('[data]\ndataset = "digits"\nuser-column = "u"\n', "data.user-column", "unknown key 'user-column'"),
     ):
         scen = _scenario_for(tmp_path / "x", body, name="bad")
         proc = run_cli("run", str(scen), "--out", str(tmp_path / "run"), "--quiet")
