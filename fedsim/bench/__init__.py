@@ -244,6 +244,10 @@ class BenchOptions:
     naive_all_threads: bool = True
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: model-zoo rows (:mod:`fedsim.bench.workloads`); the command line turns them on
+    workloads: tuple[str, ...] = ()
+    workload_rounds: int = 4
+    workload_clients: dict[str, int] = field(default_factory=lambda: {"cnn": 100, "lstm-lm": 16, "transformer-lm": 16})
 
     @classmethod
     def quick_run(cls, threads: int | None = None) -> BenchOptions:
@@ -358,8 +362,15 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         else:
             entry["error"] = m.error
         dp_rows.append(entry)
+    workload_rows: list[dict[str, Any]] = []
+    if opts.workloads:
+        from fedsim.bench.workloads import run_rows
+
+        one = gflops if opts.threads == 1 else (measure("matmul", {"threads": 1}).result or {}).get("gflops")
+        workload_rows = run_rows(opts, gflops, one, quiet)
     report: dict[str, Any] = {
         "scenarios": scenarios,
+        "workloads": workload_rows,
         "matmul_gflops": gflops,
         "dp_ftrl": dp_rows,
         "config": {
@@ -389,6 +400,14 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if row["name"] == "mlp":
             train, bound = row["fedsim_training_updates_per_s"], row["flop_bound_updates_per_s"]
             add("mlp: fedsim training / FLOP bound", 100 * train / bound if train and bound else None, 50.0, "%")
+    threads = report["config"]["threads"]
+    for row in report.get("workloads", []):
+        fed, naive, flower = row["fedsim_updates_per_s"], row["naive_updates_per_s"], row["flower_updates_per_s"]
+        add(f"{row['name']}: fedsim / naive loop", fed / naive if fed and naive else None, 1.0, "x")
+        add(f"{row['name']}: fedsim / Flower", fed / flower if fed and flower else None, 10.0, "x")
+        if row["name"] in ("cnn", "transformer-lm"):
+            local, one = row["fedsim_local_training_updates_per_s"], row["flop_bound_one_core_updates_per_s"]
+            add(f"{row['name']}: training / 1-core bound per core", 100 * local / threads / one if local and one else None, 40.0, "%")
     return out
 
 
@@ -480,6 +499,10 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
                    else f" -> {_fmt(total, 2)} s with it")
             )
         lines.append(text)
+    if report.get("workloads"):
+        from fedsim.bench.workloads import format_rows
+
+        lines += format_rows(report["workloads"], cfg["threads"])
     if targets:
         lines += ["", "project targets (goals set for the reference machine, docs/benchmarks.md)"]
         for t in report["targets"]:
@@ -531,6 +554,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--clients", type=_positive_int, help="clients per round (default 1000; --quick: 100)")
     p.add_argument("--no-flower", action="store_true", help="skip Flower's simulation engine")
+    p.add_argument("--no-workloads", action="store_true", help="skip the model-zoo rows (cnn, lstm-lm, transformer-lm)")
+    p.add_argument("--workloads", action="store_true", help="with --quick: also the model-zoo rows (reduced; minutes)")
 
 
 def _positive_int(text: str) -> int:
@@ -550,6 +575,13 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         opts.clients = args.clients
     if args.no_flower:
         opts.flower_models = ()
+    if args.workloads or (not args.quick and not args.no_workloads):
+        from fedsim.bench.workloads import WORKLOADS
+
+        opts.workloads = WORKLOADS
+        if args.quick:
+            opts.workload_rounds = 3
+            opts.workload_clients = {"cnn": 50, "lstm-lm": 8, "transformer-lm": 8}
     return opts
 
 

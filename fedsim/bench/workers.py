@@ -291,6 +291,15 @@ WORKERS = {
 }
 
 
+def _add_workload_workers() -> None:
+    from fedsim.bench.workloads import WORKERS as ZOO
+
+    WORKERS.update(ZOO)
+
+
+_add_workload_workers()
+
+
 def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in this process with the spec's torch thread count."""
     if kind not in WORKERS:
