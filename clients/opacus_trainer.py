@@ -123,6 +123,8 @@ class OpacusTrainer(ClientTrainer):
         self._participations: dict[int, int] = {}
 
     def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
+        if self.objective is not None and self.objective.kind != "classification":
+            raise ValueError(f"the opacus trainer trains classification models, the dataset's task is {self.objective.kind!r}")
         n = task.num_examples
         if n == 0:
             return ClientResult(torch.zeros_like(params), 0, 0.0)
