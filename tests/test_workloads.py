@@ -296,3 +296,30 @@ def test_scenario_loader_keeps_the_old_defaults() -> None:
     assert out["data"]["num-devices"] == 100 and out["data"]["partitioner"] == "iid"
     assert out["model"] == {"name": "mlp", "hidden": 64}
     assert ROOT.exists()
+
+
+def test_flower_datasets_partitioner_adapter() -> None:
+    """``from_partitioner`` against an object with the Partitioner interface (flwr-datasets is an
+    optional extra, not installed here): partitions become lazily loaded, checked devices."""
+    from fedsim.data.flower_datasets import from_partitioner
+
+    class TwoColumnPartitioner:  # the interface of flwr_datasets.partitioner.Partitioner
+        num_partitions = 5
+
+        def __init__(self) -> None:
+            self.loaded: list[int] = []
+
+        def load_partition(self, partition_id: int) -> dict[str, list]:
+            self.loaded.append(partition_id)
+            n = partition_id + 1
+            return {"pixels": [[float(partition_id)] * 4] * n, "label": [partition_id % 2] * n}
+
+    part = TwoColumnPartitioner()
+    spec = DataSpec("classification", (1, 2, 2), 2)
+    data = from_partitioner(
+        part, spec=spec, test_x=np.zeros((3, 1, 2, 2), np.float32), test_y=np.zeros(3, np.int64),
+        input_column="pixels", transform=lambda x, y: (x.reshape(len(x), 1, 2, 2).astype(np.float32), y),
+    )
+    assert data.num_devices == 5 and part.loaded == []
+    x, y = data.client_data(3)
+    assert x.shape == (4, 1, 2, 2) and y.tolist() == [1, 1, 1, 1] and part.loaded == [3]
