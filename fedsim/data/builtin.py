@@ -11,6 +11,8 @@ from __future__ import annotations
 from fedsim.data.datasets import load_digits
 from fedsim.data.federated import SyntheticData
 from fedsim.data.loaders import DATASETS
+from fedsim.data.shakespeare import load_shakespeare
 
 DATASETS.register("digits", load_digits)
 DATASETS.register("synthetic", SyntheticData)
+DATASETS.register("shakespeare", load_shakespeare)

