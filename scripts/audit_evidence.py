@@ -29,18 +29,19 @@ from fedsim.engine import Simulation  # noqa: E402
 from fedsim.engine.canaries import load_canaries  # noqa: E402
 from fedsim.privacy.audit import cosines, estimate_epsilon, gaussian_mechanism_cosines  # noqa: E402
 from fedsim.privacy.conversions import epsilon_from_rho  # noqa: E402
-from fedsim.privacy.noise import NoiseSource  # noqa: E402
+from fedsim.privacy.noise import NoiseKey, NoiseSource  # noqa: E402
 from fedsim.scenario import load_scenario, parse_override  # noqa: E402
 
 GAUSSIAN_Z = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 GAUSSIAN_DELTA = 1e-5
 
 
-def gaussian_rows(seed: int) -> list[dict]:
+def gaussian_rows() -> list[dict]:
     rows = []
-    for i, z in enumerate(GAUSSIAN_Z):
+    for z in GAUSSIAN_Z:
+        # a fresh secret key per point, as a real run draws its own
         ins, out = gaussian_mechanism_cosines(
-            NoiseSource.from_seed(seed + i), num_canaries=500, dim=20_000, noise_multiplier=z
+            NoiseSource(NoiseKey.generate()), num_canaries=500, dim=20_000, noise_multiplier=z
         )
         est = estimate_epsilon(ins, out, dim=20_000, delta=GAUSSIAN_DELTA, num_bootstrap=300)
         rows.append(
@@ -183,12 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="0.05,0.5,1,2", help="noise-multiplier scales of each scenario (0.05,0.5,1,2)")
     p.add_argument("--out", default="runs/audit_evidence", help="run directories (runs/audit_evidence)")
     p.add_argument("--plot", default=str(ROOT / "docs" / "audit.png"), help="figure (docs/audit.png)")
-    p.add_argument("--seed", type=int, default=0, help="key of the Gaussian-mechanism part")
     args = p.parse_args(argv)
     scales = [float(x) for x in args.scales.split(",")]
     paths = [ROOT / "scenarios" / "dp_ftrl.toml", ROOT / "scenarios" / "dp_fedavg.toml"]
     paths += sorted((ROOT / "scenarios").glob("shakespeare_*.toml"))[:1]
-    gauss = gaussian_rows(args.seed)
+    gauss = gaussian_rows()
     scen = scenario_rows(paths, scales, args.canaries, Path(args.out))
     plot(gauss, scen, Path(args.plot))
     print()

@@ -78,6 +78,7 @@ __all__ = [
     "NormalSource",
     "canary_directions",
     "cosines",
+    "effective_noise_multiplier",
     "epsilon_two_gaussians",
     "estimate_epsilon",
     "gaussian_mechanism_cosines",
@@ -167,15 +168,31 @@ def gaussian_mechanism_cosines(
 
     One release ``sum_i C c_i + N(0, (z C)^2 I_d)`` over ``num_canaries`` inserted canaries
     (``c_1 ... c_n``); ``num_canaries`` further directions are never inserted. Returns the cosines
-    of (inserted, never-inserted) canaries with the release. The mechanism's exact ``epsilon``
-    (Gaussian mechanism with ``mu = 1 / z``) is what :func:`estimate_epsilon` should recover for
-    large ``dim`` (used by the tests and ``docs/audit.md``).
+    of (inserted, never-inserted) canaries with the release. Memory is ``O(dim)``: directions are
+    regenerated from ``source`` instead of kept.
+
+    For a given canary the other inserted canaries are extra noise: its cosine behaves like a
+    Gaussian mechanism with ``z_eff^2 = z^2 + (n - 1) / d`` (:func:`effective_noise_multiplier`),
+    which tends to ``z`` as ``d`` grows; :func:`estimate_epsilon` recovers that mechanism's exact
+    ``epsilon`` (used by the tests and ``docs/audit.md``).
     """
-    directions = canary_directions(source, 2 * num_canaries, dim)
-    noise = source.normal((TAG_AUDIT, 2**32 - 1), dim).to(torch.float64) * (noise_multiplier * clip_norm)
-    release = clip_norm * directions[:num_canaries].to(torch.float64).sum(dim=0) + noise
-    cos = cosines(release, directions)
+    release = source.normal((TAG_AUDIT, 2**32 - 1), dim).to(torch.float64) * (noise_multiplier * clip_norm)
+    for i in range(num_canaries):
+        release += clip_norm * canary_directions(source, 1, dim, start=i)[0].to(torch.float64)
+    norm = float(torch.linalg.vector_norm(release))
+    cos = np.empty(2 * num_canaries)
+    for i in range(2 * num_canaries):
+        cos[i] = float(canary_directions(source, 1, dim, start=i)[0].to(torch.float64) @ release) / norm
     return cos[:num_canaries], cos[num_canaries:]
+
+
+def effective_noise_multiplier(noise_multiplier: float, num_canaries: int, dim: int) -> float:
+    """``sqrt(z^2 + (n - 1) / d)``: the noise one canary sees in :func:`gaussian_mechanism_cosines`.
+
+    Besides ``N(0, (z C)^2)``, a canary's cosine carries the other ``n - 1`` canaries'
+    projections on it, ``C^2 (n - 1) / d`` in variance.
+    """
+    return math.sqrt(noise_multiplier**2 + (num_canaries - 1) / dim)
 
 
 # ----------------------------------------------------------------------------------------------
