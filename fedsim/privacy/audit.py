@@ -168,21 +168,18 @@ def gaussian_mechanism_cosines(
 
     One release ``sum_i C c_i + N(0, (z C)^2 I_d)`` over ``num_canaries`` inserted canaries
     (``c_1 ... c_n``); ``num_canaries`` further directions are never inserted. Returns the cosines
-    of (inserted, never-inserted) canaries with the release. Memory is ``O(dim)``: directions are
-    regenerated from ``source`` instead of kept.
+    of (inserted, never-inserted) canaries with the release.
 
     For a given canary the other inserted canaries are extra noise: its cosine behaves like a
     Gaussian mechanism with ``z_eff^2 = z^2 + (n - 1) / d`` (:func:`effective_noise_multiplier`),
     which tends to ``z`` as ``d`` grows; :func:`estimate_epsilon` recovers that mechanism's exact
     ``epsilon`` (used by the tests and ``docs/audit.md``).
     """
-    release = source.normal((TAG_AUDIT, 2**32 - 1), dim).to(torch.float64) * (noise_multiplier * clip_norm)
-    for i in range(num_canaries):
-        release += clip_norm * canary_directions(source, 1, dim, start=i)[0].to(torch.float64)
-    norm = float(torch.linalg.vector_norm(release))
-    cos = np.empty(2 * num_canaries)
-    for i in range(2 * num_canaries):
-        cos[i] = float(canary_directions(source, 1, dim, start=i)[0].to(torch.float64) @ release) / norm
+    directions = canary_directions(source, 2 * num_canaries, dim)
+    noise = source.normal((TAG_AUDIT, 2**32 - 1), dim).to(torch.float64) * (noise_multiplier * clip_norm)
+    release = clip_norm * directions[:num_canaries].sum(dim=0).to(torch.float64) + noise
+    # float32 products of unit rows with the normalised release (cosines ~ 1/sqrt(d) >> 1e-7)
+    cos = (directions @ (release / torch.linalg.vector_norm(release)).to(torch.float32)).to(torch.float64).numpy()
     return cos[:num_canaries], cos[num_canaries:]
 
 
