@@ -221,6 +221,10 @@ class EngineConfig:
     #: Server-side bound on any client delta's L2 norm (all strategies, DP or not): a larger (or
     #: overflowing) update is rejected as ``norm_exceeds_max`` instead of being averaged in.
     max_update_norm: float = 1e4
+    #: Largest example count a client may report (FedAvg's weight): larger counts are rejected as
+    #: ``bad_example_count``, so one client cannot set the global step by claiming 2**53 examples.
+    #: At most 2**24, where float32 weights stay exact.
+    max_examples: int = 1_000_000
     #: backend = "ray": cluster address ("" = this process's Ray runtime or a new local one)
     ray_address: str = ""
     #: backend = "ray": number of workers (0 = one per CPU the Ray cluster reports)
@@ -231,6 +235,12 @@ class EngineConfig:
         _at_least("threads", self.threads, 1)
         _at_least("eval-every", self.eval_every, 1)
         _positive("max-update-norm", self.max_update_norm)
+        _at_least("max-examples", self.max_examples, 1)
+        if self.max_examples > 2**24:
+            raise ScenarioError(
+                f"must be <= 16777216 (2**24, where float32 weights are exact), got {self.max_examples!r}",
+                key="max-examples",
+            )
         _at_least("ray-workers", self.ray_workers, 0)
 
 

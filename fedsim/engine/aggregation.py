@@ -8,6 +8,19 @@ the server's participation ledger. A failing update is rejected and counted by r
 averaged in; malformed chunk contents (ids, counts, rounds of the wrong type or length) are
 rejections too, never exceptions. Accepted deltas are reduced chunk by chunk into a running sum, so server memory
 is O(model size) whatever the cohort size (unless the strategy asks for individual updates).
+
+Norms that cannot be gamed. Every norm is computed in float64 from the float32 values (a float32
+accumulator can be steered: a crafted 1.3M-entry delta whose float32 norm reads ``C`` has a true
+norm of ``1.003 C``). A row whose float64 norm exceeds ``C (1 + NORM_TOLERANCE)`` is rejected; an
+accepted row whose norm is above ``C (1 - 2**-30)`` (a client's float32 clipping lands within
+rounding of ``C``) is scaled by ``C (1 - 2**-20) / norm`` on the server. The scaled row's true
+norm is then below ``C``: float32 rounding of the scaled entries adds at most ``2**-24``
+relatively, the float64 norm is exact to about ``1e-10`` for any model size fedsim runs, so every
+accepted update has true L2 norm ``<= C``, the sensitivity the accountant uses; no slack is left
+to account for.
+
+Example counts (FedAvg's weights) must lie in ``[0, max_examples]`` (``[engine] max-examples``),
+so a client claiming ``2**53`` examples cannot set the global step; weight sums are float64.
 """
 
 from __future__ import annotations
@@ -34,8 +47,57 @@ REJECTION_REASONS = (
     "participation_limit",
 )
 
-#: Example counts at or above this are rejected: beyond it float weights lose integer precision.
+#: Example counts at or above this are rejected whatever ``max-examples`` says: beyond it float
+#: weights lose integer precision.
 MAX_EXAMPLE_COUNT = 2**53
+#: Default bound on a client's reported example count (``[engine] max-examples``).
+DEFAULT_MAX_EXAMPLES = 1_000_000
+#: Accepted rows whose float64 norm exceeds ``C (1 - SCALE_ABOVE)`` are scaled by the server ...
+SCALE_ABOVE = 2.0**-30
+#: ... to ``C (1 - SCALE_TARGET)``, which float32 rounding (``2**-24``) cannot push above ``C``.
+SCALE_TARGET = 2.0**-20
+#: float64 elements converted at a time when computing norms (a few MB of scratch).
+_NORM_BLOCK = 1 << 18
+
+
+def float64_norms(deltas: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every row of a 2-D float32 tensor, accumulated in float64.
+
+    Works in blocks of about ``2**18`` elements, so the float64 scratch stays a few MB whatever
+    the chunk and model size.
+    """
+    m, n = deltas.shape
+    out = torch.zeros(m, dtype=torch.float64)
+    if m == 0 or n == 0:
+        return out
+    if n <= _NORM_BLOCK:
+        rows = max(1, _NORM_BLOCK // n)
+        for i in range(0, m, rows):
+            out[i : i + rows] = torch.linalg.vector_norm(deltas[i : i + rows].to(torch.float64), dim=1)
+        return out
+    for i in range(m):
+        sq = 0.0
+        for j in range(0, n, _NORM_BLOCK):
+            part = deltas[i, j : j + _NORM_BLOCK].to(torch.float64)
+            sq += float(torch.dot(part, part))
+        out[i] = sq**0.5
+    return out
+
+
+def scale_to_bound(rows: torch.Tensor, norms: torch.Tensor, bound: float) -> torch.Tensor:
+    """Rows whose float64 norm exceeds ``bound (1 - SCALE_ABOVE)`` scaled to ``bound (1 - SCALE_TARGET)``.
+
+    Returns ``rows`` itself when no row needs scaling, else a scaled copy; after it every row's
+    true norm is below ``bound`` (module docstring).
+    """
+    over = norms > bound * (1.0 - SCALE_ABOVE)
+    if not bool(over.any()):
+        return rows
+    out = rows.clone()
+    idx = torch.nonzero(over).reshape(-1)
+    factors = (bound * (1.0 - SCALE_TARGET)) / norms[idx]
+    out[idx] = (out[idx].to(torch.float64) * factors[:, None]).to(torch.float32)
+    return out
 
 
 def _as_1d(value: object) -> np.ndarray | None:
@@ -95,6 +157,9 @@ class UpdateAccumulator:
     max_norm:
         Bound on every delta's L2 norm, whatever the strategy (``engine.max-update-norm``);
         ``None`` skips the check.
+    max_examples:
+        Largest example count a client may report (``engine.max-examples``); larger counts are
+        rejected as ``bad_example_count``.
     """
 
     def __init__(
@@ -108,8 +173,10 @@ class UpdateAccumulator:
         num_devices: int,
         keep_individual: bool = False,
         max_norm: float | None = None,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
     ) -> None:
         self.num_params = num_params
+        self.max_examples = min(int(max_examples), MAX_EXAMPLE_COUNT - 1)
         self.max_norm = max_norm
         self.round = round
         self.clip_norm = clip_norm
@@ -150,24 +217,22 @@ class UpdateAccumulator:
             return np.zeros(m, dtype=bool)
         deltas = deltas.detach()
         ids, known = _as_ints(raw_ids, m, low=0, high=self.num_devices)
-        counts, ok_count = _as_ints(_as_1d(chunk.num_examples), m, low=0, high=MAX_EXAMPLE_COUNT)
+        counts, ok_count = _as_ints(_as_1d(chunk.num_examples), m, low=0, high=self.max_examples + 1)
         raw_rounds = getattr(chunk, "rounds", None)
         if raw_rounds is None:
             fresh = np.ones(m, dtype=bool)
         else:
             stated, valid = _as_ints(_as_1d(raw_rounds), m, low=0, high=2**62)
             fresh = valid & (stated == self.round)
-        # one pass over the deltas: a finite norm implies finite entries (NaN and inf propagate),
-        # so only rows whose norm is not finite are inspected entry by entry
-        norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)  # float32 sums drift ~1e-4
+        # float64 norms (module docstring): a finite norm implies finite entries (NaN and inf
+        # propagate), so only rows whose norm is not finite are inspected entry by entry
+        norms = float64_norms(deltas)
         finite = np.ones(m, dtype=bool)
         suspect = torch.nonzero(~torch.isfinite(norms)).reshape(-1)
         if len(suspect):
             rows = deltas.index_select(0, suspect)
             finite[suspect.numpy()] = torch.isfinite(rows).all(dim=1).numpy()
-            norms[suspect] = torch.linalg.vector_norm(
-                torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), dim=1, dtype=torch.float64
-            )
+            norms[suspect] = float64_norms(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0))
         allowed = np.ones(m, dtype=bool)
         if self.ledger is not None and known.any():
             allowed[known] = self.ledger.allowed(self.round, ids[known])
@@ -199,13 +264,16 @@ class UpdateAccumulator:
             return accepted
         idx = torch.from_numpy(np.flatnonzero(accepted))
         good = deltas if len(idx) == m else deltas.index_select(0, idx)
+        if self.clip_norm is not None:  # every accepted row's true norm <= C (module docstring)
+            good = scale_to_bound(good, norms.index_select(0, idx), self.clip_norm)
         accepted_counts = torch.from_numpy(counts[accepted])
         if self.weighting == "examples":
-            weights = accepted_counts.to(torch.float32)
+            weights = accepted_counts.to(torch.float32)  # exact: counts <= max-examples < 2**24 by default
+            self.weight_sum += float(accepted_counts.sum())  # int64 sum, exact
         else:
             weights = torch.ones(len(idx), dtype=torch.float32)
+            self.weight_sum += float(len(idx))
         self.delta_sum += weights @ good
-        self.weight_sum += float(weights.sum())
         self.num_updates += len(idx)
         self.num_examples += int(accepted_counts.sum())
         self.accepted_ids.append(ids[accepted])

@@ -264,6 +264,7 @@ class Simulation:
             num_devices=self.population.num_devices,
             keep_individual=self.strategy.needs_individual_updates,
             max_norm=sc.engine.max_update_norm,
+            max_examples=sc.engine.max_examples,
         )
         real = cohort
         if self.canaries is not None:

@@ -227,6 +227,7 @@ class FedsimStrategy(FlowerStrategy):
             num_devices=sim.data.num_devices,
             keep_individual=self.strategy.needs_individual_updates,
             max_norm=sc.engine.max_update_norm,
+            max_examples=sc.engine.max_examples,
         )
         valid: dict[int, tuple[torch.Tensor, int, float, int]] = {}
         declined: list[int] = []
