@@ -25,19 +25,24 @@ Neither implies the other in a useful way: example-level DP says nothing about a
 contributes many similar examples, and user-level DP does not protect single examples against
 someone who sees an individual device's reports.
 
-Randomness: the example sampling and the DP-SGD noise use ``torch.Generator`` objects seeded from
-the client's task seed (reproducible simulation, Opacus's non-secure mode); a deployment should
-use Opacus's ``secure_mode``.
+Randomness: the example sampling and the DP-SGD noise are what example-level DP rests on, so they
+never come from the server's task seed (the server could regenerate the noise and recover the
+clipped gradient sum). On a device (Flower ClientApp) both generator seeds are drawn from the
+operating system's secure source (:mod:`secrets`, 64 bits each) for every task; in simulation the
+engine hands the trainer the run's secret noise source (:meth:`OpacusTrainer.set_private_source`)
+and the seeds come from its stream ``(TAG_CLIENT, round, device)``, so a resumed run replays them.
+The generators themselves are torch's (Opacus's non-secure mode): their 64-bit seeds are secret,
+but they are not cryptographic generators.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import secrets
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -121,6 +126,23 @@ class OpacusTrainer(ClientTrainer):
         # per device: (sampling rate, steps per participation) and participations so far
         self._schedule: dict[int, tuple[float, int]] = {}
         self._participations: dict[int, int] = {}
+        self._private: Any | None = None
+
+    def set_private_source(self, source: Any) -> None:
+        """Draw the DP-SGD seeds from ``source`` (a :class:`~fedsim.privacy.noise.NoiseSource`).
+
+        Without one (a device), every task draws them from :mod:`secrets`.
+        """
+        self._private = source
+
+    def _private_seeds(self, task: ClientTask, config: TrainConfig) -> tuple[int, int]:
+        """Seeds of the example sampler and the DP-SGD noise: secret, never the task seed."""
+        if self._private is None:
+            return secrets.randbits(63), secrets.randbits(63)
+        from fedsim.privacy.noise import TAG_CLIENT
+
+        words = self._private.uniform((TAG_CLIENT, int(config.round), int(task.device_id)), 2)
+        return int(words[0] * 2.0**53), int(words[1] * 2.0**53)
 
     def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
         if self.objective is not None and self.objective.kind != "classification":
@@ -131,7 +153,7 @@ class OpacusTrainer(ClientTrainer):
         model = copy.deepcopy(self.model)
         set_flat(model, params)
         model.train()
-        sample_seed, noise_seed = np.random.SeedSequence([task.seed, 0x0DE5]).generate_state(2, np.uint64)
+        sample_seed, noise_seed = self._private_seeds(task, config)
         loader = DataLoader(
             TensorDataset(task.x, task.y),
             batch_size=min(config.batch_size, n),
@@ -141,7 +163,7 @@ class OpacusTrainer(ClientTrainer):
         from opacus import PrivacyEngine  # imported only when this trainer trains (~3 s)
 
         with warnings.catch_warnings():
-            # simulation uses seeded generators on purpose (reproducible runs); see module docstring
+            # secretly seeded torch generators (not Opacus's secure mode); see the module docstring
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
             engine = PrivacyEngine(accountant="rdp")
             module, dp_optimizer, dp_loader = engine.make_private(

@@ -193,11 +193,17 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """``[privacy]``: reporting delta and an optional budget that stops the run."""
+    """``[privacy]``: reporting delta and an optional budget that stops the run.
+
+    ``noise-key-file`` names a fixed noise key (``fedsim privacy keygen FILE``) for reproducible
+    research: the run's noise and secret sampling come from it instead of a fresh secret key,
+    and ``summary.json`` says so. Empty (default): every DP run draws its own secret key.
+    """
 
     delta: float = 1e-6
     max_rho: float | None = None
     max_epsilon: float | None = None
+    noise_key_file: str = ""
 
     def __post_init__(self) -> None:
         _in_open_unit("delta", self.delta)
@@ -336,7 +342,18 @@ class Scenario:
         for (section, key), applies in _APPLIES_WHEN.items():
             if section in out and key in out[section] and not applies(self):
                 del out[section][key]
+        key_file = out.get("privacy", {}).get("noise-key-file")
+        if key_file:
+            out["privacy"]["noise-key-file"] = str(self.noise_key_path)
         return out
+
+    @property
+    def noise_key_path(self) -> Path | None:
+        """``[privacy] noise-key-file`` resolved against :attr:`base_dir` (``None`` when unset)."""
+        if not self.privacy.noise_key_file:
+            return None
+        path = Path(self.privacy.noise_key_file).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
 def _check_canary_capacity(scenario: Scenario) -> None:

@@ -43,6 +43,7 @@ from fedsim import seeds
 from fedsim.optim import ServerOptimizer
 from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
 from fedsim.privacy.mechanisms import GaussianSumMechanism, noise_or_target
+from fedsim.privacy.noise import TAG_SAMPLE
 from fedsim.strategy import MechanismStrategy, ParticipationLimit, StrategyContext
 from fedsim.validation import choice, number_in
 
@@ -172,8 +173,12 @@ class DPFedAvg(MechanismStrategy):
         if self.sampling == "fixed":
             return super().select(round=round, eligible=eligible, rng=rng)
         assert self.sampling_rate is not None
-        mask = rng.random(len(eligible)) < self.sampling_rate
-        return np.sort(np.asarray(eligible)[mask])
+        if len(eligible) == 0:
+            return np.asarray(eligible)
+        # the amplification argument needs sampling the adversary cannot predict: uniforms from
+        # the run's secret key (cryptographic stream), never from the public seed or ``rng``
+        u = self.ctx.noise_source().uniform((TAG_SAMPLE, round), len(eligible))
+        return np.sort(np.asarray(eligible)[u < self.sampling_rate])
 
     def privacy_event(self, *, round: int) -> GaussianEvent | SampledGaussianEvent:
         if self.sampling == "poisson" and self.sampling_rate is None:

@@ -28,6 +28,7 @@ from fedsim.engine.checkpoint import (
     encode,
     list_checkpoints,
 )
+from fedsim.privacy.noise import KEY_FILE, NoiseKey
 from fedsim.scenario import load_scenario
 
 from .conftest import ROOT, run_cli
@@ -144,11 +145,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for s in (sa, sb):
         s.pop("wall_time_s")
         s.pop("strategy")  # a resumed run names the plug-in by its resolved absolute path
+        s.pop("noise_key", None)  # the reference was handed the other run's key
     assert sa == sb
 
 
-def _run(scenario: Path, out: Path) -> None:
-    Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False).run()
+def _run(scenario: Path, out: Path, key_of: Path | None = None) -> None:
+    """Run ``scenario`` into ``out``; with the secret noise key of run ``key_of`` if it has one."""
+    key_file = key_of / KEY_FILE if key_of is not None else None
+    key = NoiseKey.load(key_file) if key_file is not None and key_file.exists() else None
+    Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False, noise_key=key).run()
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -172,7 +177,9 @@ def _lines(path: Path) -> int:
 def _kill_and_resume(tmp_path: Path, scenario: Path, rounds: int) -> str:
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "fedsim", "run", str(scenario), "--quiet"]
+    # both processes share one fixed noise key file, so the reference adds the same noise
+    NoiseKey.generate().save(tmp_path / "fixed.key")
+    cmd = [sys.executable, "-m", "fedsim", "run", str(scenario), "--quiet", "--set", f"privacy.noise-key-file={tmp_path / 'fixed.key'}"]
     reference = subprocess.Popen([*cmd, "--out", str(ref)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc = subprocess.Popen([*cmd, "--out", str(victim)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     chance = random.SystemRandom()
@@ -268,13 +275,13 @@ def _crash_in_round(sim: Simulation, crash_round: int) -> None:
 )
 def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, template: str, crash_round: int) -> None:
     scenario = _write(tmp_path, template, rounds=10, every=2)
-    _run(scenario, tmp_path / "ref")
     out = tmp_path / "crashed"
     sim = Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False)
     _crash_in_round(sim, crash_round)
     with pytest.raises(_Crash):
         sim.run()
     assert _lines(out / "metrics.jsonl") == crash_round
+    _run(scenario, tmp_path / "ref", key_of=out)  # the same secret key: the same noise
     resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
     if crash_round < 2:
         with pytest.warns(CheckpointWarning, match="no checkpoint"):
@@ -291,12 +298,12 @@ def test_max_rho_guard_holds_across_resume(tmp_path: Path) -> None:
     rounds, stop_after = 16, 9
     budget, rho = _dp_ftrl_budget(rounds, stop_after)
     scenario = _write(tmp_path, DP_FTRL, rounds=rounds, every=2, budget=budget)
-    _run(scenario, tmp_path / "ref")
     out = tmp_path / "run"
     sim = Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False)
     _crash_in_round(sim, stop_after - 1)  # the last round that fits, done in memory, then lost
     with pytest.raises(_Crash):
         sim.run()
+    _run(scenario, tmp_path / "ref", key_of=out)
     assert len(sim.ledger) == stop_after  # spent in memory before the crash ...
     resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
     assert resumed.resume() == 8

@@ -336,10 +336,15 @@ def test_dp_ftrl_scenario_end_to_end_rho_equals_the_plan(tmp_path: Path) -> None
     assert summary["epsilon_rdp"] == plan.epsilon_rdp
     assert 0.5 < plan.rho < 2.0  # a moderate budget
     assert summary["accuracy"] >= 0.85
-    assert summary["rejected"] == {}  # every clipped update passed the server's norm check
+    # exact counts are private in a DP run: null in the public files, exact in private/
+    assert summary["rejected"] is None
+    assert json.loads((out / "private" / "summary.json").read_text())["rejected"] == {}  # all passed the norm check
     assert len(json.loads((out / "ledger.json").read_text())) == cfg["rounds"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["clients"] > 0 for r in rows)
+    assert all(r["clients"] is None and r["train_loss"] is None for r in rows)
+    private = [json.loads(line) for line in (out / "private" / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in private] == [r["round"] for r in rows]
+    assert all(r["clients"] > 0 for r in private)
     assert [r["rho"] for r in rows] == sorted(r["rho"] for r in rows)
 
 
@@ -352,7 +357,7 @@ def test_dp_fedavg_scenario_end_to_end_matches_the_plan(tmp_path: Path) -> None:
     assert summary["rho"] == plan.rho and summary["epsilon"] == plan.epsilon
     # amplification by sampling counts in epsilon: far below the same noise on fixed cohorts
     assert summary["epsilon"] < 0.5 * dp_fedavg_privacy(sc.strategy.params["noise_multiplier"], 30, sc.privacy.delta).epsilon
-    sizes = [m["clients"] for m in result.metrics]
+    sizes = [m["clients"] for m in result.diagnostics]
     assert len(set(sizes)) > 1  # Poisson cohorts vary in size
     assert abs(np.mean(sizes) - sc.clients_per_round) < 4 * math.sqrt(sc.clients_per_round)
     assert summary["accuracy"] >= 0.7
@@ -394,8 +399,8 @@ def test_dp_ftrl_with_diurnal_availability_progresses_within_limits() -> None:
     sim = Simulation(scenario_from_dict(raw), progress=False)
     result = sim.run()
     assert result.summary["rounds"] == 24
-    eligible = [m["eligible"] for m in result.metrics]
+    eligible = [m["eligible"] for m in result.diagnostics]
     assert len(set(eligible)) > 3  # availability varies
-    assert all(m["clients"] == min(20, m["eligible"]) for m in result.metrics)
+    assert all(m["clients"] == min(20, m["eligible"]) for m in result.diagnostics)
     assert int(sim.population.server_ledger.count.max()) <= 2
     assert result.summary["rho"] == dp_ftrl_privacy(2.0, 24, 2, 4, sim.scenario.privacy.delta).rho

@@ -53,18 +53,28 @@ def test_registered_and_validates_its_parameters() -> None:
         scenario_from_dict({"name": "x", "client": {"trainer": "opacus", "noise": 1.0}})
 
 
-def test_deltas_are_clipped_and_reproducible() -> None:
+def test_deltas_are_clipped_and_reproducible_from_the_secret_source_only() -> None:
+    from fedsim.privacy.noise import NoiseSource
+
     model = _model()
     trainer = OpacusTrainer(model, noise_multiplier=1.0, max_grad_norm=1.0)
     params = get_flat(model)
     config = TrainConfig(round=0, lr=0.5, local_epochs=2, batch_size=4, clip_norm=0.3)
+    # a device (no private source): every task draws fresh secret seeds, whatever the task seed
+    a = trainer.train_client(params, _task(1, 17, seed=7), config)
+    b = trainer.train_client(params, _task(1, 17, seed=7), config)
+    assert not torch.equal(a.delta, b.delta)
+    # simulation: the seeds come from the run's secret source and (round, device), not the task seed
+    trainer.set_private_source(NoiseSource.from_seed(5))
     for dev, n in enumerate((1, 5, 17)):
         a = trainer.train_client(params, _task(dev, n, seed=7), config)
-        b = trainer.train_client(params, _task(dev, n, seed=7), config)
-        c = trainer.train_client(params, _task(dev, n, seed=8), config)
+        b = trainer.train_client(params, _task(dev, n, seed=8), config)
         assert a.delta.dtype == torch.float32 and a.delta.shape == params.shape
         assert float(a.delta.norm()) <= 0.3 * (1 + 1e-5)
-        assert torch.equal(a.delta, b.delta) and a.loss == b.loss  # seeded sampling and noise
+        assert torch.equal(a.delta, b.delta) and a.loss == b.loss  # the task seed plays no part
+        trainer.set_private_source(NoiseSource.from_seed(6))
+        c = trainer.train_client(params, _task(dev, n, seed=7), config)
+        trainer.set_private_source(NoiseSource.from_seed(5))
         assert not torch.equal(a.delta, c.delta)
         assert a.num_examples == n and math.isfinite(a.loss)
     empty = trainer.train_client(params, ClientTask(9, torch.zeros(0, 64), torch.zeros(0, dtype=torch.int64), 1), config)
@@ -137,6 +147,8 @@ def test_example_level_dp_run_reports_it_separately(tmp_path: Path) -> None:
     assert math.isfinite(example["epsilon"]) and example["epsilon"] > 0
     assert example["delta"] == summary["delta"] == 1e-6  # the scenario's [privacy] delta
     assert example["max_participations"] == 2
-    assert summary["rejected"] == {}  # every delta was within the round's clip bound
+    assert summary["rejected"] is None  # private in a DP run ...
+    private = json.loads((tmp_path / "run" / "private" / "summary.json").read_text())
+    assert private["rejected"] == {}  # ... where every delta was within the round's clip bound
     assert summary["rho"] == pytest.approx(2 / (2 * 1.0**2))  # user level: 2 contributions at z = 1
     assert summary["epsilon"] != example["epsilon"]

@@ -128,7 +128,7 @@ def test_runs_end_to_end_in_engine(name: str) -> None:
     }
     result = run_scenario(scenario_from_dict(raw))
     assert len(result.metrics) == 3
-    assert all(m["clients"] > 0 for m in result.metrics)
+    assert all(m["clients"] > 0 for m in (result.diagnostics or result.metrics))
     assert torch.isfinite(result.params).all()
     if STRATEGIES.get(name)().privacy_event(round=0) is not None:
         assert result.metrics[-1]["rho"] is not None and result.metrics[-1]["rho"] > 0

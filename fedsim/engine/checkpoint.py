@@ -275,7 +275,10 @@ class Checkpointer:
 
     def save(self, sim: Simulation) -> Path:
         """Write a checkpoint of ``sim`` after its ``sim.next_round`` completed rounds."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # a checkpoint holds exact (un-noised) server state: DP-FTRL's prefix sum, the tree's
+        # node noise. It is as secret as the noise key: owner-only directory
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.chmod(0o700)
         path = checkpoint_path(self.directory, sim.next_round)
         atomic_write_bytes(path, encode(snapshot(sim)))
         for _, old in list_checkpoints(self.directory)[self.keep :]:

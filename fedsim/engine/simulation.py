@@ -16,6 +16,7 @@ One round (see docs/architecture.md):
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections import Counter
@@ -33,8 +34,13 @@ from fedsim.data.federated import FederatedData
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.allocator import keep_freed_memory
 from fedsim.engine.canaries import CanaryClients
-from fedsim.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, resume_from_checkpoint
-from fedsim.engine.rundir import RunDir
+from fedsim.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    CheckpointError,
+    resume_from_checkpoint,
+)
+from fedsim.engine.rundir import RunDir, atomic_write_text
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import (
     AlwaysAvailable,
@@ -43,9 +49,22 @@ from fedsim.population import (
     DiurnalAvailability,
     Population,
 )
+from fedsim.privacy.noise import KEY_FILE, TAG_SELECT, NoiseKey, NoiseKeyError, NoiseSource
 from fedsim.scenario import Scenario
-from fedsim.strategy import STRATEGIES, Strategy, StrategyContext, simulation_noise_source
+from fedsim.strategy import STRATEGIES, Strategy, StrategyContext
 from fedsim.types import ClientTask, TrainConfig, UpdateBatch
+
+#: Where a DP run keeps exact values it does not publish (mode 0700).
+PRIVATE_DIR = "private"
+#: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
+WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
+
+
+def _load_key(path: Path, where: str) -> NoiseKey:
+    try:
+        return NoiseKey.load(path)
+    except NoiseKeyError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def build_data(scenario: Scenario) -> FederatedData:
@@ -126,6 +145,8 @@ class RunResult:
     summary: dict[str, Any]
     ledger: Any | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    #: DP runs: the exact per-round values withheld from ``metrics`` (``private/diagnostics.jsonl``)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Simulation:
@@ -139,9 +160,25 @@ class Simulation:
         Where to write the run directory; ``None`` writes nothing (tests, benchmarks).
     progress:
         Show a progress bar with per-round metrics.
+    noise_key:
+        The run's secret noise key. Default: the scenario's ``[privacy] noise-key-file`` if it
+        names one, else a fresh key from :mod:`secrets` (kept as ``secret/noise.key`` in the run
+        directory of a DP run, mode 0600; :meth:`resume` reads it back).
+
+    Privacy of what a DP run publishes (``docs/threat-model.md``): the key never enters
+    ``config.toml``, ``metrics.jsonl``, ``summary.json``, checkpoints or logs; cohort selection
+    draws from the key, not the public seed; per-round ``train_loss`` and counts are withheld
+    from the public files (``null``) and written to ``private/diagnostics.jsonl``.
     """
 
-    def __init__(self, scenario: Scenario, *, run_dir: str | Path | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+        noise_key: NoiseKey | None = None,
+    ) -> None:
         self.scenario = scenario
         self.progress = progress
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
@@ -159,18 +196,20 @@ class Simulation:
             local_epochs=scenario.client.local_epochs,
             batch_size=scenario.client.batch_size,
         )
-        self.noise = simulation_noise_source(scenario.seed)
-        self.strategy.setup(
-            StrategyContext(
-                num_params=num_params(self.model),
-                num_rounds=scenario.rounds,
-                num_devices=self.data.num_devices,
-                clients_per_round=scenario.clients_per_round,
-                seed=scenario.seed,
-                base_train_config=self.base_config,
-                noise=self.noise,
-            )
-        )
+        # the trainer gets its own copy of the model so evaluation never disturbs it
+        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data), self.data)
+        fixed = scenario.noise_key_path
+        if noise_key is not None:
+            self.key_origin = "given"
+        elif fixed is not None:
+            noise_key = _load_key(fixed, "[privacy] noise-key-file")
+            self.key_origin = "fixed"
+        else:
+            noise_key = NoiseKey.generate()
+            self.key_origin = "secret"
+        self._set_key(noise_key)
+        #: a DP run: its strategy records privacy events (decides what is published)
+        self.private = self.strategy.privacy_event(round=0) is not None
         # [audit]: canary clients are extra devices (ids after the real ones), see fedsim.engine.canaries
         self.canaries = build_canaries(scenario, self.data, self.params.numel(), self._noise_source())
         extra = self.canaries.count if self.canaries is not None else 0
@@ -180,8 +219,6 @@ class Simulation:
             self.strategy.participation_limit(),
             extra_devices=extra,
         )
-        # the trainer gets its own copy of the model so evaluation never disturbs it
-        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data), self.data)
         # backend = "ray": the same round loop, cohort training sharded over Ray actors
         self.ray: Any | None = None
         if scenario.engine.backend == "ray":
@@ -192,6 +229,7 @@ class Simulation:
         self.accountant: Any | None = None
         self.rejected: Counter[str] = Counter()
         self.metrics: list[dict[str, Any]] = []
+        self.diagnostics: list[dict[str, Any]] = []
         self.next_round = 0
         self.stopped_reason = "completed"
         self.checkpointer: Checkpointer | None = None
@@ -202,14 +240,93 @@ class Simulation:
 
     def _noise_source(self) -> Any:
         """The run's secret noise source (canary directions are drawn from it, tag TAG_AUDIT)."""
-        return self.noise
+        return self.noise_source
+
+    def _set_key(self, key: NoiseKey) -> None:
+        """Key the run: the strategy's noise source (set up afresh) and the trainer's private randomness."""
+        self.noise_source = NoiseSource(key)
+        self.noise = self.noise_source
+        self.strategy.setup(
+            StrategyContext(
+                num_params=num_params(self.model),
+                num_rounds=self.scenario.rounds,
+                num_devices=self.data.num_devices,
+                clients_per_round=self.scenario.clients_per_round,
+                seed=self.scenario.seed,
+                base_train_config=self.base_config,
+                noise=self.noise_source,
+            )
+        )
+        set_private = getattr(self.trainer, "set_private_source", None)
+        if callable(set_private):
+            set_private(self.noise_source)
+
+    @property
+    def key_path(self) -> Path | None:
+        """Where this run keeps its secret key (``None`` without a run directory)."""
+        return self.run_dir.path / KEY_FILE if self.run_dir is not None else None
+
+    def _save_key(self) -> None:
+        """Write the secret key of a fresh DP run to ``secret/noise.key`` (0600, directory 0700)."""
+        if not (self.private and self.key_origin == "secret" and self.run_dir is not None):
+            return
+        path = self.run_dir.path / KEY_FILE
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.parent.chmod(0o700)
+        self.noise_source.key.save(path)
+
+    def selection_rng(self, round: int) -> np.random.Generator:
+        """The cohort-selection generator: from the secret key in a DP run, the public seed otherwise."""
+        if self.private:
+            return self.noise_source.generator((TAG_SELECT, round))
+        return seeds.round_rng(self.scenario.seed, seeds.STREAM_SELECTION, round)
 
     def resume(self) -> int:
         """Continue from the newest usable checkpoint in the run directory.
 
+        A DP run first reads its secret key back from ``secret/noise.key`` (or the scenario's
+        fixed key file), so replayed rounds add the very noise they added before; without it the
+        run refuses to resume (:class:`~fedsim.engine.checkpoint.CheckpointError`).
         Returns the number of completed rounds restored (see :mod:`fedsim.engine.checkpoint`).
         """
-        return resume_from_checkpoint(self)
+        if self.private and self.key_origin == "secret" and self.run_dir is not None:
+            path = self.run_dir.path / KEY_FILE
+            if not path.exists():
+                raise CheckpointError(
+                    f"{path}: the run's secret noise key is missing, cannot resume: replayed rounds "
+                    "would add fresh noise and release a second noisy view of the same data "
+                    "(restore the key file, or start a new run in another directory)"
+                )
+            self._set_key(_load_key(path, "--resume"))
+            if self.canaries is not None:  # canary directions come from the key too
+                self.canaries = build_canaries(self.scenario, self.data, self.params.numel(), self._noise_source())
+        done = resume_from_checkpoint(self)
+        self._cut_diagnostics(done)
+        return done
+
+    # -- private diagnostics (DP runs) ------------------------------------------------------
+    @property
+    def diagnostics_path(self) -> Path | None:
+        """``private/diagnostics.jsonl``: exact per-round values a DP run does not publish."""
+        return self.run_dir.path / PRIVATE_DIR / "diagnostics.jsonl" if self.run_dir is not None else None
+
+    def _write_diagnostics(self, row: dict[str, Any]) -> None:
+        self.diagnostics.append(row)
+        path = self.diagnostics_path
+        if path is None:
+            return
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _cut_diagnostics(self, rounds_done: int) -> None:
+        """Drop the diagnostics of rounds that a resume replays."""
+        path = self.diagnostics_path
+        if path is None or not path.exists():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["round"] <= rounds_done]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        self.diagnostics = [json.loads(line) for line in keep]
 
     # ---------------------------------------------------------------------------------------
     def _privacy(self) -> tuple[Any, Any]:
@@ -251,9 +368,7 @@ class Simulation:
             self.stopped_reason = reason
             return None
         eligible = self.population.check_in(round, seeds.round_rng(sc.seed, seeds.STREAM_AVAILABILITY, round))
-        cohort = self.strategy.select(
-            round=round, eligible=eligible, rng=seeds.round_rng(sc.seed, seeds.STREAM_SELECTION, round)
-        )
+        cohort = self.strategy.select(round=round, eligible=eligible, rng=self.selection_rng(round))
         config = self.strategy.configure_client(round=round, base=_with_round(self.base_config, round))
         acc = UpdateAccumulator(
             num_params=self.params.numel(),
@@ -327,6 +442,11 @@ class Simulation:
         )
         if self.canaries is not None:
             row["audit_epsilon"] = self.canaries.quick_epsilon(self.params)
+        if self.private:
+            # exact training loss and counts are not noisy releases: withheld from the public
+            # run log (keys kept, null), kept in private/diagnostics.jsonl for the operator
+            self._write_diagnostics({**row, "rejected_by_reason": dict(sorted(batch.rejected.items()))})
+            row.update({key: None for key in WITHHELD_KEYS})
         return row, batch
 
     def run(self) -> RunResult:
@@ -337,6 +457,10 @@ class Simulation:
             self.run_dir.write_config(sc.to_dict())
             if self.next_round == 0:
                 self.run_dir.reset_metrics()
+                diagnostics = self.diagnostics_path
+                if diagnostics is not None and diagnostics.exists():
+                    diagnostics.unlink()
+                self._save_key()
         bar = None
         describe = getattr(self.trainer, "describe", None)
         if self.progress and describe is not None and self.ray is None:
@@ -391,7 +515,8 @@ class Simulation:
             "epsilon": getattr(report, "epsilon", None),
             "epsilon_rdp": getattr(report, "epsilon_rdp", None),
             "delta": getattr(report, "delta", None),
-            "rejected": dict(sorted(self.rejected.items())),
+            # per-reason counts are exact, data-dependent values: private in a DP run
+            "rejected": None if self.private else dict(sorted(self.rejected.items())),
             "num_devices": self.data.num_devices,
             "clients_per_round": sc.clients_per_round,
             "seed": sc.seed,
@@ -399,6 +524,12 @@ class Simulation:
         describe = getattr(self.trainer, "describe", None)
         if describe is not None:
             summary["trainer"] = describe()
+        if self.private:
+            summary["noise_key"] = (
+                {"kind": "fixed", "file": str(self.scenario.noise_key_path)}
+                if self.key_origin == "fixed"
+                else {"kind": self.key_origin, "file": str(KEY_FILE) if self.key_origin == "secret" else None}
+            )
         example = self.trainer.example_privacy(delta=sc.privacy.delta)
         if example is not None:
             summary["example_level"] = example
@@ -425,9 +556,22 @@ class Simulation:
                 self.run_dir.write_json("ledger.json", self.ledger.to_json())
             if self.canaries is not None and self.next_round > 0:
                 self.canaries.save(self.run_dir.path, self.params)
+            if self.private:
+                (self.run_dir.path / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)
+                self.run_dir.write_json(
+                    f"{PRIVATE_DIR}/summary.json", {"rejected": dict(sorted(self.rejected.items()))}
+                )
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})", summary.get("audit"))
-        return RunResult(self.run_dir.path if self.run_dir else None, self.params, self.metrics, summary, self.ledger, dict(self.rejected))
+        return RunResult(
+            self.run_dir.path if self.run_dir else None,
+            self.params,
+            self.metrics,
+            summary,
+            self.ledger,
+            dict(self.rejected),
+            list(self.diagnostics),
+        )
 
 
 def _with_round(config: TrainConfig, round: int) -> TrainConfig:
@@ -441,10 +585,13 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
     for key, short in (("accuracy", "acc"), ("loss", "los"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")):
         if row.get(key) is not None:
             out[short] = f"{row[key]:.4g}"
-    out["clients"] = str(row["clients"])
+    if row.get("clients") is not None:
+        out["clients"] = str(row["clients"])
     return out
 
 
-def run_scenario(scenario: Scenario, *, run_dir: str | Path | None = None, progress: bool = False) -> RunResult:
+def run_scenario(
+    scenario: Scenario, *, run_dir: str | Path | None = None, progress: bool = False, noise_key: NoiseKey | None = None
+) -> RunResult:
     """Convenience: build a :class:`Simulation` and run it."""
-    return Simulation(scenario, run_dir=run_dir, progress=progress).run()
+    return Simulation(scenario, run_dir=run_dir, progress=progress, noise_key=noise_key).run()

@@ -1,106 +1,91 @@
 """Privacy noise: a secret :class:`NoiseKey` and the :class:`NoiseSource` that expands it.
 
-Every piece of privacy noise a run adds (a round's Gaussian noise, a tree node's noise, ...) is a
-pure function of ``(key, words)``: ``source.normal(words, n)`` returns ``n`` float32 standard
-normals, and callers scale them. ``words`` is a tuple of non-negative integers that starts with a
-tag naming the use (:data:`TAG_ROUND`, :data:`TAG_TREE`, ...), so two uses never share numbers.
-A round re-executed after a crash therefore adds exactly the noise it added the first time: fresh
-noise on a replay would publish a second noisy view of the same data and double its privacy cost
-(see :mod:`fedsim.privacy.tree_noise`).
+Every piece of privacy noise a run adds (a round's Gaussian noise, a tree node's noise, ...) and
+every privacy-relevant random choice (Poisson sampling of the cohort) is a pure function of
+``(key, words)``: ``source.normal(words, n)`` returns ``n`` float32 standard normals (callers scale
+them), ``source.uniform(words, n)`` ``n`` 53-bit uniforms on ``(0, 1)``. ``words`` is a tuple of
+non-negative integers that starts with a tag naming the use (:data:`TAG_ROUND`, :data:`TAG_TREE`,
+:data:`TAG_SAMPLE`, ...), so two uses never share numbers. A round re-executed after a crash
+therefore adds exactly the noise it added the first time: fresh noise on a replay would publish a
+second noisy view of the same data and double its privacy cost.
 
-Anyone who knows the key can subtract the noise, so the key must stay secret: its ``repr`` and
-``str`` never show it, and :meth:`NoiseKey.save` writes it readable by its owner only (mode 0600).
+Anyone who knows the key can subtract the noise, so the key is secret: 256 bits from the
+operating system's secure source (:meth:`NoiseKey.generate`), never derived from the public
+scenario seed, never shown by ``repr``/``str``, not picklable, and saved readable by its owner
+only (mode 0600, :meth:`NoiseKey.save`). In simulation the engine keeps a DP run's key in the run
+directory as ``secret/noise.key`` (so ``--resume`` replays the same noise) unless the scenario
+names a fixed key file (``[privacy] noise-key-file``, for reproducible research); a Flower
+ServerApp draws a fresh key per job.
 
-Expansion: ``SeedSequence([key, *words])`` (NumPy's hash-based seed mixing) seeds a
-``torch.Generator`` whose ``randn`` draws the normals. :meth:`NoiseKey.from_seed` keys a simulated
-run by an integer derived from its seed, so simulations are reproducible from their scenario.
+Expansion (:mod:`fedsim.privacy.csprng`): ChaCha20 under the sub-key
+``HMAC-SHA256(key, "fedsim-noise-v1" || words)``; normals are the sum of four Box-Muller draws from
+53-bit uniforms, halved (no truncation at 5.77 sigma; a defence against floating-point attacks).
+:meth:`NoiseKey.from_seed` makes a key from an integer for tests and reproducible examples: such
+a key is *public* and gives no privacy against anyone who knows the integer.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["TAG_ROUND", "TAG_TREE", "NoiseKey", "NoiseSource"]
+from fedsim.privacy import csprng
+from fedsim.privacy.csprng import NoiseKeyError
+
+__all__ = [
+    "KEY_FILE",
+    "TAG_CLIENT",
+    "TAG_ROUND",
+    "TAG_SAMPLE",
+    "TAG_SELECT",
+    "TAG_TREE",
+    "NoiseKey",
+    "NoiseKeyError",
+    "NoiseSource",
+]
 
 #: Tag word of DP-FedAvg's per-round Gaussian noise: words ``(TAG_ROUND, round)``.
 TAG_ROUND = 0x524F554E  # "ROUN"
 #: Tag word of a tree-aggregation node's noise: words ``(TAG_TREE, start, end)``.
 TAG_TREE = 0x54524545  # "TREE"
+#: Tag word of Poisson sampling: words ``(TAG_SAMPLE, round)``, one uniform per eligible device.
+TAG_SAMPLE = 0x53414D50  # "SAMP"
+#: Tag word of the cohort-selection generator of a DP run: words ``(TAG_SELECT, round)``.
+TAG_SELECT = 0x53454C45  # "SELE"
+#: Tag word of a simulated device's private randomness (example-level DP-SGD): ``(TAG_CLIENT, round, device)``.
+TAG_CLIENT = 0x434C4945  # "CLIE"
 
-_KEY_BITS = 128
+#: Where a simulated DP run keeps its key, relative to the run directory (mode 0600, dir 0700).
+KEY_FILE = Path("secret") / "noise.key"
 
 
-class NoiseKey:
-    """The secret that all of a run's privacy noise is derived from.
+class NoiseKey(csprng.NoiseKey):
+    """The secret that all of a run's privacy noise and sampling is derived from.
 
-    Create one with :meth:`generate` (128 bits from :mod:`secrets`), :meth:`load` or, for a
-    reproducible simulation, :meth:`from_seed`. The value never appears in ``repr``/``str``.
+    Create one with :meth:`generate` (256 bits from :mod:`secrets`) or :meth:`load`; save it
+    with :meth:`save` (mode 0600). The bytes never appear in ``repr``/``str`` and cannot be
+    pickled. :meth:`from_seed` is for tests and examples only (a public key).
     """
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-            raise ValueError("a noise key is a non-negative integer")
-        self._value = int(value)
-
-    @classmethod
-    def generate(cls) -> NoiseKey:
-        """A fresh key of 128 bits from the operating system's secure random source."""
-        return cls(secrets.randbits(_KEY_BITS))
+    __slots__ = ()
 
     @classmethod
     def from_seed(cls, seed: int) -> NoiseKey:
-        """The key of a simulated run, given as an integer (reproducible, hence not secret)."""
-        return cls(seed)
+        """A *public* key determined by an integer (tests, examples): no privacy against its holder."""
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"a noise seed is a non-negative integer, got {seed!r}")
+        material = hashlib.sha256(b"fedsim-public-noise-key-v1" + int(seed).to_bytes(32, "little")).digest()
+        return cls(material)
 
-    @classmethod
-    def load(cls, path: str | Path) -> NoiseKey:
-        """Read a key written by :meth:`save`."""
-        text = Path(path).read_text(encoding="ascii").strip()
-        try:
-            return cls(int(text, 16))
-        except ValueError:
-            raise ValueError(f"{path}: not a noise key file") from None
-
-    def save(self, path: str | Path) -> None:
-        """Write the key as hex to ``path``, readable and writable by its owner only (0600)."""
-        path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, f"{self._value:x}\n".encode("ascii"))
-        finally:
-            os.close(fd)
-
-    def words(self) -> list[int]:
-        """The key as entropy words for the expansion (used by :class:`NoiseSource` only)."""
-        return [self._value]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, NoiseKey) and secrets.compare_digest(
-            self._value.to_bytes(64, "big"), other._value.to_bytes(64, "big")
-        )
-
-    def __hash__(self) -> int:
-        return hash((NoiseKey, self._value))
-
-    def __repr__(self) -> str:
-        return "NoiseKey(<secret>)"
-
-    __str__ = __repr__
-
-    def __reduce__(self):  # pickling (Ray, multiprocessing) keeps the value, printing never does
-        return (NoiseKey, (self._value,))
+    def __reduce__(self) -> tuple:
+        raise TypeError("a NoiseKey cannot be pickled; save it with key.save(path) (mode 0600)")
 
 
 class NoiseSource:
-    """Standard normal noise as a pure function of ``(key, words)``.
+    """Standard normals and uniforms as a pure function of ``(key, words)``.
 
     Parameters
     ----------
@@ -108,15 +93,23 @@ class NoiseSource:
         The run's :class:`NoiseKey`.
     """
 
-    def __init__(self, key: NoiseKey) -> None:
-        if not isinstance(key, NoiseKey):
+    __slots__ = ("key",)
+
+    def __init__(self, key: csprng.NoiseKey) -> None:
+        if not isinstance(key, csprng.NoiseKey):
             raise TypeError(f"NoiseSource needs a NoiseKey, got {type(key).__name__}")
         self.key = key
 
     @classmethod
     def from_seed(cls, seed: int) -> NoiseSource:
-        """Shorthand for ``NoiseSource(NoiseKey.from_seed(seed))``."""
+        """Shorthand for ``NoiseSource(NoiseKey.from_seed(seed))`` (a public key: tests only)."""
         return cls(NoiseKey.from_seed(seed))
+
+    @staticmethod
+    def _check(n: int) -> int:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        return int(n)
 
     def normal(self, words: tuple[int, ...], n: int) -> torch.Tensor:
         """``n`` float32 standard normals determined by the key and ``words`` alone.
@@ -124,16 +117,28 @@ class NoiseSource:
         Parameters
         ----------
         words:
-            Non-negative integers, a tag word first (domain separation between uses).
+            Non-negative integers below ``2**64``, a tag word first (domain separation).
         n:
             Number of values (>= 1).
         """
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        entropy = [*self.key.words(), *(int(w) for w in words)]
-        state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
-        gen = torch.Generator().manual_seed(int(state[0]))
-        return torch.randn(int(n), generator=gen, dtype=torch.float32)
+        return csprng.standard_normal(self.key, tuple(words), self._check(n))
+
+    def uniform(self, words: tuple[int, ...], n: int) -> np.ndarray:
+        """``n`` float64 uniforms on ``(0, 1)`` (53 bits each), determined by the key and ``words``."""
+        return csprng.uniform(self.key, tuple(words), self._check(n))
+
+    def generator(self, words: tuple[int, ...]) -> np.random.Generator:
+        """A NumPy generator seeded with 256 secret bits of the stream of ``words``.
+
+        For choices that go through APIs expecting a ``numpy.random.Generator`` (a strategy's
+        ``select``). Its seed is unpredictable without the key; draws that a privacy guarantee
+        rests on directly (Poisson sampling) use :meth:`uniform` instead.
+        """
+        entropy = np.frombuffer(csprng.keystream(self.key, tuple(words), 32), dtype=np.uint32)
+        return np.random.default_rng(np.random.SeedSequence(entropy.tolist()))
+
+    def __reduce__(self) -> tuple:
+        raise TypeError("a NoiseSource holds a secret key and cannot be pickled")
 
     def __repr__(self) -> str:
         return "NoiseSource(NoiseKey(<secret>))"
