@@ -181,9 +181,8 @@ class FedsimStrategy(FlowerStrategy):
         connected[list(self.roster.values())] = True
         checked_in = sim.population.check_in(r, seeds.round_rng(sc.seed, seeds.STREAM_AVAILABILITY, r))
         eligible = checked_in[connected[checked_in]]
-        cohort = self.strategy.select(
-            round=r, eligible=eligible, rng=seeds.round_rng(sc.seed, seeds.STREAM_SELECTION, r)
-        )
+        # a DP run selects from its secret key (sim.selection_rng), never the public seed
+        cohort = self.strategy.select(round=r, eligible=eligible, rng=sim.selection_rng(r))
         train_config = self.strategy.configure_client(round=r, base=replace(sim.base_config, round=r))
         node_of = {device: node for node, device in self.roster.items()}
         global_arrays = self.layout.to_arrays(params)
@@ -451,7 +450,11 @@ class FedsimStrategy(FlowerStrategy):
         logger.info("fedsim: node %d checked in as device %d", node, device)
 
     def _log_round(self, row: dict[str, Any], rejected: dict[str, int]) -> None:
-        parts = [f"round {row['round']}/{self.scenario.rounds}", f"clients {row['clients']}/{row['eligible']} eligible"]
+        parts = [f"round {row['round']}/{self.scenario.rounds}"]
+        if self.sim.private:  # exact counts are not released in a DP run (private/diagnostics.jsonl)
+            rejected = {}
+        else:
+            parts.append(f"clients {row['clients']}/{row['eligible']} eligible")
         if rejected:
             parts.append("rejected " + ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
         if row["accuracy"] is not None:
@@ -464,5 +467,6 @@ class FedsimStrategy(FlowerStrategy):
             post = {"acc": f"{row['accuracy']:.4g}"} if row["accuracy"] is not None else {}
             if row["rho"] is not None:
                 post["rho"] = f"{row['rho']:.4g}"
-            post["clients"] = str(row["clients"])
+            if row["clients"] is not None:
+                post["clients"] = str(row["clients"])
             self._bar.set_postfix(post, refresh=False)
