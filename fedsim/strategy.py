@@ -82,7 +82,8 @@ class StrategyContext:
 
 
 def simulation_noise_source(seed: int) -> NoiseSource:
-    """The noise source of a simulated run: keyed by ``derived_seed(seed, STREAM_NOISE)``."""
+    """A *public* noise source keyed by ``derived_seed(seed, STREAM_NOISE)``: for tests and direct
+    library use only. The engines always pass the run's secret source (``StrategyContext.noise``)."""
     return NoiseSource.from_seed(seeds.derived_seed(seed, seeds.STREAM_NOISE))
 
 

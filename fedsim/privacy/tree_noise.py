@@ -36,13 +36,15 @@ noise-only prefix estimates; the strategy adds them to the exact prefix sum of c
 
 Reproducible noise
 ------------------
-Each node's noise is a pure function of ``(secret seed, node)`` (its interval of rounds), and the
-plain per-round noise of DP-FedAvg of ``(secret seed, round)``. A round re-executed after a crash
-therefore adds *the same* noise: fresh noise on a replay would release a second noisy view of the
-same data and silently double the privacy cost. In simulation the secret seed is derived from the
-run seed (``derived_seed(seed, STREAM_NOISE)``); a deployment draws it from the operating system's
-secure random source (``secrets.randbits``), keeps it only in the server's (secret) checkpoints
-and never logs it, since anyone who knows it can subtract the noise.
+Each node's noise is a pure function of ``(secret key, node)`` (its interval of rounds), and the
+plain per-round noise of DP-FedAvg of ``(secret key, round)``, drawn by
+:class:`fedsim.privacy.noise.NoiseSource` (ChaCha20 and a full-precision Gaussian sampler,
+:mod:`fedsim.privacy.csprng`). A round re-executed after a crash therefore adds *the same* noise:
+fresh noise on a replay would release a second noisy view of the same data and silently double
+the privacy cost. The engines key every DP run with a fresh 256-bit key from :mod:`secrets`
+(``secret/noise.key`` in simulation, never derived from the run seed, never logged), since anyone
+who knows it can subtract the noise. An integer ``seed`` argument here is shorthand for the
+*public* key :meth:`NoiseSource.from_seed` (tests and examples).
 
 State
 -----
