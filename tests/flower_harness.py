@@ -138,9 +138,9 @@ class FlowerCluster:
         """The state directory node ``device`` keeps its participation ledger in."""
         return self.workdir / f"node-{device}"
 
-    def start_supernode(self, device: int, **node_config: Any) -> str:
+    def start_supernode(self, device: int, *, name: str | None = None, **node_config: Any) -> str:
         """Start a SuperNode for ``device`` (``partition-id``), with a persistent ``state-dir``."""
-        name = f"node-{device}"
+        name = name or f"node-{device}"
         if name in self.procs and self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
         config = {"partition-id": device, "state-dir": str(self.state_dir(device)), **node_config}
@@ -236,4 +236,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     for name in ("participation.json", "ledger.json"):
         if (run_dir / name).exists():
             out[name.split(".")[0]] = json.loads((run_dir / name).read_text())
+    # a DP run keeps exact counts, rejections and the participation ledger in private/
+    private = run_dir / "private"
+    if (private / "diagnostics.jsonl").exists():
+        out["diagnostics"] = [json.loads(line) for line in (private / "diagnostics.jsonl").read_text().splitlines() if line]
+        out["private_summary"] = json.loads((private / "summary.json").read_text())
+    if (private / "participation.json").exists():
+        out["participation"] = json.loads((private / "participation.json").read_text())
     return out

@@ -26,6 +26,7 @@ import torch
 from fedsim.engine import run_scenario
 from fedsim.engine.simulation import Simulation
 from fedsim.flower.device import DeviceLedger
+from fedsim.privacy.noise import NoiseKey
 from fedsim.scenario import load_scenario
 
 from .conftest import ROOT
@@ -46,9 +47,13 @@ def cluster(tmp_path: Path):
 
 
 def dp_ftrl_scenario(
-    path: Path, *, devices: int, per_round: int, rounds: int, k: int, b: int = 0, z: float = 0.5, seed: int = 7
+    path: Path, *, devices: int, per_round: int, rounds: int, k: int, b: int = 0, z: float = 0.5, seed: int = 7,
+    key_file: Path | None = None,
 ) -> Path:
-    """A small DP-FTRL scenario on the digits data (logistic regression: quick to train)."""
+    """A small DP-FTRL scenario on the digits data (logistic regression: quick to train).
+
+    ``key_file``: a fixed noise key (``[privacy] noise-key-file``), to compare with the simulator.
+    """
     table: dict[str, Any] = {
         "name": path.stem,
         "seed": seed,
@@ -63,6 +68,8 @@ def dp_ftrl_scenario(
         },
         "privacy": {"delta": 1e-5},
     }
+    if key_file is not None:
+        table["privacy"]["noise-key-file"] = str(key_file)
     return write_scenario(path, table)
 
 
@@ -71,7 +78,10 @@ def _check_ran(proc: subprocess.CompletedProcess, cluster: FlowerCluster) -> Non
 
 
 def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluster: FlowerCluster, tmp_path: Path) -> None:
-    scenario_file = dp_ftrl_scenario(tmp_path / "flower-e2e.toml", devices=2, per_round=2, rounds=3, k=3)
+    NoiseKey.generate().save(tmp_path / "fixed.key")  # the same noise as the simulator below
+    scenario_file = dp_ftrl_scenario(
+        tmp_path / "flower-e2e.toml", devices=2, per_round=2, rounds=3, k=3, key_file=tmp_path / "fixed.key"
+    )
     out = tmp_path / "run"
     for device in (0, 1):
         cluster.start_supernode(device)
@@ -81,7 +91,10 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     s = run["summary"]
     assert (s["rounds"], s["stopped_reason"], s["backend"]) == (3, "completed", "flower")
     assert [m["round"] for m in run["metrics"]] == [1, 2, 3]
-    assert all(m["clients"] == 2 and m["eligible"] == 2 and m["rejected"] == 0 for m in run["metrics"])
+    # exact counts are private in a DP run: null in metrics.jsonl, exact in private/
+    assert all(m["clients"] is None and m["train_loss"] is None for m in run["metrics"])
+    assert all(m["clients"] == 2 and m["eligible"] == 2 and m["rejected"] == 0 for m in run["diagnostics"])
+    assert s["noise_key"]["kind"] == "fixed"
     assert s["flower"]["nodes"] == 2 and s["flower"]["no_reply"] == 0 and s["flower"]["client_error"] == 0
 
     # the model changed
@@ -108,8 +121,9 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     # the in-process simulator, same seed, partitions and noise seed: the same model
     expected = run_scenario(scenario)
     assert torch.allclose(final, expected.params, rtol=1e-5, atol=1e-5), (final - expected.params).abs().max()
-    for got, want in zip(run["metrics"], expected.metrics, strict=True):
+    for got, want in zip(run["diagnostics"], expected.diagnostics, strict=True):
         assert got["clients"] == want["clients"] and got["eligible"] == want["eligible"]
+    for got, want in zip(run["metrics"], expected.metrics, strict=True):
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=2e-3)
         assert got["rho"] == pytest.approx(want["rho"], rel=1e-12)
     assert "fedsim: round 3/3" in proc.stdout and "rho" in proc.stdout
@@ -141,10 +155,11 @@ def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: 
     log = proc.stdout
 
     run = read_run(out)
-    s, rows = run["summary"], run["metrics"]
+    s, rows = run["summary"], run["diagnostics"]
     assert (s["rounds"], s["stopped_reason"]) == (3, "completed")
     # every corrupt update rejected by reason, every round completed with the honest updates
-    assert s["rejected"] == {"non_finite": 1, "wrong_shape": 1, "norm_exceeds_clip": 1}
+    assert s["rejected"] is None  # private in a DP run
+    assert run["private_summary"]["rejected"] == {"non_finite": 1, "wrong_shape": 1, "norm_exceeds_clip": 1}
     assert [m["rejected"] for m in rows] == [1, 1, 1]
     assert [m["clients"] for m in rows] == [2, 1, 1]
     assert rows[2]["eligible"] == 2  # the dead node left the roster
@@ -171,7 +186,7 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     cluster.start_supernode(1)
     first = cluster.flwr_run({**job, "out-dir": str(tmp_path / "first"), "min-nodes": 2})
     _check_ran(first, cluster)
-    assert read_run(tmp_path / "first")["metrics"][0]["clients"] == 2
+    assert read_run(tmp_path / "first")["diagnostics"][0]["clients"] == 2
     assert DeviceLedger(cluster.state_dir(0), 0, "restart-job").rounds() == [0]
 
     cluster.kill("node-0", signal.SIGKILL)
@@ -180,7 +195,7 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     second = cluster.flwr_run({**job, "out-dir": str(tmp_path / "second"), "min-nodes": 3})
     _check_ran(second, cluster)
     run = read_run(tmp_path / "second")
-    row = run["metrics"][0]
+    row = run["diagnostics"][0]
     assert row["eligible"] == 3  # the new server's own ledger is empty: it asks everyone
     assert row["clients"] == 1  # only device 2 contributes
     assert run["summary"]["flower"]["declined"] == 2
@@ -189,3 +204,26 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     assert DeviceLedger(cluster.state_dir(0), 0, "restart-job").rounds() == [0]
     assert DeviceLedger(cluster.state_dir(1), 1, "restart-job").rounds() == [0]
     assert DeviceLedger(cluster.state_dir(2), 2, "restart-job").rounds() == [0]
+
+
+def test_a_second_claim_of_a_rostered_device_is_refused_and_never_evicts(cluster: FlowerCluster, tmp_path: Path) -> None:
+    """An impostor SuperNode claims device 0 while the honest node holds it: refused, counted,
+    logged; the honest node keeps training every round and the impostor never trains."""
+    scenario_file = dp_ftrl_scenario(tmp_path / "flower-sybil.toml", devices=2, per_round=2, rounds=4, k=4)
+    out = tmp_path / "run"
+    cluster.start_supernode(0)
+    cluster.start_supernode(1)
+    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
+    _wait_for_round(out, 1, timeout=240)
+    impostor_state = tmp_path / "impostor-state"
+    cluster.start_supernode(0, name="impostor-0", **{"state-dir": str(impostor_state)})
+    proc = cluster.wait_run(name, timeout=400)
+    _check_ran(proc, cluster)
+    run = read_run(out)
+    s = run["summary"]
+    assert s["rounds"] == 4
+    assert s["flower"]["duplicate_claim"] >= 1 and s["flower"]["devices"] == 2
+    assert "claim refused (the first claim stands)" in proc.stdout
+    assert [d["clients"] for d in run["diagnostics"]] == [2, 2, 2, 2]  # the honest node trained throughout
+    assert DeviceLedger(cluster.state_dir(0), 0, s["flower"]["job_id"]).rounds() == [0, 1, 2, 3]
+    assert DeviceLedger(impostor_state, 0, s["flower"]["job_id"]).rounds() == []

@@ -77,8 +77,11 @@ def test_backend_flag_errors_are_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_privacy_budget_stops_a_flower_run_where_it_stops_the_inprocess_run(tmp_path: Path) -> None:
     from fedsim.flower.simulation import FlowerSimulation
+    from fedsim.privacy.noise import NoiseKey
 
+    NoiseKey.generate().save(tmp_path / "fixed.key")  # both engines add the same noise
     overrides = [
+        (["privacy", "noise-key-file"], str(tmp_path / "fixed.key")),
         (["rounds"], 6), (["clients-per-round"], 4), (["data", "num-devices"], 8), (["privacy", "max-rho"], 10.0),
         (["strategy", "noise-multiplier"], 1.0), (["strategy", "max-participations"], 6), (["strategy", "min-separation"], 0),
     ]

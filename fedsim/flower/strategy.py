@@ -136,6 +136,8 @@ class FedsimStrategy(FlowerStrategy):
         self._checkins: dict[str, int] = {}
         #: nodes that failed a check-in (no partition-id, unavailable): never asked again
         self._gone: set[int] = set()
+        #: nodes whose claim of a device id was refused (the id was held), by the id they claimed
+        self._refused: dict[int, int] = {}
         self._round: _Round | None = None
         self._first_checkin_done = False
         #: Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins
@@ -346,11 +348,19 @@ class FedsimStrategy(FlowerStrategy):
             "job_id": self.job_id,
             "nodes": len(self.roster),
             "devices": len(set(self.roster.values())),
-            **{k: int(self.events.get(k, 0)) for k in ("checkins", "no_reply", "client_error", "declined", "unexpected_reply")},
+            **{
+                k: int(self.events.get(k, 0))
+                for k in ("checkins", "no_reply", "client_error", "declined", "unexpected_reply", "duplicate_claim")
+            },
         }
         if sim.run_dir is not None:
             sim.run_dir.write_json("summary.json", result.summary)
-            sim.run_dir.write_json("participation.json", self.participation())
+            # who contributed how often is exact, data-dependent state: private in a DP run
+            if sim.private:
+                (sim.run_dir.path / "private").mkdir(mode=0o700, exist_ok=True)
+                sim.run_dir.write_json("private/participation.json", self.participation())
+            else:
+                sim.run_dir.write_json("participation.json", self.participation())
         return result
 
     def participation(self) -> dict[str, Any]:
@@ -405,7 +415,13 @@ class FedsimStrategy(FlowerStrategy):
             for node in [n for n in self.roster if n not in listed]:
                 logger.warning("fedsim: node %d (device %d) left", node, self.roster.pop(node))
             asking = set(self._checkins.values())
-            new = [n for n in sorted(listed) if n not in self.roster and n not in asking and n not in self._gone]
+            held = set(self.roster.values())
+            new = [
+                n
+                for n in sorted(listed)
+                if n not in self.roster and n not in asking and n not in self._gone
+                and self._refused.get(n) not in held  # asked again once the id it claimed is free
+            ]
             if new:
                 queries = [Message(RecordDict(), n, MessageType.QUERY) for n in new]
                 for msg_id, node in zip(grid.push_messages(queries), new, strict=True):
@@ -440,11 +456,18 @@ class FedsimStrategy(FlowerStrategy):
             self._gone.add(node)
             logger.warning("fedsim: node %d checked in with device id %r, outside [0, %d); ignored", node, device, n)
             return
-        for other, dev in list(self.roster.items()):
-            if dev == device:  # the device came back on a new node (restarted SuperNode)
-                del self.roster[other]
-                self._gone.add(other)
-                logger.warning("fedsim: device %d moved from node %d to node %d", device, other, node)
+        holder = next((other for other, dev in self.roster.items() if dev == device and other != node), None)
+        if holder is not None:
+            # a second claim of a rostered device id: refused and counted, never evicting the first
+            # (a restarted SuperNode gets its id once the old node has left the grid)
+            self._refused[node] = device
+            self.events["duplicate_claim"] += 1
+            logger.warning(
+                "fedsim: node %d claimed device %d, which node %d holds: claim refused (the first claim stands)",
+                node, device, holder,
+            )
+            return
+        self._refused.pop(node, None)
         self.roster[node] = device
         self.events["checkins"] += 1
         logger.info("fedsim: node %d checked in as device %d", node, device)
