@@ -275,3 +275,16 @@ def test_accountant_shows_no_opacus_order_warning() -> None:
         warnings.simplefilter("error")  # Opacus warns here: the best order is the grid's smallest
         eps = sampled_gaussian_epsilon(0.5, 0.5, 1000, 1e-6)
     assert eps > 100
+
+
+def test_progress_bar_shows_each_rounds_own_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    run = tmp_path / "run"
+    code, _, err = _cli(capsys, "run", QUICK, "--out", str(run))
+    assert code == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    frames = re.findall(r"\| (\d+)/30 \[[^\]]*acc=([0-9.]+)", err)
+    assert any(int(k) < 30 for k, _ in frames), err  # intermediate frames were drawn
+    for k, acc in frames:
+        assert acc == f"{rows[int(k) - 1]['accuracy']:.4g}", (k, acc)

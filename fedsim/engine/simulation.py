@@ -481,9 +481,9 @@ class Simulation:
                     self.run_dir.append_metrics(row)
                 if self.checkpointer is not None and self.checkpointer.due(self.next_round):
                     self.checkpointer.save(self)
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None:  # postfix first: update() redraws, showing this round's own figures
                     bar.set_postfix(_postfix(row), refresh=False)
+                    bar.update(1)
         finally:
             if bar is not None:
                 bar.close()

@@ -34,7 +34,9 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
+        # log_to_driver off: the actors' own log lines ("Manually terminating ClientAppActor" at the
+        # end of every run) are not for users; ClientApp failures come back as message errors
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
     }
 
 
@@ -65,6 +67,8 @@ class FlowerSimulation:
         """Run every round; return the run's result (as :meth:`Simulation.run` does)."""
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+        # Ray's FutureWarning about GPU environment variables (no GPUs are used here): opt in now
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         from flwr.app import Context
         from flwr.serverapp import Grid, ServerApp
         from flwr.simulation import run_simulation
@@ -89,8 +93,10 @@ class FlowerSimulation:
 
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level
+        quiet = _DropRunSimulationDeprecation()
         if not self.verbose:
             flwr_logger.setLevel(logging.WARNING)
+            flwr_logger.addFilter(quiet)
         previous_state = os.environ.get("FEDSIM_STATE_DIR")
         with tempfile.TemporaryDirectory(prefix="fedsim-devices-") as state_dir:
             os.environ["FEDSIM_STATE_DIR"] = state_dir
@@ -104,6 +110,7 @@ class FlowerSimulation:
                 )
             finally:
                 flwr_logger.setLevel(level)
+                flwr_logger.removeFilter(quiet)
                 if previous_state is None:
                     os.environ.pop("FEDSIM_STATE_DIR", None)
                 else:
@@ -111,3 +118,18 @@ class FlowerSimulation:
         if "result" not in out:
             raise RuntimeError("the Flower simulation ended without a result (see the log above)")
         return out["result"]
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Drops Flower 1.42's "run_simulation is deprecated" warning from this backend's output.
+
+    Flower's replacement, ``flwr run`` with a local simulation federation, starts a separate
+    SuperLink process and runs a packaged app; this backend runs the scenario in this process
+    (the strategy, run directory and progress bar are fedsim's own), which is what
+    ``run_simulation`` offers. The warning is about that choice, not about anything a user of
+    ``fedsim run --backend flower`` can change, so it is not shown (``verbose`` keeps it).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+

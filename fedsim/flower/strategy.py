@@ -336,13 +336,24 @@ class FedsimStrategy(FlowerStrategy):
 
             self._bar = tqdm(total=sc.rounds, desc=f"{sc.name} (flower)", unit="round", dynamic_ncols=True)
         start = time.perf_counter()
+        flwr_logger = logging.getLogger("flwr")
+        quiet = _FlowerStrategyProgressFilter()
+        flwr_logger.addFilter(quiet)  # fedsim logs each round once (_log_round) and a final summary
         try:
             self.start(grid, self.initial_arrays(), num_rounds=sc.rounds, timeout=round_timeout)
         finally:
+            flwr_logger.removeFilter(quiet)
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
         result = sim._finish(time.perf_counter() - start)
+        s = result.summary
+        privacy = f", rho {s['rho']:.4g}, epsilon {s['epsilon']:.4g} (delta {s['delta']:g})" if s.get("rho") is not None else ""
+        logger.info(
+            "fedsim: finished %d/%d rounds (%s): accuracy %.4f, loss %.4f%s; run dir %s",
+            s["rounds"], s["rounds_planned"], s["stopped_reason"], s["accuracy"], s["loss"], privacy,
+            sim.run_dir.path if sim.run_dir is not None else "(none)",
+        )
         result.summary["backend"] = "flower"
         result.summary["flower"] = {
             "job_id": self.job_id,
@@ -485,11 +496,30 @@ class FedsimStrategy(FlowerStrategy):
         if row["rho"] is not None:
             parts.append(f"rho {row['rho']:.4g}, epsilon {row['epsilon']:.4g} (delta {row['delta']:g})")
         logger.info("fedsim: %s", ", ".join(parts))
-        if self._bar is not None:
-            self._bar.update(1)
+        if self._bar is not None:  # postfix first: update() redraws, showing this round's own figures
             post = {"acc": f"{row['accuracy']:.4g}"} if row["accuracy"] is not None else {}
             if row["rho"] is not None:
                 post["rho"] = f"{row['rho']:.4g}"
             if row["clients"] is not None:
                 post["clients"] = str(row["clients"])
             self._bar.set_postfix(post, refresh=False)
+            self._bar.update(1)
+
+
+class _FlowerStrategyProgressFilter(logging.Filter):
+    """Drops the INFO lines of Flower's own ``Strategy.start`` loop while the bridge runs it.
+
+    ``start`` logs every round's metrics (an ``Aggregated MetricRecord`` dict, beside the bridge's
+    own one-line round report) and, at the end, its ``Result`` (labelled "ClientApp-side Train
+    Metrics" although the bridge's metrics are the server's test metrics and rho, then empty
+    evaluate and config records). The filter sits on the ``flwr`` logger itself, so it sees only
+    records Flower logs there; the bridge's ``flwr.fedsim`` records and every warning or error
+    pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        path = record.pathname.replace("\\", "/")
+        return "/flwr/serverapp/strategy/" not in path
+
