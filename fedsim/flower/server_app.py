@@ -123,9 +123,10 @@ def run_server(
     result = bridge.run(grid, round_timeout=options.round_timeout)
     s = result.summary
     logger.info(
-        "fedsim: %s finished: %d/%d rounds (%s), accuracy %.4f, rho %s, run dir %s",
+        "fedsim: %s finished: %d/%d rounds (%s), accuracy %.4f, %s, run dir %s",
         scenario.name, s["rounds"], s["rounds_planned"], s["stopped_reason"], s["accuracy"],
-        "n/a" if s["rho"] is None else f"{s['rho']:.6g}", result.run_dir,
+        "no DP" if s["rho"] is None else f"rho {s['rho']:.6g}, epsilon {s['epsilon']:.4g} (delta {s['delta']:g})",
+        result.run_dir,
     )
     return result
 

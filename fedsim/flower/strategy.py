@@ -338,7 +338,7 @@ class FedsimStrategy(FlowerStrategy):
         start = time.perf_counter()
         flwr_logger = logging.getLogger("flwr")
         quiet = _FlowerStrategyProgressFilter()
-        flwr_logger.addFilter(quiet)  # fedsim logs each round once (_log_round) and a final summary
+        flwr_logger.addFilter(quiet)  # fedsim logs each round once (_log_round); run_server the summary
         try:
             self.start(grid, self.initial_arrays(), num_rounds=sc.rounds, timeout=round_timeout)
         finally:
@@ -347,13 +347,6 @@ class FedsimStrategy(FlowerStrategy):
                 self._bar.close()
                 self._bar = None
         result = sim._finish(time.perf_counter() - start)
-        s = result.summary
-        privacy = f", rho {s['rho']:.4g}, epsilon {s['epsilon']:.4g} (delta {s['delta']:g})" if s.get("rho") is not None else ""
-        logger.info(
-            "fedsim: finished %d/%d rounds (%s): accuracy %.4f, loss %.4f%s; run dir %s",
-            s["rounds"], s["rounds_planned"], s["stopped_reason"], s["accuracy"], s["loss"], privacy,
-            sim.run_dir.path if sim.run_dir is not None else "(none)",
-        )
         result.summary["backend"] = "flower"
         result.summary["flower"] = {
             "job_id": self.job_id,
