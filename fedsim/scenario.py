@@ -356,6 +356,16 @@ class Scenario:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
+def check_canaries_fit_population(canaries: int, devices: int) -> None:
+    """Canaries must not outnumber the real devices (``ScenarioError`` on ``audit.canaries``)."""
+    if canaries > devices:
+        raise ScenarioError(
+            f"{canaries} canaries cannot be carried by a population of {devices} devices "
+            f"(canaries are extra devices under the same limits; at most {devices}, the number of real devices)",
+            key="audit.canaries",
+        )
+
+
 def _check_canary_capacity(scenario: Scenario) -> None:
     """Canaries are extra devices: they must not outnumber the real devices, and all of them
     must fit, at least once each, into half of the run's cohort slots (``rounds`` x
@@ -369,13 +379,9 @@ def _check_canary_capacity(scenario: Scenario) -> None:
             "(set audit.canaries = 0 or engine.backend = \"inprocess\")",
             key="audit.canaries",
         )
-    devices = scenario.data.num_devices
-    if n > devices:
-        raise ScenarioError(
-            f"{n} canaries cannot be carried by a population of {devices} devices "
-            f"(canaries are extra devices under the same limits; at most data.num-devices = {devices})",
-            key="audit.canaries",
-        )
+    devices = scenario.data.num_devices  # None: the dataset's own users (checked when it is loaded)
+    if devices is not None:
+        check_canaries_fit_population(n, devices)
     slots = scenario.rounds * scenario.clients_per_round
     if n > slots // 2:
         raise ScenarioError(

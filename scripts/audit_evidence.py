@@ -62,17 +62,20 @@ def scenario_rows(paths: list[Path], scales: list[float], canaries: int, out: Pa
     rows = []
     for path in paths:
         base = load_scenario(path)
-        z0 = base.strategy.params["noise_multiplier"]
-        for scale in scales:
-            z = round(z0 * scale, 6)
-            run_dir = out / f"{base.name}_z{z:g}"
-            overrides = [
-                parse_override(f"strategy.noise-multiplier={z}"),
-                parse_override(f"audit.canaries={canaries}"),
-                (["output-dir"], str(run_dir)),
-            ]
+        z0 = base.strategy.params.get("noise_multiplier")
+        # a scenario that solves its noise for a target rho runs once, at its own noise
+        for scale in scales if z0 is not None else [None]:
+            overrides = [parse_override(f"audit.canaries={canaries}")]
+            if scale is not None:
+                z = round(z0 * scale, 6)
+                overrides.append(parse_override(f"strategy.noise-multiplier={z}"))
+            run_dir = out / (f"{base.name}_z{z:g}" if scale is not None else base.name)
+            overrides.append((["output-dir"], str(run_dir)))
             scenario = load_scenario(path, overrides)
-            result = Simulation(scenario, run_dir=run_dir, progress=False).run()
+            sim = Simulation(scenario, run_dir=run_dir, progress=False)
+            if scale is None:
+                z = round(float(sim.strategy.noise_multiplier), 4)
+            result = sim.run()
             s = result.summary
             a = s["audit"]
             row = {
@@ -184,10 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="0.05,0.5,1,2", help="noise-multiplier scales of each scenario (0.05,0.5,1,2)")
     p.add_argument("--out", default="runs/audit_evidence", help="run directories (runs/audit_evidence)")
     p.add_argument("--plot", default=str(ROOT / "docs" / "audit.png"), help="figure (docs/audit.png)")
+    p.add_argument("--scenarios", default="", help="comma-separated scenario files (default: the DP scenarios)")
     args = p.parse_args(argv)
     scales = [float(x) for x in args.scales.split(",")]
-    paths = [ROOT / "scenarios" / "dp_ftrl.toml", ROOT / "scenarios" / "dp_fedavg.toml"]
-    paths += sorted((ROOT / "scenarios").glob("shakespeare_*.toml"))[:1]
+    if args.scenarios:
+        paths = [Path(p) for p in args.scenarios.split(",")]
+    else:
+        paths = [ROOT / "scenarios" / "dp_ftrl.toml", ROOT / "scenarios" / "dp_fedavg.toml"]
+        paths += [p for p in [ROOT / "scenarios" / "shakespeare_dp_ftrl.toml"] if p.exists()]
     gauss = gaussian_rows()
     scen = scenario_rows(paths, scales, args.canaries, Path(args.out))
     plot(gauss, scen, Path(args.plot))

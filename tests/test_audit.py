@@ -177,3 +177,19 @@ def test_every_dp_ftrl_mechanism_is_audited(tmp_path, mechanism) -> None:
     audit = result.summary["audit"]
     assert audit["formal_rho"] == result.summary["rho"] > 0
     assert sim.canaries.contributions.sum() > 0 and 0 <= audit["ci"][0] <= audit["epsilon"] <= audit["ci"][1]
+
+
+def test_rekeyed_canaries_follow_the_new_key() -> None:
+    from fedsim.engine.canaries import CanaryClients
+    from fedsim.privacy.audit import canary_directions
+    from fedsim.privacy.noise import NoiseKey, NoiseSource
+
+    first, second = NoiseSource(NoiseKey.generate()), NoiseSource(NoiseKey.generate())
+    c = CanaryClients(4, num_params=50, first_id=10, source=first, threat_model="final-model", delta=1e-6)
+    assert torch.equal(c.directions, canary_directions(first, 8, 50))
+    c.rekey(second)
+    assert torch.equal(c.directions, canary_directions(second, 8, 50))
+    real, canary = c.split(np.array([3, 10, 12]))
+    assert real.tolist() == [3] and canary.tolist() == [10, 12]
+    chunk = c.chunk(0, canary, clip_norm=0.5)
+    assert torch.allclose(torch.linalg.vector_norm(chunk.deltas, dim=1), torch.full((2,), 0.5))

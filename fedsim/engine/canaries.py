@@ -119,6 +119,10 @@ class CanaryClients:
         self.round_cosines: list[np.ndarray] = []
         self.initial: torch.Tensor | None = None
 
+    def rekey(self, source: NormalSource) -> None:
+        """Redraw the directions from ``source`` (a run whose key is replaced, e.g. on resume)."""
+        self.directions = canary_directions(source, 2 * self.count, self.directions.shape[1])
+
     @property
     def ids(self) -> np.ndarray:
         return np.arange(self.first_id, self.first_id + self.count, dtype=np.int64)

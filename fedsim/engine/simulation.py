@@ -41,6 +41,7 @@ from fedsim.engine.checkpoint import (
     resume_from_checkpoint,
 )
 from fedsim.engine.rundir import RunDir, atomic_write_text
+from fedsim.errors import ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import (
     AlwaysAvailable,
@@ -96,6 +97,12 @@ def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, sou
     cfg = scenario.audit
     if cfg.canaries == 0:
         return None
+    from fedsim.scenario import check_canaries_fit_population
+
+    try:
+        check_canaries_fit_population(cfg.canaries, data.num_devices)
+    except ScenarioError as exc:
+        raise exc.with_source(scenario.source or "scenario") from None
     sample = np.linspace(0, data.num_devices - 1, num=min(data.num_devices, 1000)).astype(np.int64)
     examples = int(round(float(np.mean([data.num_examples(int(d)) for d in sample]))))
     return CanaryClients(
@@ -268,7 +275,9 @@ class Simulation:
 
     def _save_key(self) -> None:
         """Write the secret key of a fresh DP run to ``secret/noise.key`` (0600, directory 0700)."""
-        if not (self.private and self.key_origin == "secret" and self.run_dir is not None):
+        # an audited run keeps its key too: its canary directions are drawn from it
+        keyed = self.private or getattr(self, "canaries", None) is not None
+        if not (keyed and self.key_origin == "secret" and self.run_dir is not None):
             return
         path = self.run_dir.path / KEY_FILE
         path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -289,7 +298,8 @@ class Simulation:
         run refuses to resume (:class:`~fedsim.engine.checkpoint.CheckpointError`).
         Returns the number of completed rounds restored (see :mod:`fedsim.engine.checkpoint`).
         """
-        if self.private and self.key_origin == "secret" and self.run_dir is not None:
+        keyed = self.private or self.canaries is not None
+        if keyed and self.key_origin == "secret" and self.run_dir is not None:
             path = self.run_dir.path / KEY_FILE
             if not path.exists():
                 raise CheckpointError(

@@ -123,18 +123,23 @@ def canary_directions(source: NormalSource, count: int, dim: int, *, start: int 
 
 
 def cosines(vectors: torch.Tensor, directions: torch.Tensor) -> np.ndarray:
-    """Cosines between each row of ``vectors`` (or one vector) and each unit row of ``directions``.
+    """Cosines between each row of ``vectors`` (or one vector) and each row of ``directions``.
 
     Returns shape ``[len(directions)]`` for one vector, ``[len(vectors), len(directions)]``
-    otherwise; a zero vector has cosine 0 with everything. Computed in float64.
+    otherwise; a zero vector has cosine 0 with everything. Norms are float64; the products run in
+    the directions' dtype (no float64 copy of a large direction matrix; float32 products of unit
+    vectors err by ~1e-7, far below a cosine's spread ``1/sqrt(d)``).
     """
     v = torch.as_tensor(vectors, dtype=torch.float64)
     single = v.dim() == 1
     v = v.reshape(1, -1) if single else v
-    c = torch.as_tensor(directions, dtype=torch.float64)
+    c = torch.as_tensor(directions)
+    if c.dtype not in (torch.float32, torch.float64):
+        c = c.to(torch.float32)
     norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    dots = v @ (c / torch.linalg.vector_norm(c, dim=1, keepdim=True)).T
-    out = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots)).numpy()
+    unit = (v / norms.clamp_min(1e-300)).to(c.dtype)
+    dots = (unit @ c.T).to(torch.float64) / torch.linalg.vector_norm(c, dim=1).to(torch.float64)
+    out = torch.where(norms > 0, dots, torch.zeros_like(dots)).numpy()
     return out[0] if single else out
 
 
