@@ -141,13 +141,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
         assert err.startswith("error:") and "\n" not in err and needle in err, err
 
 
-def test_resumed_run_gives_the_same_audit(tmp_path) -> None:
+@pytest.mark.parametrize("template", [FTRL, QUICK], ids=["dp-ftrl", "fedavg"])
+def test_resumed_run_gives_the_same_audit(tmp_path, template) -> None:
+    # an audited non-DP run keeps its key too (its canaries are drawn from it)
     sets = ("rounds=10", "audit.canaries=10", "checkpoint.every=2", "audit.threat-model=all-iterates")
     from fedsim.privacy.noise import KEY_FILE, NoiseKey
     from fedsim.scenario import parse_override
 
     out = tmp_path / "crashed"
-    scenario = load_scenario(FTRL, [parse_override(s) for s in sets] + [(["output-dir"], str(out))])
+    scenario = load_scenario(template, [parse_override(s) for s in sets] + [(["output-dir"], str(out))])
     sim = Simulation(scenario, run_dir=out, progress=False)
     original = sim.run_round
 
@@ -161,7 +163,7 @@ def test_resumed_run_gives_the_same_audit(tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         sim.run()
     # the uninterrupted reference with the same secret key (the same noise and canaries)
-    _, ref = run(FTRL, tmp_path / "ref", *sets, noise_key=NoiseKey.load(out / KEY_FILE))
+    _, ref = run(template, tmp_path / "ref", *sets, noise_key=NoiseKey.load(out / KEY_FILE))
     resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
     assert resumed.resume() == 4
     again = resumed.run()
