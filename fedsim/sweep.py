@@ -337,7 +337,13 @@ def _is_complete(spec: RunSpec) -> bool:
         json.loads(summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return recorded == spec.raw
+    # the same resolved scenario; where the run directory lives (output-dir) does not matter, so
+    # a sweep directory that was moved or assembled from several machines is still complete
+    return _without_output_dir(recorded) == _without_output_dir(spec.raw)
+
+
+def _without_output_dir(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if k != "output-dir"}
 
 
 def run_one(raw: dict[str, Any], source: str, run_dir: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,12 @@ def test_sweep_results_and_resume(scenario: Path, tmp_path: Path) -> None:
     assert third.skipped == 0 and json.loads((changed[0].run_dir / "summary.json").read_text())["rounds"] == 3
     fourth = run_sweep(specs[2:], out, workers=1, progress=False, echo=lines.append)
     assert fourth.skipped == 4
+    # a sweep directory moved elsewhere (or assembled from several machines) is still complete
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    fifth = run_sweep(plan_sweep(scenario, configs, seeds=2, out=moved, check_grid_keys=keys)[2:], moved,
+                      workers=1, progress=False, echo=lines.append)
+    assert fifth.skipped == 4
 
 
 def test_cli_parallel_workers_one_line_per_run(scenario: Path, tmp_path: Path) -> None:
