@@ -122,7 +122,7 @@ def test_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch) -> Non
     """Device ledgers, run-directory files and key files: the directory is fsynced after the rename."""
     import os
 
-    from fedsim.engine.rundir import atomic_write_text
+    from fedsim.atomic import atomic_write_text
     from fedsim.flower.device import DeviceLedger
     from fedsim.privacy.csprng import NoiseKey
 

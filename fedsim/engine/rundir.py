@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from fedsim.atomic import atomic_write_text
 from fedsim.errors import FedsimError
 
 #: Files that mark a directory as a fedsim run directory (any one of them).
@@ -113,34 +113,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename inside it survives a power loss (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file, fsync, rename, fsync the directory.
-
-    Readers never see a half-written file, and once this returns the new content survives a
-    power loss (without the directory fsync the rename itself could be rolled back, e.g. a device
-    ledger's claim of a round).
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class RunDir:

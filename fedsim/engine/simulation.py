@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fedsim import seeds, workloads
+from fedsim.atomic import atomic_write_text
 from fedsim.client import TRAINERS, ClientTrainer
 from fedsim.data.federated import FederatedData
 from fedsim.engine.aggregation import UpdateAccumulator
@@ -40,7 +41,7 @@ from fedsim.engine.checkpoint import (
     CheckpointError,
     resume_from_checkpoint,
 )
-from fedsim.engine.rundir import RunDir, atomic_write_text
+from fedsim.engine.rundir import RunDir
 from fedsim.errors import ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import (

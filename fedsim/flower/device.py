@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.engine.rundir import atomic_write_text
+from fedsim.atomic import atomic_write_text
 from fedsim.population import ParticipationLedger
 from fedsim.strategy import ParticipationLimit
 

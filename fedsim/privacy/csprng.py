@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedsim.atomic import fsync_dir
+
 __all__ = [
     "KEY_BYTES",
     "NoiseKey",
@@ -185,18 +187,6 @@ class NoiseKey:
         raise TypeError("a NoiseKey cannot be pickled; save it with key.save(path) (mode 0600)")
 
 
-def fsync_dir(path: str | Path) -> None:
-    """fsync a directory, so that a rename inside it survives a power loss (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def encode_words(words: Sequence[int]) -> bytes:
