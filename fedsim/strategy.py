@@ -187,6 +187,31 @@ class MechanismStrategy(Strategy):
         self.mechanism.setup(num_params=ctx.num_params, num_rounds=ctx.num_rounds, source=ctx.noise_source())
         self.optimizer.reset()
 
+    # the strategy's parameters, as attributes (the mechanism and the optimizer own them)
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
+    @property
+    def clip_norm(self) -> float:
+        return self.mechanism.clip_norm
+
+    @property
+    def max_participations(self) -> int | None:
+        return self.mechanism.max_participations
+
+    @property
+    def min_separation(self) -> int:
+        return self.mechanism.min_separation
+
+    @property
+    def server_lr(self) -> float:
+        return self.optimizer.lr
+
+    @property
+    def momentum(self) -> float:
+        return self.optimizer.momentum
+
     @property
     def denominator(self) -> float:
         """The fixed denominator of the average (default: ``clients_per_round``)."""

@@ -119,34 +119,9 @@ class DPFedAvg(MechanismStrategy):
         self.requested_rate: float | None = sampling_rate
         self.mechanism.sampling_rate = sampling_rate
 
-    # the strategy's parameters, as attributes (the mechanism and optimizer own them)
-    @property
-    def noise_multiplier(self) -> float:
-        return self.mechanism.noise_multiplier
-
-    @property
-    def clip_norm(self) -> float:
-        return self.mechanism.clip_norm
-
-    @property
-    def max_participations(self) -> int | None:
-        return self.mechanism.max_participations
-
-    @property
-    def min_separation(self) -> int:
-        return self.mechanism.min_separation
-
     @property
     def sampling_rate(self) -> float | None:
         return self.mechanism.sampling_rate
-
-    @property
-    def server_lr(self) -> float:
-        return self.optimizer.lr
-
-    @property
-    def momentum(self) -> float:
-        return self.optimizer.momentum
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:

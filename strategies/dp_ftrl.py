@@ -128,30 +128,5 @@ class DPFTRL(MechanismStrategy):
         self.restart_every = restart_every
         self.estimator = estimator
 
-    @property
-    def noise_multiplier(self) -> float:
-        return self.mechanism.noise_multiplier
-
-    @property
-    def clip_norm(self) -> float:
-        return self.mechanism.clip_norm
-
-    @property
-    def max_participations(self) -> int:
-        assert self.mechanism.max_participations is not None
-        return self.mechanism.max_participations
-
-    @property
-    def min_separation(self) -> int:
-        return self.mechanism.min_separation
-
-    @property
-    def server_lr(self) -> float:
-        return self.optimizer.lr
-
-    @property
-    def momentum(self) -> float:
-        return self.optimizer.momentum
-
     def participation_limit(self) -> ParticipationLimit:
         return ParticipationLimit(max_participations=self.max_participations, min_separation=self.min_separation)
