@@ -493,7 +493,7 @@ class Simulation:
                 if self.checkpointer is not None and self.checkpointer.due(self.next_round):
                     self.checkpointer.save(self)
                 if bar is not None:  # postfix first: update() redraws, showing this round's own figures
-                    bar.set_postfix(_postfix(row), refresh=False)
+                    bar.set_postfix(progress_postfix(row), refresh=False)
                     bar.update(1)
         finally:
             if bar is not None:
@@ -591,9 +591,10 @@ def _with_round(config: TrainConfig, round: int) -> TrainConfig:
     return replace(config, round=round)
 
 
-def _postfix(row: dict[str, Any]) -> dict[str, str]:
+def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's figures for one metrics row (in-process and Flower runs alike)."""
     out = {}
-    for key, short in (("accuracy", "acc"), ("loss", "los"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")):
+    for key, short in (("accuracy", "acc"), ("loss", "loss"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")):
         if row.get(key) is not None:
             out[short] = f"{row[key]:.4g}"
     if row.get("clients") is not None:

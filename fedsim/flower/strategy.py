@@ -50,7 +50,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
-from fedsim.engine.simulation import RunResult, Simulation
+from fedsim.engine.simulation import RunResult, Simulation, progress_postfix
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.scenario import Scenario
@@ -490,12 +490,7 @@ class FedsimStrategy(FlowerStrategy):
             parts.append(f"rho {row['rho']:.4g}, epsilon {row['epsilon']:.4g} (delta {row['delta']:g})")
         logger.info("fedsim: %s", ", ".join(parts))
         if self._bar is not None:  # postfix first: update() redraws, showing this round's own figures
-            post = {"acc": f"{row['accuracy']:.4g}"} if row["accuracy"] is not None else {}
-            if row["rho"] is not None:
-                post["rho"] = f"{row['rho']:.4g}"
-            if row["clients"] is not None:
-                post["clients"] = str(row["clients"])
-            self._bar.set_postfix(post, refresh=False)
+            self._bar.set_postfix(progress_postfix(row), refresh=False)
             self._bar.update(1)
 
 
