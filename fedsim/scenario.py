@@ -582,6 +582,15 @@ def _validate_plugin_params(scenario: Scenario) -> None:
         ]
         if missing:
             raise ScenarioError(f"{section} {name!r} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)
+        if section == "client":
+            # trainers are built with the model at run time: check their annotated types now
+            try:
+                hints = typing.get_type_hints(cls.__init__)
+            except Exception:  # unresolvable annotations in a user's plug-in: names are still checked
+                hints = {}
+            for pname, value in list(params.items()):
+                if hints.get(pname) is not None and pname in accepted:
+                    params[pname] = _check_type(value, hints[pname], f"client.{_kebab(pname)}")
         if section == "strategy":
             try:
                 strategy = cls(**params)  # strategies validate their own values in __init__

@@ -279,7 +279,7 @@ def test_bad_datasets(tmp_path: Path, case: str) -> None:
 def test_unknown_model_and_dataset_names(tmp_path: Path) -> None:
     for body, key, needle in (
         ('[model]\nname = "resnet"\n', "model.name", "unknown model 'resnet'; known: cnn, logreg, lstm-lm, mlp, transformer-lm"),
-        ('[data]\ndataset = "imagenet"\n', "data.dataset", "unknown dataset 'imagenet'; known: digits, synthetic"),
+        ('[data]\ndataset = "imagenet"\n', "data.dataset", "unknown dataset 'imagenet'; known: digits, shakespeare, synthetic"),
         ('[data]\ndataset = "nope.csv"\n', "data.dataset", "nope.csv: no such file"),
         ('[data]\ndataset = "digits"\nuser-column = "u"\n', "data.user-column", "unknown key 'user-column'"),
     ):
