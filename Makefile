@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedsim run scenarios/quickstart.toml --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,10 @@ Usage::
 
     python scripts/mf_accuracy.py                       # rho 0.5 and 0.982, tree/blt/banded, 3 seeds
     python scripts/mf_accuracy.py --rho 0.982 --mechanisms tree blt --seeds 3
+    python scripts/mf_accuracy.py --scenario scenarios/shakespeare_dp_ftrl.toml --rho 0.81 \
+        --mechanisms tree blt --out runs/mf_accuracy_gboard   # the Gboard-like scenario
+
+``--scenario`` takes any DP-FTRL scenario; its noise multiplier (if any) is replaced by the target.
 """
 
 from __future__ import annotations
@@ -34,13 +38,17 @@ def main() -> int:
     parser.add_argument("--mechanisms", nargs="+", default=["tree", "blt", "banded"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--scenario", type=Path, default=BASE,
+                        help="DP-FTRL scenario to compare on (default: scenarios/dp_ftrl.toml)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mf_accuracy")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    scenario = tomllib.loads(BASE.read_text())
-    scenario["name"] = "dp_ftrl_mf"
-    scenario["strategy"].pop("noise-multiplier")
+    scenario = tomllib.loads(args.scenario.read_text())
+    if scenario.get("strategy", {}).get("name") != "dp-ftrl":
+        parser.error(f"--scenario {args.scenario}: [strategy] name must be \"dp-ftrl\"")
+    scenario["name"] = f"{scenario.get('name', 'dp_ftrl')}_mf"
+    scenario["strategy"].pop("noise-multiplier", None)
     scenario["strategy"]["target-rho"] = args.rho[0]
     base = args.out / "base.toml"
     base.write_text(tomli_w.dumps(scenario))
@@ -56,13 +64,14 @@ def main() -> int:
     with open(args.out / "sweep" / "results.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     print("| target rho | mechanism | noise multiplier | accuracy (mean ± sd, "
-          f"{args.seeds} seeds) | rho (zCDP) | epsilon (delta = 1e-6) |")
-    print("|---|---|---|---|---|---|")
+          f"{args.seeds} seeds) | test loss | rho (zCDP) | epsilon (delta = 1e-6) |")
+    print("|---|---|---|---|---|---|---|")
     for row in sorted(rows, key=lambda r: (float(r["strategy.target-rho"]),
                                            args.mechanisms.index(r["strategy.mechanism"].strip('"')))):
         print(f"| {float(row['strategy.target-rho']):g} | {row['strategy.mechanism'].strip(chr(34))} | "
               f"{_fmt(row, 'noise_multiplier')} | {float(row['accuracy_mean']):.3f} ± "
-              f"{float(row['accuracy_sd']):.3f} | {_fmt(row, 'rho')} | {_fmt(row, 'epsilon')} |")
+              f"{float(row['accuracy_sd']):.3f} | {float(row['loss_mean']):.3f} ± "
+              f"{float(row['loss_sd']):.3f} | {_fmt(row, 'rho')} | {_fmt(row, 'epsilon')} |")
     return 0
 
 
