@@ -173,6 +173,73 @@ def test_support_reaches_far_beyond_six_sigma() -> None:
     assert out.max().item() > 12
 
 
+def _conditioned_tail(k: int, chunks: int, words: tuple[int, ...] = (13,)) -> np.ndarray:
+    """Generator output conditioned on every radius uniform lying in ``(0, 2**-k]``.
+
+    The chunks' words come from the real ChaCha20 stream of ``(KEY, words)``; clearing the top
+    ``k`` of a radius word's 53 bits leaves a uniform integer below ``2**(53 - k)``, which is
+    exactly the conditional law of a 53-bit uniform given ``u <= 2**-k``. Such uniforms never
+    occur in a sample of practical size (probability ``2**-k`` each) but are where the tail
+    beyond 6 sigma comes from: every summand then has radius at least ``sqrt(2 k ln 2)``.
+    """
+    work = csprng._Workspace()
+    nbytes = 16 * work.pairs
+    stream = keystream(KEY, words, chunks * nbytes)
+    keep = (1 << (53 - k)) - 1
+    out = []
+    for i in range(chunks):
+        bits = torch.frombuffer(bytearray(stream[i * nbytes : (i + 1) * nbytes]), dtype=torch.int64).clone()
+        bits[: work.pairs] &= keep
+        out.append(csprng._transform(bits, work).clone().numpy())
+    return np.concatenate(out)
+
+
+def _conditioned_reference(k: int, n: int, seed: int) -> np.ndarray:
+    """The same conditional law, sampled independently: radius^2 / 2 = k ln 2 + Exp(1)."""
+    rng = np.random.default_rng(seed)
+    radius = np.sqrt(2 * (k * math.log(2) + rng.exponential(size=(4, n))))
+    angle = rng.uniform(0, 2 * math.pi, size=(4, n))
+    trig = np.concatenate([np.cos(angle[:2]), np.sin(angle[2:])])
+    return (radius * trig).sum(0) / 2
+
+
+_FAR_BINS = [-np.inf, -9.0, -8.0, -7.0, -6.0, 6.0, 7.0, 8.0, 9.0, np.inf]
+
+
+def _far_tail_ok(sample: np.ndarray, reference: np.ndarray) -> bool:
+    """KS two-sample test and a chi-square test over the bins beyond 6 sigma (p > 1e-4 each)."""
+    if stats.ks_2samp(sample, reference).pvalue < 1e-4:
+        return False
+    observed = np.histogram(sample, _FAR_BINS)[0]
+    expected = np.histogram(reference, _FAR_BINS)[0] * (len(sample) / len(reference))
+    tail = [i for i in range(len(observed)) if _FAR_BINS[i] >= 6 or _FAR_BINS[i + 1] <= -6]
+    statistic = float(sum((observed[i] - expected[i]) ** 2 / expected[i] for i in tail if expected[i] > 0))
+    return stats.chi2.sf(statistic, len(tail)) > 1e-4
+
+
+def test_tail_beyond_six_sigma_in_a_large_sample() -> None:
+    """The real stream through the real transform, conditioned on radius uniforms below 2**-30.
+
+    A 512k-draw sample of the conditional law, compared with an independent reference: every
+    summand's radius is at least sqrt(60 ln 2) = 6.45 sigma and a fifth of the outputs lie
+    beyond 6 sigma. A sampler truncated at 6 (or 8) sigma, one whose uniforms carry fewer than 31
+    bits (it cannot produce these uniforms at all), one whose tail mass is off by a factor of two
+    (conditioning at 2**-29), or a scaled one fails the test.
+    """
+    k, chunks = 30, 32
+    z = _conditioned_tail(k, chunks)
+    reference = _conditioned_reference(k, len(z), seed=1)
+    assert len(z) == chunks * csprng.CHUNK
+    assert (np.abs(z) > 6).mean() > 0.15 and np.abs(z).max() > 10
+    assert _far_tail_ok(z, reference)
+    # the test can fail
+    assert not _far_tail_ok(np.clip(z, -6, 6), reference)  # truncated at 6 sigma
+    assert not _far_tail_ok(np.clip(z, -8, 8), reference)  # truncated at 8 sigma
+    assert not _far_tail_ok(z * 0.97, reference)
+    assert not _far_tail_ok(_conditioned_tail(k - 1, chunks // 4, (14,)), reference[: len(z) // 4])
+    # 24-bit uniforms (torch.randn) never reach u <= 2**-24: the conditioned sample is empty
+
+
 def _tail_counts(sample: np.ndarray, thresholds: list[float]) -> list[int]:
     a = np.abs(sample)
     return [int((a > t).sum()) for t in thresholds]
