@@ -56,7 +56,9 @@ import torch
 from torch import nn
 
 from clients.concurrent import train_concurrently
+from fedsim.privacy.clipping import clip_by_norm_
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
+from fedsim.validation import positive_number
 
 #: Working-set budget of one group in float elements (weights + one epoch of data per client):
 #: ~8 MB, a quarter of the last-level cache; 13 clients of the MLP, 34 of logistic regression.
@@ -211,8 +213,8 @@ class BatchedSGD:
         """Train ``tasks`` from the flat ``params``; one :class:`CohortChunk` in task order."""
         if params.dim() != 1 or params.numel() != self.num_params:
             raise ValueError(f"flat parameters have shape {tuple(params.shape)}, model needs ({self.num_params},)")
-        if config.clip_norm is not None and not config.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0, got {config.clip_norm}")
+        if config.clip_norm is not None:
+            positive_number("clip_norm", config.clip_norm)
         m = len(tasks)
         ids = np.fromiter((t.device_id for t in tasks), dtype=np.int64, count=m)
         counts = torch.tensor([t.num_examples for t in tasks], dtype=torch.int64)
@@ -349,7 +351,7 @@ class BatchedSGD:
             if b is not None and db is not None and b0 is not None:
                 torch.sub(b, b0, out=db)
         if config.clip_norm is not None:  # while the group's rows are still in cache
-            _clip_rows_(deltas, config.clip_norm)
+            clip_by_norm_(deltas, config.clip_norm)
 
     def _step(
         self,
@@ -431,9 +433,3 @@ class BatchedSGD:
         """A ``[m, b, 1]`` tensor of -1 (the one-hot term of the cross-entropy gradient), reused."""
         m, b = shape
         return self._buffer("neg_ones", m * b, dtype).fill_(-1.0).view(m, b, 1)
-
-
-def _clip_rows_(deltas: torch.Tensor, clip_norm: float) -> None:
-    """Clip every row to L2 norm ``clip_norm`` in place (same formula as ``clip_by_norm``)."""
-    norms = torch.linalg.vector_norm(deltas, dim=1, keepdim=True)
-    deltas.mul_(torch.clamp(clip_norm / (norms + 1e-12), max=1.0))

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from clients.concurrent import train_concurrently
+from fedsim.privacy.clipping import clip_by_norm_
 from fedsim.tasks import Task
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
@@ -172,8 +173,7 @@ class FunctionalSGD:
                 loss_sum += losses.detach().to(torch.float64)
         deltas = flat.sub_(params)
         if config.clip_norm is not None:
-            norms = torch.linalg.vector_norm(deltas, dim=1, keepdim=True)
-            deltas.mul_(torch.clamp(config.clip_norm / (norms + 1e-12), max=1.0))
+            clip_by_norm_(deltas, config.clip_norm)
         steps = (-(-n // bs)) * config.local_epochs
         losses = (loss_sum / steps.clamp(min=1).to(torch.float64)).to(torch.float32)
         return CohortChunk(ids, deltas.detach(), counts, losses, rounds)

@@ -3,27 +3,46 @@
 User-level DP (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models")
 needs every device's contribution to a round's sum to have L2 norm at most ``C``: the client clips
 its delta, ``delta * min(1, C / ||delta||)``, and the server re-checks the bound before summing.
+
+Every trainer clips with :func:`clip_by_norm` (a new tensor) or :func:`clip_by_norm_` (in place,
+for the batched paths' work buffers): one formula, with norms accumulated in float64. A float32 sum
+of squares over ~1e6 entries underestimates the norm by ~1e-4 relative, so a delta "clipped" with a
+float32 norm would exceed ``C`` by more than the server's :data:`NORM_TOLERANCE`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fedsim.validation import positive_number
+
 #: Relative slack the server allows on ``||delta|| <= C`` for float32 rounding after clipping.
 NORM_TOLERANCE = 1e-5
 
 
-def clip_by_norm(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Scale ``delta`` (one vector, or rows of a 2-D tensor) to L2 norm at most ``clip_norm``."""
-    if clip_norm <= 0:
-        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-    # norms accumulated in float64: a float32 sum of squares over ~1e6 entries underestimates
-    # the norm by ~1e-4 relative, so a "clipped" float32 delta would exceed C by that much
+def clip_factors(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """The factor ``min(1, C / ||row||)`` per row (shape ``[]`` for a vector, ``[rows, 1]`` for rows).
+
+    Norms are accumulated in float64; the factor is returned in ``delta``'s dtype.
+    """
+    clip_norm = positive_number("clip_norm", clip_norm)
     if delta.dim() == 1:
-        norm = torch.linalg.vector_norm(delta, dtype=torch.float64)
-        return delta * torch.clamp(clip_norm / (norm + 1e-12), max=1.0).to(delta.dtype)
-    norms = torch.linalg.vector_norm(delta, dim=1, keepdim=True, dtype=torch.float64)
-    return delta * torch.clamp(clip_norm / (norms + 1e-12), max=1.0).to(delta.dtype)
+        norms = torch.linalg.vector_norm(delta, dtype=torch.float64)
+    elif delta.dim() == 2:
+        norms = torch.linalg.vector_norm(delta, dim=1, keepdim=True, dtype=torch.float64)
+    else:
+        raise ValueError(f"clipping takes one vector or rows of a 2-D tensor, got shape {tuple(delta.shape)}")
+    return torch.clamp(clip_norm / (norms + 1e-12), max=1.0).to(delta.dtype)
+
+
+def clip_by_norm(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """``delta`` (one vector, or rows of a 2-D tensor) scaled to L2 norm at most ``clip_norm``."""
+    return delta * clip_factors(delta, clip_norm)
+
+
+def clip_by_norm_(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """:func:`clip_by_norm` in place: scales ``delta``'s rows and returns ``delta``."""
+    return delta.mul_(clip_factors(delta, clip_norm))
 
 
 def within_clip(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
