@@ -6,10 +6,14 @@ report is a *delta* (local model minus the global model it started from) and its
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+from fedsim.validation import int_at_least, positive_number
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,30 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`, strict: it reads what a device receives over the network.
+
+        Keys other than :meth:`to_dict`'s are ignored (a Flower ConfigRecord carries more). A
+        missing key, a mistyped value (``"zero"``, ``true``, ``1.5`` for an integer) or one out of
+        range raises ``ValueError`` naming the key.
+        """
+        for key in ("round", "lr", "local_epochs", "batch_size"):
+            if key not in data:
+                raise ValueError(f"train config lacks {key!r}")
         clip = data.get("clip_norm")
         return cls(
-            round=int(data["round"]),
-            lr=float(data["lr"]),
-            local_epochs=int(data["local_epochs"]),
-            batch_size=int(data["batch_size"]),
-            clip_norm=None if clip is None else float(clip),
+            round=_int(data, "round", 0),
+            lr=positive_number("train config 'lr'", data["lr"]),
+            local_epochs=_int(data, "local_epochs", 1),
+            batch_size=_int(data, "batch_size", 1),
+            clip_norm=None if clip is None else positive_number("train config 'clip_norm'", clip),
         )
+
+
+def _int(data: Mapping[str, Any], key: str, low: int) -> int:
+    out = int_at_least(f"train config {key!r}", data[key], low)
+    assert out is not None
+    return out
 
 
 @dataclass(frozen=True)

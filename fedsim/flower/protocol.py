@@ -83,14 +83,7 @@ class TrainInstruction:
     @classmethod
     def from_config(cls, config: ConfigRecord) -> TrainInstruction:
         """Decode :meth:`to_config`; a malformed record raises ``ValueError``."""
-        clip = config_get(config, "clip_norm", float, None)
-        train = TrainConfig(
-            round=config_get(config, "round", int),
-            lr=config_get(config, "lr", float),
-            local_epochs=config_get(config, "local_epochs", int),
-            batch_size=config_get(config, "batch_size", int),
-            clip_norm=clip,
-        )
+        train = TrainConfig.from_dict(config)
         k = config_get(config, "max-participations", int)
         b = config_get(config, "min-separation", int)
         limit = ParticipationLimit(k or None, b) if (k or b) else None
