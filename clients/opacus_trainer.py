@@ -41,6 +41,7 @@ import copy
 import math
 import secrets
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,15 +52,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedsim.client import ClientResult, ClientTrainer
 from fedsim.models import get_flat, set_flat
 from fedsim.privacy.clipping import clip_by_norm
+from fedsim.registry import resolve_params
 from fedsim.types import ClientTask, TrainConfig
+from fedsim.validation import int_at_least, number_in, positive_number
 
-__all__ = ["OpacusTrainer", "example_level_epsilon"]
-
-
-def _positive(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{key} must be a number > 0, got {value!r}")
-    return float(value)
+__all__ = ["OpacusParams", "OpacusTrainer", "example_level_epsilon"]
 
 
 def example_level_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
@@ -84,13 +81,12 @@ def _batches(loader: DataLoader, epochs: int):
         yield from loader
 
 
-class OpacusTrainer(ClientTrainer):
-    """Local DP-SGD with Opacus, Poisson sampling of examples; the delta is clipped afterwards.
+@dataclass(frozen=True)
+class OpacusParams:
+    """``[client] trainer = "opacus"`` parameters (kebab-case in a scenario).
 
-    Parameters
+    Attributes
     ----------
-    model:
-        Template module (copied for every client).
     noise_multiplier:
         DP-SGD noise multiplier ``z`` of each local step.
     max_grad_norm:
@@ -102,27 +98,35 @@ class OpacusTrainer(ClientTrainer):
         Participations per device to account for; ``None``: the most any device made in the run.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        noise_multiplier: float = 1.0,
-        max_grad_norm: float = 1.0,
-        target_delta: float | None = None,
-        max_participations: int | None = None,
-    ) -> None:
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_delta: float | None = None
+    max_participations: int | None = None
+
+    def __post_init__(self) -> None:
+        positive_number("noise-multiplier", self.noise_multiplier)
+        positive_number("max-grad-norm", self.max_grad_norm)
+        if self.target_delta is not None:
+            number_in("target-delta", self.target_delta, 0.0, 1.0, low_open=True, high_open=True)
+        int_at_least("max-participations", self.max_participations, 1, optional=True)
+
+
+class OpacusTrainer(ClientTrainer):
+    """Local DP-SGD with Opacus, Poisson sampling of examples; the delta is clipped afterwards.
+
+    ``model`` is the template module (copied for every client); the parameters are an
+    :class:`OpacusParams` or its fields as keywords (``OpacusTrainer(model, noise_multiplier=1.1)``).
+    """
+
+    Params = OpacusParams
+
+    def __init__(self, model: nn.Module, params: OpacusParams | None = None, /, **kwargs: Any) -> None:
         super().__init__(model)
-        self.noise_multiplier = _positive("noise-multiplier", noise_multiplier)
-        self.max_grad_norm = _positive("max-grad-norm", max_grad_norm)
-        if target_delta is not None and (
-            isinstance(target_delta, bool) or not isinstance(target_delta, int | float) or not 0 < target_delta < 1
-        ):
-            raise ValueError(f"target-delta must be a number in (0, 1) (or omit it), got {target_delta!r}")
-        self.target_delta = None if target_delta is None else float(target_delta)
-        if max_participations is not None and (
-            isinstance(max_participations, bool) or not isinstance(max_participations, int) or max_participations < 1
-        ):
-            raise ValueError(f"max-participations must be an integer >= 1 (or omit it), got {max_participations!r}")
-        self.max_participations = max_participations
+        self.params = p = resolve_params(OpacusParams, params, kwargs)
+        self.noise_multiplier = float(p.noise_multiplier)
+        self.max_grad_norm = float(p.max_grad_norm)
+        self.target_delta = None if p.target_delta is None else float(p.target_delta)
+        self.max_participations = p.max_participations
         # per device: (sampling rate, steps per participation) and participations so far
         self._schedule: dict[int, tuple[float, int]] = {}
         self._participations: dict[int, int] = {}

@@ -42,7 +42,10 @@ import copy
 import itertools
 import threading
 import time
+import typing
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,22 +58,25 @@ from clients.functional import FunctionalSGD, fixed_groups, vmap_layers_ok
 from fedsim.client import ClientResult, ClientTrainer
 from fedsim.models import set_flat
 from fedsim.privacy.clipping import clip_by_norm
+from fedsim.registry import resolve_params
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
+from fedsim.validation import boolean, choice, int_at_least
 
-PATHS = ("auto", "batched", "vmap", "loop", "measure")
+#: A trainer path (``[client] path``); module docstring.
+PathName = Literal["auto", "batched", "vmap", "loop", "measure"]
+PATHS: tuple[str, ...] = typing.get_args(PathName)
 #: Clients per group of the per-client loop (the unit a worker thread takes).
 LOOP_GROUP = 8
 #: Clients ``path = "measure"`` trains with every candidate path.
 MEASURE_CLIENTS = 16
 
 
-class SGDTrainer(ClientTrainer):
-    """Minibatch SGD on the device's data (no momentum, no weight decay).
+@dataclass(frozen=True)
+class SGDParams:
+    """``[client] trainer = "sgd"`` parameters (kebab-case in a scenario).
 
-    Parameters
+    Attributes
     ----------
-    model:
-        Template model (built once; the loop trains private copies of it, one per worker).
     batched:
         ``False``: always the per-client loop (the same as ``path = "loop"``).
     workers:
@@ -82,26 +88,39 @@ class SGDTrainer(ClientTrainer):
         docstring).
     """
 
-    def __init__(self, model: nn.Module, batched: bool = True, workers: int | None = None, path: str = "auto") -> None:
+    batched: bool = True
+    workers: int | None = None
+    path: PathName = "auto"
+
+    def __post_init__(self) -> None:
+        boolean("batched", self.batched)
+        int_at_least("workers", self.workers, 1, optional=True)
+        choice("path", self.path, PATHS)
+        if not self.batched and self.path not in ("auto", "loop"):
+            raise ValueError(f"batched = false trains with the per-client loop; it contradicts path = {self.path!r}")
+
+
+class SGDTrainer(ClientTrainer):
+    """Minibatch SGD on the device's data (no momentum, no weight decay).
+
+    ``model`` is the template model (built once; the loop trains private copies of it, one per
+    worker); the parameters are an :class:`SGDParams` or its fields as keywords
+    (``SGDTrainer(model, path="loop")``).
+    """
+
+    Params = SGDParams
+
+    def __init__(self, model: nn.Module, params: SGDParams | None = None, /, **kwargs: Any) -> None:
         super().__init__(model)
-        if not isinstance(batched, bool):
-            raise ValueError(f"batched must be true or false, got {batched!r}")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {', '.join(repr(p) for p in PATHS)}, got {path!r}")
-        if not batched:
-            if path not in ("auto", "loop"):
-                raise ValueError(f"batched = false trains with the per-client loop; it contradicts path = {path!r}")
-            path = "loop"
-        self.path = path
-        self.workers = workers
+        self.params = resolve_params(SGDParams, params, kwargs)
+        self.path: str = self.params.path if self.params.batched else "loop"
+        self.workers = self.params.workers
         self._choice: tuple[str, str] | None = None
         self._batched: BatchedSGD | None = None
         self._functional: FunctionalSGD | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
-        if path == "batched" and not supports(model):
+        if self.path == "batched" and not supports(model):
             raise ValueError("path = 'batched' needs an nn.Sequential of nn.Linear / nn.ReLU layers")
 
     # -------------------------------------------------------------------------------------------

@@ -4,6 +4,16 @@ A scenario names a plug-in either by a registered name (``"fedavg"``) or by an i
 (``"mypkg.module:MyStrategy"``) or a file path (``"scripts/my_strategy.py:MyStrategy"``).
 Unknown names raise :class:`KeyError` subclasses listing the known ones.
 
+Typed parameters. A plug-in class may declare its parameters as a frozen dataclass in a class
+attribute ``Params`` (fields in snake_case with type annotations and defaults, value checks in
+``__post_init__`` raising ``ValueError`` that starts with the kebab-case key). The scenario
+loader then maps the section's kebab-case keys onto those fields, checks each value's type
+against the annotation and builds ``Params`` (its checks run), all before the run starts; see
+:func:`params_class`, :func:`parameter_names` and :func:`resolve_params`. Either way the plug-in
+is constructed with the section's parameters as keyword arguments (``cls(**params)``; a trainer
+``cls(model, **params)``). A class without ``Params`` is checked against its constructor's
+signature instead.
+
 The core package never imports ``strategies/`` or ``clients/`` at module level: the built-in
 plug-ins register themselves when their package is imported, and a registry imports that package
 lazily, by name, the first time it is asked for something (plug-in discovery, not a layering
@@ -12,14 +22,17 @@ violation: the core depends only on the ``Strategy`` / ``ClientTrainer`` contrac
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 class UnknownPluginError(KeyError):
@@ -85,6 +98,44 @@ class Registry(Generic[T]):
         raise UnknownPluginError(
             f"unknown {self.kind} {name!r}{hint}; known: {known}, or an import path 'package.module:Class'"
         )
+
+
+def params_class(plugin: Any) -> type | None:
+    """The plug-in's typed parameters: its ``Params`` attribute when that is a dataclass, else ``None``."""
+    params = getattr(plugin, "Params", None)
+    if isinstance(params, type) and dataclasses.is_dataclass(params):
+        return params
+    return None
+
+
+def parameter_names(plugin: Any, skip: tuple[str, ...] = ("self",)) -> set[str] | None:
+    """The snake_case parameter names a plug-in class accepts; ``None`` when it takes any keyword.
+
+    With a ``Params`` dataclass: its fields. Without: the constructor's parameters other than
+    ``skip`` (a trainer's ``model`` too), ``None`` if it has ``**kwargs``.
+    """
+    typed = params_class(plugin)
+    if typed is not None:
+        return {f.name for f in dataclasses.fields(typed)}
+    sig = inspect.signature(plugin.__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n, p in sig.parameters.items() if n not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def resolve_params(params_cls: type[P], params: P | None, kwargs: Mapping[str, Any]) -> P:
+    """A plug-in constructor's parameters: ``params`` as given, or ``params_cls(**kwargs)``.
+
+    For constructors ``__init__(self, params=None, /, **kwargs)`` that accept either a ready
+    ``Params`` object or its fields as keyword arguments (the scenario's way), not both.
+    """
+    if params is None:
+        return params_cls(**kwargs)
+    if kwargs:
+        raise TypeError(f"give a {params_cls.__name__} or keyword arguments, not both")
+    if not isinstance(params, params_cls):
+        raise TypeError(f"expected {params_cls.__name__}, got {type(params).__name__}")
+    return params
 
 
 def _load_path(spec: str, kind: str, base_dir: Path | None) -> object:

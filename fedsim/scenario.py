@@ -26,10 +26,12 @@ the file, the dotted key and what is allowed. Example (``scenarios/quickstart.to
 
     [strategy]
     name = "fedavg"          # or "dp-fedavg", "dp-ftrl", "package.module:Class", "file.py:Class"
-    # any other key here is a parameter of the strategy's constructor (kebab-case)
+    # any other key here is a parameter of the strategy (a field of its Params, kebab-case)
 
-The strategy's (and trainer's) own parameters are checked against its constructor signature when
-the scenario is loaded, so a typo fails before the run starts.
+The strategy's (and trainer's) own parameters are mapped onto its ``Params`` dataclass (names,
+annotated types, the dataclass's value checks; see :mod:`fedsim.registry`), or for a plug-in
+without one checked against its constructor's signature, when the scenario is loaded, so a typo
+fails before the run starts.
 """
 
 from __future__ import annotations
@@ -539,9 +541,14 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
 
 
 def _validate_plugin_params(scenario: Scenario) -> None:
-    """Check strategy/trainer parameters against their constructors (no run needed)."""
+    """Check the strategy's and the trainer's parameters before anything runs.
+
+    A plug-in with a ``Params`` dataclass (:func:`fedsim.registry.params_class`) gets its
+    section mapped onto the fields (names, annotated types, the dataclass's own value checks);
+    one without is checked against its constructor's signature, as a user's plain class.
+    """
     from fedsim.client import TRAINERS, ClientTrainer
-    from fedsim.registry import UnknownPluginError
+    from fedsim.registry import UnknownPluginError, params_class
     from fedsim.strategy import STRATEGIES, Strategy
 
     for registry, section, name, params, base in (
@@ -557,50 +564,71 @@ def _validate_plugin_params(scenario: Scenario) -> None:
             raise ScenarioError(f"cannot load {name!r}: {type(exc).__name__}: {exc}", key=key_name) from None
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise ScenarioError(f"{name!r} is not a {base.__name__} subclass", key=key_name)
-        skip = {"self", "model"} if section == "client" else {"self"}
-        sig = inspect.signature(cls.__init__)
-        accepted = {p for p in sig.parameters if p not in skip and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD}
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-        for pname in params:
-            if pname not in accepted and not takes_any:
-                own = _OPEN_SECTIONS[ClientConfig if section == "client" else StrategyConfig]
-                raise ScenarioError(
-                    unknown_key_message(
-                        _kebab(pname),
-                        (_kebab(k) for k in own),
-                        extra={f"parameters of {'trainer' if section == 'client' else 'strategy'} {name!r}": (
-                            _kebab(p) for p in accepted
-                        )},
-                    ),
-                    key=f"{section}.{_kebab(pname)}",
-                )
-        missing = [
-            p for p in accepted
-            if sig.parameters[p].default is inspect.Parameter.empty
-            and sig.parameters[p].kind is not inspect.Parameter.VAR_POSITIONAL
-            and p not in params
-        ]
-        if missing:
-            raise ScenarioError(f"{section} {name!r} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)
+        what = f"{'trainer' if section == 'client' else 'strategy'} {name!r}"
+        own = _OPEN_SECTIONS[ClientConfig if section == "client" else StrategyConfig]
+        typed = params_class(cls)
+        if typed is not None:
+            values = _typed_plugin_params(typed, params, section, what, own)
+        else:
+            skip = {"self", "model"} if section == "client" else {"self"}
+            values = _signature_plugin_params(cls, params, section, what, own, skip)
         if section == "client":
-            # trainers are built with the model at run time: check their annotated types now
-            try:
-                hints = typing.get_type_hints(cls.__init__)
-            except Exception:  # unresolvable annotations in a user's plug-in: names are still checked
-                hints = {}
-            for pname, value in list(params.items()):
-                if hints.get(pname) is not None and pname in accepted:
-                    params[pname] = _check_type(value, hints[pname], f"client.{_kebab(pname)}")
-        if section == "strategy":
-            try:
-                strategy = cls(**params)  # strategies validate their own values in __init__
-                # a strategy that solves its noise from a target (target-rho) does so now, so a
-                # target no noise multiplier reaches fails before the run
-                calibrate = getattr(strategy, "calibrated_noise_multiplier", None)
-                if callable(calibrate):
-                    calibrate(num_rounds=scenario.rounds)
-            except (ValueError, TypeError, ArithmeticError) as exc:
-                raise ScenarioError(str(exc), key="strategy") from None
+            params.update(values)  # trainers get the checked values (config.toml records them)
+        elif typed is None or callable(getattr(cls, "calibrated_noise_multiplier", None)):
+            _check_strategy_for_run(cls, values, scenario.rounds)
+
+
+def _typed_plugin_params(typed: type, params: dict[str, Any], section: str, what: str, own: set[str]) -> dict[str, Any]:
+    """``params`` mapped onto the ``Params`` dataclass ``typed``: names, types, then its checks."""
+    fields = {f.name: f for f in dataclasses.fields(typed) if f.init}
+    for pname in params:
+        if pname not in fields:
+            raise ScenarioError(
+                unknown_key_message(_kebab(pname), (_kebab(k) for k in own), extra={f"parameters of {what}": (_kebab(n) for n in fields)}),
+                key=f"{section}.{_kebab(pname)}",
+            )
+    missing = [
+        n for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in params
+    ]
+    if missing:
+        raise ScenarioError(f"{what} needs parameter(s): {', '.join(_kebab(m) for m in missing)}", key=section)
+    try:
+        hints = typing.get_type_hints(typed)
+    except Exception as exc:  # a user's Params whose annotations do not resolve
+        raise ScenarioError(f"{what}: cannot read the types of {typed.__name__}: {type(exc).__name__}: {exc}", key=section) from None
+    values = {n: _check_type(v, hints[n], f"{section}.{_kebab(n)}") if n in hints else v for n, v in params.items()}
+    try:
+        typed(**values)  # the dataclass's own value checks
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ScenarioError(str(exc), key=section) from None
+    return values
+
+
+def _signature_plugin_params(
+    cls: type, params: dict[str, Any], section: str, what: str, own: set[str], skip: set[str]
+) -> dict[str, Any]:
+    """``params`` checked against ``cls.__init__``: names, required ones, annotated types."""
+    sig = inspect.signature(cls.__init__)
+    accepted = {n: p for n, p in sig.parameters.items() if n not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    values = dict(params)
+    _check_plugin_values(cls.__init__, values, accepted, takes_any, section, what, own)
+    return values
+
+
+def _check_strategy_for_run(cls: type, values: dict[str, Any], rounds: int) -> None:
+    """Build the strategy once: a class without ``Params`` validates its values in ``__init__``,
+    and a strategy that solves its noise from a target (``target-rho``) does so now, so a
+    target that no noise multiplier reaches fails before the run (with the mechanism's own
+    checks: options it does not take, its limits)."""
+    try:
+        strategy = cls(**values)
+        calibrate = getattr(strategy, "calibrated_noise_multiplier", None)
+        if callable(calibrate):
+            calibrate(num_rounds=rounds)
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ScenarioError(str(exc), key="strategy") from None
 
 
 def _check_plugin_values(

@@ -33,10 +33,11 @@ import torch
 
 from fedsim import seeds
 from fedsim.optim import ServerOptimizer
-from fedsim.privacy.mechanisms import Mechanism
+from fedsim.privacy.mechanisms import Mechanism, noise_or_target
 from fedsim.privacy.noise import NoiseSource
 from fedsim.registry import Registry
 from fedsim.types import TrainConfig, UpdateBatch
+from fedsim.validation import int_at_least, number_in, positive_number
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,51 @@ class Strategy(ABC):
         """Restore :meth:`state_dict`."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+@dataclass(frozen=True)
+class MechanismParams:
+    """Parameters every :class:`MechanismStrategy` has: its mechanism's and its optimizer's.
+
+    A DP strategy's ``Params`` dataclass extends this one (``fedsim.registry``: typed plug-in
+    parameters); the scenario keys are the kebab-case field names.
+
+    Attributes
+    ----------
+    noise_multiplier:
+        ``z``: the noise standard deviation (per round, or per tree node) is ``z * clip_norm``
+        (default 1 when neither it nor ``target_rho`` is given).
+    target_rho:
+        Instead of ``noise_multiplier``: the run's ``rho`` (zCDP); the smallest ``z`` that reaches
+        it over the run's rounds under ``(k, b)`` is solved before the first round
+        (:func:`fedsim.privacy.calibration.calibrate_noise_multiplier`).
+    clip_norm:
+        ``C``: L2 bound every client clips its delta to (sent in the round's ``TrainConfig``).
+    server_lr:
+        Server step size applied to the noisy average.
+    momentum:
+        Server heavy-ball momentum in ``[0, 1)`` (0: none).
+    max_participations:
+        ``k``: at most this many contributions per device over the run (``None``: no limit).
+    min_separation:
+        ``b``: rounds strictly between two contributions of one device.
+    """
+
+    noise_multiplier: float | None = None
+    target_rho: float | None = None
+    clip_norm: float = 1.0
+    server_lr: float = 1.0
+    momentum: float = 0.0
+    max_participations: int | None = None
+    min_separation: int = 0
+
+    def __post_init__(self) -> None:
+        noise_or_target(self.noise_multiplier, self.target_rho)
+        positive_number("clip-norm", self.clip_norm)
+        int_at_least("max-participations", self.max_participations, 1, optional=True)
+        int_at_least("min-separation", self.min_separation, 0)
+        positive_number("server-lr", self.server_lr)
+        number_in("momentum", self.momentum, 0.0, 1.0, high_open=True)
 
 
 class MechanismStrategy(Strategy):

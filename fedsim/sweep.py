@@ -171,16 +171,12 @@ def _load_raw(path: Path) -> dict[str, Any]:
 
 
 def _strategy_parameters(name: str, base_dir: Path) -> set[str] | None:
-    """Kebab-case constructor parameters of a strategy, ``None`` if it takes ``**kwargs``."""
-    import inspect
-
+    """Kebab-case parameters of a strategy (its ``Params`` fields or constructor), ``None`` if it takes any."""
+    from fedsim.registry import parameter_names
     from fedsim.strategy import STRATEGIES
 
-    cls = STRATEGIES.get(name, base_dir=base_dir)
-    sig = inspect.signature(cls.__init__)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return {p.replace("_", "-") for p in sig.parameters if p != "self"}
+    names = parameter_names(STRATEGIES.get(name, base_dir=base_dir))
+    return None if names is None else {n.replace("_", "-") for n in names}
 
 
 #: Strategy parameters that exclude each other: a configuration's value of one drops the other.

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "boolean",
     "choice",
     "finite_number",
     "int_at_least",
@@ -96,6 +97,13 @@ def positive_int(key: str, value: Any) -> int:
     out = int_at_least(key, value, 1)
     assert out is not None
     return out
+
+
+def boolean(key: str, value: Any) -> bool:
+    """``value`` as a ``bool``: only ``True`` / ``False`` (not 0, 1 or strings)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def choice(key: str, value: Any, options: Iterable[str]) -> str:

@@ -35,7 +35,8 @@ composed with the server optimizer (:class:`fedsim.optim.ServerOptimizer`). The 
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,10 +45,11 @@ from fedsim.optim import ServerOptimizer
 from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
 from fedsim.privacy.mechanisms import GaussianSumMechanism, noise_or_target
 from fedsim.privacy.noise import TAG_SAMPLE
-from fedsim.strategy import MechanismStrategy, ParticipationLimit, StrategyContext
+from fedsim.registry import resolve_params
+from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit, StrategyContext
 from fedsim.validation import choice, number_in
 
-__all__ = ["DPFedAvg", "noise_seed"]
+__all__ = ["DPFedAvg", "DPFedAvgParams", "noise_seed"]
 
 
 def noise_seed(ctx: StrategyContext) -> int:
@@ -59,65 +61,62 @@ def noise_seed(ctx: StrategyContext) -> int:
     return seeds.derived_seed(ctx.seed, seeds.STREAM_NOISE)
 
 
-class DPFedAvg(MechanismStrategy):
-    """DP-FedAvg with fixed clipping, Gaussian noise on the sum and a fixed denominator.
+@dataclass(frozen=True)
+class DPFedAvgParams(MechanismParams):
+    """``[strategy] name = "dp-fedavg"`` parameters (kebab-case in a scenario).
 
-    Parameters
+    The mechanism's and optimizer's fields are :class:`~fedsim.strategy.MechanismParams`'
+    (``noise_multiplier`` or ``target_rho``, ``clip_norm``, ``server_lr``, ``momentum``
+    (default 0 here), ``max_participations`` (default ``None``: no limit), ``min_separation``),
+    and:
+
+    Attributes
     ----------
-    noise_multiplier:
-        ``z``: the noise standard deviation on the sum is ``z * clip_norm`` (default 1).
-    target_rho:
-        Instead of ``noise_multiplier``: the run's ``rho`` (zCDP). The smallest ``z`` that reaches
-        it over the run's rounds (with ``max_participations``, ``min_separation``) is solved with
-        :func:`fedsim.privacy.calibration.calibrate_noise_multiplier` before the first round.
-    clip_norm:
-        ``C``: L2 bound every client clips its delta to (sent in the round's ``TrainConfig``).
-    server_lr:
-        Server step size applied to the noisy average delta.
-    momentum:
-        Server heavy-ball momentum in ``[0, 1)`` (0: none).
     sampling:
         ``"fixed"`` (default): ``clients_per_round`` eligible devices, no amplification claimed;
         ``"poisson"``: each eligible device independently with probability ``sampling_rate``.
     sampling_rate:
         ``q`` for Poisson sampling; default ``clients_per_round / num_devices``.
-    max_participations, min_separation:
-        Optional per-device limit ``(k, b)``: at most ``k`` contributions, ``b`` rounds strictly
-        between two of them; enforced by devices and the server, and used by the accountant.
+    """
+
+    momentum: float = 0.0
+    max_participations: int | None = None
+    sampling: Literal["poisson", "fixed"] = "fixed"
+    sampling_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choice("sampling", self.sampling, ("poisson", "fixed"))
+        if self.sampling_rate is not None:
+            if self.sampling != "poisson":
+                raise ValueError("sampling-rate applies only to sampling = \"poisson\"")
+            number_in("sampling-rate", self.sampling_rate, 0.0, 1.0, low_open=True)
+
+
+class DPFedAvg(MechanismStrategy):
+    """DP-FedAvg with fixed clipping, Gaussian noise on the sum and a fixed denominator.
+
+    Built from a :class:`DPFedAvgParams` or its fields as keywords
+    (``DPFedAvg(noise_multiplier=1.1, clip_norm=0.5)``).
     """
 
     name = "dp-fedavg"
     weighting = "uniform"
+    Params = DPFedAvgParams
 
-    def __init__(
-        self,
-        noise_multiplier: float | None = None,
-        clip_norm: float = 1.0,
-        server_lr: float = 1.0,
-        momentum: float = 0.0,
-        sampling: Literal["poisson", "fixed"] = "fixed",
-        sampling_rate: float | None = None,
-        max_participations: int | None = None,
-        min_separation: int = 0,
-        target_rho: float | None = None,
-    ) -> None:
-        z, self.target_rho = noise_or_target(noise_multiplier, target_rho)
+    def __init__(self, params: DPFedAvgParams | None = None, /, **kwargs: Any) -> None:
+        p = self.params = resolve_params(DPFedAvgParams, params, kwargs)
+        z, self.target_rho = noise_or_target(p.noise_multiplier, p.target_rho)
         self.mechanism = GaussianSumMechanism(
             noise_multiplier=z,
-            clip_norm=clip_norm,
-            max_participations=max_participations,
-            min_separation=min_separation,
+            clip_norm=p.clip_norm,
+            max_participations=p.max_participations,
+            min_separation=p.min_separation,
+            sampling_rate=p.sampling_rate,
         )
-        self.optimizer = ServerOptimizer(server_lr, momentum)
-        self.sampling: Literal["poisson", "fixed"] = choice(  # type: ignore[assignment]
-            "sampling", sampling, ("poisson", "fixed")
-        )
-        if sampling_rate is not None:
-            if sampling != "poisson":
-                raise ValueError("sampling-rate applies only to sampling = \"poisson\"")
-            sampling_rate = number_in("sampling-rate", sampling_rate, 0.0, 1.0, low_open=True)
-        self.requested_rate: float | None = sampling_rate
-        self.mechanism.sampling_rate = sampling_rate
+        self.optimizer = ServerOptimizer(p.server_lr, p.momentum)
+        self.sampling: Literal["poisson", "fixed"] = p.sampling
+        self.requested_rate: float | None = self.mechanism.sampling_rate
 
     @property
     def sampling_rate(self) -> float | None:

@@ -46,39 +46,28 @@ node), so a round replayed from saved state adds bit-for-bit the same noise.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fedsim.optim import ServerOptimizer
-from fedsim.privacy.mechanisms import build_mechanism, noise_or_target
-from fedsim.strategy import MechanismStrategy, ParticipationLimit
+from fedsim.privacy.mechanisms import build_mechanism, mechanism_options, noise_or_target
+from fedsim.registry import resolve_params
+from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit
+from fedsim.validation import choice, int_at_least
 
-__all__ = ["DPFTRL"]
+__all__ = ["DPFTRL", "DPFTRLParams"]
 
-_DEFAULT_OPTIONS = {"estimator": "efficient", "restart_every": None, "buffers": 3, "bands": None}
+@dataclass(frozen=True)
+class DPFTRLParams(MechanismParams):
+    """``[strategy] name = "dp-ftrl"`` parameters (kebab-case in a scenario).
 
+    The mechanism's and optimizer's fields are :class:`~fedsim.strategy.MechanismParams`
+    (``noise_multiplier`` or ``target_rho`` (solved under ``(k, b)`` and ``restart_every``),
+    ``clip_norm``, ``server_lr``, ``momentum`` (default 0.9 here: DP-FTRLM; 0 is plain DP-FTRL),
+    ``max_participations`` (``k``, default 1), ``min_separation`` (``b``)), and:
 
-class DPFTRL(MechanismStrategy):
-    """DP-FTRL with tree-aggregation noise, participation limits and server momentum.
-
-    Parameters
+    Attributes
     ----------
-    noise_multiplier:
-        ``z``: every tree node carries ``N(0, (z * clip_norm)**2 I)`` noise (default 1).
-    target_rho:
-        Instead of ``noise_multiplier``: the run's ``rho`` (zCDP). The smallest ``z`` that reaches
-        it over the run's rounds under ``(k, b)`` and ``restart_every`` is solved with
-        :func:`fedsim.privacy.calibration.calibrate_noise_multiplier` before the first round, so
-        the run ends at ``rho = target_rho``.
-    clip_norm:
-        ``C``: L2 bound every client clips its delta to.
-    server_lr:
-        Server learning rate applied to the (momentum of the) noisy prefix averages.
-    momentum:
-        DP-FTRLM momentum in ``[0, 1)`` (the paper's default 0.9; 0 is plain DP-FTRL).
-    max_participations:
-        ``k``: at most this many contributions per device over the run.
-    min_separation:
-        ``b``: rounds strictly between two contributions of one device.
     restart_every:
         Restart the tree every ``E`` rounds, or ``None`` for one tree over the whole run.
     estimator:
@@ -94,39 +83,55 @@ class DPFTRL(MechanismStrategy):
         ``mechanism = "banded"``: band width, at most ``min_separation + 1`` (default that).
     """
 
+    momentum: float = 0.9
+    max_participations: int = 1
+    restart_every: int | None = None
+    estimator: Literal["vanilla", "efficient"] = "efficient"
+    mechanism: str = "tree"
+    buffers: int = 3
+    bands: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        int_at_least("restart-every", self.restart_every, 1, optional=True)
+        choice("estimator", self.estimator, ("vanilla", "efficient"))
+        mechanism_options(self.mechanism, self.mechanism_kwargs(), _DEFAULT_OPTIONS)
+
+    def mechanism_kwargs(self) -> dict[str, Any]:
+        """The fields that configure the mechanism beyond its common ones."""
+        return {key: getattr(self, key) for key in _DEFAULT_OPTIONS}
+
+
+_DEFAULT_OPTIONS = {"estimator": "efficient", "restart_every": None, "buffers": 3, "bands": None}
+
+
+class DPFTRL(MechanismStrategy):
+    """DP-FTRL with tree-aggregation noise, participation limits and server momentum.
+
+    Built from a :class:`DPFTRLParams` or its fields as keywords
+    (``DPFTRL(noise_multiplier=7.0, max_participations=6, min_separation=313)``).
+    """
+
     name = "dp-ftrl"
     weighting = "uniform"
+    Params = DPFTRLParams
 
-    def __init__(
-        self,
-        noise_multiplier: float | None = None,
-        clip_norm: float = 1.0,
-        server_lr: float = 1.0,
-        momentum: float = 0.9,
-        max_participations: int = 1,
-        min_separation: int = 0,
-        restart_every: int | None = None,
-        estimator: Literal["vanilla", "efficient"] = "efficient",
-        target_rho: float | None = None,
-        mechanism: str = "tree",
-        buffers: int = 3,
-        bands: int | None = None,
-    ) -> None:
-        z, self.target_rho = noise_or_target(noise_multiplier, target_rho)
+    def __init__(self, params: DPFTRLParams | None = None, /, **kwargs: Any) -> None:
+        p = self.params = resolve_params(DPFTRLParams, params, kwargs)
+        z, self.target_rho = noise_or_target(p.noise_multiplier, p.target_rho)
         self.mechanism = build_mechanism(
-            mechanism,
-            {"estimator": estimator, "restart_every": restart_every, "buffers": buffers,
-             "bands": bands},
+            p.mechanism,
+            p.mechanism_kwargs(),
             _DEFAULT_OPTIONS,
             noise_multiplier=z,
-            clip_norm=clip_norm,
-            max_participations=max_participations,
-            min_separation=min_separation,
+            clip_norm=p.clip_norm,
+            max_participations=p.max_participations,
+            min_separation=p.min_separation,
         )
-        self.optimizer = ServerOptimizer(server_lr, momentum)
-        self.mechanism_name = mechanism
-        self.restart_every = restart_every
-        self.estimator = estimator
+        self.optimizer = ServerOptimizer(p.server_lr, p.momentum)
+        self.mechanism_name = p.mechanism
+        self.restart_every = p.restart_every
+        self.estimator = p.estimator
 
     def participation_limit(self) -> ParticipationLimit:
         return ParticipationLimit(max_participations=self.max_participations, min_separation=self.min_separation)

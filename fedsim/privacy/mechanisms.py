@@ -66,6 +66,7 @@ __all__ = [
     "Mechanism",
     "TreeAggregationMechanism",
     "build_mechanism",
+    "mechanism_options",
     "noise_or_target",
     "register_mechanism",
 ]
@@ -347,26 +348,33 @@ def noise_or_target(noise_multiplier: Any, target_rho: Any) -> tuple[float, floa
     return 1.0, float(target_rho)
 
 
-def build_mechanism(name: str, options: dict[str, Any], defaults: dict[str, Any], **common: Any) -> Mechanism:
-    """The registered mechanism ``name`` built from a strategy's parameters.
+def mechanism_options(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that the registered mechanism ``name`` takes (its constructor's keywords).
 
-    ``common`` (noise multiplier, clip bound, participation limit) goes to every mechanism;
-    each of ``options`` goes to the mechanism if its constructor takes it, and must otherwise be
-    left at its value in ``defaults`` (a tree's ``estimator`` means nothing to another mechanism).
-    Errors name the scenario key (kebab-case).
+    Each option the mechanism does not take must be left at its value in ``defaults`` (a tree's
+    ``estimator`` means nothing to another mechanism); errors name the scenario key (kebab-case).
     """
     if not isinstance(name, str) or name not in MECHANISMS.names():
         known = ", ".join(repr(n) for n in MECHANISMS.names())
         raise ValueError(f"mechanism must be one of {known}, got {name!r}")
-    cls = MECHANISMS.get(name)
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    kwargs = dict(common)
+    accepted = set(inspect.signature(MECHANISMS.get(name).__init__).parameters)
+    kwargs: dict[str, Any] = {}
     for key, value in options.items():
         if key in accepted:
             kwargs[key] = value
         elif value != defaults.get(key):
             raise ValueError(f"{key.replace('_', '-')} does not apply to mechanism = {name!r}")
-    return cls(**kwargs)
+    return kwargs
+
+
+def build_mechanism(name: str, options: dict[str, Any], defaults: dict[str, Any], **common: Any) -> Mechanism:
+    """The registered mechanism ``name`` built from a strategy's parameters.
+
+    ``common`` (noise multiplier, clip bound, participation limit) goes to every mechanism,
+    ``options`` as :func:`mechanism_options` filters them.
+    """
+    kwargs = mechanism_options(name, options, defaults)
+    return MECHANISMS.get(name)(**common, **kwargs)
 
 
 def register_mechanism(name: str, cls: type[Mechanism]) -> type[Mechanism]:
