@@ -74,9 +74,7 @@ class TrainConfig:
 
 
 def _int(data: Mapping[str, Any], key: str, low: int) -> int:
-    out = int_at_least(f"train config {key!r}", data[key], low)
-    assert out is not None
-    return out
+    return int_at_least(f"train config {key!r}", data[key], low)
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = [
     "boolean",
     "choice",
     "finite_number",
+    "finite_numbers",
     "int_at_least",
     "is_int",
     "is_number",
@@ -49,6 +50,18 @@ def finite_number(key: str, value: Any) -> float:
     if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number, got {value!r}")
     return float(value)
+
+
+def finite_numbers(key: str, values: Any) -> tuple[float, ...]:
+    """``values`` (a list, tuple or array of numbers) as a tuple of finite floats."""
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{key} must be a list of numbers, got {values!r}")
+    out = []
+    for v in values:
+        if not is_number(v) or not math.isfinite(v):
+            raise ValueError(f"{key} must hold finite numbers, got {v!r}")
+        out.append(float(v))
+    return tuple(out)
 
 
 def positive_number(key: str, value: Any) -> float:
@@ -82,6 +95,10 @@ def number_in(
     return float(value)
 
 
+@overload
+def int_at_least(key: str, value: Any, low: int, *, optional: Literal[False] = ...) -> int: ...
+@overload
+def int_at_least(key: str, value: Any, low: int, *, optional: bool) -> int | None: ...
 def int_at_least(key: str, value: Any, low: int, *, optional: bool = False) -> int | None:
     """An integer ``>= low`` (or ``None`` when ``optional`` and ``value is None``)."""
     if value is None and optional:
@@ -94,9 +111,7 @@ def int_at_least(key: str, value: Any, low: int, *, optional: bool = False) -> i
 
 def positive_int(key: str, value: Any) -> int:
     """An integer ``>= 1``."""
-    out = int_at_least(key, value, 1)
-    assert out is not None
-    return out
+    return int_at_least(key, value, 1)
 
 
 def boolean(key: str, value: Any) -> bool:

@@ -20,6 +20,7 @@ from fedsim.privacy.sensitivity import (
     max_gaussian_participations,
     max_tree_sensitivity_sq,
 )
+from fedsim.validation import int_at_least
 
 __all__ = [
     "MECHANISMS",
@@ -51,16 +52,9 @@ def sensitivity_sq(mechanism: str, *, rounds: int, max_participations: int | Non
     """
     del sampling_rate  # rho is unamplified; accepted so callers can pass the run's parameters
     name = _norm_mechanism(mechanism)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if isinstance(min_separation, bool) or not isinstance(min_separation, int) or min_separation < 0:
-        raise ValueError(f"min_separation must be an integer >= 0, got {min_separation!r}")
-    if max_participations is not None and (
-        isinstance(max_participations, bool)
-        or not isinstance(max_participations, int)
-        or max_participations < 1
-    ):
-        raise ValueError(f"max_participations must be an integer >= 1, got {max_participations!r}")
+    int_at_least("rounds", rounds, 1)
+    int_at_least("min_separation", min_separation, 0)
+    int_at_least("max_participations", max_participations, 1, optional=True)
     if name == "dp-ftrl":
         if max_participations is None:
             raise ValueError("dp-ftrl needs max_participations")

@@ -27,9 +27,10 @@ ledger is expected to hold exactly one event per training round.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from fedsim.validation import finite_numbers, int_at_least, is_int, is_number, number_in
 
 __all__ = [
     "GaussianEvent",
@@ -50,7 +51,7 @@ MIN_NOISE_MULTIPLIER = 1e-6
 
 def check_noise_multiplier(z: Any, name: str = "noise_multiplier") -> float:
     """``z`` as a float, finite and ``>= MIN_NOISE_MULTIPLIER``, else ``ValueError`` naming ``name``."""
-    if isinstance(z, bool) or not isinstance(z, numbers.Real) or not math.isfinite(z) or z <= 0:
+    if not is_number(z) or not math.isfinite(z) or z <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {z!r}")
     if z < MIN_NOISE_MULTIPLIER:
         raise ValueError(f"{name} must be >= {MIN_NOISE_MULTIPLIER:g} (smaller gives no meaningful privacy), got {z!r}")
@@ -62,14 +63,7 @@ def _check_noise(event: Any) -> None:
 
 
 def _check_int(event: Any, name: str, low: int, allow_none: bool = False) -> None:
-    value = getattr(event, name)
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    object.__setattr__(event, name, int(value))
+    object.__setattr__(event, name, int_at_least(name, getattr(event, name), low, optional=allow_none))
 
 
 @dataclass(frozen=True)
@@ -97,10 +91,7 @@ class SampledGaussianEvent:
 
     def __post_init__(self) -> None:
         _check_noise(self)
-        q = self.sampling_rate
-        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < q <= 1.0:
-            raise ValueError(f"sampling_rate must be in (0, 1], got {q!r}")
-        object.__setattr__(self, "sampling_rate", float(q))
+        object.__setattr__(self, "sampling_rate", number_in("sampling_rate", self.sampling_rate, 0.0, 1.0, low_open=True))
         _check_int(self, "max_participations", 1, allow_none=True)
         _check_int(self, "min_separation", 0)
 
@@ -147,14 +138,7 @@ class MatrixFactorizationEvent:
         _check_int(self, "min_separation", 0)
         if self.family not in MF_FAMILIES:
             raise ValueError(f"family must be one of {MF_FAMILIES}, got {self.family!r}")
-        params = self.params
-        if isinstance(params, str | bytes) or not hasattr(params, "__iter__"):
-            raise ValueError(f"params must be a list of numbers, got {params!r}")
-        values = []
-        for v in params:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"params must hold finite numbers, got {v!r}")
-            values.append(float(v))
+        values = finite_numbers("params", self.params)
         if not values or (self.family == "blt" and len(values) % 2):
             raise ValueError(
                 f"params of a {self.family} event must be "
@@ -216,7 +200,7 @@ class PrivacyLedger:
 
     def record(self, round: int, event: PrivacyEvent) -> None:
         """Append ``event`` for ``round``; rounds must be strictly increasing."""
-        if isinstance(round, bool) or not isinstance(round, int):
+        if not is_int(round):
             raise ValueError(f"round must be an integer, got {round!r}")
         if type(event) not in _TYPE_NAMES:
             raise TypeError(

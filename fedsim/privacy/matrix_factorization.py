@@ -76,13 +76,14 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from fedsim.validation import finite_numbers, int_at_least, number_at_least
 
 __all__ = [
     "BLT",
@@ -134,17 +135,11 @@ class _TorchThreads:
 
 
 # -- participation -------------------------------------------------------------------------------
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def effective_participations(num_rounds: int, max_participations: int, min_separation: int) -> int:
     """``min(k, ceil(T / (b + 1)))``: how many contributions fit in ``T`` rounds."""
-    t = _int_at_least("num_rounds", num_rounds, 1)
-    k = _int_at_least("max_participations", max_participations, 1)
-    b = _int_at_least("min_separation", min_separation, 0)
+    t = int_at_least("num_rounds", num_rounds, 1)
+    k = int_at_least("max_participations", max_participations, 1)
+    b = int_at_least("min_separation", min_separation, 0)
     return min(k, -(-t // (b + 1)))
 
 
@@ -212,7 +207,7 @@ def toeplitz_sensitivity_sq(coefs: Sequence[float] | np.ndarray, num_rounds: int
     Exact for non-negative non-increasing coefficients and for bands ``<= b + 1``; otherwise the
     upper bound of the module docstring (``exact=False``).
     """
-    n = _int_at_least("num_rounds", num_rounds, 1)
+    n = int_at_least("num_rounds", num_rounds, 1)
     k_eff = effective_participations(n, max_participations, min_separation)
     sep = int(min_separation) + 1
     c = np.zeros(n, dtype=np.float64)
@@ -291,8 +286,8 @@ def brute_force_sensitivity_sq(matrix: np.ndarray, max_participations: int,
     n = mat.shape[1]
     if n > 24:
         raise ValueError(f"brute force is limited to 24 columns, got {n}")
-    k = _int_at_least("max_participations", max_participations, 1)
-    sep = _int_at_least("min_separation", min_separation, 0) + 1
+    k = int_at_least("max_participations", max_participations, 1)
+    sep = int_at_least("min_separation", min_separation, 0) + 1
     best = 0.0
     for pts in _patterns(n, k, sep):
         v = mat[:, list(pts)].sum(axis=1)
@@ -301,17 +296,6 @@ def brute_force_sensitivity_sq(matrix: np.ndarray, max_participations: int,
 
 
 # -- BLT -----------------------------------------------------------------------------------------
-def _finite_tuple(name: str, values: Any) -> tuple[float, ...]:
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
-        raise ValueError(f"{name} must be a list of numbers, got {values!r}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{name} must hold finite numbers, got {v!r}")
-        out.append(float(v))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class BLT:
     """A buffered linear Toeplitz matrix: ``t_0 = 1``, ``t_k = sum_j scales_j decays_j^(k-1)``.
@@ -324,8 +308,8 @@ class BLT:
     scales: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        d = _finite_tuple("decays", self.decays)
-        s = _finite_tuple("scales", self.scales)
+        d = finite_numbers("decays", self.decays)
+        s = finite_numbers("scales", self.scales)
         if not d or len(d) != len(s):
             raise ValueError(
                 f"decays and scales must be non-empty and of equal length, got {len(d)} and {len(s)}"
@@ -491,7 +475,7 @@ def _blt_starts(n: int, nb: int) -> list[np.ndarray]:
 
 def _check_optimize_args(num_rounds: int, max_participations: int, min_separation: int,
                          error: str) -> tuple[int, int, int]:
-    n = _int_at_least("num_rounds", num_rounds, 2)
+    n = int_at_least("num_rounds", num_rounds, 2)
     k_eff = effective_participations(n, max_participations, min_separation)
     if error not in ("max", "mean"):
         raise ValueError(f"error must be 'max' or 'mean', got {error!r}")
@@ -510,10 +494,10 @@ def optimize_blt(num_rounds: int, max_participations: int, min_separation: int,
     from scipy.optimize import minimize
 
     n, k_eff, sep = _check_optimize_args(num_rounds, max_participations, min_separation, error)
-    nb = _int_at_least("num_buffers", num_buffers, 1)
+    nb = int_at_least("num_buffers", num_buffers, 1)
     if nb > 12:
         raise ValueError(f"num_buffers must be <= 12, got {nb}")
-    _int_at_least("max_iter", max_iter, 1)
+    int_at_least("max_iter", max_iter, 1)
     bounds = [(-34.0, -1e-9)] * nb + [(-30.0, 0.0)] * nb
     found: list[tuple[float, np.ndarray]] = []
     for i, start in enumerate(_blt_starts(n, nb)):
@@ -596,12 +580,12 @@ def optimize_banded(num_rounds: int, max_participations: int, min_separation: in
     from scipy.optimize import minimize
 
     n, k_eff, sep = _check_optimize_args(num_rounds, max_participations, min_separation, error)
-    nbands = min(sep, n) if bands is None else _int_at_least("bands", bands, 1)
+    nbands = min(sep, n) if bands is None else int_at_least("bands", bands, 1)
     if nbands > sep:
         raise ValueError(f"bands must be <= min_separation + 1 = {sep}, got {nbands}")
     if nbands > n:
         raise ValueError(f"bands must be <= num_rounds = {n}, got {nbands}")
-    _int_at_least("max_iter", max_iter, 1)
+    int_at_least("max_iter", max_iter, 1)
     out = banded_init_coefs(nbands)
     if nbands > 1:
         with _TorchThreads():
@@ -620,11 +604,8 @@ def optimize_banded(num_rounds: int, max_participations: int, min_separation: in
 
 # -- noise streams -------------------------------------------------------------------------------
 def _check_stream(num_params: int, std: float) -> tuple[int, float]:
-    p = _int_at_least("num_params", num_params, 1)
-    if isinstance(std, bool) or not isinstance(std, numbers.Real) or not (
-            math.isfinite(std) and std >= 0):
-        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
-    return p, float(std)
+    p = int_at_least("num_params", num_params, 1)
+    return p, number_at_least("std", std, 0.0)
 
 
 class _Stream:
@@ -682,7 +663,7 @@ class BLTNoise(_Stream):
         buffers = torch.as_tensor(state["buffers"], dtype=torch.float64)
         if tuple(buffers.shape) != tuple(self.buffers.shape):
             raise ValueError(f"BLT buffers have shape {tuple(buffers.shape)}, expected {tuple(self.buffers.shape)}")
-        self.next_round = _int_at_least("next_round", state["next_round"], 0)
+        self.next_round = int_at_least("next_round", state["next_round"], 0)
         self.buffers = buffers.clone()
 
 
@@ -727,7 +708,7 @@ class BandedNoise(_Stream):
         history = torch.as_tensor(state["history"], dtype=torch.float32)
         if tuple(history.shape) != tuple(self.history.shape):
             raise ValueError(f"banded history has shape {tuple(history.shape)}, expected {tuple(self.history.shape)}")
-        self.next_round = _int_at_least("next_round", state["next_round"], 0)
+        self.next_round = int_at_least("next_round", state["next_round"], 0)
         self.history = history.clone()
 
 
