@@ -49,24 +49,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedsim.errors import ScenarioError, unknown_key_message
+from fedsim.validation import boolean, is_int, is_number, number_in, positive_number
 
 # --------------------------------------------------------------------------------------------
-# validation helpers: each names the field it checks
+# validation helpers: each names the field it checks (fedsim.validation's checks, whose
+# ValueError becomes a ScenarioError on the key; values are already of their annotated types)
+
+
+def _checked(check: Any, name: str, *args: Any, **kwargs: Any) -> None:
+    try:
+        check(name, *args, **kwargs)
+    except ValueError as exc:
+        raise ScenarioError(str(exc).removeprefix(f"{name} "), key=name) from None
 
 
 def _positive(name: str, value: float | int) -> None:
-    if not value > 0:
-        raise ScenarioError(f"must be > 0, got {value!r}", key=name)
+    _checked(positive_number, name, value)
 
 
 def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
+    if value < low:  # an integer already: the message says only the bound
         raise ScenarioError(f"must be >= {low}, got {value!r}", key=name)
 
 
 def _in_open_unit(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ScenarioError(f"must be in (0, 1), got {value!r}", key=name)
+    _checked(number_in, name, value, 0.0, 1.0, low_open=True, high_open=True)
 
 
 def _kebab(name: str) -> str:
@@ -139,11 +146,9 @@ class PopulationConfig:
     amplitude: float = 0.8
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.check_in_prob <= 1.0:
-            raise ScenarioError(f"must be in (0, 1], got {self.check_in_prob!r}", key="check-in-prob")
+        _checked(number_in, "check-in-prob", self.check_in_prob, 0.0, 1.0, low_open=True)
         _at_least("period", self.period, 1)
-        if not 0.0 <= self.amplitude <= 1.0:
-            raise ScenarioError(f"must be in [0, 1], got {self.amplitude!r}", key="amplitude")
+        _checked(number_in, "amplitude", self.amplitude, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -479,15 +484,14 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             return None
         return _check_type(value, args[0], key)
     if hint is bool:
-        if not isinstance(value, bool):
-            raise ScenarioError(f"must be true or false, got {value!r}", key=key)
+        _checked(boolean, key, value)
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ScenarioError(f"must be an integer, got {value!r}", key=key)
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise ScenarioError(f"must be a number, got {value!r}", key=key)
         try:
             number = float(value)

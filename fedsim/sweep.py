@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import FedsimError, ScenarioError
+from fedsim.validation import is_int
 
 __all__ = [
     "Configuration",
@@ -252,7 +253,7 @@ def plan_sweep(
     """
     from fedsim.scenario import scenario_from_dict
 
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    if not is_int(seeds) or seeds < 1:
         raise SweepError(f"--seeds must be an integer >= 1, got {seeds!r}")
     path = Path(scenario)
     raw = _load_raw(path)

@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from fedsim.validation import int_at_least, is_int
+
 Task = Literal["classification", "next-token"]
 TASKS: tuple[str, ...] = ("classification", "next-token")
 
@@ -59,11 +61,10 @@ class DataSpec:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(repr(t) for t in TASKS)}, got {self.task!r}")
         shape = tuple(self.input_shape)
-        if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        if not shape or any(not is_int(s) or s < 1 for s in shape):
             raise ValueError(f"input_shape must be a non-empty tuple of integers >= 1, got {self.input_shape!r}")
         object.__setattr__(self, "input_shape", shape)
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+        int_at_least("num_classes", self.num_classes, 2)
         object.__setattr__(self, "oov_ids", tuple(int(i) for i in self.oov_ids))
         if self.task == "next-token":
             if len(shape) != 1:
