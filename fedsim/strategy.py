@@ -197,6 +197,17 @@ class MechanismParams:
         positive_number("server-lr", self.server_lr)
         number_in("momentum", self.momentum, 0.0, 1.0, high_open=True)
 
+    def mechanism_common(self) -> dict[str, Any]:
+        """The keyword arguments every mechanism takes (``noise_multiplier`` is a placeholder 1.0
+        when ``target_rho`` is given: :meth:`MechanismStrategy.setup` solves it)."""
+        z, _ = noise_or_target(self.noise_multiplier, self.target_rho)
+        return {
+            "noise_multiplier": z,
+            "clip_norm": self.clip_norm,
+            "max_participations": self.max_participations,
+            "min_separation": self.min_separation,
+        }
+
 
 class MechanismStrategy(Strategy):
     """A DP strategy: a :class:`~fedsim.privacy.mechanisms.Mechanism` and a server optimizer.
@@ -205,9 +216,9 @@ class MechanismStrategy(Strategy):
     noisy prefix) sum of the clipped deltas; the strategy divides it by the fixed
     :attr:`denominator` and the :class:`~fedsim.optim.ServerOptimizer` takes a step with it.
     Everything after the release is post-processing: the guarantee is the mechanism's.
-    Subclasses set :attr:`mechanism` and :attr:`optimizer` in ``__init__``, and
-    :attr:`target_rho` when the noise multiplier is to be solved from a zCDP target (``target-rho``)
-    for the run's number of rounds at :meth:`setup`.
+    Subclasses call :meth:`compose` in ``__init__`` with their :class:`MechanismParams` and
+    mechanism; with ``target_rho`` set, the noise multiplier is solved from that zCDP target
+    (``target-rho``) for the run's number of rounds at :meth:`setup`.
     """
 
     weighting: ClassVar[Literal["examples", "uniform"]] = "uniform"
@@ -215,6 +226,14 @@ class MechanismStrategy(Strategy):
     mechanism: Mechanism
     optimizer: ServerOptimizer
     target_rho: float | None = None
+
+    def compose(self, params: MechanismParams, mechanism: Mechanism) -> None:
+        """Set :attr:`params`, the ``mechanism`` and the server optimizer from ``params``
+        (called by a subclass's ``__init__``)."""
+        self.params = params
+        self.target_rho = None if params.target_rho is None else float(params.target_rho)
+        self.mechanism = mechanism
+        self.optimizer = ServerOptimizer(params.server_lr, params.momentum)
 
     def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
         """The run's noise multiplier: the mechanism's, or solved from ``target-rho``."""

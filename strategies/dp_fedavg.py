@@ -41,9 +41,8 @@ from typing import Any, Literal
 import numpy as np
 
 from fedsim import seeds
-from fedsim.optim import ServerOptimizer
 from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
-from fedsim.privacy.mechanisms import GaussianSumMechanism, noise_or_target
+from fedsim.privacy.mechanisms import GaussianSumMechanism
 from fedsim.privacy.noise import TAG_SAMPLE
 from fedsim.registry import resolve_params
 from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit, StrategyContext
@@ -105,16 +104,8 @@ class DPFedAvg(MechanismStrategy):
     Params = DPFedAvgParams
 
     def __init__(self, params: DPFedAvgParams | None = None, /, **kwargs: Any) -> None:
-        p = self.params = resolve_params(DPFedAvgParams, params, kwargs)
-        z, self.target_rho = noise_or_target(p.noise_multiplier, p.target_rho)
-        self.mechanism = GaussianSumMechanism(
-            noise_multiplier=z,
-            clip_norm=p.clip_norm,
-            max_participations=p.max_participations,
-            min_separation=p.min_separation,
-            sampling_rate=p.sampling_rate,
-        )
-        self.optimizer = ServerOptimizer(p.server_lr, p.momentum)
+        p = resolve_params(DPFedAvgParams, params, kwargs)
+        self.compose(p, GaussianSumMechanism(**p.mechanism_common(), sampling_rate=p.sampling_rate))
         self.sampling: Literal["poisson", "fixed"] = p.sampling
         self.requested_rate: float | None = self.mechanism.sampling_rate
 

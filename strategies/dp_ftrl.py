@@ -49,8 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fedsim.optim import ServerOptimizer
-from fedsim.privacy.mechanisms import build_mechanism, mechanism_options, noise_or_target
+from fedsim.privacy.mechanisms import build_mechanism, mechanism_options
 from fedsim.registry import resolve_params
 from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit
 from fedsim.validation import choice, int_at_least
@@ -117,18 +116,8 @@ class DPFTRL(MechanismStrategy):
     Params = DPFTRLParams
 
     def __init__(self, params: DPFTRLParams | None = None, /, **kwargs: Any) -> None:
-        p = self.params = resolve_params(DPFTRLParams, params, kwargs)
-        z, self.target_rho = noise_or_target(p.noise_multiplier, p.target_rho)
-        self.mechanism = build_mechanism(
-            p.mechanism,
-            p.mechanism_kwargs(),
-            _DEFAULT_OPTIONS,
-            noise_multiplier=z,
-            clip_norm=p.clip_norm,
-            max_participations=p.max_participations,
-            min_separation=p.min_separation,
-        )
-        self.optimizer = ServerOptimizer(p.server_lr, p.momentum)
+        p = resolve_params(DPFTRLParams, params, kwargs)
+        self.compose(p, build_mechanism(p.mechanism, p.mechanism_kwargs(), _DEFAULT_OPTIONS, **p.mechanism_common()))
         self.mechanism_name = p.mechanism
         self.restart_every = p.restart_every
         self.estimator = p.estimator
