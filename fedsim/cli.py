@@ -95,14 +95,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         claim_run_dir(run_dir, overwrite=args.overwrite)
         if replacing:
             print(f"--overwrite: removed the earlier run in {run_dir}", file=sys.stderr)
-        if scenario.engine.backend == "flower":
-            from fedsim.flower.simulation import FlowerSimulation
+        from fedsim.backends import open_run
 
-            sim = FlowerSimulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
-        else:
-            from fedsim.engine import Simulation
-
-            sim = Simulation(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
+        sim = open_run(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
     result = sim.run()
     s = result.summary
     if args.json:

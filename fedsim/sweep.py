@@ -307,7 +307,7 @@ def _label(overrides: dict[str, Any]) -> str:
 
 def _noise_multiplier(scenario: Any) -> float | None:
     """The noise multiplier the run will use (calibrated from ``target-rho`` where given)."""
-    from fedsim.engine.simulation import build_strategy
+    from fedsim.builders import build_strategy
 
     strategy = build_strategy(scenario)
     resolve = getattr(strategy, "calibrated_noise_multiplier", None)

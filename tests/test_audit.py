@@ -87,7 +87,7 @@ def test_canary_directions_are_kept_secret(ftrl_run) -> None:
     # they are drawn from the run's (secret) noise source under the audit tag word
     from fedsim.privacy.audit import canary_directions
 
-    assert torch.equal(blob["directions"], canary_directions(sim._noise_source(), 80, blob["directions"].shape[1]))
+    assert torch.equal(blob["directions"], canary_directions(sim.noise, 80, blob["directions"].shape[1]))
 
 
 def test_fedsim_audit_recomputes_the_run(ftrl_run, capsys) -> None:

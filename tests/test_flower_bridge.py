@@ -12,8 +12,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from clients.flower_client import device_limit, faults_of
 from fedsim.errors import ScenarioError
+from fedsim.flower.client_app import device_limit, faults_of
 from fedsim.flower.device import DeviceLedger
 from fedsim.flower.protocol import (
     TrainInstruction,

@@ -124,8 +124,8 @@ def _assert_usable(scenario: Scenario) -> None:
     """A scenario that loads can be built: its plug-ins are the right classes, its numbers finite."""
     import math
 
+    from fedsim.builders import build_strategy
     from fedsim.client import TRAINERS, ClientTrainer
-    from fedsim.engine.simulation import build_strategy
     from fedsim.strategy import Strategy
 
     assert isinstance(build_strategy(scenario), Strategy)

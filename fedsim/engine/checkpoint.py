@@ -1,5 +1,9 @@
 """Checkpoints of a running simulation, and resuming from them with exactly-once privacy.
 
+This module only serialises: the state is the run's own ``RoundOwner.state_dict()``
+(:mod:`fedsim.engine.rounds`), restored with ``load_state_dict()``; here it is encoded, written
+atomically, found again and checked for integrity, and the run log is cut back on resume.
+
 Every ``[checkpoint] every`` rounds the engine writes ``RUN_DIR/checkpoints/ckpt-<round>.pt``
 atomically (temporary file, fsync, rename, fsync of the directory) and keeps the newest
 ``keep`` of them. A checkpoint holds everything a round depends on that is not a pure function of
@@ -45,16 +49,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.atomic import atomic_write_bytes
+from fedsim.engine.rundir import RunDir
 from fedsim.errors import FedsimError
-
-if TYPE_CHECKING:
-    from fedsim.engine.simulation import Simulation
 
 MAGIC = b"FEDSIM-CHECKPOINT-1\n"
 CHECKPOINT_DIR = "checkpoints"
@@ -150,8 +152,6 @@ def decode(data: bytes) -> dict[str, Any]:
     return _unpack(state)
 
 
-
-
 # ------------------------------------------------------------------------------------------
 # scenario comparison
 
@@ -242,7 +242,7 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
 
 @dataclass
 class Checkpointer:
-    """Writes a simulation's checkpoints every ``every`` rounds, keeping the newest ``keep``."""
+    """Writes a run's checkpoints every ``every`` rounds, keeping the newest ``keep``."""
 
     directory: Path
     every: int
@@ -252,28 +252,32 @@ class Checkpointer:
         """Whether a checkpoint is due after ``rounds_done`` completed rounds."""
         return self.every > 0 and rounds_done > 0 and rounds_done % self.every == 0
 
-    def save(self, sim: Simulation) -> Path:
-        """Write a checkpoint of ``sim`` after its ``sim.next_round`` completed rounds."""
+    def save(self, rounds_done: int, state: dict[str, Any], run_dir: RunDir | None) -> Path:
+        """Write ``state`` (a run's ``state_dict()``) as the checkpoint after ``rounds_done`` rounds.
+
+        The run log's position (``metrics``: byte length of ``metrics.jsonl`` and its last line)
+        is added, so a resume can cut the log back to it.
+        """
         # a checkpoint holds exact (un-noised) server state: DP-FTRL's prefix sum, the tree's
         # node noise. It is as secret as the noise key: owner-only directory
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.chmod(0o700)
-        path = checkpoint_path(self.directory, sim.next_round)
-        atomic_write_bytes(path, encode(snapshot(sim)))
+        path = checkpoint_path(self.directory, rounds_done)
+        atomic_write_bytes(path, encode({**state, "metrics": metrics_position(run_dir)}))
         for _, old in list_checkpoints(self.directory)[self.keep :]:
             old.unlink(missing_ok=True)
         return path
 
 
 # ------------------------------------------------------------------------------------------
-# capture and restore
+# the run log and resuming
 
 
-def _metrics_position(sim: Simulation) -> dict[str, Any]:
+def metrics_position(run_dir: RunDir | None) -> dict[str, Any]:
     """Byte length of ``metrics.jsonl`` (fsynced first) and its last line."""
-    if sim.run_dir is None or not sim.run_dir.metrics_path.exists():
+    if run_dir is None or not run_dir.metrics_path.exists():
         return {"offset": 0, "last_line": b""}
-    path = sim.run_dir.metrics_path
+    path = run_dir.metrics_path
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
         size = fh.seek(0, os.SEEK_END)
@@ -283,28 +287,9 @@ def _metrics_position(sim: Simulation) -> dict[str, Any]:
     return {"offset": size, "last_line": lines[-1] if lines else b""}
 
 
-def snapshot(sim: Simulation) -> dict[str, Any]:
-    """Everything needed to continue ``sim`` after its ``next_round`` completed rounds."""
-    trainer_state = sim.trainer.state_dict() if callable(getattr(sim.trainer, "state_dict", None)) else None
-    return {
-        "round": sim.next_round,
-        "scenario": comparable(sim.scenario.to_dict()),
-        "params": sim.params,
-        "strategy": sim.strategy.state_dict(),
-        "trainer": trainer_state,
-        "population": sim.population.state_dict(),
-        "ledger": sim.ledger.to_json() if sim.ledger is not None else None,
-        "rejected": dict(sim.rejected),
-        "metrics": _metrics_position(sim),
-        "rng": {"torch": torch.get_rng_state()},
-        "audit": sim.canaries.state_dict() if getattr(sim, "canaries", None) is not None else None,
-    }
-
-
-def _restore_metrics_log(sim: Simulation, position: dict[str, Any], ckpt: Path) -> None:
+def restore_metrics_log(run_dir: RunDir, position: dict[str, Any], ckpt: Path) -> None:
     """Cut ``metrics.jsonl`` back to the checkpoint's position (rows of replayed rounds go)."""
-    assert sim.run_dir is not None
-    path = sim.run_dir.metrics_path
+    path = run_dir.metrics_path
     offset, last = int(position["offset"]), bytes(position["last_line"])
     size = path.stat().st_size if path.exists() else 0
     ok = size >= offset
@@ -323,57 +308,20 @@ def _restore_metrics_log(sim: Simulation, position: dict[str, Any], ckpt: Path) 
         os.fsync(fh.fileno())
 
 
-def restore(sim: Simulation, state: dict[str, Any], ckpt: Path) -> None:
-    """Load a checkpoint state into a freshly built ``sim`` (same scenario)."""
-    current = comparable(sim.scenario.to_dict())
-    diff = scenario_diff(state["scenario"], current, defaults=default_scenario_dict())
-    if diff:
-        raise CheckpointError(
-            f"{ckpt} was written under a different scenario; differing keys: {', '.join(diff)}"
-        )
-    params = state["params"]
-    if not isinstance(params, torch.Tensor) or params.shape != sim.params.shape or params.dtype != sim.params.dtype:
-        raise CheckpointError(f"{ckpt}: parameter vector does not fit the scenario's model")
-    if sim.run_dir is not None:
-        _restore_metrics_log(sim, state["metrics"], ckpt)
-    sim.params = params.clone()
-    sim.strategy.load_state_dict(state["strategy"])
-    if state.get("trainer") is not None:
-        sim.trainer.load_state_dict(state["trainer"])
-    sim.population.load_state_dict(state["population"])
-    if state["ledger"] is not None:
-        from fedsim.privacy.events import PrivacyLedger
+def latest_for_resume(run_dir: RunDir) -> tuple[dict[str, Any], Path] | None:
+    """The newest usable checkpoint of the run in ``run_dir``, or ``None`` (start over).
 
-        sim._privacy()
-        sim.ledger = PrivacyLedger.from_json(state["ledger"])
-    sim.rejected.clear()
-    sim.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
-    torch.set_rng_state(state["rng"]["torch"])
-    if state.get("audit") is not None and getattr(sim, "canaries", None) is not None:
-        sim.canaries.load_state_dict(state["audit"])
-    sim.next_round = int(state["round"])
-    sim.metrics = sim.run_dir.read_metrics() if sim.run_dir is not None else []
-
-
-def resume_from_checkpoint(sim: Simulation) -> int:
-    """Restore ``sim`` from the newest usable checkpoint in its run directory.
-
-    Returns the number of completed rounds restored (0 when there is no usable checkpoint: the
-    run starts over, which is safe because every round's noise is a pure function of the seed).
+    Removes checkpoints interrupted while being written and warns
+    (:class:`CheckpointWarning`) when there is no usable one: starting over is safe because
+    every round's noise is a pure function of the noise key and the round.
     """
-    if sim.run_dir is None:
-        raise CheckpointError("resuming needs a run directory")
-    directory = sim.run_dir.path / CHECKPOINT_DIR
+    directory = run_dir.path / CHECKPOINT_DIR
     for stale in directory.glob("ckpt-*.pt.tmp") if directory.is_dir() else []:
         stale.unlink(missing_ok=True)  # a checkpoint interrupted while being written
     found = load_latest(directory)
     if found is None:
         if list_checkpoints(directory):
-            warnings.warn(f"no usable checkpoint in {directory}; starting over from round 1", CheckpointWarning, stacklevel=2)
+            warnings.warn(f"no usable checkpoint in {directory}; starting over from round 1", CheckpointWarning, stacklevel=3)
         else:
-            warnings.warn(f"no checkpoint in {directory}; starting over from round 1", CheckpointWarning, stacklevel=2)
-        sim.next_round = 0
-        return 0
-    state, path = found
-    restore(sim, state, path)
-    return sim.next_round
+            warnings.warn(f"no checkpoint in {directory}; starting over from round 1", CheckpointWarning, stacklevel=3)
+    return found

@@ -37,14 +37,21 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from fedsim.builders import build_data, build_scenario_model, build_trainer, cohort_tasks
+from fedsim.engine.aggregation import UpdateAccumulator
+from fedsim.engine.allocator import keep_freed_memory
+from fedsim.engine.executors import CohortExecutor
 from fedsim.errors import FedsimError
 from fedsim.scenario import Scenario
-from fedsim.types import ClientTask, CohortChunk, TrainConfig
+from fedsim.types import CohortChunk, TrainConfig
+
+if TYPE_CHECKING:  # annotations only
+    from fedsim.engine.rounds import RoundPlan
 
 #: Blocks queued per actor: one training, one waiting, so no actor idles between blocks.
 IN_FLIGHT_PER_WORKER = 2
@@ -54,9 +61,6 @@ class CohortWorker:
     """The actor: one scenario's data, model and trainer, training blocks of devices."""
 
     def __init__(self, scenario: Scenario) -> None:
-        from fedsim.engine.allocator import keep_freed_memory
-        from fedsim.engine.simulation import build_data, build_scenario_model, build_trainer
-
         torch.set_num_threads(1)  # one reserved Ray CPU per actor: the actors are the parallelism
         keep_freed_memory()
         self.scenario = scenario
@@ -65,17 +69,11 @@ class CohortWorker:
 
     def train(self, params: torch.Tensor, round: int, device_ids: np.ndarray, config: TrainConfig) -> list[CohortChunk]:
         """Train one block of devices for ``round``; the chunks the in-process engine would get."""
-        from fedsim import seeds
-
-        seed = self.scenario.seed
-        tasks = []
-        for dev in device_ids.tolist():
-            x, y = self.data.client_data(int(dev))
-            tasks.append(ClientTask(int(dev), x, y, seeds.client_seed(seed, round, int(dev))))
+        tasks = list(cohort_tasks(self.data, self.scenario.seed, round, device_ids.tolist()))
         return list(self.trainer.train_cohort(params, tasks, config, chunk_size=max(len(tasks), 1)))
 
 
-class RayCohortRunner:
+class RayCohortRunner(CohortExecutor):
     """Shards cohort training over Ray actors (``[engine] backend = "ray"``).
 
     Parameters
@@ -154,6 +152,15 @@ class RayCohortRunner:
                 pending[submitted] = actor.train.remote(params_ref, round, blocks[submitted], config)
                 submitted += 1
             yield from ray.get(pending.pop(index))
+
+    def train(self, plan: RoundPlan, acc: UpdateAccumulator) -> np.ndarray:
+        """The :class:`~fedsim.engine.executors.CohortExecutor` contract over :meth:`train_cohort`."""
+        chunks = self.train_cohort(
+            plan.params, plan.round, plan.cohort, plan.config, chunk_size=self.scenario.engine.chunk_size
+        )
+        for chunk in chunks:
+            acc.add(chunk)
+        return plan.cohort
 
     def close(self) -> None:
         """Stop the actors, and the Ray runtime if this runner started it."""

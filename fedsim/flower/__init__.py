@@ -6,7 +6,8 @@
 * :mod:`fedsim.flower.protocol`, :mod:`fedsim.flower.records`: messages and record conversion;
 * :mod:`fedsim.flower.device`: a device's participation ledger on the SuperNode's disk;
 * :mod:`fedsim.flower.simulation`: ``fedsim run --backend flower`` (Flower's simulation engine);
-* the ``ClientApp`` itself is a client plug-in: ``clients/flower_client.py``.
+* :mod:`fedsim.flower.client_app`: the app's ``ClientApp`` (one SuperNode is one device), beside
+  the bridge it talks to.
 
 See docs/flower.md.
 """

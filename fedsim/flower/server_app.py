@@ -31,7 +31,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.engine.simulation import RunResult
+from fedsim.engine.rounds import RunResult
 from fedsim.errors import ScenarioError
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.scenario import Scenario, load_scenario

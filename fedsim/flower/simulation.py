@@ -2,7 +2,7 @@
 
 The scenario runs as a Flower app inside this process: a ``ServerApp`` whose strategy is the
 bridge (:class:`~fedsim.flower.strategy.FedsimStrategy`, the same one a deployed server uses) and
-fedsim's ``ClientApp`` (``clients/flower_client.py``) on one virtual SuperNode per device, executed
+fedsim's ``ClientApp`` (``fedsim/flower/client_app.py``) on one virtual SuperNode per device, executed
 by Flower's Ray backend (``flwr.simulation.run_simulation``). Flower gives every virtual node its
 ``partition-id``, which the ClientApp takes as its device id, so results match the in-process
 engine for the same scenario and seed; this path is the side-by-side baseline for the in-process
@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedsim.engine.simulation import RunResult
+from fedsim.engine.rounds import RunResult
 from fedsim.scenario import Scenario
 
 #: The fedsim ClientApp, as ``module:attribute`` (a client plug-in, imported when needed).
-CLIENT_APP = "clients.flower_client:app"
+CLIENT_APP = "fedsim.flower.client_app:app"
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:

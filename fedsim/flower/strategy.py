@@ -3,9 +3,11 @@
 :class:`FedsimStrategy` implements Flower's ``flwr.serverapp.strategy.Strategy``
 (``configure_train``, ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``,
 ``summary``; Flower's own concrete ``start`` drives the rounds) around the fedsim strategy that a
-scenario names, and runs each round exactly as the in-process simulator does, built from the
-simulator's own pieces (:class:`~fedsim.engine.simulation.Simulation` holds the data, the model,
-the strategy, the population and its ledgers, the privacy ledger and the run directory):
+scenario names. Its rounds are begun and ended by the engine's round owner
+(:class:`~fedsim.engine.rounds.RoundOwner`: data, model, strategy, population and ledgers,
+privacy ledger, run directory), exactly as in the in-process simulator; the client work runs on
+the grid through :class:`FlowerGridExecutor`, the Flower implementation of the engine's
+:class:`~fedsim.engine.executors.CohortExecutor` contract:
 
 1. the strategy's privacy event for the round; the run stops before a round that would exceed the
    scenario's ``max-rho`` / ``max-epsilon``;
@@ -50,27 +52,271 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
-from fedsim.engine.simulation import RunResult, Simulation, progress_postfix
+from fedsim.engine.executors import CohortExecutor
+from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.scenario import Scenario
-from fedsim.types import CohortChunk, TrainConfig
+from fedsim.strategy import ParticipationLimit
+from fedsim.types import CohortChunk
 
 logger = logging.getLogger("flwr.fedsim")
 
 
 @dataclass
-class _Round:
-    """What :meth:`FedsimStrategy.configure_train` sent, for :meth:`aggregate_train`."""
+class SentRound:
+    """The train messages of one round, for :meth:`FlowerGridExecutor.collect`."""
 
-    round: int
-    event: Any
-    params: torch.Tensor
-    eligible: np.ndarray
-    cohort: np.ndarray
-    config: TrainConfig
+    plan: RoundPlan
     messages: list[Message]
     devices: list[int]
+
+
+class FlowerGridExecutor(CohortExecutor):
+    """The cohort trained by Flower nodes: one ``train`` message per selected device.
+
+    Keeps the roster ``node -> device`` of the nodes that checked in (:meth:`refresh_roster`),
+    sends a round's messages (:meth:`messages`) and validates and reduces the replies in the
+    simulator's order and chunking (:meth:`collect`); :meth:`train` does both over
+    ``grid.send_and_receive``. Replies rejected before the accumulator sees them count as
+    ``malformed_record``, ``wrong_shape``, ``wrong_dtype``, ``device_mismatch`` or
+    ``bad_example_count``, next to the accumulator's own reasons.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: ParamLayout,
+        num_devices: int,
+        chunk_size: int,
+        run_seed: int,
+        limit: ParticipationLimit | None,
+        job_id: str,
+        sections: dict[str, Any],
+        min_nodes: int = 1,
+        checkin_timeout: float = 120.0,
+        grid: Grid | None = None,
+        round_timeout: float = 600.0,
+    ) -> None:
+        self.layout = layout
+        self.num_devices = num_devices
+        self.chunk_size = chunk_size
+        self.run_seed = run_seed
+        self.limit = limit
+        self.job_id = job_id
+        self.sections = sections
+        self.min_nodes = min_nodes
+        self.checkin_timeout = float(checkin_timeout)
+        self.grid = grid
+        self.round_timeout = float(round_timeout)
+        #: node id -> device id of the nodes that checked in
+        self.roster: dict[int, int] = {}
+        #: check-in message id -> node id, awaiting a reply
+        self.pending_checkins: dict[str, int] = {}
+        #: nodes that failed a check-in (no partition-id, unavailable): never asked again
+        self.gone: set[int] = set()
+        #: nodes whose claim of a device id was refused (the id was held), by the id they claimed
+        self.refused: dict[int, int] = {}
+        #: Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins
+        self.events: Counter[str] = Counter()
+
+    # -- the contract -------------------------------------------------------------------------
+    def train(self, plan: RoundPlan, acc: UpdateAccumulator) -> np.ndarray:
+        """Send the round's messages over :attr:`grid`, wait for the replies, reduce them."""
+        if self.grid is None:
+            raise RuntimeError("FlowerGridExecutor.train needs a grid")
+        sent = self.messages(plan, server_round=plan.round + 1)
+        replies = self.grid.send_and_receive(sent.messages, timeout=self.round_timeout)
+        return self.collect(sent, replies, acc)
+
+    # -- the two halves -----------------------------------------------------------------------
+    def connected(self) -> np.ndarray:
+        """Boolean mask over devices: those on the roster."""
+        mask = np.zeros(self.num_devices, dtype=bool)
+        mask[list(self.roster.values())] = True
+        return mask
+
+    def messages(self, plan: RoundPlan, *, server_round: int) -> SentRound:
+        """One ``train`` message per selected device on the roster."""
+        node_of = {device: node for node, device in self.roster.items()}
+        global_arrays = self.layout.to_arrays(plan.params)
+        messages: list[Message] = []
+        devices: list[int] = []
+        for dev in (int(d) for d in plan.cohort):
+            node = node_of.get(dev)
+            if node is None:
+                logger.error("fedsim: strategy selected device %d, which is not checked in; skipped", dev)
+                continue
+            instruction = TrainInstruction(
+                device_id=dev,
+                task_seed=seeds.client_seed(self.run_seed, plan.round, dev),
+                train=plan.config,
+                limit=self.limit,
+                job_id=self.job_id,
+                scenario=self.sections,
+            )
+            content = RecordDict({ARRAYS_KEY: global_arrays, CONFIG_KEY: instruction.to_config()})
+            messages.append(Message(content, node, MessageType.TRAIN, group_id=str(server_round)))
+            devices.append(dev)
+        return SentRound(plan, messages, devices)
+
+    def collect(self, sent_round: SentRound, replies: Iterable[Message], acc: UpdateAccumulator) -> np.ndarray:
+        """Validate the replies and fold them into ``acc``; the devices that trained."""
+        server_round = sent_round.plan.round + 1
+        sent = {
+            m.metadata.message_id: (m.metadata.dst_node_id, dev)
+            for m, dev in zip(sent_round.messages, sent_round.devices, strict=True)
+        }
+        valid: dict[int, tuple[torch.Tensor, int, float, int]] = {}
+        declined: list[int] = []
+        for reply in replies:
+            key = reply.metadata.reply_to_message_id
+            if key not in sent:
+                self.events["unexpected_reply"] += 1
+                logger.warning("fedsim: round %d: ignoring a reply to an unknown message", server_round)
+                continue
+            node, dev = sent.pop(key)
+            if reply.has_error():
+                self.events["client_error"] += 1
+                logger.warning("fedsim: round %d: node %d (device %d) failed: %s", server_round, node, dev, reply.error.reason)
+                self.drop(node)
+                continue
+            try:
+                outcome = self.decode(reply, dev)
+            except RecordError as exc:
+                acc.rejected[exc.reason] += 1
+                logger.warning(
+                    "fedsim: round %d: rejected update of device %d (node %d): %s: %s", server_round, dev, node, exc.reason, exc
+                )
+                continue
+            if outcome is None:
+                declined.append(dev)
+                self.events["declined"] += 1
+                logger.warning("fedsim: round %d: device %d (node %d) declined: its participation ledger forbids the round", server_round, dev, node)
+                continue
+            valid[dev] = outcome
+        for node, dev in sent.values():
+            self.events["no_reply"] += 1
+            logger.warning("fedsim: round %d: no reply from device %d (node %d) before the deadline", server_round, dev, node)
+            self.drop(node)
+
+        # reduce in the simulator's order and chunking (cohort order, chunk-size rows per chunk)
+        rows = [d for d in sent_round.devices if d in valid]
+        for start in range(0, len(rows), self.chunk_size):
+            ids = rows[start : start + self.chunk_size]
+            chunk = CohortChunk(
+                device_ids=np.asarray(ids, dtype=np.int64),
+                deltas=torch.stack([valid[d][0] for d in ids]),
+                num_examples=torch.tensor([valid[d][1] for d in ids], dtype=torch.int64),
+                losses=torch.tensor([valid[d][2] for d in ids], dtype=torch.float32),
+                rounds=np.asarray([valid[d][3] for d in ids], dtype=np.int64),
+            )
+            before = Counter(acc.rejected)
+            accepted = acc.add(chunk)
+            if not accepted.all():
+                bad = [dev for dev, ok in zip(ids, accepted, strict=True) if not ok]
+                reasons = ", ".join(f"{k}={v}" for k, v in sorted((Counter(acc.rejected) - before).items()))
+                logger.warning("fedsim: round %d: rejected update(s) of device(s) %s: %s", server_round, bad, reasons)
+        # devices remember what they were asked to contribute (a device that declined did not)
+        return np.asarray([d for d in sent_round.devices if d not in declined], dtype=np.int64)
+
+    # -- replies and the roster -----------------------------------------------------------------
+    def decode(self, reply: Message, device: int) -> tuple[torch.Tensor, int, float, int] | None:
+        """A reply's (delta, examples, loss, round trained for); ``None`` when the device declined."""
+        content = reply.content
+        metrics = content.metric_records.get(METRICS_KEY)
+        if metrics is None:
+            raise RecordError("malformed_record", "reply has no metrics record")
+        if metrics.get("device-id") != device:
+            raise RecordError("device_mismatch", f"reply claims device {metrics.get('device-id')!r}")
+        if metrics.get("declined") == 1:
+            return None
+        arrays = content.array_records.get(ARRAYS_KEY)
+        if arrays is None:
+            raise RecordError("malformed_record", "reply has no arrays record")
+        delta = self.layout.to_flat(arrays)
+        n = metrics.get("num-examples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise RecordError("bad_example_count", f"num-examples is {n!r}")
+        trained_for = metrics.get("round")
+        if isinstance(trained_for, bool) or not isinstance(trained_for, int):
+            raise RecordError("malformed_record", f"round is {trained_for!r}")
+        loss = metrics.get("loss", float("nan"))
+        return delta, n, float(loss) if isinstance(loss, int | float) else float("nan"), trained_for
+
+    def drop(self, node: int) -> None:
+        """Take a node off the roster; it is asked to check in again."""
+        self.roster.pop(node, None)
+
+    def refresh_roster(self, grid: Grid, *, wait: bool) -> None:
+        """Ask new nodes for their device ids; admit the answers that have arrived.
+
+        With ``wait``, keep polling until at least ``min_nodes`` nodes are on the roster; fewer
+        after ``checkin_timeout`` seconds is an error.
+        """
+        deadline = time.monotonic() + self.checkin_timeout
+        while True:
+            listed = {int(n) for n in grid.get_node_ids()}
+            for node in [n for n in self.roster if n not in listed]:
+                logger.warning("fedsim: node %d (device %d) left", node, self.roster.pop(node))
+            asking = set(self.pending_checkins.values())
+            held = set(self.roster.values())
+            new = [
+                n
+                for n in sorted(listed)
+                if n not in self.roster and n not in asking and n not in self.gone
+                and self.refused.get(n) not in held  # asked again once the id it claimed is free
+            ]
+            if new:
+                queries = [Message(RecordDict(), n, MessageType.QUERY) for n in new]
+                for msg_id, node in zip(grid.push_messages(queries), new, strict=True):
+                    if msg_id:
+                        self.pending_checkins[msg_id] = node
+            if self.pending_checkins:
+                for reply in grid.pull_messages(list(self.pending_checkins)):
+                    self.admit(reply)
+            if not wait:
+                return
+            if len(self.roster) >= self.min_nodes:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(self.roster)} node(s) checked in within {self.checkin_timeout:g} s, "
+                    f"min-nodes is {self.min_nodes}"
+                )
+            time.sleep(0.5)
+
+    def admit(self, reply: Message) -> None:
+        """Put the node that answered a check-in on the roster (or mark it gone)."""
+        node = self.pending_checkins.pop(reply.metadata.reply_to_message_id, None)
+        if node is None:
+            return
+        if reply.has_error():
+            self.gone.add(node)
+            logger.warning("fedsim: node %d did not check in: %s", node, reply.error.reason)
+            return
+        metrics = reply.content.metric_records.get(METRICS_KEY)
+        device = metrics.get("device-id") if metrics is not None else None
+        n = self.num_devices
+        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < n:
+            self.gone.add(node)
+            logger.warning("fedsim: node %d checked in with device id %r, outside [0, %d); ignored", node, device, n)
+            return
+        holder = next((other for other, dev in self.roster.items() if dev == device and other != node), None)
+        if holder is not None:
+            # a second claim of a rostered device id: refused and counted, never evicting the first
+            # (a restarted SuperNode gets its id once the old node has left the grid)
+            self.refused[node] = device
+            self.events["duplicate_claim"] += 1
+            logger.warning(
+                "fedsim: node %d claimed device %d, which node %d holds: claim refused (the first claim stands)",
+                node, device, holder,
+            )
+            return
+        self.refused.pop(node, None)
+        self.roster[node] = device
+        self.events["checkins"] += 1
+        logger.info("fedsim: node %d checked in as device %d", node, device)
 
 
 class FedsimStrategy(FlowerStrategy):
@@ -117,32 +363,38 @@ class FedsimStrategy(FlowerStrategy):
             raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
         if not checkin_timeout > 0:
             raise ValueError(f"checkin_timeout must be > 0, got {checkin_timeout}")
-        # Flower executes the rounds: the recorded scenario says so, and the engine starts no
-        # executor of its own (such as the "ray" backend's workers)
+        # Flower executes the rounds: the recorded scenario says so
         scenario = replace(scenario, engine=replace(scenario.engine, backend="flower"))
         self.scenario = scenario
-        self.sim = Simulation(scenario, run_dir=run_dir, progress=False)
-        self.strategy = self.sim.strategy
-        self.layout = ParamLayout.of(self.sim.model)
-        self.job_id = job_id
-        self.min_nodes = min_nodes
-        self.checkin_timeout = float(checkin_timeout)
-        self.progress = progress
+        self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False)
+        self.strategy = self.owner.strategy
         self.limit = self.strategy.participation_limit()
-        self.sections = client_scenario_sections(scenario)
-        #: node id -> device id of the nodes that checked in
-        self.roster: dict[int, int] = {}
-        #: check-in message id -> node id, awaiting a reply
-        self._checkins: dict[str, int] = {}
-        #: nodes that failed a check-in (no partition-id, unavailable): never asked again
-        self._gone: set[int] = set()
-        #: nodes whose claim of a device id was refused (the id was held), by the id they claimed
-        self._refused: dict[int, int] = {}
-        self._round: _Round | None = None
-        self._first_checkin_done = False
-        #: Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins
-        self.events: Counter[str] = Counter()
-        self._bar: Any = None
+        self.job_id = job_id
+        self.progress = progress
+        self.executor = FlowerGridExecutor(
+            layout=ParamLayout.of(self.owner.model),
+            num_devices=self.owner.data.num_devices,
+            chunk_size=scenario.engine.chunk_size,
+            run_seed=scenario.seed,
+            limit=self.limit,
+            job_id=job_id,
+            sections=client_scenario_sections(scenario),
+            min_nodes=min_nodes,
+            checkin_timeout=checkin_timeout,
+        )
+        self.layout = self.executor.layout
+        self.sent: SentRound | None = None
+        self.first_checkin_done = False
+
+    @property
+    def roster(self) -> dict[int, int]:
+        """node id -> device id of the nodes that checked in."""
+        return self.executor.roster
+
+    @property
+    def events(self) -> Counter[str]:
+        """Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins."""
+        return self.executor.events
 
     # ------------------------------------------------------------------------------------------
     # Flower Strategy interface
@@ -153,7 +405,7 @@ class FedsimStrategy(FlowerStrategy):
         limit = self.limit
         logger.info(
             "fedsim strategy %r (%s, weighting=%s) on %d devices, %d per round, %d rounds",
-            sc.strategy.name, type(s).__name__, s.weighting, self.sim.data.num_devices, sc.clients_per_round, sc.rounds,
+            sc.strategy.name, type(s).__name__, s.weighting, self.owner.data.num_devices, sc.clients_per_round, sc.rounds,
         )
         if limit is not None:
             logger.info(
@@ -164,140 +416,39 @@ class FedsimStrategy(FlowerStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Check nodes in, select the round's cohort as the simulator would, build its messages."""
-        self._round = None
-        sim, sc = self.sim, self.scenario
-        r = server_round - 1
-        if sim.stopped_reason != "completed":
+        """Check nodes in, plan the round with the round owner, build its messages."""
+        self.sent = None
+        owner = self.owner
+        if owner.stopped_reason != "completed":
             return []
-        event = self.strategy.privacy_event(round=r)
-        reason = sim._budget_exceeded(r, event)
-        if reason is not None:
-            sim.stopped_reason = reason
-            logger.warning("fedsim: stopping before round %d: %s", server_round, reason)
+
+        def reachable() -> np.ndarray:
+            self.executor.refresh_roster(grid, wait=not self.first_checkin_done)
+            self.first_checkin_done = True
+            return self.executor.connected()
+
+        plan = owner.begin(server_round - 1, params=self.layout.to_flat(arrays), reachable=reachable)
+        if plan is None:
+            logger.warning("fedsim: stopping before round %d: %s", server_round, owner.stopped_reason)
             return []
-        self._refresh_roster(grid, wait=not self._first_checkin_done)
-        self._first_checkin_done = True
-        params = self.layout.to_flat(arrays)
-        connected = np.zeros(sim.data.num_devices, dtype=bool)
-        connected[list(self.roster.values())] = True
-        checked_in = sim.population.check_in(r, seeds.round_rng(sc.seed, seeds.STREAM_AVAILABILITY, r))
-        eligible = checked_in[connected[checked_in]]
-        # a DP run selects from its secret key (sim.selection_rng), never the public seed
-        cohort = self.strategy.select(round=r, eligible=eligible, rng=sim.selection_rng(r))
-        train_config = self.strategy.configure_client(round=r, base=replace(sim.base_config, round=r))
-        node_of = {device: node for node, device in self.roster.items()}
-        global_arrays = self.layout.to_arrays(params)
-        messages: list[Message] = []
-        devices: list[int] = []
-        for dev in (int(d) for d in cohort):
-            node = node_of.get(dev)
-            if node is None:
-                logger.error("fedsim: strategy selected device %d, which is not checked in; skipped", dev)
-                continue
-            instruction = TrainInstruction(
-                device_id=dev,
-                task_seed=seeds.client_seed(sc.seed, r, dev),
-                train=train_config,
-                limit=self.limit,
-                job_id=self.job_id,
-                scenario=self.sections,
-            )
-            content = RecordDict({ARRAYS_KEY: global_arrays, CONFIG_KEY: instruction.to_config()})
-            messages.append(Message(content, node, MessageType.TRAIN, group_id=str(server_round)))
-            devices.append(dev)
-        self._round = _Round(r, event, params, eligible, np.asarray(devices, dtype=np.int64), train_config, messages, devices)
-        return messages
+        self.sent = self.executor.messages(plan, server_round=server_round)
+        return self.sent.messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, aggregate with the fedsim strategy, account, evaluate, log."""
-        st, self._round = self._round, None
-        if st is None:  # stopped by the privacy budget
+        """Validate the replies, end the round with the round owner, log it."""
+        sent, self.sent = self.sent, None
+        if sent is None:  # stopped by the privacy budget
             return None, None
-        sim, sc = self.sim, self.scenario
-        r = st.round
-        sent = {m.metadata.message_id: (m.metadata.dst_node_id, dev) for m, dev in zip(st.messages, st.devices, strict=True)}
-        acc = UpdateAccumulator(
-            num_params=self.layout.num_params,
-            round=r,
-            clip_norm=st.config.clip_norm,
-            weighting=self.strategy.weighting,
-            ledger=sim.population.server_ledger,
-            num_devices=sim.data.num_devices,
-            keep_individual=self.strategy.needs_individual_updates,
-            max_norm=sc.engine.max_update_norm,
-            max_examples=sc.engine.max_examples,
-        )
-        valid: dict[int, tuple[torch.Tensor, int, float, int]] = {}
-        declined: list[int] = []
-        for reply in replies:
-            key = reply.metadata.reply_to_message_id
-            if key not in sent:
-                self.events["unexpected_reply"] += 1
-                logger.warning("fedsim: round %d: ignoring a reply to an unknown message", server_round)
-                continue
-            node, dev = sent.pop(key)
-            if reply.has_error():
-                self.events["client_error"] += 1
-                logger.warning("fedsim: round %d: node %d (device %d) failed: %s", server_round, node, dev, reply.error.reason)
-                self._drop(node)
-                continue
-            try:
-                outcome = self._decode(reply, dev)
-            except RecordError as exc:
-                acc.rejected[exc.reason] += 1
-                logger.warning(
-                    "fedsim: round %d: rejected update of device %d (node %d): %s: %s", server_round, dev, node, exc.reason, exc
-                )
-                continue
-            if outcome is None:
-                declined.append(dev)
-                self.events["declined"] += 1
-                logger.warning("fedsim: round %d: device %d (node %d) declined: its participation ledger forbids the round", server_round, dev, node)
-                continue
-            valid[dev] = outcome
-        for node, dev in sent.values():
-            self.events["no_reply"] += 1
-            logger.warning("fedsim: round %d: no reply from device %d (node %d) before the deadline", server_round, dev, node)
-            self._drop(node)
-
-        # reduce in the simulator's order and chunking (cohort order, chunk-size rows per chunk)
-        rows = [d for d in st.devices if d in valid]
-        size = sc.engine.chunk_size
-        for start in range(0, len(rows), size):
-            ids = rows[start : start + size]
-            chunk = CohortChunk(
-                device_ids=np.asarray(ids, dtype=np.int64),
-                deltas=torch.stack([valid[d][0] for d in ids]),
-                num_examples=torch.tensor([valid[d][1] for d in ids], dtype=torch.int64),
-                losses=torch.tensor([valid[d][2] for d in ids], dtype=torch.float32),
-                rounds=np.asarray([valid[d][3] for d in ids], dtype=np.int64),
-            )
-            before = Counter(acc.rejected)
-            accepted = acc.add(chunk)
-            if not accepted.all():
-                bad = [dev for dev, ok in zip(ids, accepted, strict=True) if not ok]
-                reasons = ", ".join(f"{k}={v}" for k, v in sorted((Counter(acc.rejected) - before).items()))
-                logger.warning("fedsim: round %d: rejected update(s) of device(s) %s: %s", server_round, bad, reasons)
-        # devices remember what they were asked to contribute (a device that declined did not);
-        # the server's ledger holds what it accepted
-        row, batch = sim.finish_round(
-            r,
-            event=st.event,
-            eligible=st.eligible,
-            contributed=np.asarray([d for d in st.devices if d not in declined], dtype=np.int64),
-            acc=acc,
-            params=st.params,
-        )
-        sim.metrics.append(row)
-        sim.next_round = r + 1
-        if sim.run_dir is not None:
-            sim.run_dir.append_metrics(row)
-        self._log_round(row, batch.rejected)
+        owner = self.owner
+        acc = owner.accumulator(sent.plan)
+        contributed = self.executor.collect(sent, replies, acc)
+        row, batch = owner.end(sent.plan, acc, contributed=contributed)
+        owner.commit(row)
+        self.log_round(row, batch.rejected)
         metrics = MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
-        return self.layout.to_arrays(sim.params), metrics
+        return self.layout.to_arrays(owner.params), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -314,7 +465,7 @@ class FedsimStrategy(FlowerStrategy):
 
     def initial_arrays(self) -> ArrayRecord:
         """The scenario's seeded initial model, as an ArrayRecord."""
-        return self.layout.to_arrays(self.sim.params)
+        return self.layout.to_arrays(self.owner.params)
 
     def run(self, grid: Grid, *, round_timeout: float = 600.0) -> RunResult:
         """Run every round of the scenario on ``grid`` and write the run directory.
@@ -327,26 +478,18 @@ class FedsimStrategy(FlowerStrategy):
             Seconds to wait for the round's replies; late replies are dropped, the round
             aggregates what arrived.
         """
-        sim, sc = self.sim, self.scenario
-        if sim.run_dir is not None:
-            sim.run_dir.write_config(sc.to_dict())
-            sim.run_dir.reset_metrics()
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=sc.rounds, desc=f"{sc.name} (flower)", unit="round", dynamic_ncols=True)
+        owner, sc = self.owner, self.scenario
+        owner.start(progress=self.progress, desc=f"{sc.name} (flower)")
         start = time.perf_counter()
         flwr_logger = logging.getLogger("flwr")
         quiet = _FlowerStrategyProgressFilter()
-        flwr_logger.addFilter(quiet)  # fedsim logs each round once (_log_round); run_server the summary
+        flwr_logger.addFilter(quiet)  # fedsim logs each round once (log_round); run_server the summary
         try:
             self.start(grid, self.initial_arrays(), num_rounds=sc.rounds, timeout=round_timeout)
         finally:
             flwr_logger.removeFilter(quiet)
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-        result = sim._finish(time.perf_counter() - start)
+            owner.close_progress()
+        result = owner.finish(time.perf_counter() - start)
         result.summary["backend"] = "flower"
         result.summary["flower"] = {
             "job_id": self.job_id,
@@ -357,19 +500,19 @@ class FedsimStrategy(FlowerStrategy):
                 for k in ("checkins", "no_reply", "client_error", "declined", "unexpected_reply", "duplicate_claim")
             },
         }
-        if sim.run_dir is not None:
-            sim.run_dir.write_json("summary.json", result.summary)
+        if owner.run_dir is not None:
+            owner.run_dir.write_json("summary.json", result.summary)
             # who contributed how often is exact, data-dependent state: private in a DP run
-            if sim.private:
-                (sim.run_dir.path / "private").mkdir(mode=0o700, exist_ok=True)
-                sim.run_dir.write_json("private/participation.json", self.participation())
+            if owner.private:
+                (owner.run_dir.path / "private").mkdir(mode=0o700, exist_ok=True)
+                owner.run_dir.write_json("private/participation.json", self.participation())
             else:
-                sim.run_dir.write_json("participation.json", self.participation())
+                owner.run_dir.write_json("participation.json", self.participation())
         return result
 
     def participation(self) -> dict[str, Any]:
         """The server's participation ledger (accepted contributions) per device, and the limit."""
-        ledger = self.sim.population.server_ledger
+        ledger = self.owner.population.server_ledger
         devices = np.flatnonzero(ledger.count > 0)
         return {
             "max_participations": self.limit.max_participations if self.limit else None,
@@ -377,108 +520,10 @@ class FedsimStrategy(FlowerStrategy):
             "devices": {str(int(d)): {"count": int(ledger.count[d]), "last_round": int(ledger.last[d]) + 1} for d in devices},
         }
 
-    # ------------------------------------------------------------------------------------------
-    # helpers
-
-    def _decode(self, reply: Message, device: int) -> tuple[torch.Tensor, int, float, int] | None:
-        """A reply's (delta, examples, loss, round trained for); ``None`` when the device declined."""
-        content = reply.content
-        metrics = content.metric_records.get(METRICS_KEY)
-        if metrics is None:
-            raise RecordError("malformed_record", "reply has no metrics record")
-        if metrics.get("device-id") != device:
-            raise RecordError("device_mismatch", f"reply claims device {metrics.get('device-id')!r}")
-        if metrics.get("declined") == 1:
-            return None
-        arrays = content.array_records.get(ARRAYS_KEY)
-        if arrays is None:
-            raise RecordError("malformed_record", "reply has no arrays record")
-        delta = self.layout.to_flat(arrays)
-        n = metrics.get("num-examples")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise RecordError("bad_example_count", f"num-examples is {n!r}")
-        trained_for = metrics.get("round")
-        if isinstance(trained_for, bool) or not isinstance(trained_for, int):
-            raise RecordError("malformed_record", f"round is {trained_for!r}")
-        loss = metrics.get("loss", float("nan"))
-        return delta, n, float(loss) if isinstance(loss, int | float) else float("nan"), trained_for
-
-    def _drop(self, node: int) -> None:
-        """Take a node off the roster; it is asked to check in again."""
-        self.roster.pop(node, None)
-
-    def _refresh_roster(self, grid: Grid, *, wait: bool) -> None:
-        """Ask new nodes for their device ids; admit the answers that have arrived.
-
-        With ``wait``, keep polling until at least ``min_nodes`` nodes are on the roster; fewer
-        after ``checkin_timeout`` seconds is an error.
-        """
-        deadline = time.monotonic() + self.checkin_timeout
-        while True:
-            listed = {int(n) for n in grid.get_node_ids()}
-            for node in [n for n in self.roster if n not in listed]:
-                logger.warning("fedsim: node %d (device %d) left", node, self.roster.pop(node))
-            asking = set(self._checkins.values())
-            held = set(self.roster.values())
-            new = [
-                n
-                for n in sorted(listed)
-                if n not in self.roster and n not in asking and n not in self._gone
-                and self._refused.get(n) not in held  # asked again once the id it claimed is free
-            ]
-            if new:
-                queries = [Message(RecordDict(), n, MessageType.QUERY) for n in new]
-                for msg_id, node in zip(grid.push_messages(queries), new, strict=True):
-                    if msg_id:
-                        self._checkins[msg_id] = node
-            if self._checkins:
-                for reply in grid.pull_messages(list(self._checkins)):
-                    self._admit(reply)
-            if not wait:
-                return
-            if len(self.roster) >= self.min_nodes:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(self.roster)} node(s) checked in within {self.checkin_timeout:g} s, "
-                    f"min-nodes is {self.min_nodes}"
-                )
-            time.sleep(0.5)
-
-    def _admit(self, reply: Message) -> None:
-        node = self._checkins.pop(reply.metadata.reply_to_message_id, None)
-        if node is None:
-            return
-        if reply.has_error():
-            self._gone.add(node)
-            logger.warning("fedsim: node %d did not check in: %s", node, reply.error.reason)
-            return
-        metrics = reply.content.metric_records.get(METRICS_KEY)
-        device = metrics.get("device-id") if metrics is not None else None
-        n = self.sim.data.num_devices
-        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < n:
-            self._gone.add(node)
-            logger.warning("fedsim: node %d checked in with device id %r, outside [0, %d); ignored", node, device, n)
-            return
-        holder = next((other for other, dev in self.roster.items() if dev == device and other != node), None)
-        if holder is not None:
-            # a second claim of a rostered device id: refused and counted, never evicting the first
-            # (a restarted SuperNode gets its id once the old node has left the grid)
-            self._refused[node] = device
-            self.events["duplicate_claim"] += 1
-            logger.warning(
-                "fedsim: node %d claimed device %d, which node %d holds: claim refused (the first claim stands)",
-                node, device, holder,
-            )
-            return
-        self._refused.pop(node, None)
-        self.roster[node] = device
-        self.events["checkins"] += 1
-        logger.info("fedsim: node %d checked in as device %d", node, device)
-
-    def _log_round(self, row: dict[str, Any], rejected: dict[str, int]) -> None:
+    def log_round(self, row: dict[str, Any], rejected: dict[str, int]) -> None:
+        """One log line per round (deployed servers have no progress bar)."""
         parts = [f"round {row['round']}/{self.scenario.rounds}"]
-        if self.sim.private:  # exact counts are not released in a DP run (private/diagnostics.jsonl)
+        if self.owner.private:  # exact counts are not released in a DP run (private/diagnostics.jsonl)
             rejected = {}
         else:
             parts.append(f"clients {row['clients']}/{row['eligible']} eligible")
@@ -489,9 +534,6 @@ class FedsimStrategy(FlowerStrategy):
         if row["rho"] is not None:
             parts.append(f"rho {row['rho']:.4g}, epsilon {row['epsilon']:.4g} (delta {row['delta']:g})")
         logger.info("fedsim: %s", ", ".join(parts))
-        if self._bar is not None:  # postfix first: update() redraws, showing this round's own figures
-            self._bar.set_postfix(progress_postfix(row), refresh=False)
-            self._bar.update(1)
 
 
 class _FlowerStrategyProgressFilter(logging.Filter):
@@ -510,4 +552,3 @@ class _FlowerStrategyProgressFilter(logging.Filter):
             return True
         path = record.pathname.replace("\\", "/")
         return "/flwr/serverapp/strategy/" not in path
-

@@ -81,7 +81,7 @@ def scenario_dict(name: str, *, clients: int, rounds: int, threads: int, data_di
         "data": data,
         "model": {"name": name, **MODEL_PARAMS[name]},
         "client": client,
-        "strategy": {"name": "fedsim.bench.workers:TimedFedAvg"},
+        "strategy": {"name": "benchmarks.workers:TimedFedAvg"},
         "engine": {"backend": backend, "threads": threads, "eval-every": rounds},
     }
 
@@ -123,8 +123,8 @@ def worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
     """fedsim's engine on the row's scenario: rounds, local training alone, FLOPs, trainer path."""
     import resource
 
+    from benchmarks import round_seconds
     from fedsim import seeds
-    from fedsim.bench import round_seconds
     from fedsim.engine import Simulation
     from fedsim.types import ClientTask
 
@@ -184,7 +184,7 @@ def worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_flower(spec: dict[str, Any]) -> dict[str, Any]:
     """The row's scenario on Flower's simulation engine (fedsim's bridge, one Ray actor per CPU)."""
-    from fedsim.bench import TIMES_ENV, round_seconds
+    from benchmarks import TIMES_ENV, round_seconds
     from fedsim.flower.simulation import FlowerSimulation
 
     scenario = _simulation({**spec, "threads": 1}, backend="flower")
@@ -211,7 +211,7 @@ def pfl_python() -> Path | None:
 
 def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: bool) -> list[dict[str, Any]]:
     """Measure every row of ``opts.workloads``; the JSON-ready rows."""
-    from fedsim.bench import _best, _log, measure
+    from benchmarks import _best, _log, measure
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-text-") as tmp:
@@ -263,7 +263,7 @@ def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: b
 
 def format_rows(rows: list[dict[str, Any]], threads: int) -> list[str]:
     """The rows as table lines."""
-    from fedsim.bench import _fmt, _ratio
+    from benchmarks import _fmt, _ratio
 
     lines = [
         "",

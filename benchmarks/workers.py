@@ -1,6 +1,6 @@
 """The measurements of ``fedsim bench``, each run in its own interpreter.
 
-``python -m fedsim.bench.workers KIND 'SPEC-JSON'`` runs one measurement with ``SPEC["threads"]``
+``python -m benchmarks.workers KIND 'SPEC-JSON'`` runs one measurement with ``SPEC["threads"]``
 torch threads and prints its result as one JSON line (plus ``_maxrss``, the process's peak
 resident memory in bytes). :mod:`fedsim.bench` starts these subprocesses and samples the memory
 of their whole process tree; see its docstring for what each figure means.
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fedsim.bench import (
+from benchmarks import (
     BATCH,
     CLASSES,
     DP_CLIP,
@@ -110,11 +110,10 @@ def matmul_gflops(threads: int, size: int = 1024, repeats: int = 7) -> float:
 
 def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
     """The in-process engine: full rounds, plus training alone on data generated beforehand."""
-    from fedsim import seeds as seeds_mod
+    from fedsim.builders import cohort_tasks
     from fedsim.engine import Simulation
     from fedsim.engine.aggregation import UpdateAccumulator
     from fedsim.scenario import scenario_from_dict
-    from fedsim.types import ClientTask
 
     rounds = spec["rounds"]
     scenario = scenario_from_dict(
@@ -139,10 +138,7 @@ def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
             sim.data.client_data(dev)
         data_s = min(data_s, time.perf_counter() - start)
     # training alone, on the same cohort's data generated beforehand
-    tasks = []
-    for dev in cohort:
-        x, y = sim.data.client_data(dev)
-        tasks.append(ClientTask(dev, x, y, seeds_mod.client_seed(SEED, 0, dev)))
+    tasks = list(cohort_tasks(sim.data, SEED, 0, cohort))
     config = sim.base_config
     train_s = math.inf
     for _ in range(spec["train_repeats"]):
@@ -309,7 +305,7 @@ WORKERS = {
 
 
 def _add_workload_workers() -> None:
-    from fedsim.bench.workloads import WORKERS as ZOO
+    from benchmarks.workloads import WORKERS as ZOO
 
     WORKERS.update(ZOO)
 
@@ -326,10 +322,10 @@ def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedsim.bench.workers KIND SPEC``: print one measurement as a JSON line."""
+    """``python -m benchmarks.workers KIND SPEC``: print one measurement as a JSON line."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("error: usage: python -m fedsim.bench.workers KIND 'SPEC-JSON'", file=sys.stderr)
+        print("error: usage: python -m benchmarks.workers KIND 'SPEC-JSON'", file=sys.stderr)
         return 2
     result = run_worker(args[0], json.loads(args[1]))
     result["_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

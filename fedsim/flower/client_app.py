@@ -33,15 +33,14 @@ import torch
 from flwr.app import Array, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsim.builders import build_data, build_scenario_model, build_trainer, client_task
 from fedsim.client import ClientTrainer
 from fedsim.data.federated import FederatedData
-from fedsim.engine.simulation import build_data, build_scenario_model, build_trainer
 from fedsim.flower.device import DeviceLedger, default_state_dir
 from fedsim.flower.protocol import TrainInstruction, scenario_from_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, dumps
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
-from fedsim.types import ClientTask
 
 FAULTS = ("none", "nan", "wrong-shape", "exceed-clip")
 
@@ -137,8 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     scenario, data, trainer, layout = _setup(dumps(instruction.scenario))
     torch.set_num_threads(scenario.engine.threads)
     params = layout.to_flat(msg.content[ARRAYS_KEY])
-    x, y = data.client_data(device)
-    result = trainer.train_client(params, ClientTask(device, x, y, instruction.task_seed), instruction.train)
+    result = trainer.train_client(params, client_task(data, device, instruction.task_seed), instruction.train)
     fault = faults[round_ % len(faults)]
     arrays = layout.to_arrays(_corrupt(result.delta, fault, instruction.train.clip_norm))
     if fault == "wrong-shape":  # the first parameter gains a column the server cannot map

@@ -1,0 +1,653 @@
+"""The round owner: the one piece of code that begins and ends every round of a run.
+
+The in-process engine (:class:`~fedsim.engine.simulation.Simulation`, with its in-process or
+Ray :class:`~fedsim.engine.executors.CohortExecutor`) and the Flower bridge
+(:class:`fedsim.flower.strategy.FedsimStrategy`) drive rounds through :class:`RoundOwner`, so
+a round is selected, validated, aggregated, accounted and recorded the same way whoever trains
+the clients:
+
+:meth:`RoundOwner.begin`
+    1. the strategy's privacy event for the round; the run stops *before* a round whose event
+       would exceed ``[privacy] max-rho`` / ``max-epsilon``;
+    2. devices check in (availability model + their own participation memory), restricted to
+       the devices a deployment can reach;
+    3. the strategy selects the cohort and configures the clients (clip bound, learning rate).
+    The result is a :class:`RoundPlan`.
+:meth:`RoundOwner.accumulator`
+    the server-side validation and streaming sum the round's reports are folded into (by the
+    executor, in cohort order).
+:meth:`RoundOwner.end`
+    4. devices and the server's participation ledger record the round;
+    5. the strategy aggregates (DP strategies: their mechanism adds the noise); the privacy event
+       is recorded in the ledger and the accountant reports rho / epsilon;
+    6. the global model is evaluated on the held-out split; the round's metrics row is built.
+:meth:`RoundOwner.commit`
+    7. the row is appended to ``metrics.jsonl``, the progress bar moves, and a checkpoint is
+       written when one is due.
+
+``begin`` / ``end`` / ``commit`` take and return plain values; the run's state (parameters,
+strategy, population and ledgers, privacy ledger, rejection counts, metrics, next round) lives in
+the owner and is saved and restored with :meth:`RoundOwner.state_dict` /
+:meth:`RoundOwner.load_state_dict` (``fedsim.engine.checkpoint`` only serialises it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim import seeds, workloads
+from fedsim.atomic import atomic_write_text
+from fedsim.builders import (
+    build_availability,
+    build_data,
+    build_scenario_model,
+    build_strategy,
+    build_trainer,
+    evaluate,
+)
+from fedsim.data.federated import FederatedData
+from fedsim.engine.aggregation import UpdateAccumulator
+from fedsim.engine.allocator import keep_freed_memory
+from fedsim.engine.canaries import CanaryClients
+from fedsim.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    CheckpointError,
+    comparable,
+    default_scenario_dict,
+    scenario_diff,
+)
+from fedsim.engine.rundir import RunDir
+from fedsim.errors import ScenarioError
+from fedsim.models import get_flat, num_params, set_flat
+from fedsim.population import Population
+from fedsim.privacy.noise import KEY_FILE, TAG_SELECT, NoiseKey, NoiseKeyError, NoiseSource
+from fedsim.scenario import Scenario, check_canaries_fit_population
+from fedsim.strategy import StrategyContext
+from fedsim.types import TrainConfig, UpdateBatch
+
+__all__ = ["PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
+
+#: Where a DP run keeps exact values it does not publish (mode 0700).
+PRIVATE_DIR = "private"
+#: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
+WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
+
+
+def load_key(path: Path, where: str) -> NoiseKey:
+    """The noise key in ``path``; a missing or malformed file is a :class:`CheckpointError` naming ``where``."""
+    try:
+        return NoiseKey.load(path)
+    except NoiseKeyError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, source: Any) -> CanaryClients | None:
+    """The run's canary clients (``[audit] canaries``), or ``None``."""
+    cfg = scenario.audit
+    if cfg.canaries == 0:
+        return None
+    try:
+        check_canaries_fit_population(cfg.canaries, data.num_devices)
+    except ScenarioError as exc:
+        raise exc.with_source(scenario.source or "scenario") from None
+    sample = np.linspace(0, data.num_devices - 1, num=min(data.num_devices, 1000)).astype(np.int64)
+    examples = int(round(float(np.mean([data.num_examples(int(d)) for d in sample]))))
+    return CanaryClients(
+        cfg.canaries,
+        num_params=num_params,
+        first_id=data.num_devices,
+        source=source,
+        threat_model=cfg.threat_model,
+        delta=scenario.privacy.delta,
+        canary_norm=cfg.canary_norm,
+        examples=examples,
+    )
+
+
+@dataclass
+class RunResult:
+    """What a finished (or budget-stopped) run produced."""
+
+    run_dir: Path | None
+    params: torch.Tensor
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    ledger: Any | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+    #: DP runs: the exact per-round values withheld from ``metrics`` (``private/diagnostics.jsonl``)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What :meth:`RoundOwner.begin` decided for one round.
+
+    Attributes
+    ----------
+    round:
+        0-based round index.
+    event:
+        The strategy's privacy event for the round (``None`` for non-DP strategies).
+    params:
+        The global model the round's clients start from.
+    eligible:
+        Devices that checked in and may contribute.
+    cohort:
+        The selected devices the executor trains (sorted; canary clients excluded).
+    config:
+        The clients' instructions (``TrainConfig``, with the round and clip bound).
+    canaries:
+        Selected canary clients (``[audit]``): their updates are made by the server
+        (:meth:`RoundOwner.accumulator`), not trained.
+    """
+
+    round: int
+    event: Any
+    params: torch.Tensor
+    eligible: np.ndarray
+    cohort: np.ndarray
+    config: TrainConfig
+    canaries: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+
+def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's per-round figures: ``acc``, ``loss``, ``rho``, ``eps``, ``emp_eps``, ``clients``."""
+    out = {}
+    for key, label in (
+        ("accuracy", "acc"), ("loss", "loss"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")
+    ):
+        if row.get(key) is not None:
+            out[label] = f"{row[key]:.4g}"
+    if row.get("clients") is not None:
+        out["clients"] = str(row["clients"])
+    return out
+
+
+class RoundOwner:
+    """A run's state and the steps that begin and end its rounds.
+
+    Parameters
+    ----------
+    scenario:
+        The validated scenario.
+    run_dir:
+        Where to write the run directory; ``None`` writes nothing (tests, benchmarks).
+    checkpoints:
+        Write checkpoints as ``[checkpoint]`` says (needs ``run_dir``).
+    noise_key:
+        The run's secret noise key. Default: the scenario's ``[privacy] noise-key-file`` if it
+        names one, else a fresh key from :mod:`secrets` (kept as ``secret/noise.key`` in the run
+        directory of a DP run, mode 0600; a resume reads it back).
+
+    Privacy of what a DP run publishes (``docs/threat-model.md``): the key never enters
+    ``config.toml``, ``metrics.jsonl``, ``summary.json``, checkpoints or logs; cohort selection
+    draws from the key, not the public seed; per-round ``train_loss`` and counts are withheld
+    from the public files (``null``) and written to ``private/diagnostics.jsonl``.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        run_dir: str | Path | None = None,
+        checkpoints: bool = True,
+        noise_key: NoiseKey | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.run_dir = RunDir(run_dir) if run_dir is not None else None
+        torch.set_num_threads(scenario.engine.threads)
+        keep_freed_memory()  # reuse freed heap memory: see fedsim.engine.allocator
+        self.data = build_data(scenario)
+        self.model = build_scenario_model(
+            scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT)
+        )
+        self.params = get_flat(self.model)
+        self.strategy = build_strategy(scenario)
+        self.base_config = TrainConfig(
+            round=0,
+            lr=scenario.client.lr,
+            local_epochs=scenario.client.local_epochs,
+            batch_size=scenario.client.batch_size,
+        )
+        # the trainer gets its own copy of the model so evaluation never disturbs it
+        self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data), self.data)
+        fixed = scenario.noise_key_path
+        if noise_key is not None:
+            self.key_origin = "given"
+        elif fixed is not None:
+            noise_key = load_key(fixed, "[privacy] noise-key-file")
+            self.key_origin = "fixed"
+        else:
+            noise_key = NoiseKey.generate()
+            self.key_origin = "secret"
+        self.set_key(noise_key)
+        #: a DP run: its strategy records privacy events (decides what is published)
+        self.private = self.strategy.privacy_event(round=0) is not None
+        # [audit]: canary clients are extra devices (ids after the real ones), see fedsim.engine.canaries
+        self.canaries = build_canaries(scenario, self.data, self.params.numel(), self.noise)
+        extra = self.canaries.count if self.canaries is not None else 0
+        self.population = Population(
+            self.data,
+            build_availability(scenario, extra_devices=extra, num_devices=self.data.num_devices),
+            self.strategy.participation_limit(),
+            extra_devices=extra,
+        )
+        self.ledger: Any | None = None
+        self.accountant: Any | None = None
+        self.rejected: Counter[str] = Counter()
+        self.metrics: list[dict[str, Any]] = []
+        self.diagnostics: list[dict[str, Any]] = []
+        self.next_round = 0
+        self.stopped_reason = "completed"
+        self.checkpointer: Checkpointer | None = None
+        if checkpoints and self.run_dir is not None and scenario.checkpoint.every > 0:
+            self.checkpointer = Checkpointer(
+                self.run_dir.path / CHECKPOINT_DIR, scenario.checkpoint.every, scenario.checkpoint.keep
+            )
+        self.progress_bar: Any = None
+
+    # -- the secret key ---------------------------------------------------------------------------
+    def set_key(self, key: NoiseKey) -> None:
+        """Key the run: the strategy's noise source (set up afresh) and the trainer's private randomness."""
+        #: the run's secret noise source (the strategy's mechanism and the canaries draw from it)
+        self.noise_source = NoiseSource(key)
+        self.noise = self.noise_source
+        self.strategy.setup(
+            StrategyContext(
+                num_params=num_params(self.model),
+                num_rounds=self.scenario.rounds,
+                num_devices=self.data.num_devices,
+                clients_per_round=self.scenario.clients_per_round,
+                seed=self.scenario.seed,
+                base_train_config=self.base_config,
+                noise=self.noise_source,
+            )
+        )
+        set_private = getattr(self.trainer, "set_private_source", None)
+        if callable(set_private):
+            set_private(self.noise_source)
+
+    @property
+    def key_path(self) -> Path | None:
+        """Where this run keeps its secret key (``None`` without a run directory)."""
+        return self.run_dir.path / KEY_FILE if self.run_dir is not None else None
+
+    def save_key(self) -> None:
+        """Write the secret key of a fresh DP run to ``secret/noise.key`` (0600, directory 0700)."""
+        # an audited run keeps its key too: its canary directions are drawn from it
+        keyed = self.private or getattr(self, "canaries", None) is not None
+        if not (keyed and self.key_origin == "secret" and self.run_dir is not None):
+            return
+        path = self.run_dir.path / KEY_FILE
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.parent.chmod(0o700)
+        self.noise_source.key.save(path)
+
+    def reload_key(self) -> None:
+        """Before a resume: read a DP run's secret key back, so replayed rounds add the same noise.
+
+        Without it the run refuses to resume (:class:`~fedsim.engine.checkpoint.CheckpointError`).
+        """
+        keyed = self.private or self.canaries is not None
+        if not (keyed and self.key_origin == "secret" and self.run_dir is not None):
+            return
+        path = self.run_dir.path / KEY_FILE
+        if not path.exists():
+            raise CheckpointError(
+                f"{path}: the run's secret noise key is missing, cannot resume: replayed rounds "
+                "would add fresh noise and release a second noisy view of the same data "
+                "(restore the key file, or start a new run in another directory)"
+            )
+        self.set_key(load_key(path, "--resume"))
+        if self.canaries is not None:  # canary directions come from the key too
+            self.canaries = build_canaries(self.scenario, self.data, self.params.numel(), self.noise_source)
+
+    def selection_rng(self, round: int) -> np.random.Generator:
+        """The cohort-selection generator: from the secret key in a DP run, the public seed otherwise."""
+        if self.private:
+            return self.noise_source.generator((TAG_SELECT, round))
+        return seeds.round_rng(self.scenario.seed, seeds.STREAM_SELECTION, round)
+
+    # -- private diagnostics (DP runs) ------------------------------------------------------
+    @property
+    def diagnostics_path(self) -> Path | None:
+        """``private/diagnostics.jsonl``: exact per-round values a DP run does not publish."""
+        return self.run_dir.path / PRIVATE_DIR / "diagnostics.jsonl" if self.run_dir is not None else None
+
+    def write_diagnostics(self, row: dict[str, Any]) -> None:
+        """Append one round's exact values to ``private/diagnostics.jsonl``."""
+        self.diagnostics.append(row)
+        path = self.diagnostics_path
+        if path is None:
+            return
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def cut_diagnostics(self, rounds_done: int) -> None:
+        """Drop the diagnostics of rounds that a resume replays."""
+        path = self.diagnostics_path
+        if path is None or not path.exists():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["round"] <= rounds_done]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        self.diagnostics = [json.loads(line) for line in keep]
+
+    # -- privacy ------------------------------------------------------------------------------
+    def privacy(self) -> tuple[Any, Any]:
+        """Ledger and accountant, created on the first privacy event (non-DP runs need neither)."""
+        if self.ledger is None:
+            from fedsim.privacy.accountant import Accountant
+            from fedsim.privacy.events import PrivacyLedger
+
+            self.ledger = PrivacyLedger()
+            self.accountant = Accountant(delta=self.scenario.privacy.delta)
+        return self.ledger, self.accountant
+
+    def budget_exceeded(self, round: int, event: Any) -> str | None:
+        """Why recording ``event`` for ``round`` would exceed the privacy budget, or ``None``."""
+        cfg = self.scenario.privacy
+        if event is None or (cfg.max_rho is None and cfg.max_epsilon is None):
+            return None
+        ledger, accountant = self.privacy()
+        report = accountant.report_with(ledger, round, event)
+        if cfg.max_rho is not None and report.rho is not None and report.rho > cfg.max_rho:
+            return f"privacy budget: round {round + 1} would reach rho={report.rho:.4g} > max-rho={cfg.max_rho:g}"
+        if cfg.max_epsilon is not None and report.epsilon is not None and report.epsilon > cfg.max_epsilon:
+            return (
+                f"privacy budget: round {round + 1} would reach epsilon={report.epsilon:.4g} "
+                f"> max-epsilon={cfg.max_epsilon:g}"
+            )
+        return None
+
+    # -- a round ------------------------------------------------------------------------------
+    def begin(
+        self,
+        round: int,
+        *,
+        params: torch.Tensor | None = None,
+        reachable: Callable[[], np.ndarray] | None = None,
+    ) -> RoundPlan | None:
+        """Plan ``round``; ``None`` (and :attr:`stopped_reason` set) if the budget stops the run.
+
+        Parameters
+        ----------
+        params:
+            The model the round starts from (default: the current global model).
+        reachable:
+            Called after the budget check: a boolean mask over devices that can be reached (a
+            deployment's connected nodes); devices outside it are not eligible.
+        """
+        sc = self.scenario
+        event = self.strategy.privacy_event(round=round)
+        reason = self.budget_exceeded(round, event)
+        if reason is not None:
+            self.stopped_reason = reason
+            return None
+        mask = reachable() if reachable is not None else None
+        eligible = self.population.check_in(round, seeds.round_rng(sc.seed, seeds.STREAM_AVAILABILITY, round))
+        if mask is not None:
+            eligible = eligible[mask[eligible]]
+        # a DP run selects from its secret key, never the public seed
+        cohort = self.strategy.select(round=round, eligible=eligible, rng=self.selection_rng(round))
+        config = self.strategy.configure_client(round=round, base=replace(self.base_config, round=round))
+        start = self.params if params is None else params
+        cohort = np.asarray(cohort, dtype=np.int64)
+        if self.canaries is not None:
+            real, canary_ids = self.canaries.split(cohort)
+            return RoundPlan(round, event, start, eligible, real, config, canaries=np.asarray(canary_ids, dtype=np.int64))
+        return RoundPlan(round, event, start, eligible, cohort, config)
+
+    def accumulator(self, plan: RoundPlan) -> UpdateAccumulator:
+        """The server-side validation and streaming sum for ``plan``'s reports.
+
+        The round's canary updates (``[audit]``) are already in it, validated and summed like any
+        device's.
+        """
+        acc = UpdateAccumulator(
+            num_params=self.params.numel(),
+            round=plan.round,
+            clip_norm=plan.config.clip_norm,
+            weighting=self.strategy.weighting,
+            ledger=self.population.server_ledger,
+            num_devices=self.population.num_devices,
+            keep_individual=self.strategy.needs_individual_updates,
+            max_norm=self.scenario.engine.max_update_norm,
+            max_examples=self.scenario.engine.max_examples,
+        )
+        if self.canaries is not None and len(plan.canaries):
+            acc.add(self.canaries.chunk(plan.round, plan.canaries, plan.config.clip_norm))
+        return acc
+
+    def end(self, plan: RoundPlan, acc: UpdateAccumulator, *, contributed: np.ndarray) -> tuple[dict[str, Any], UpdateBatch]:
+        """Ledgers, aggregation, accounting, evaluation: the round's metrics row (not yet logged).
+
+        ``contributed`` are the devices that trained (they remember it, as do the round's canary
+        clients); the server's ledger records what ``acc`` accepted.
+        """
+        sc, round = self.scenario, plan.round
+        self.population.device_memory.record(round, np.concatenate([np.asarray(contributed, dtype=np.int64), plan.canaries]))
+        self.population.server_ledger.record(round, acc.accepted)
+        batch = acc.result()
+        self.rejected.update(batch.rejected)
+        start = plan.params
+        if self.canaries is not None:
+            self.canaries.start(start)
+        self.params = self.strategy.aggregate(round=round, params=start, batch=batch).detach()
+        if self.canaries is not None:
+            self.canaries.record_round(start, self.params, acc.accepted)
+        report = None
+        if plan.event is not None:
+            ledger, accountant = self.privacy()
+            ledger.record(round, plan.event)
+            report = accountant.report(ledger)
+        row: dict[str, Any] = {"round": round + 1, **dict.fromkeys(workloads.task_of(self.data).metric_keys())}
+        if (round + 1) % sc.engine.eval_every == 0 or round + 1 == sc.rounds:
+            row.update(evaluate(self.model, self.params, self.data))
+        row.update(
+            train_loss=acc.mean_loss,
+            clients=batch.num_updates,
+            eligible=int(len(plan.eligible)),
+            rejected=batch.num_rejected,
+            rho=getattr(report, "rho", None),
+            epsilon=getattr(report, "epsilon", None),
+            epsilon_rdp=getattr(report, "epsilon_rdp", None),
+            delta=getattr(report, "delta", None),
+        )
+        if self.canaries is not None:
+            row["audit_epsilon"] = self.canaries.quick_epsilon(self.params)
+        if self.private:
+            # exact training loss and counts are not noisy releases: withheld from the public
+            # run log (keys kept, null), kept in private/diagnostics.jsonl for the operator
+            self.write_diagnostics({**row, "rejected_by_reason": dict(sorted(batch.rejected.items()))})
+            row.update({key: None for key in WITHHELD_KEYS})
+        return row, batch
+
+    def commit(self, row: dict[str, Any]) -> None:
+        """Log the round's row: metrics, run directory, progress bar, checkpoint when due."""
+        self.metrics.append(row)
+        self.next_round = int(row["round"])
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(row)
+        if self.checkpointer is not None and self.checkpointer.due(self.next_round):
+            self.checkpointer.save(self.next_round, self.state_dict(), self.run_dir)
+        if self.progress_bar is not None:
+            # postfix first: update() redraws, showing this round's own figures
+            self.progress_bar.set_postfix(progress_postfix(row), refresh=False)
+            self.progress_bar.update(1)
+
+    # -- a run ----------------------------------------------------------------------------------
+    def start(self, *, progress: bool = False, desc: str | None = None) -> None:
+        """Before the first round run here: write ``config.toml``, start the log, open the bar."""
+        sc = self.scenario
+        if self.run_dir is not None:
+            self.run_dir.write_config(sc.to_dict())
+            if self.next_round == 0:
+                self.run_dir.reset_metrics()
+                diagnostics = self.diagnostics_path
+                if diagnostics is not None and diagnostics.exists():
+                    diagnostics.unlink()
+                self.save_key()
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.progress_bar = tqdm(
+                total=sc.rounds, initial=self.next_round, desc=desc or sc.name, unit="round", dynamic_ncols=True
+            )
+
+    def close_progress(self) -> None:
+        """Close the progress bar, if any."""
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+            self.progress_bar = None
+
+    def finish(self, wall: float) -> RunResult:
+        """Final evaluation, summary, model, ledger and plot; the run's :class:`RunResult`."""
+        self.close_progress()
+        sc = self.scenario
+        last_eval = next((m for m in reversed(self.metrics) if m["accuracy"] is not None), None)
+        if last_eval is None or last_eval["round"] != self.next_round:
+            final = evaluate(self.model, self.params, self.data)
+        else:
+            final = {k: v for k, v in last_eval.items() if k in ("accuracy", "loss", "perplexity")}
+        acc, loss = final["accuracy"], final["loss"]
+        report = self.accountant.report(self.ledger) if self.ledger is not None else None
+        summary: dict[str, Any] = {
+            "name": sc.name,
+            "strategy": sc.strategy.name,
+            "accuracy": acc,
+            "loss": loss,
+            **({"perplexity": final["perplexity"]} if "perplexity" in final else {}),
+            "rounds": self.next_round,
+            "rounds_planned": sc.rounds,
+            "stopped_reason": self.stopped_reason,
+            "wall_time_s": round(wall, 3),
+            "rho": getattr(report, "rho", None),
+            "epsilon": getattr(report, "epsilon", None),
+            "epsilon_rdp": getattr(report, "epsilon_rdp", None),
+            "delta": getattr(report, "delta", None),
+            # per-reason counts are exact, data-dependent values: private in a DP run
+            "rejected": None if self.private else dict(sorted(self.rejected.items())),
+            "num_devices": self.data.num_devices,
+            "clients_per_round": sc.clients_per_round,
+            "seed": sc.seed,
+        }
+        describe = getattr(self.trainer, "describe", None)
+        if describe is not None:
+            summary["trainer"] = describe()
+        if self.private:
+            summary["noise_key"] = (
+                {"kind": "fixed", "file": str(self.scenario.noise_key_path)}
+                if self.key_origin == "fixed"
+                else {"kind": self.key_origin, "file": str(KEY_FILE) if self.key_origin == "secret" else None}
+            )
+        example = self.trainer.example_privacy(delta=sc.privacy.delta)
+        if example is not None:
+            summary["example_level"] = example
+        if self.canaries is not None and self.next_round > 0:
+            summary["audit"] = self.canaries.report(
+                self.params, formal={"rho": summary["rho"], "epsilon": summary["epsilon"]}
+            )
+        if self.run_dir is not None:
+            set_flat(self.model, self.params)
+            torch.save(
+                {
+                    "state_dict": self.model.state_dict(),
+                    "model": sc.model.name,
+                    "hidden": sc.model.hidden,
+                    "model_params": dict(sc.model.params),
+                    "spec": dataclasses.asdict(self.data.spec),
+                    "num_features": self.data.num_features,
+                    "num_classes": self.data.num_classes,
+                    "flat": self.params.clone(),
+                },
+                self.run_dir.path / "model.pt",
+            )
+            if self.ledger is not None:
+                self.run_dir.write_json("ledger.json", self.ledger.to_json())
+            if self.canaries is not None and self.next_round > 0:
+                self.canaries.save(self.run_dir.path, self.params)
+            if self.private:
+                (self.run_dir.path / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)
+                self.run_dir.write_json(
+                    f"{PRIVATE_DIR}/summary.json", {"rejected": dict(sorted(self.rejected.items()))}
+                )
+            self.run_dir.write_json("summary.json", summary)
+            self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})", summary.get("audit"))
+        return RunResult(
+            self.run_dir.path if self.run_dir else None,
+            self.params,
+            self.metrics,
+            summary,
+            self.ledger,
+            dict(self.rejected),
+            list(self.diagnostics),
+        )
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after :attr:`next_round` completed rounds.
+
+        Keys: ``round``, ``scenario`` (resolved, minus neutral keys), ``params``, ``strategy``,
+        ``trainer`` (or ``None``), ``population``, ``ledger`` (or ``None``), ``rejected``,
+        ``rng`` (torch's global generator, for user plug-ins), ``audit`` (the canaries', or ``None``).
+        The checkpoint adds the run log's
+        position.
+        """
+        trainer_state = self.trainer.state_dict() if callable(getattr(self.trainer, "state_dict", None)) else None
+        return {
+            "round": self.next_round,
+            "scenario": comparable(self.scenario.to_dict()),
+            "params": self.params,
+            "strategy": self.strategy.state_dict(),
+            "trainer": trainer_state,
+            "population": self.population.state_dict(),
+            "ledger": self.ledger.to_json() if self.ledger is not None else None,
+            "rejected": dict(self.rejected),
+            "rng": {"torch": torch.get_rng_state()},
+            "audit": self.canaries.state_dict() if self.canaries is not None else None,
+        }
+
+    def check_state(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+        """Refuse (:class:`~fedsim.engine.checkpoint.CheckpointError`, naming ``source``) a state
+        written under a different scenario or whose parameters do not fit the model."""
+        current = comparable(self.scenario.to_dict())
+        diff = scenario_diff(state["scenario"], current, defaults=default_scenario_dict())
+        if diff:
+            raise CheckpointError(f"{source} was written under a different scenario; differing keys: {', '.join(diff)}")
+        params = state["params"]
+        if not isinstance(params, torch.Tensor) or params.shape != self.params.shape or params.dtype != self.params.dtype:
+            raise CheckpointError(f"{source}: parameter vector does not fit the scenario's model")
+
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+        """Restore :meth:`state_dict` into a freshly built owner of the same scenario (checked
+        with :meth:`check_state` first)."""
+        self.check_state(state, source=source)
+        params = state["params"]
+        self.params = params.clone()
+        self.strategy.load_state_dict(state["strategy"])
+        if state.get("trainer") is not None:
+            self.trainer.load_state_dict(state["trainer"])
+        self.population.load_state_dict(state["population"])
+        if state["ledger"] is not None:
+            from fedsim.privacy.events import PrivacyLedger
+
+            self.privacy()
+            self.ledger = PrivacyLedger.from_json(state["ledger"])
+        self.rejected.clear()
+        self.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
+        torch.set_rng_state(state["rng"]["torch"])
+        if state.get("audit") is not None and self.canaries is not None:
+            self.canaries.load_state_dict(state["audit"])
+        self.next_round = int(state["round"])
+        self.metrics = self.run_dir.read_metrics() if self.run_dir is not None else []
