@@ -187,7 +187,7 @@ def measure(kind: str, spec: dict[str, Any], *, timeout: float = 1800.0) -> Meas
     cmd = [sys.executable, "-m", "benchmarks.workers", kind, json.dumps(spec)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     # the workers import fedsim (and the clients/strategies plug-ins) from where this copy lives
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     start = time.perf_counter()
@@ -600,7 +600,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/bench.py`` and ``python -m fedsim.bench``."""
+    """Entry point of ``scripts/bench.py`` and ``python -m benchmarks``."""
     args = build_parser("bench.py").parse_args(argv)
     return run_from_args(args)
 

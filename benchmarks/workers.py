@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.workers KIND 'SPEC-JSON'`` runs one measurement with ``SPEC["threads"]``
 torch threads and prints its result as one JSON line (plus ``_maxrss``, the process's peak
-resident memory in bytes). :mod:`fedsim.bench` starts these subprocesses and samples the memory
+resident memory in bytes). :mod:`benchmarks` starts these subprocesses and samples the memory
 of their whole process tree; see its docstring for what each figure means.
 """
 

@@ -450,14 +450,14 @@ def _run_ray(todo: Sequence[RunSpec], address: str, finished: Callable[..., None
         import ray
     except ImportError:
         raise SweepError("--backend ray needs the ray package (pip install 'ray[default]')") from None
-    from fedsim.engine.ray_backend import _check_reachable
+    from fedsim.engine.ray_backend import check_reachable
 
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if address:
-            _check_reachable(address)
+            check_reachable(address)
             kwargs["address"] = address
         try:
             ray.init(**kwargs)

@@ -34,9 +34,7 @@ from fedsim.privacy.events import PrivacyLedger, TreeAggregationEvent  # noqa: E
 
 
 def _clear_caches() -> None:
-    sensitivity._builder.cache_clear()
-    sensitivity._prefix_cache.cache_clear()
-    accountant_module._sampled_rdp_per_round.cache_clear()
+    accountant_module.clear_caches()
 
 
 def _timed(fn, repeat: int = 1):

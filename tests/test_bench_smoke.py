@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from fedsim.bench import (
+from benchmarks import (
     BenchOptions,
     flops_per_update,
     format_report,

@@ -10,9 +10,9 @@ import pytest
 
 from fedsim.privacy.sensitivity import (
     TreePrefixSensitivity,
-    _exact_gaussian_weight_sum,
     brute_force_tree_sensitivity_sq,
     effective_max_participations,
+    exact_gaussian_weight_sum,
     max_gaussian_participations,
     max_tree_sensitivity_sq,
     tree_nodes,
@@ -190,7 +190,7 @@ def test_exact_weighted_gaussian_pattern():
         k = int(rng.integers(1, 5))
         w = rng.random(n)
         best = max(sum(w[p] for p in pts) for pts in _patterns(n, k, b))
-        assert _exact_gaussian_weight_sum(w, k, b) == pytest.approx(best)
+        assert exact_gaussian_weight_sum(w, k, b) == pytest.approx(best)
 
 
 @pytest.mark.parametrize(

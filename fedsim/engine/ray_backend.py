@@ -103,7 +103,7 @@ class RayCohortRunner(CohortExecutor):
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
             if self.address:
-                _check_reachable(self.address)
+                check_reachable(self.address)
                 kwargs["address"] = self.address
             elif self.requested_workers:
                 kwargs["num_cpus"] = self.requested_workers
@@ -176,7 +176,7 @@ class RayCohortRunner(CohortExecutor):
             self._started_ray = False
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when an explicit ``host:port`` does not answer.
 
     ``ray.init`` retries an unreachable head node for minutes; ``"auto"`` (find the cluster of

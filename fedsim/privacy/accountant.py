@@ -74,11 +74,11 @@ from fedsim.privacy.events import (
     check_noise_multiplier,
 )
 from fedsim.privacy.sensitivity import (
-    _exact_gaussian_weight_sum,
-    _prefix_cache,
     effective_max_participations,
+    exact_gaussian_weight_sum,
     max_gaussian_participations,
     max_tree_sensitivity_sq,
+    prefix_cache,
 )
 
 __all__ = [
@@ -207,7 +207,7 @@ def _tree_rho(group: _Group) -> tuple[float, float]:
         group, ("noise_multiplier", "max_participations", "min_separation", "restart_every"),
         "TreeAggregationEvent",
     )
-    s = _prefix_cache(params["max_participations"], params["min_separation"],
+    s = prefix_cache(params["max_participations"], params["min_separation"],
                       params["restart_every"])(group.count)
     z = params["noise_multiplier"]
     return s / (2.0 * z * z), z
@@ -246,7 +246,7 @@ def _unamplified_rho(group: _Group, kind: str) -> tuple[float, float | None]:
     ordered = group.ordered
     assert ordered is not None and len(ordered) == group.count
     weights = np.array([1.0 / (2.0 * e.noise_multiplier ** 2) for e in ordered])
-    return _exact_gaussian_weight_sum(weights, k, b), None
+    return exact_gaussian_weight_sum(weights, k, b), None
 
 
 def _compose(groups: Mapping[type, _Group], delta: float) -> PrivacyReport:
@@ -445,3 +445,11 @@ def dp_fedavg_privacy(noise_multiplier: float, rounds: int, delta: float,
         effective_max_participations(rounds, event.max_participations, event.min_separation,
                                      warn=True)
     return _compose({type(event): _Group(rounds, {event: rounds}, None)}, delta)
+
+
+def clear_caches() -> None:
+    """Empty the accounting memo caches, this module's and :mod:`fedsim.privacy.sensitivity`'s."""
+    from fedsim.privacy import sensitivity
+
+    _sampled_rdp_per_round.cache_clear()
+    sensitivity.clear_caches()

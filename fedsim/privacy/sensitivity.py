@@ -414,7 +414,7 @@ class TreePrefixSensitivity:
 
 
 @functools.lru_cache(maxsize=32)
-def _prefix_cache(max_participations: int, min_separation: int,
+def prefix_cache(max_participations: int, min_separation: int,
                   restart_every: int | None) -> TreePrefixSensitivity:
     return TreePrefixSensitivity(max_participations, min_separation, restart_every)
 
@@ -423,7 +423,7 @@ def tree_sensitivity_sq_prefixes(num_rounds: int, max_participations: int, min_s
                                  restart_every: int | None = None) -> list[int]:
     """``[S_1, ..., S_T]``: the exact sensitivity after every round of a ``T``-round run, in one pass."""
     _check_args(num_rounds, max_participations, min_separation, restart_every)
-    return _prefix_cache(int(max_participations), int(min_separation),
+    return prefix_cache(int(max_participations), int(min_separation),
                          None if restart_every is None else int(restart_every)).prefixes(num_rounds)
 
 
@@ -486,7 +486,7 @@ def brute_force_tree_sensitivity_sq(num_rounds: int, max_participations: int, mi
     return max(v for c, v in enumerate(by_count) if c <= max_participations)
 
 
-def _exact_gaussian_weight_sum(weights: np.ndarray, max_participations: int | None,
+def exact_gaussian_weight_sum(weights: np.ndarray, max_participations: int | None,
                                min_separation: int) -> float:
     """Max of ``sum(weights[P])`` over patterns ``P`` allowed by ``(k, b)`` (positions = indices)."""
     n = int(weights.size)
@@ -505,3 +505,10 @@ def _exact_gaussian_weight_sum(weights: np.ndarray, max_participations: int | No
         prev = cur
     return best
 
+
+
+def clear_caches() -> None:
+    """Empty this module's memo caches (benchmarks time cold computations with it)."""
+    _builder.cache_clear()
+    prefix_cache.cache_clear()
+    _brute_force_by_count.cache_clear()
