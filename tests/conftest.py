@@ -29,3 +29,37 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
         timeout=timeout,
         env=env,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# shared builders of the contract suites
+
+
+def strategy_context(
+    num_params: int = 40, *, rounds: int = 16, devices: int = 200, per_round: int = 10, seed: int = 5
+):
+    """A :class:`~fedsim.strategy.StrategyContext` for unit tests of strategies."""
+    from fedsim.strategy import StrategyContext
+    from fedsim.types import TrainConfig
+
+    return StrategyContext(
+        num_params=num_params,
+        num_rounds=rounds,
+        num_devices=devices,
+        clients_per_round=per_round,
+        seed=seed,
+        base_train_config=TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8),
+    )
+
+
+def tiny_scenario(name: str = "tiny", *, rounds: int = 3, per_round: int = 8, devices: int = 40, **sections) -> dict:
+    """A raw scenario dict that runs in about a second (logreg on digits unless ``data`` is given)."""
+    raw = {
+        "name": name,
+        "rounds": rounds,
+        "clients-per-round": per_round,
+        "data": {"num-devices": devices},
+        "model": {"name": "logreg"},
+    }
+    raw.update(sections)
+    return raw

@@ -28,21 +28,13 @@ from fedsim.types import CohortChunk, TrainConfig, UpdateBatch
 from strategies.dp_fedavg import DPFedAvg, noise_seed
 from strategies.dp_ftrl import DPFTRL
 
-from .conftest import SCENARIOS, run_cli
+from .conftest import SCENARIOS, run_cli, strategy_context
 from .test_tree_noise import std_matches
 
 BASE = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8)
 
 
-def ctx(num_params: int = 40, *, rounds: int = 16, devices: int = 200, per_round: int = 10, seed: int = 5) -> StrategyContext:
-    return StrategyContext(
-        num_params=num_params,
-        num_rounds=rounds,
-        num_devices=devices,
-        clients_per_round=per_round,
-        seed=seed,
-        base_train_config=BASE,
-    )
+ctx = strategy_context  # the shared builder (base train config equals BASE)
 
 
 def setup(strategy, context: StrategyContext):

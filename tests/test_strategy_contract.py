@@ -13,8 +13,10 @@ import torch
 from fedsim.engine import run_scenario
 from fedsim.registry import Registry
 from fedsim.scenario import scenario_from_dict
-from fedsim.strategy import STRATEGIES, Strategy, StrategyContext
+from fedsim.strategy import STRATEGIES, Strategy
 from fedsim.types import TrainConfig, UpdateBatch
+
+from .conftest import strategy_context, tiny_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "scripts" / "fedavgm.py") + ":FedAvgM"
@@ -27,16 +29,7 @@ P = 50
 def _make(name: str) -> Strategy:
     cls = STRATEGIES.get(name)
     strategy = cls()
-    strategy.setup(
-        StrategyContext(
-            num_params=P,
-            num_rounds=8,
-            num_devices=40,
-            clients_per_round=10,
-            seed=3,
-            base_train_config=TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8),
-        )
-    )
+    strategy.setup(strategy_context(P, rounds=8, devices=40, per_round=10, seed=3))
     return strategy
 
 
@@ -118,14 +111,7 @@ def test_state_round_trip_replays_identically(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_end_to_end_in_engine(name: str) -> None:
-    raw = {
-        "name": "contract",
-        "rounds": 3,
-        "clients-per-round": 8,
-        "data": {"num-devices": 40},
-        "model": {"name": "logreg"},
-        "strategy": {"name": name},
-    }
+    raw = tiny_scenario("contract", rounds=3, per_round=8, devices=40, strategy={"name": name})
     result = run_scenario(scenario_from_dict(raw))
     assert len(result.metrics) == 3
     assert all(m["clients"] > 0 for m in (result.diagnostics or result.metrics))
