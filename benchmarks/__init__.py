@@ -265,12 +265,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _log(text: str, quiet: bool) -> None:
+def log_progress(text: str, quiet: bool) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
 
 
-def _best(values: Sequence[float], *, warmup: int = 1) -> float | None:
+def best_of(values: Sequence[float], *, warmup: int = 1) -> float | None:
     """Seconds of the fastest round after ``warmup`` warm-up rounds (all rounds if too few).
 
     Best-of-N is what ``timeit`` reports too: on a machine shared with other processes a slower
@@ -287,15 +287,15 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
     """Run every measurement; return the JSON-ready report."""
     started = time.perf_counter()
     load_before = os.getloadavg()
-    _log(f"fedsim bench: sgemm rate with {opts.threads} torch thread(s) ...", quiet)
+    log_progress(f"fedsim bench: sgemm rate with {opts.threads} torch thread(s) ...", quiet)
     mm = measure("matmul", {"threads": opts.threads})
     gflops = mm.result["gflops"] if mm.result else None
     scenarios = []
     for model in opts.models:
         base = {"model": model, "clients": opts.clients, "threads": opts.threads}
-        _log(f"fedsim bench: {model}: fedsim in-process engine ({opts.fedsim_rounds} rounds) ...", quiet)
+        log_progress(f"fedsim bench: {model}: fedsim in-process engine ({opts.fedsim_rounds} rounds) ...", quiet)
         fed = measure("fedsim", {**base, "rounds": opts.fedsim_rounds, "train_repeats": opts.train_repeats})
-        _log(f"fedsim bench: {model}: naive per-client loop ...", quiet)
+        log_progress(f"fedsim bench: {model}: naive per-client loop ...", quiet)
         naive = measure("naive", {**base, "threads": 1, "repeats": opts.naive_repeats})
         naive_threads = 1
         if opts.threads > 1 and opts.naive_all_threads:  # the loop at its better thread count (usually 1: see docs/benchmarks.md)
@@ -304,13 +304,13 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
                 naive, naive_threads = naive_t, opts.threads
         flower = None
         if model in opts.flower_models:
-            _log(f"fedsim bench: {model}: Flower simulation engine ({opts.flower_rounds} rounds, Ray) ...", quiet)
+            log_progress(f"fedsim bench: {model}: Flower simulation engine ({opts.flower_rounds} rounds, Ray) ...", quiet)
             flower = measure("flower", {**base, "rounds": opts.flower_rounds}, timeout=3600.0)
         flops = flops_per_update(layer_dims(model), EXAMPLES, BATCH, EPOCHS)
         row: dict[str, Any] = {"name": model, "model": MODELS[model], "clients_per_round": opts.clients}
-        fed_round = _best(fed.result["round_s"]) if fed.result else None
-        naive_round = _best(naive.result["round_s"], warmup=0) if naive.result else None
-        flower_round = _best(flower.result["round_s"]) if flower and flower.result else None
+        fed_round = best_of(fed.result["round_s"]) if fed.result else None
+        naive_round = best_of(naive.result["round_s"], warmup=0) if naive.result else None
+        flower_round = best_of(flower.result["round_s"]) if flower and flower.result else None
         row["fedsim_updates_per_s"] = opts.clients / fed_round if fed_round else None
         row["naive_updates_per_s"] = opts.clients / naive_round if naive_round else None
         row["flower_updates_per_s"] = opts.clients / flower_round if flower_round else None
@@ -324,7 +324,7 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         row["naive_peak_rss_mb"] = naive.peak_rss_mb
         row["flower_peak_rss_mb"] = flower.peak_rss_mb if flower else None
         row["seconds_per_round"] = {"fedsim": fed_round, "naive": naive_round, "flower": flower_round}
-        row["fedsim_run_round_s"] = _best(fed.result["run_round_s"]) if fed.result else None
+        row["fedsim_run_round_s"] = best_of(fed.result["run_round_s"]) if fed.result else None
         row["all_round_s"] = {
             "fedsim": fed.result["round_s"] if fed.result else None,
             "naive": naive.result["round_s"] if naive.result else None,
@@ -344,7 +344,7 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         scenarios.append(row)
     dp_rows = []
     for clients in opts.dp_clients:
-        _log(f"fedsim bench: DP-FTRL round, {clients} clients from {opts.dp_population} devices ...", quiet)
+        log_progress(f"fedsim bench: DP-FTRL round, {clients} clients from {opts.dp_population} devices ...", quiet)
         spec = {
             "clients": clients, "population": opts.dp_population, "rounds": opts.dp_rounds, "threads": opts.threads,
             "noise_params": DP_NOISE_PARAMS if clients == max(opts.dp_clients) else 0, "noise_rounds": opts.noise_rounds,
@@ -352,7 +352,7 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         m = measure("dpftrl", spec)
         entry: dict[str, Any] = {"clients_per_round": clients, "population": opts.dp_population, "peak_rss_mb": m.peak_rss_mb}
         if m.result:
-            entry["round_s"] = _best(m.result["run_round_s"], warmup=0)
+            entry["round_s"] = best_of(m.result["run_round_s"], warmup=0)
             entry["all_round_s"] = m.result["run_round_s"]
             entry["clients"] = m.result["clients"]
             entry["local_model_params"] = m.result["local_params"]
@@ -416,7 +416,7 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 # printing
 
 
-def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
+def fmt_number(value: float | None, digits: int = 0, unit: str = "") -> str:
     if value is None:
         return "n/a"
     if digits == 0:
@@ -424,7 +424,7 @@ def _fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
     return f"{value:,.{digits}f}{unit}"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def fmt_ratio(a: float | None, b: float | None) -> str:
     return "n/a" if not a or not b else f"{a / b:,.1f}x"
 
 
@@ -443,10 +443,10 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
         + (" [--quick]" if cfg["quick"] else ""),
         f"fedsim: engine.threads = {cfg['threads']}; FLOP bound: sgemm on {cfg['threads']} core(s); naive loop: "
         "the better of 1 and that many torch threads; Flower: one Ray actor per CPU, one torch thread each",
-        f"sgemm rate measured in this run: {_fmt(report['matmul_gflops'], 1)} GFLOP/s; load average "
+        f"sgemm rate measured in this run: {fmt_number(report['matmul_gflops'], 1)} GFLOP/s; load average "
         f"{cfg['load_average']['start'][0]:.2f} at start, {cfg['load_average']['end'][0]:.2f} at end"
         if "load_average" in cfg
-        else f"sgemm rate measured in this run: {_fmt(report['matmul_gflops'], 1)} GFLOP/s",
+        else f"sgemm rate measured in this run: {fmt_number(report['matmul_gflops'], 1)} GFLOP/s",
         "",
         "client updates per second (higher is better); ratios are fedsim's figure over the column's",
         f"{'scenario':<10}{'fedsim':>10}{'naive loop':>12}{'Flower':>10}{'FLOP bound':>12}"
@@ -456,9 +456,9 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
         fed, bound, train = row["fedsim_updates_per_s"], row["flop_bound_updates_per_s"], row["fedsim_training_updates_per_s"]
         pct = f"{100 * train / bound:.0f} %" if train and bound else "n/a"
         lines.append(
-            f"{row['name']:<10}{_fmt(fed):>10}{_fmt(row['naive_updates_per_s']):>12}{_fmt(row['flower_updates_per_s']):>10}"
-            f"{_fmt(bound):>12}{_ratio(fed, row['naive_updates_per_s']):>10}{_ratio(fed, row['flower_updates_per_s']):>11}"
-            f"{_fmt(train):>11}{pct:>9}"
+            f"{row['name']:<10}{fmt_number(fed):>10}{fmt_number(row['naive_updates_per_s']):>12}{fmt_number(row['flower_updates_per_s']):>10}"
+            f"{fmt_number(bound):>12}{fmt_ratio(fed, row['naive_updates_per_s']):>10}{fmt_ratio(fed, row['flower_updates_per_s']):>11}"
+            f"{fmt_number(train):>11}{pct:>9}"
         )
     lines.append(
         "* training: fedsim's batched training + validation + sum on data generated beforehand; % bound = training / FLOP bound"
@@ -467,7 +467,7 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
         local, bound = row.get("fedsim_local_training_updates_per_s"), row["flop_bound_updates_per_s"]
         if local and bound:
             lines.append(
-                f"  {row['name']}: local training alone (no server validation or sum) {_fmt(local)} updates/s, "
+                f"  {row['name']}: local training alone (no server validation or sum) {fmt_number(local)} updates/s, "
                 f"{100 * local / bound:.0f} % of the bound"
             )
     lines += [
@@ -479,9 +479,9 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
     for row in report["scenarios"]:
         s = row["seconds_per_round"]
         lines.append(
-            f"{row['name']:<10}{_fmt(s['fedsim'], 3):>10}{_fmt(s['naive'], 2):>10}{_fmt(s['flower'], 2):>10}"
-            f"{_fmt(row['data_generation_s_per_round'], 3):>12}{_fmt(row['peak_rss_mb']):>11}"
-            f"{_fmt(row['naive_peak_rss_mb']):>10}{_fmt(row['flower_peak_rss_mb']):>11}{row['flops_per_update'] / 1e6:>14.2f}"
+            f"{row['name']:<10}{fmt_number(s['fedsim'], 3):>10}{fmt_number(s['naive'], 2):>10}{fmt_number(s['flower'], 2):>10}"
+            f"{fmt_number(row['data_generation_s_per_round'], 3):>12}{fmt_number(row['peak_rss_mb']):>11}"
+            f"{fmt_number(row['naive_peak_rss_mb']):>10}{fmt_number(row['flower_peak_rss_mb']):>11}{row['flops_per_update'] / 1e6:>14.2f}"
         )
     lines += ["", "DP-FTRL at scale (synthetic devices, logistic-regression local model, efficient tree estimator)"]
     for dp in report["dp_ftrl"]:
@@ -490,14 +490,14 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
             continue
         text = (
             f"  {dp['clients_per_round']:>6} clients/round from {dp['population']:,} devices: "
-            f"{_fmt(dp['round_s'], 2)} s/round, peak RSS {_fmt(dp['peak_rss_mb'])} MB"
+            f"{fmt_number(dp['round_s'], 2)} s/round, peak RSS {fmt_number(dp['peak_rss_mb'])} MB"
         )
         if "noise_s_per_round" in dp:
             total = dp["round_s"] + dp["noise_s_per_round"]
             text += (
                 f"; tree noise for a {dp['noise_params'] / 1e6:.1f}M-parameter model {dp['noise_s_per_round'] * 1e3:.1f} ms/round"
-                + (f" -> Gboard-scale round {_fmt(total, 2)} s" if dp["clients_per_round"] == DP_CLIENTS
-                   else f" -> {_fmt(total, 2)} s with it")
+                + (f" -> Gboard-scale round {fmt_number(total, 2)} s" if dp["clients_per_round"] == DP_CLIENTS
+                   else f" -> {fmt_number(total, 2)} s with it")
             )
         lines.append(text)
         if dp.get("gaussian_noise_s") is not None:

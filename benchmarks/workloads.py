@@ -1,7 +1,7 @@
 """Benchmark rows for the model zoo: ``cnn`` on the digits as images, ``lstm-lm`` and
 ``transformer-lm`` on text.
 
-Each row measures, in its own subprocess (see :func:`fedsim.bench.measure`): fedsim's in-process
+Each row measures, in its own subprocess (see :func:`benchmarks.measure`): fedsim's in-process
 engine (the trainer path it chooses, best round after a warm-up), a naive per-client loop
 (``copy.deepcopy`` of the model, ``torch.optim.SGD``, ``loss.backward()``, a running sum),
 Flower's simulation engine on the same scenario, the FLOP bound (FLOPs of one client update
@@ -211,7 +211,7 @@ def pfl_python() -> Path | None:
 
 def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: bool) -> list[dict[str, Any]]:
     """Measure every row of ``opts.workloads``; the JSON-ready rows."""
-    from benchmarks import _best, _log, measure
+    from benchmarks import best_of, log_progress, measure
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-text-") as tmp:
@@ -221,18 +221,18 @@ def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: b
             if name in LENGTHS:
                 text_file(data_dir, LENGTHS[name], clients + 2)
             base = {"name": name, "clients": clients, "threads": opts.threads, "data_dir": str(data_dir)}
-            _log(f"fedsim bench: {name}: fedsim in-process engine ...", quiet)
+            log_progress(f"fedsim bench: {name}: fedsim in-process engine ...", quiet)
             fed = measure("workload-fedsim", {**base, "rounds": opts.workload_rounds})
-            _log(f"fedsim bench: {name}: naive per-client loop ...", quiet)
+            log_progress(f"fedsim bench: {name}: naive per-client loop ...", quiet)
             naive = measure("workload-naive", {**base, "threads": 1, "rounds": 1})
             flower = None
             if opts.flower_models and not opts.quick:
-                _log(f"fedsim bench: {name}: Flower simulation engine ...", quiet)
+                log_progress(f"fedsim bench: {name}: Flower simulation engine ...", quiet)
                 flower = measure("workload-flower", {**base, "rounds": 2}, timeout=3600.0)
             row: dict[str, Any] = {"name": name, "clients_per_round": clients, "errors": {}}
-            fed_round = _best(fed.result["round_s"]) if fed.result else None
-            naive_round = _best(naive.result["round_s"], warmup=0) if naive.result else None
-            flower_round = _best(flower.result["round_s"]) if flower and flower.result else None
+            fed_round = best_of(fed.result["round_s"]) if fed.result else None
+            naive_round = best_of(naive.result["round_s"], warmup=0) if naive.result else None
+            flower_round = best_of(flower.result["round_s"]) if flower and flower.result else None
             row["fedsim_updates_per_s"] = clients / fed_round if fed_round else None
             row["naive_updates_per_s"] = clients / naive_round if naive_round else None
             row["flower_updates_per_s"] = clients / flower_round if flower_round else None
@@ -263,7 +263,7 @@ def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: b
 
 def format_rows(rows: list[dict[str, Any]], threads: int) -> list[str]:
     """The rows as table lines."""
-    from benchmarks import _fmt, _ratio
+    from benchmarks import fmt_number, fmt_ratio
 
     lines = [
         "",
@@ -279,10 +279,10 @@ def format_rows(rows: list[dict[str, Any]], threads: int) -> list[str]:
         pct_one = f"{100 * local / threads / one:.0f} %" if local and one else "n/a"
         path = row["trainer"]["path"] if row["trainer"] else "n/a"
         lines.append(
-            f"{row['name']:<16}{path:>8}{_fmt(fed, 1):>9}{_fmt(row['naive_updates_per_s'], 1):>9}"
-            f"{_fmt(row['flower_updates_per_s'], 1):>9}{_fmt(bound, 1):>9}{pct:>9}{pct_one:>10}"
-            f"{_ratio(fed, row['naive_updates_per_s']):>10}{_ratio(fed, row['flower_updates_per_s']):>11}"
-            f"{_fmt(row['peak_rss_mb']):>7}"
+            f"{row['name']:<16}{path:>8}{fmt_number(fed, 1):>9}{fmt_number(row['naive_updates_per_s'], 1):>9}"
+            f"{fmt_number(row['flower_updates_per_s'], 1):>9}{fmt_number(bound, 1):>9}{pct:>9}{pct_one:>10}"
+            f"{fmt_ratio(fed, row['naive_updates_per_s']):>10}{fmt_ratio(fed, row['flower_updates_per_s']):>11}"
+            f"{fmt_number(row['peak_rss_mb']):>7}"
         )
     lines.append(
         "  client updates/s; % bound: local training / FLOP bound on the run's cores; % 1 core: per core, against one core's bound"

@@ -65,7 +65,7 @@ def test_tiny_benchmark_run_reports_every_column() -> None:
 
 
 def test_targets_flag_is_off_by_default() -> None:
-    from fedsim.bench import build_parser
+    from benchmarks import build_parser
 
     assert build_parser().parse_args([]).targets is False
     assert build_parser().parse_args(["--targets"]).targets is True

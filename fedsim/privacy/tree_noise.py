@@ -64,11 +64,11 @@ from fedsim.privacy.noise import TAG_ROUND, TAG_TREE, NoiseSource
 from fedsim.privacy.tree_structure import (  # the tree's shape and variances (no torch needed)
     Estimator,
     Node,
-    _check_restart,
-    _height,
-    _honaker_weight,
+    check_restart,
     decomposition,
     efficient_node_variance,
+    honaker_weight,
+    node_height,
     prefix_variance,
 )
 
@@ -142,13 +142,13 @@ def node_noise(seed: Source, node: Node, num_params: int, std: float) -> torch.T
 def _efficient_estimate(seed: Source, node: Node, num_params: int, std: float) -> torch.Tensor:
     """Bottom-up efficient estimate of one node from its whole subtree (recomputed from scratch)."""
     own = node_noise(seed, node, num_params, std)
-    h = _height(node)
+    h = node_height(node)
     if h == 0:
         return own
     mid = node[0] + (1 << (h - 1))
     children = _efficient_estimate(seed, (node[0], mid), num_params, std)
     children = children + _efficient_estimate(seed, (mid, node[1]), num_params, std)
-    a = _honaker_weight(h)
+    a = honaker_weight(h)
     return own.mul_(a).add_(children, alpha=1.0 - a)
 
 
@@ -216,7 +216,7 @@ class TreeNoise:
         restart_every: int | None = None,
     ) -> None:
         _check_common(num_params, std)
-        _check_restart(restart_every)
+        check_restart(restart_every)
         if estimator not in ("vanilla", "efficient"):
             raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
         self.num_params = int(num_params)
@@ -271,10 +271,10 @@ class TreeNoise:
     def _step_efficient(self, round: int) -> None:
         node: Node = (round, round + 1)
         value = node_noise(self.source, node, self.num_params, self.std)
-        while self._nodes and _height(self._nodes[-1]) == _height(node):
+        while self._nodes and node_height(self._nodes[-1]) == node_height(node):
             left, left_value = self._nodes.pop(), self._values.pop()
             parent = (left[0], node[1])
-            a = _honaker_weight(_height(parent))
+            a = honaker_weight(node_height(parent))
             children = left_value.add_(value)
             value = node_noise(self.source, parent, self.num_params, self.std).mul_(a).add_(children, alpha=1.0 - a)
             node = parent

@@ -22,7 +22,7 @@ Estimator = Literal["vanilla", "efficient"]
 Node = tuple[int, int]
 
 
-def _check_restart(restart_every: int | None) -> None:
+def check_restart(restart_every: int | None) -> None:
     if restart_every is not None and (
         isinstance(restart_every, bool) or not isinstance(restart_every, int | np.integer) or restart_every < 1
     ):
@@ -35,7 +35,7 @@ def decomposition(round: int, restart_every: int | None = None) -> list[Node]:
     The prefix starts at the beginning of ``round``'s segment (round 0 without restarts) and is
     decomposed into dyadic intervals relative to that start, one per set bit of its length.
     """
-    _check_restart(restart_every)
+    check_restart(restart_every)
     if round < 0:
         raise ValueError(f"round must be >= 0, got {round}")
     base = 0 if restart_every is None else (round // restart_every) * restart_every
@@ -49,11 +49,11 @@ def decomposition(round: int, restart_every: int | None = None) -> list[Node]:
     return nodes
 
 
-def _height(node: Node) -> int:
+def node_height(node: Node) -> int:
     return (node[1] - node[0]).bit_length() - 1
 
 
-def _honaker_weight(height: int) -> float:
+def honaker_weight(height: int) -> float:
     """Weight of a node's own value in the efficient estimate, ``1 / (2 - 2**-h)``."""
     return 1.0 / (2.0 - 0.5**height)
 
@@ -73,5 +73,5 @@ def prefix_variance(round: int, *, estimator: Estimator = "vanilla", restart_eve
     if estimator == "vanilla":
         return float(len(nodes))
     if estimator == "efficient":
-        return float(sum(efficient_node_variance(_height(n)) for n in nodes))
+        return float(sum(efficient_node_variance(node_height(n)) for n in nodes))
     raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
