@@ -277,7 +277,7 @@ def _cmd_check_strategy(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import add_arguments
+    from fedsim_bench import add_arguments
 
     p = sub.add_parser(
         "bench",
@@ -290,7 +290,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks import run_from_args
+    from fedsim_bench import run_from_args
 
     return run_from_args(args)
 

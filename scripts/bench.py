@@ -4,7 +4,7 @@
     python scripts/bench.py --quick    # reduced, under a minute
     python scripts/bench.py --json     # one JSON object
 
-The same as ``fedsim bench``; the logic lives in :mod:`benchmarks` (see its docstring and
+The same as ``fedsim bench``; the logic lives in :mod:`fedsim_bench` (see its docstring and
 docs/benchmarks.md for what is measured and how).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from benchmarks import main  # noqa: E402
+from fedsim_bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -111,6 +111,7 @@ class DPFedAvg(MechanismStrategy):
 
     @property
     def sampling_rate(self) -> float | None:
+        """``q`` of Poisson sampling (known after :meth:`setup` when not given), else ``None``."""
         return self.mechanism.sampling_rate
 
     # -- set-up ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks import (
+from fedsim_bench import (
     BenchOptions,
     flops_per_update,
     format_report,
@@ -65,7 +65,7 @@ def test_tiny_benchmark_run_reports_every_column() -> None:
 
 
 def test_targets_flag_is_off_by_default() -> None:
-    from benchmarks import build_parser
+    from fedsim_bench import build_parser
 
     assert build_parser().parse_args([]).targets is False
     assert build_parser().parse_args(["--targets"]).targets is True

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fedsim", "strategies", "clients", "benchmarks")
+PACKAGES = ("fedsim", "strategies", "clients", "fedsim_bench")
 PROJECT = (*PACKAGES, "scripts")
 
 

@@ -1,8 +1,8 @@
 """The measurements of ``fedsim bench``, each run in its own interpreter.
 
-``python -m benchmarks.workers KIND 'SPEC-JSON'`` runs one measurement with ``SPEC["threads"]``
+``python -m fedsim_bench.workers KIND 'SPEC-JSON'`` runs one measurement with ``SPEC["threads"]``
 torch threads and prints its result as one JSON line (plus ``_maxrss``, the process's peak
-resident memory in bytes). :mod:`benchmarks` starts these subprocesses and samples the memory
+resident memory in bytes). :mod:`fedsim_bench` starts these subprocesses and samples the memory
 of their whole process tree; see its docstring for what each figure means.
 """
 
@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from benchmarks import (
+from fedsim.strategy import Strategy
+from fedsim.types import TrainConfig, UpdateBatch
+from fedsim_bench import (
     BATCH,
     CLASSES,
     DP_CLIP,
@@ -36,8 +38,6 @@ from benchmarks import (
     round_seconds,
     scenario_dict,
 )
-from fedsim.strategy import Strategy
-from fedsim.types import TrainConfig, UpdateBatch
 
 
 class TimedFedAvg(Strategy):
@@ -305,7 +305,7 @@ WORKERS = {
 
 
 def _add_workload_workers() -> None:
-    from benchmarks.workloads import WORKERS as ZOO
+    from fedsim_bench.workloads import WORKERS as ZOO
 
     WORKERS.update(ZOO)
 
@@ -322,10 +322,10 @@ def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.workers KIND SPEC``: print one measurement as a JSON line."""
+    """``python -m fedsim_bench.workers KIND SPEC``: print one measurement as a JSON line."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("error: usage: python -m benchmarks.workers KIND 'SPEC-JSON'", file=sys.stderr)
+        print("error: usage: python -m fedsim_bench.workers KIND 'SPEC-JSON'", file=sys.stderr)
         return 2
     result = run_worker(args[0], json.loads(args[1]))
     result["_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

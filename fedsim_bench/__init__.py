@@ -78,7 +78,7 @@ TIMES_ENV = "FEDSIM_BENCH_TIMES"
 
 
 # ----------------------------------------------------------------------------------------------
-# round timing: every engine runs ``benchmarks.workers:TimedFedAvg`` (FedAvg + timestamps)
+# round timing: every engine runs ``fedsim_bench.workers:TimedFedAvg`` (FedAvg + timestamps)
 
 
 def round_seconds(times: Sequence[tuple[str, int, float]]) -> list[float]:
@@ -122,7 +122,7 @@ def scenario_dict(
         },
         "model": {"name": model, "hidden": HIDDEN},
         "client": {"local-epochs": EPOCHS, "batch-size": BATCH, "lr": LR},
-        "strategy": strategy or {"name": "benchmarks.workers:TimedFedAvg"},
+        "strategy": strategy or {"name": "fedsim_bench.workers:TimedFedAvg"},
         "engine": {"backend": backend, "threads": threads, "eval-every": rounds},
     }
 
@@ -184,7 +184,7 @@ def measure(kind: str, spec: dict[str, Any], *, timeout: float = 1800.0) -> Meas
     """Run a worker in a fresh interpreter, sampling its process tree's RSS every 50 ms."""
     import psutil
 
-    cmd = [sys.executable, "-m", "benchmarks.workers", kind, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "fedsim_bench.workers", kind, json.dumps(spec)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     # the workers import fedsim (and the clients/strategies plug-ins) from where this copy lives
     root = str(Path(__file__).resolve().parents[1])
@@ -244,7 +244,7 @@ class BenchOptions:
     naive_all_threads: bool = True
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    #: model-zoo rows (:mod:`benchmarks.workloads`); the command line turns them on
+    #: model-zoo rows (:mod:`fedsim_bench.workloads`); the command line turns them on
     workloads: tuple[str, ...] = ()
     workload_rounds: int = 4
     workload_clients: dict[str, int] = field(default_factory=lambda: {"cnn": 100, "lstm-lm": 16, "transformer-lm": 16})
@@ -365,7 +365,7 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         dp_rows.append(entry)
     workload_rows: list[dict[str, Any]] = []
     if opts.workloads:
-        from benchmarks.workloads import run_rows
+        from fedsim_bench.workloads import run_rows
 
         one = gflops if opts.threads == 1 else (measure("matmul", {"threads": 1}).result or {}).get("gflops")
         workload_rows = run_rows(opts, gflops, one, quiet)
@@ -507,7 +507,7 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
                 f"tree {dp['noise_s_per_round'] * 1e3:.1f} ms (efficient estimator)"
             )
     if report.get("workloads"):
-        from benchmarks.workloads import format_rows
+        from fedsim_bench.workloads import format_rows
 
         lines += format_rows(report["workloads"], cfg["threads"])
     if targets:
@@ -583,7 +583,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if args.no_flower:
         opts.flower_models = ()
     if args.workloads or (not args.quick and not args.no_workloads):
-        from benchmarks.workloads import WORKLOADS
+        from fedsim_bench.workloads import WORKLOADS
 
         opts.workloads = WORKLOADS
         if args.quick:
@@ -600,7 +600,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/bench.py`` and ``python -m benchmarks``."""
+    """Entry point of ``scripts/bench.py`` and ``python -m fedsim_bench``."""
     args = build_parser("bench.py").parse_args(argv)
     return run_from_args(args)
 

@@ -1,7 +1,7 @@
 """Benchmark rows for the model zoo: ``cnn`` on the digits as images, ``lstm-lm`` and
 ``transformer-lm`` on text.
 
-Each row measures, in its own subprocess (see :func:`benchmarks.measure`): fedsim's in-process
+Each row measures, in its own subprocess (see :func:`fedsim_bench.measure`): fedsim's in-process
 engine (the trainer path it chooses, best round after a warm-up), a naive per-client loop
 (``copy.deepcopy`` of the model, ``torch.optim.SGD``, ``loss.backward()``, a running sum),
 Flower's simulation engine on the same scenario, the FLOP bound (FLOPs of one client update
@@ -81,7 +81,7 @@ def scenario_dict(name: str, *, clients: int, rounds: int, threads: int, data_di
         "data": data,
         "model": {"name": name, **MODEL_PARAMS[name]},
         "client": client,
-        "strategy": {"name": "benchmarks.workers:TimedFedAvg"},
+        "strategy": {"name": "fedsim_bench.workers:TimedFedAvg"},
         "engine": {"backend": backend, "threads": threads, "eval-every": rounds},
     }
 
@@ -123,10 +123,10 @@ def worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
     """fedsim's engine on the row's scenario: rounds, local training alone, FLOPs, trainer path."""
     import resource
 
-    from benchmarks import round_seconds
     from fedsim import seeds
     from fedsim.engine import Simulation
     from fedsim.types import ClientTask
+    from fedsim_bench import round_seconds
 
     sim = Simulation(_simulation(spec), progress=False)
     for r in range(spec["rounds"]):
@@ -184,8 +184,8 @@ def worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_flower(spec: dict[str, Any]) -> dict[str, Any]:
     """The row's scenario on Flower's simulation engine (fedsim's bridge, one Ray actor per CPU)."""
-    from benchmarks import TIMES_ENV, round_seconds
     from fedsim.flower.simulation import FlowerSimulation
+    from fedsim_bench import TIMES_ENV, round_seconds
 
     scenario = _simulation({**spec, "threads": 1}, backend="flower")
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
@@ -211,7 +211,7 @@ def pfl_python() -> Path | None:
 
 def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: bool) -> list[dict[str, Any]]:
     """Measure every row of ``opts.workloads``; the JSON-ready rows."""
-    from benchmarks import best_of, log_progress, measure
+    from fedsim_bench import best_of, log_progress, measure
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-text-") as tmp:
@@ -263,7 +263,7 @@ def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: b
 
 def format_rows(rows: list[dict[str, Any]], threads: int) -> list[str]:
     """The rows as table lines."""
-    from benchmarks import fmt_number, fmt_ratio
+    from fedsim_bench import fmt_number, fmt_ratio
 
     lines = [
         "",
