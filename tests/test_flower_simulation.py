@@ -47,6 +47,8 @@ def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
+    # Flower's current simulation runtime (no deprecated entry point), and no notice users cannot act on
+    assert "deprecat" not in stderr.lower() and "SuperNodes changed" not in stderr, stderr[-4000:]
     summary = json.loads(stdout)
     assert (summary["backend"], summary["rounds"], summary["stopped_reason"]) == ("flower", 2, "completed")
     assert summary["flower"]["nodes"] == 100 and summary["flower"]["no_reply"] == 0

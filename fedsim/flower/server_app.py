@@ -12,7 +12,10 @@ key                    meaning (default)
 ``rounds``             override the scenario's rounds (0: keep)
 ``seed``               override the scenario's seed (-1: keep)
 ``out-dir``            run directory; relative to the SuperLink's working directory
-                       ("": the scenario's ``output-dir``)
+                       ("": the scenario's ``output-dir``). One that already holds a run is
+                       refused (the run fails with a one-line error naming it), unless
+                       ``overwrite``
+``overwrite``          replace an earlier run in the run directory (false)
 ``job-id``             the job devices keep their participation ledgers under ("": this Flower
                        run's id, so every run starts with fresh device ledgers)
 ``min-nodes``          nodes that must check in before round 1 (1)
@@ -32,6 +35,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.engine.rounds import RunResult
+from fedsim.engine.rundir import RunDirExists, claim_run_dir, is_run_dir
 from fedsim.errors import ScenarioError
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.scenario import Scenario, load_scenario
@@ -50,6 +54,7 @@ class ServerOptions:
     rounds: int = 0
     seed: int = -1
     out_dir: str = ""
+    overwrite: bool = False
     job_id: str = ""
     min_nodes: int = 1
     checkin_timeout: float = 120.0
@@ -67,7 +72,7 @@ class ServerOptions:
             kind = type(default.default)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ScenarioError(f"must be {kind.__name__}, got {value!r}", key=key, source="run config")
             kwargs[name] = value
         opts = cls(**kwargs)
@@ -100,6 +105,27 @@ class ServerOptions:
         if self.out_dir:
             overrides.append((["output-dir"], self.out_dir))
         return load_scenario(self.resolve_scenario(), overrides)
+
+
+def claim_out_dir(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Make sure the ServerApp may write its run directory ``path``; return it.
+
+    The deployed counterpart of ``fedsim run``'s protection
+    (:func:`fedsim.engine.rundir.claim_run_dir`): a missing or empty directory is fine; one that
+    holds a run is refused with a :class:`~fedsim.engine.rundir.RunDirExists` naming it and the
+    run-config choices (another ``out-dir``, ``overwrite=true``), or removed when ``overwrite``;
+    any other non-empty directory is never removed.
+    """
+    try:
+        return claim_run_dir(path, overwrite=overwrite)
+    except RunDirExists:
+        if overwrite:
+            raise
+    choose = "choose another with --run-config \"out-dir='DIR'\""
+    if is_run_dir(path):
+        what = "a finished run" if (Path(path) / "summary.json").exists() else "an unfinished run"
+        raise RunDirExists(f"run config out-dir: {path} already holds {what}; {choose}, or replace it with --run-config overwrite=true")
+    raise RunDirExists(f"run config out-dir: {path} is not empty and holds no fedsim run; {choose}")
 
 
 def run_server(
@@ -140,4 +166,8 @@ def main(grid: Grid, context: Context) -> None:
     options = ServerOptions.from_run_config(dict(context.run_config))
     scenario = options.load()
     job_id = options.job_id or f"run-{context.run_id}"
-    run_server(grid, scenario, options, job_id=job_id, run_dir=scenario.output_dir)
+    replacing = is_run_dir(scenario.output_dir)
+    run_dir = claim_out_dir(scenario.output_dir, overwrite=options.overwrite)
+    if replacing:
+        logger.warning("fedsim: overwrite: removed the earlier run in %s", run_dir)
+    run_server(grid, scenario, options, job_id=job_id, run_dir=run_dir)
