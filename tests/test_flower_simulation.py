@@ -115,3 +115,39 @@ def test_flower_runs_a_user_model_and_dataset_from_files(tmp_path: Path) -> None
     for a, b in zip(got.metrics, expected.metrics, strict=True):
         assert a["clients"] == b["clients"] == 3
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=2e-3)
+
+
+@pytest.mark.flower
+def test_a_flower_run_that_fails_is_a_one_line_error_and_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app Flower cannot run (no [tool.flwr.app]): `flwr run` fails, fedsim says why on one line."""
+    from fedsim.flower import simulation
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[project]\nname = "broken"\nversion = "1.0.0"\n', encoding="utf-8")
+    monkeypatch.setattr(simulation, "APP_DIR", app)
+    scenario = load_scenario(SCENARIOS / "quickstart.toml", [(["rounds"], 1)])
+    before = {p.pid for p in _children()}
+    with pytest.raises(simulation.FlowerRunError) as failed:
+        simulation.FlowerSimulation(scenario, run_dir=tmp_path / "run", progress=False).run()
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("--backend flower: the Flower simulation ended without a result")
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert {p.pid for p in _children()} <= before  # the SuperLink and `flwr run` are gone
+
+
+def _children() -> list[os.DirEntry]:
+    """This process's live child processes (from /proc)."""
+    me = str(os.getpid())
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[1] == me and fields[0] != "Z":
+            out.append(entry)
+    return out

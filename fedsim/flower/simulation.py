@@ -43,7 +43,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedsim.engine.rounds import PRIVATE_DIR, RunResult, progress_postfix
 from fedsim.engine.rundir import claim_run_dir
@@ -63,6 +63,7 @@ HIDDEN_NOTICES = (
 )
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_BOX = re.compile("[\u2500-\u257f]")  # the frame the Flower CLI draws around its errors
 _LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:")
 
 
@@ -160,7 +161,8 @@ class _Process:
 
     def tail(self, lines: int = 8) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
-        return " | ".join(_ANSI.sub("", line).strip() for line in text.splitlines()[-lines:] if line.strip())
+        plain = (" ".join(_BOX.sub(" ", _ANSI.sub("", line)).split()) for line in text.splitlines())
+        return " | ".join([line for line in plain if line][-lines:])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -307,7 +309,7 @@ class FlowerSimulation:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.scenario.rounds, desc=f"{self.scenario.name} (flower)", unit="round", dynamic_ncols=True)
-        write: Callable[[str], None] = bar.write if bar is not None else _stderr_line
+        write: Callable[[str], None] = _stderr_line if bar is None else lambda line: bar.write(line, file=sys.stderr)
         try:
             while True:
                 done = flwr.proc.poll() is not None
@@ -331,8 +333,8 @@ class FlowerSimulation:
                 bar.close()
 
 
-def _stderr_line(line: str, file: IO[str] | None = None) -> None:
-    print(line, file=file or sys.stderr, flush=True)
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
