@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -80,6 +79,7 @@ from fedsim.privacy.sensitivity import (
     max_tree_sensitivity_sq,
     prefix_cache,
 )
+from fedsim.validation import int_at_least, is_int
 
 __all__ = [
     "RDP_ORDERS",
@@ -321,7 +321,7 @@ class Accountant:
 
         Raises ``ValueError``/``TypeError`` exactly where ``ledger.record`` would.
         """
-        if isinstance(round, bool) or not isinstance(round, int):
+        if not is_int(round):
             raise ValueError(f"round must be an integer, got {round!r}")
         if type(event) not in _KINDS:
             raise TypeError(
@@ -369,24 +369,6 @@ class _Appended(Sequence):
         raise IndexError(i)
 
 
-def _check_positive_number(name: str, value: float) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
-
-
-def _check_rounds(rounds: int) -> int:
-    if isinstance(rounds, bool) or not isinstance(rounds, int | np.integer) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    return int(rounds)
-
-
 def dp_ftrl_privacy(noise_multiplier: float, rounds: int, max_participations: int,
                     min_separation: int, delta: float,
                     restart_every: int | None = None) -> PrivacyReport:
@@ -397,7 +379,7 @@ def dp_ftrl_privacy(noise_multiplier: float, rounds: int, max_participations: in
     ``max_participations`` cannot be reached, naming the effective value.
     """
     z = check_noise_multiplier(noise_multiplier)
-    rounds = _check_rounds(rounds)
+    rounds = int_at_least("rounds", rounds, 1)
     delta = validate_delta(delta)
     event = TreeAggregationEvent(z, max_participations, min_separation, restart_every)
     effective_max_participations(rounds, event.max_participations, event.min_separation, warn=True)
@@ -418,7 +400,7 @@ def mf_privacy(noise_multiplier: float, rounds: int, max_participations: int,
     :class:`MatrixFactorizationEvent` (the same function computes ``rho``).
     """
     z = check_noise_multiplier(noise_multiplier)
-    rounds = _check_rounds(rounds)
+    rounds = int_at_least("rounds", rounds, 1)
     delta = validate_delta(delta)
     event = MatrixFactorizationEvent(z, max_participations, min_separation, family, params)
     return _compose({MatrixFactorizationEvent: _Group(rounds, {event: rounds}, None)}, delta)
@@ -435,7 +417,7 @@ def dp_fedavg_privacy(noise_multiplier: float, rounds: int, delta: float,
     Equal to ``Accountant(delta).report`` of the ledger of ``rounds`` identical events.
     """
     z = check_noise_multiplier(noise_multiplier)
-    rounds = _check_rounds(rounds)
+    rounds = int_at_least("rounds", rounds, 1)
     delta = validate_delta(delta)
     if sampling_rate is None:
         event: PrivacyEvent = GaussianEvent(z, max_participations, min_separation)

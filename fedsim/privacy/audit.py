@@ -69,6 +69,8 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
+from fedsim.validation import is_int
+
 __all__ = [
     "TAG_AUDIT",
     "THREAT_MODELS",
@@ -210,7 +212,7 @@ class CosineNull:
     """
 
     def __init__(self, dim: int) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 2:
+        if not is_int(dim) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
         self.dim = int(dim)
         self._a = (self.dim - 1) / 2.0

@@ -66,6 +66,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedsim.atomic import fsync_dir
+from fedsim.validation import is_int
 
 __all__ = [
     "KEY_BYTES",
@@ -198,7 +199,7 @@ def encode_words(words: Sequence[int]) -> bytes:
         raise TypeError("words must be a tuple of integers, e.g. (TAG_ROUND, round)")
     out = bytearray(len(words).to_bytes(8, "little"))
     for w in words:
-        if isinstance(w, bool) or not isinstance(w, int | np.integer):
+        if not is_int(w):
             raise TypeError(f"noise words must be integers, got {w!r}")
         w = int(w)
         if not 0 <= w < _WORD_LIMIT:
@@ -220,7 +221,7 @@ def keystream(key: NoiseKey, words: Sequence[int], nbytes: int) -> bytes:
 
 
 def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     return int(n)
 

@@ -62,7 +62,7 @@ def _check_noise(event: Any) -> None:
     object.__setattr__(event, "noise_multiplier", check_noise_multiplier(event.noise_multiplier))
 
 
-def _check_int(event: Any, name: str, low: int, allow_none: bool = False) -> None:
+def _int_field(event: Any, name: str, low: int, allow_none: bool = False) -> None:
     object.__setattr__(event, name, int_at_least(name, getattr(event, name), low, optional=allow_none))
 
 
@@ -76,8 +76,8 @@ class GaussianEvent:
 
     def __post_init__(self) -> None:
         _check_noise(self)
-        _check_int(self, "max_participations", 1, allow_none=True)
-        _check_int(self, "min_separation", 0)
+        _int_field(self, "max_participations", 1, allow_none=True)
+        _int_field(self, "min_separation", 0)
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ class SampledGaussianEvent:
     def __post_init__(self) -> None:
         _check_noise(self)
         object.__setattr__(self, "sampling_rate", number_in("sampling_rate", self.sampling_rate, 0.0, 1.0, low_open=True))
-        _check_int(self, "max_participations", 1, allow_none=True)
-        _check_int(self, "min_separation", 0)
+        _int_field(self, "max_participations", 1, allow_none=True)
+        _int_field(self, "min_separation", 0)
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,9 @@ class TreeAggregationEvent:
 
     def __post_init__(self) -> None:
         _check_noise(self)
-        _check_int(self, "max_participations", 1)
-        _check_int(self, "min_separation", 0)
-        _check_int(self, "restart_every", 1, allow_none=True)
+        _int_field(self, "max_participations", 1)
+        _int_field(self, "min_separation", 0)
+        _int_field(self, "restart_every", 1, allow_none=True)
 
 
 MF_FAMILIES = ("blt", "banded")
@@ -134,8 +134,8 @@ class MatrixFactorizationEvent:
 
     def __post_init__(self) -> None:
         _check_noise(self)
-        _check_int(self, "max_participations", 1)
-        _check_int(self, "min_separation", 0)
+        _int_field(self, "max_participations", 1)
+        _int_field(self, "min_separation", 0)
         if self.family not in MF_FAMILIES:
             raise ValueError(f"family must be one of {MF_FAMILIES}, got {self.family!r}")
         values = finite_numbers("params", self.params)

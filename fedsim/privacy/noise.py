@@ -34,6 +34,7 @@ import torch
 
 from fedsim.privacy import csprng
 from fedsim.privacy.csprng import NoiseKeyError
+from fedsim.validation import is_int
 
 __all__ = [
     "KEY_FILE",
@@ -75,7 +76,7 @@ class NoiseKey(csprng.NoiseKey):
     @classmethod
     def from_seed(cls, seed: int) -> NoiseKey:
         """A *public* key determined by an integer (tests, examples): no privacy against its holder."""
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"a noise seed is a non-negative integer, got {seed!r}")
         material = hashlib.sha256(b"fedsim-public-noise-key-v1" + int(seed).to_bytes(32, "little")).digest()
         return cls(material)
@@ -107,7 +108,7 @@ class NoiseSource:
 
     @staticmethod
     def _check(n: int) -> int:
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         return int(n)
 
