@@ -41,6 +41,7 @@ from fedsim.flower.protocol import TrainInstruction, scenario_from_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, dumps
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
+from fedsim.validation import is_int
 
 FAULTS = ("none", "nan", "wrong-shape", "exceed-clip")
 
@@ -52,7 +53,7 @@ app = ClientApp()
 def device_id_of(context: Context) -> int:
     """The node's device id: its ``partition-id`` node-config value."""
     value = context.node_config.get("partition-id")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"node-config partition-id must be a non-negative integer, got {value!r}")
     return int(value)
 
@@ -61,7 +62,7 @@ def _node_int(context: Context, key: str) -> int | None:
     value = context.node_config.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"node-config {key} must be a non-negative integer, got {value!r}")
     return int(value)
 

@@ -22,6 +22,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
+from fedsim.validation import is_int
+
 #: RecordDict keys used by the fedsim Flower protocol.
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -104,9 +106,9 @@ def config_get(config: ConfigRecord, key: str, kind: type, default: Any = ...) -
             raise ValueError(f"config record lacks {key!r}")
         return default
     value = config[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and is_int(value):
         value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not (is_int(value) if kind is int else isinstance(value, kind)):
         raise ValueError(f"config {key!r} must be {kind.__name__}, got {value!r}")
     return value
 

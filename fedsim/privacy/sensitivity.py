@@ -67,6 +67,8 @@ import warnings
 
 import numpy as np
 
+from fedsim.validation import is_int
+
 __all__ = [
     "TreePrefixSensitivity",
     "brute_force_tree_sensitivity_sq",
@@ -261,12 +263,12 @@ def _check_args(num_rounds: int, max_participations: int, min_separation: int,
         ("max_participations", max_participations, 1),
         ("min_separation", min_separation, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if not is_int(value):
             raise TypeError(f"{name} must be an integer, got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if restart_every is not None:
-        if isinstance(restart_every, bool) or not isinstance(restart_every, int | np.integer):
+        if not is_int(restart_every):
             raise TypeError(f"restart_every must be an integer or None, got {restart_every!r}")
         if restart_every < 1:
             raise ValueError(f"restart_every must be >= 1 (or None for no restarts), got {restart_every}")

@@ -71,6 +71,7 @@ from fedsim.privacy.tree_structure import (  # the tree's shape and variances (n
     node_height,
     prefix_variance,
 )
+from fedsim.validation import is_int, is_number
 
 __all__ = [
     "Source",
@@ -93,15 +94,15 @@ def as_source(seed: Source) -> NoiseSource:
     """``seed`` as a :class:`~fedsim.privacy.noise.NoiseSource`."""
     if isinstance(seed, NoiseSource):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"a noise seed is a NoiseSource or a non-negative integer, got {seed!r}")
     return NoiseSource.from_seed(int(seed))
 
 
 def _check_common(num_params: int, std: float) -> None:
-    if isinstance(num_params, bool) or not isinstance(num_params, int | np.integer) or num_params < 1:
+    if not is_int(num_params) or num_params < 1:
         raise ValueError(f"num_params must be a positive integer, got {num_params!r}")
-    if not (isinstance(std, int | float) and np.isfinite(std) and std >= 0):
+    if not (is_number(std) and np.isfinite(std) and std >= 0):
         raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
+from fedsim.validation import is_int
 
 Estimator = Literal["vanilla", "efficient"]
 #: A dyadic interval of rounds ``[start, end)``.
@@ -23,9 +23,7 @@ Node = tuple[int, int]
 
 
 def check_restart(restart_every: int | None) -> None:
-    if restart_every is not None and (
-        isinstance(restart_every, bool) or not isinstance(restart_every, int | np.integer) or restart_every < 1
-    ):
+    if restart_every is not None and (not is_int(restart_every) or restart_every < 1):
         raise ValueError(f"restart_every must be a positive integer or None, got {restart_every!r}")
 
 
