@@ -52,16 +52,12 @@ class Simulation(RoundOwner):
 
     Parameters
     ----------
-    scenario:
-        The validated scenario.
-    run_dir:
-        Where to write the run directory; ``None`` writes nothing (tests, benchmarks).
+    scenario, run_dir, noise_key:
+        As for :class:`~fedsim.engine.rounds.RoundOwner`.
     progress:
         Show a progress bar with per-round metrics.
     executor:
         Where client work runs; default: what ``[engine] backend`` names.
-    noise_key:
-        The run's secret noise key (see :class:`~fedsim.engine.rounds.RoundOwner`).
     """
 
     def __init__(
