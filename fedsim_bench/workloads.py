@@ -53,7 +53,7 @@ PFL_INSTALL = (
 
 def text_file(directory: Path, length: int, users: int) -> Path:
     """Write ``users x SEQUENCES`` character sequences of ``length`` (+1 for the target) to a ``.npz``."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]  # the repository (this file is fedsim_bench/workloads.py)
     parts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in parts if p.is_file())
     ids = np.array([(ord(c) - 32 + 5 if 32 <= ord(c) < 127 else (4 if c == "\n" else 1)) for c in text], dtype=np.int64)
@@ -99,11 +99,11 @@ def client_flops(sim: Any) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedsim import seeds
-    from fedsim.types import ClientTask
+    from fedsim.builders import client_task
 
     model = copy.deepcopy(sim.trainer.model)
-    x, y = sim.data.client_data(0)
-    task = ClientTask(0, x, y, seeds.client_seed(0, 0, 0))
+    task = client_task(sim.data, 0, seeds.client_seed(0, 0, 0))
+    x = task.x
     trainer = type(sim.trainer)(model, path="loop")
     trainer.objective = sim.trainer.objective
     with FlopCounterMode(display=False) as counter:
@@ -123,9 +123,8 @@ def worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
     """fedsim's engine on the row's scenario: rounds, local training alone, FLOPs, trainer path."""
     import resource
 
-    from fedsim import seeds
+    from fedsim.builders import cohort_tasks
     from fedsim.engine import Simulation
-    from fedsim.types import ClientTask
     from fedsim_bench import round_seconds
 
     sim = Simulation(_simulation(spec), progress=False)
@@ -133,10 +132,7 @@ def worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
         sim.run_round(r)
     timed = round_seconds(sim.strategy.times)
     engine_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tasks = []
-    for dev in range(spec["clients"]):
-        x, y = sim.data.client_data(dev)
-        tasks.append(ClientTask(dev, x, y, seeds.client_seed(0, 0, dev)))
+    tasks = list(cohort_tasks(sim.data, 0, 0, range(spec["clients"])))
     local = math.inf
     for _ in range(spec.get("repeats", 2)):
         start = time.perf_counter()
@@ -205,7 +201,7 @@ WORKERS = {"workload-fedsim": worker_fedsim, "workload-naive": worker_naive, "wo
 def pfl_python() -> Path | None:
     """The pfl-research environment's interpreter, or ``None`` when it is not installed."""
     env = os.environ.get("FEDSIM_PFL_PYTHON")
-    candidate = Path(env) if env else Path(__file__).resolve().parents[2] / ".venv-pfl" / "bin" / "python"
+    candidate = Path(env) if env else Path(__file__).resolve().parents[1] / ".venv-pfl" / "bin" / "python"
     return candidate if candidate.is_file() else None
 
 
