@@ -16,8 +16,13 @@ key                    meaning (default)
                        refused (the run fails with a one-line error naming it), unless
                        ``overwrite``
 ``overwrite``          replace an earlier run in the run directory (false)
-``job-id``             the job devices keep their participation ledgers under ("": this Flower
-                       run's id, so every run starts with fresh device ledgers)
+``job-id``             the training job: devices keep their participation ledgers under it,
+                       and the server its state ("": this Flower run's id, so every
+                       ``flwr run`` is a new job)
+``state-dir``          where the server keeps its jobs' states, ``<state-dir>/<job-id>/``: the
+                       job's noise key and a checkpoint after every round; a restarted server
+                       of the same job (same ``job-id`` and ``state-dir``) continues it
+                       ("": ``<out-dir>/server-state``)
 ``min-nodes``          nodes that must check in before round 1 (1)
 ``checkin-timeout``    seconds round 1 waits for check-ins (120)
 ``round-timeout``      seconds a round waits for replies; late replies are dropped (300)
@@ -37,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.engine.rounds import RunResult
 from fedsim.engine.rundir import RunDirExists, claim_run_dir, is_run_dir
 from fedsim.errors import ScenarioError
+from fedsim.flower.server_state import ServerState
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.scenario import Scenario, load_scenario
 
@@ -56,6 +62,7 @@ class ServerOptions:
     out_dir: str = ""
     overwrite: bool = False
     job_id: str = ""
+    state_dir: str = ""
     min_nodes: int = 1
     checkin_timeout: float = 120.0
     round_timeout: float = 300.0
@@ -86,6 +93,10 @@ class ServerOptions:
             if not ok:
                 raise ScenarioError(f"out of range: {getattr(opts, key.replace('-', '_'))!r}", key=key, source="run config")
         return opts
+
+    def state_root(self, run_dir: str | Path) -> Path:
+        """The server state directory: ``state-dir``, else ``<run dir>/server-state``."""
+        return Path(self.state_dir) if self.state_dir else Path(run_dir) / "server-state"
 
     def resolve_scenario(self) -> Path:
         """The scenario file: absolute, else in the app, else in the working directory."""
@@ -136,8 +147,13 @@ def run_server(
     job_id: str,
     run_dir: str | Path | None,
     progress: bool = False,
+    state: ServerState | None = None,
 ) -> RunResult:
-    """Run ``scenario`` through :class:`FedsimStrategy` on ``grid``, writing ``run_dir`` if given."""
+    """Run ``scenario`` through :class:`FedsimStrategy` on ``grid``, writing ``run_dir`` if given.
+
+    With ``state``, the job's key and checkpoints live there and a job that has them continues
+    (:class:`~fedsim.flower.server_state.ServerState`).
+    """
     bridge = FedsimStrategy(
         scenario,
         run_dir=run_dir,
@@ -145,6 +161,7 @@ def run_server(
         min_nodes=options.min_nodes,
         checkin_timeout=options.checkin_timeout,
         progress=progress,
+        state=state,
     )
     result = bridge.run(grid, round_timeout=options.round_timeout)
     s = result.summary
@@ -166,8 +183,13 @@ def main(grid: Grid, context: Context) -> None:
     options = ServerOptions.from_run_config(dict(context.run_config))
     scenario = options.load()
     job_id = options.job_id or f"run-{context.run_id}"
-    replacing = is_run_dir(scenario.output_dir)
-    run_dir = claim_out_dir(scenario.output_dir, overwrite=options.overwrite)
-    if replacing:
-        logger.warning("fedsim: overwrite: removed the earlier run in %s", run_dir)
-    run_server(grid, scenario, options, job_id=job_id, run_dir=run_dir)
+    state = ServerState(options.state_root(scenario.output_dir), job_id)
+    if state.exists() and not options.overwrite:
+        # a restarted server of this job: it continues the job's run directory
+        run_dir: str | Path = scenario.output_dir
+    else:
+        replacing = is_run_dir(scenario.output_dir)
+        run_dir = claim_out_dir(scenario.output_dir, overwrite=options.overwrite)  # never silently over an earlier run
+        if replacing:
+            logger.warning("fedsim: overwrite: removed the earlier run in %s", run_dir)
+    run_server(grid, scenario, options, job_id=job_id, run_dir=run_dir, state=state)

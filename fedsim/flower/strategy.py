@@ -36,6 +36,7 @@ order as the simulator: final parameters and ``metrics.jsonl`` agree.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -52,10 +53,12 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
+from fedsim.engine.checkpoint import restore_metrics_log
 from fedsim.engine.executors import CohortExecutor
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
+from fedsim.flower.server_state import ServerState
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.types import CohortChunk
@@ -347,6 +350,11 @@ class FedsimStrategy(FlowerStrategy):
         Seconds the first round waits for ``min_nodes`` check-ins; fewer is an error.
     progress:
         Show a progress bar (the simulation backend); deployed servers log one line per round.
+    state:
+        The job's durable server state (:class:`~fedsim.flower.server_state.ServerState`): the
+        job's noise key comes from it (drawn and saved when the job is new), a checkpoint is
+        written after every round, and :meth:`run` continues a job that has one instead of
+        starting over. ``None``: a fresh key, nothing kept (one-shot runs, Flower's simulation).
     """
 
     def __init__(
@@ -358,6 +366,7 @@ class FedsimStrategy(FlowerStrategy):
         min_nodes: int = 1,
         checkin_timeout: float = 120.0,
         progress: bool = False,
+        state: ServerState | None = None,
     ) -> None:
         if min_nodes < 1:
             raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
@@ -366,7 +375,14 @@ class FedsimStrategy(FlowerStrategy):
         # Flower executes the rounds: the recorded scenario says so
         scenario = replace(scenario, engine=replace(scenario.engine, backend="flower"))
         self.scenario = scenario
-        self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False)
+        self.state = state
+        key = None
+        if state is not None and scenario.noise_key_path is None:
+            key, fresh = state.key()
+            logger.info("fedsim: job %r: %s", job_id, "new job, fresh secret noise key" if fresh else "job state found, its key is reused")
+        self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False, noise_key=key)
+        #: rounds completed before this server started (a resumed job)
+        self.offset = 0
         self.strategy = self.owner.strategy
         self.limit = self.strategy.participation_limit()
         self.job_id = job_id
@@ -427,11 +443,11 @@ class FedsimStrategy(FlowerStrategy):
             self.first_checkin_done = True
             return self.executor.connected()
 
-        plan = owner.begin(server_round - 1, params=self.layout.to_flat(arrays), reachable=reachable)
+        plan = owner.begin(self.offset + server_round - 1, params=self.layout.to_flat(arrays), reachable=reachable)
         if plan is None:
             logger.warning("fedsim: stopping before round %d: %s", server_round, owner.stopped_reason)
             return []
-        self.sent = self.executor.messages(plan, server_round=server_round)
+        self.sent = self.executor.messages(plan, server_round=plan.round + 1)
         return self.sent.messages
 
     def aggregate_train(
@@ -445,6 +461,11 @@ class FedsimStrategy(FlowerStrategy):
         acc = owner.accumulator(sent.plan)
         contributed = self.executor.collect(sent, replies, acc)
         row, batch = owner.end(sent.plan, acc, contributed=contributed)
+        if self.state is not None:
+            # durable before anything of the round is published (docs: fedsim.flower.server_state)
+            self.state.save(
+                sent.plan.round + 1, owner.state_dict(), run_dir=owner.run_dir, row=row, extra=dict(self.events)
+            )
         owner.commit(row)
         self.log_round(row, batch.rejected)
         metrics = MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
@@ -464,7 +485,7 @@ class FedsimStrategy(FlowerStrategy):
     # running a whole scenario
 
     def initial_arrays(self) -> ArrayRecord:
-        """The scenario's seeded initial model, as an ArrayRecord."""
+        """The global model the next round starts from (the scenario's seeded initial model, or a resumed job's), as an ArrayRecord."""
         return self.layout.to_arrays(self.owner.params)
 
     def run(self, grid: Grid, *, round_timeout: float = 600.0) -> RunResult:
@@ -479,20 +500,25 @@ class FedsimStrategy(FlowerStrategy):
             aggregates what arrived.
         """
         owner, sc = self.owner, self.scenario
+        self.resume()
         owner.start(progress=self.progress, desc=f"{sc.name} (flower)")
         start = time.perf_counter()
         flwr_logger = logging.getLogger("flwr")
         quiet = _FlowerStrategyProgressFilter()
         flwr_logger.addFilter(quiet)  # fedsim logs each round once (log_round); run_server the summary
         try:
-            self.start(grid, self.initial_arrays(), num_rounds=sc.rounds, timeout=round_timeout)
+            if sc.rounds > self.offset and owner.stopped_reason == "completed":
+                self.start(grid, self.initial_arrays(), num_rounds=sc.rounds - self.offset, timeout=round_timeout)
         finally:
             flwr_logger.removeFilter(quiet)
             owner.close_progress()
         result = owner.finish(time.perf_counter() - start)
         result.summary["backend"] = "flower"
+        if owner.private and self.state is not None and owner.key_origin == "given":
+            result.summary["noise_key"] = {"kind": "secret", "file": str(self.state.key_path)}
         result.summary["flower"] = {
             "job_id": self.job_id,
+            "resumed_at_round": self.offset,
             "nodes": len(self.roster),
             "devices": len(set(self.roster.values())),
             **{
@@ -509,6 +535,39 @@ class FedsimStrategy(FlowerStrategy):
             else:
                 owner.run_dir.write_json("participation.json", self.participation())
         return result
+
+    def resume(self) -> int:
+        """Continue the job from its newest checkpoint in :attr:`state`; the rounds restored.
+
+        The run log is cut back to the checkpoint's position and the checkpointed round's row
+        appended (it may or may not have been written before the crash); the private diagnostics
+        of rounds after the checkpoint are dropped. A checkpoint of a different scenario, or a
+        run log that does not extend the checkpoint's, refuses
+        (:class:`~fedsim.engine.checkpoint.CheckpointError`).
+        """
+        if self.state is None:
+            return 0
+        found = self.state.latest()
+        if found is None:
+            return 0
+        state, path = found
+        owner = self.owner
+        owner.check_state(state, source=str(path))
+        if owner.run_dir is not None:
+            restore_metrics_log(owner.run_dir, state["metrics"], path)
+            owner.run_dir.append_metrics(json.loads(state["pending_row"]))
+        restored = {k: v for k, v in state.items() if k not in ("metrics", "pending_row", "flower")}
+        owner.load_state_dict(restored, source=str(path))
+        if owner.run_dir is None:
+            owner.metrics.append(json.loads(state["pending_row"]))
+        owner.cut_diagnostics(owner.next_round)
+        self.events.update({str(k): int(v) for k, v in state["flower"].items()})
+        self.offset = owner.next_round
+        logger.warning(
+            "fedsim: job %r resumed after round %d of %d from %s (the privacy ledger continues)",
+            self.job_id, self.offset, self.scenario.rounds, path,
+        )
+        return self.offset
 
     def participation(self) -> dict[str, Any]:
         """The server's participation ledger (accepted contributions) per device, and the limit."""

@@ -1,0 +1,163 @@
+"""A Flower job's durable server state: its noise key and a checkpoint after every round.
+
+A deployed ServerApp can be killed or restarted at any time. If a restarted server started over,
+it would release the job's rounds a second time and report only its own rho (the privacy
+ledger would restart at zero), and with a fresh key its noise would differ from the first
+release; with the old key and different replies, the difference of two releases would be the
+difference of two exact sums. A job's server therefore keeps its state on disk and a restart
+*continues* it:
+
+=======================  =====================================================================
+file                     content
+=======================  =====================================================================
+``job.json``             the job id (the directory name is a file-system-safe form of it)
+``noise.key``            the job's secret noise key (:class:`~fedsim.privacy.noise.NoiseKey`,
+                         mode 0600), drawn from :mod:`secrets` when the job starts
+``checkpoints/``         ``ckpt-<round>.pt`` after every round, in the engine's checksummed
+                         format (:mod:`fedsim.engine.checkpoint`): the round owner's state
+                         (parameters, mechanism state, privacy ledger, participation ledger),
+                         the run log's position, the round's metrics row, the bridge's counts
+=======================  =====================================================================
+
+The directory (``<state-dir>/<job-id>/``) is the server's secret: it holds the key and exact,
+un-noised state (DP-FTRL's prefix sums), so it is created with mode 0700. What a "job" is: one
+``job-id`` in one ``state-dir`` (``docs/flower.md``). A restarted ServerApp with the same two
+resumes; a new job id draws a new key.
+
+When the state is written. The checkpoint of round ``r`` is written after the round's noisy
+aggregate is computed and *before* anything derived from it leaves the server (the metrics
+row, the next round's model in train messages). A server killed before the checkpoint has
+published nothing of round ``r``, and its successor runs round ``r`` again with the same key (the
+first computation was never released); a server killed after it continues with round ``r + 1``.
+No round is released twice, and the privacy ledger holds each round once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedsim.atomic import atomic_write_bytes, atomic_write_text
+from fedsim.engine.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    encode,
+    list_checkpoints,
+    load_latest,
+    metrics_position,
+)
+from fedsim.engine.rundir import RunDir
+from fedsim.privacy.noise import NoiseKey, NoiseKeyError
+
+__all__ = ["ServerState", "job_dir_name"]
+
+
+def job_dir_name(job_id: str) -> str:
+    """A file-system-safe directory name for ``job_id`` (``job.json`` keeps the exact id)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
+    return cleaned.strip(".") or "job"
+
+
+class ServerState:
+    """The state directory of one Flower job.
+
+    Parameters
+    ----------
+    root:
+        The server's state directory (the ServerApp's ``state-dir``).
+    job_id:
+        The job; its state lives in ``root / job_dir_name(job_id)``.
+    keep:
+        Checkpoints kept (the newest ones; an unreadable newest one falls back to the previous).
+    """
+
+    def __init__(self, root: str | Path, job_id: str, *, keep: int = 2) -> None:
+        if not job_id:
+            raise ValueError("a server state needs a job id")
+        self.root = Path(root)
+        self.job_id = job_id
+        self.path = self.root / job_dir_name(job_id)
+        self.key_path = self.path / "noise.key"
+        self.checkpoints = self.path / "checkpoints"
+        self.keep = keep
+
+    def exists(self) -> bool:
+        """Whether this job has started before (its key or a checkpoint is on disk)."""
+        return self.key_path.exists() or bool(list_checkpoints(self.checkpoints))
+
+    def _check_job(self) -> None:
+        job_file = self.path / "job.json"
+        if not job_file.exists():
+            return
+        recorded = json.loads(job_file.read_text(encoding="utf-8")).get("job_id")
+        if recorded != self.job_id:
+            raise CheckpointError(
+                f"{self.path} holds the state of job {recorded!r}, not {self.job_id!r} "
+                "(job ids that differ only in characters outside [A-Za-z0-9-_.] share a directory); "
+                "choose another job-id or state-dir"
+            )
+
+    def _create(self) -> None:
+        for directory in (self.root, self.path):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)
+        atomic_write_text(self.path / "job.json", json.dumps({"job_id": self.job_id}) + "\n")
+
+    def key(self) -> tuple[NoiseKey, bool]:
+        """The job's noise key and whether it was drawn just now (a new job).
+
+        A new job's key comes from :meth:`NoiseKey.generate` and is saved (mode 0600) before
+        it is used; a started job's key is read back. A checkpoint without its key refuses
+        (:class:`~fedsim.engine.checkpoint.CheckpointError`): rounds run again under a fresh key
+        would release a second noisy view of data already released.
+        """
+        self._check_job()
+        if self.key_path.exists():
+            try:
+                return NoiseKey.load(self.key_path), False
+            except NoiseKeyError as exc:
+                raise CheckpointError(f"server state of job {self.job_id!r}: {exc}") from None
+        if list_checkpoints(self.checkpoints):
+            raise CheckpointError(
+                f"{self.key_path}: the job's noise key is missing but {self.checkpoints} holds its "
+                "checkpoints; cannot continue the job (restore the key file, or start a new job-id)"
+            )
+        self._create()
+        key = NoiseKey.generate()
+        key.save(self.key_path)
+        return key, True
+
+    def latest(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest usable checkpoint of the job, or ``None`` (no round completed yet)."""
+        self._check_job()
+        for stale in self.checkpoints.glob("ckpt-*.pt.tmp") if self.checkpoints.is_dir() else []:
+            stale.unlink(missing_ok=True)  # interrupted while being written
+        found = load_latest(self.checkpoints)
+        if found is None and list_checkpoints(self.checkpoints):
+            raise CheckpointError(
+                f"{self.checkpoints}: no usable checkpoint (all fail their checksums); "
+                "cannot continue the job without re-releasing its rounds"
+            )
+        return found
+
+    def save(self, rounds_done: int, state: dict[str, Any], *, run_dir: RunDir | None, row: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """Write the checkpoint after ``rounds_done`` rounds, before the round's row is published.
+
+        ``state`` is the round owner's ``state_dict()`` (its ``round`` set to ``rounds_done``);
+        the run log's position *before* ``row`` is appended, ``row`` itself and ``extra`` (the
+        bridge's own counts) are added. The newest :attr:`keep` checkpoints are kept.
+        """
+        self.checkpoints.mkdir(mode=0o700, parents=True, exist_ok=True)
+        payload = {
+            **state,
+            "round": rounds_done,
+            "metrics": metrics_position(run_dir),
+            "pending_row": json.dumps(row),
+            "flower": extra,
+        }
+        path = checkpoint_path(self.checkpoints, rounds_done)
+        atomic_write_bytes(path, encode(payload))
+        for _, old in list_checkpoints(self.checkpoints)[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
