@@ -78,9 +78,12 @@ class FlowerCluster:
     ----------
     workdir:
         Directory for ``FLWR_HOME``, logs, node state directories and run-config files.
+    tls:
+        Run the SuperLink with TLS (a private CA and certificate from ``scripts/make_certs.sh``;
+        SuperNodes and ``flwr`` trust the CA): SuperNodes with their own keys need it.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.marker = uuid.uuid4().hex
@@ -101,7 +104,15 @@ class FlowerCluster:
             **{MARKER: self.marker},
         )
         self.env.pop("FEDSIM_STATE_DIR", None)
-        config = {"superlink": {"default": "test", "test": {"address": f"127.0.0.1:{self.link_port}", "insecure": True}}}
+        self.certs: Path | None = None
+        link: dict[str, Any] = {"address": f"127.0.0.1:{self.link_port}", "insecure": True}
+        if tls:
+            self.certs = self.workdir / "certs"
+            subprocess.run(
+                ["bash", str(ROOT / "scripts" / "make_certs.sh"), str(self.certs)], check=True, capture_output=True, timeout=120
+            )
+            link = {"address": f"127.0.0.1:{self.link_port}", "root-certificates": str(self.certs / "ca.crt")}
+        config = {"superlink": {"default": "test", "test": link}}
         (self.home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------
@@ -127,7 +138,12 @@ class FlowerCluster:
 
     def start_superlink(self, timeout: float = 60.0) -> None:
         """Start ``flower-superlink --insecure`` and wait until its port accepts connections."""
-        self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.link_port)])
+        if self.certs is None:
+            security = ["--insecure"]
+        else:
+            c = self.certs
+            security = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key")]
+        self._spawn("superlink", [str(BIN / "flower-superlink"), *security, "--port", str(self.link_port)])
         deadline = time.monotonic() + timeout
         while not _port_open(self.link_port):
             if self.procs["superlink"].poll() is not None or time.monotonic() > deadline:
@@ -138,8 +154,13 @@ class FlowerCluster:
         """The state directory node ``device`` keeps its participation ledger in."""
         return self.workdir / f"node-{device}"
 
-    def start_supernode(self, device: int, *, name: str | None = None, **node_config: Any) -> str:
-        """Start a SuperNode for ``device`` (``partition-id``), with a persistent ``state-dir``."""
+    def start_supernode(
+        self, device: int, *, name: str | None = None, private_key: Path | None = None, **node_config: Any
+    ) -> str:
+        """Start a SuperNode for ``device`` (``partition-id``), with a persistent ``state-dir``.
+
+        ``private_key``: the node's SuperNode key (``--auth-supernode-private-key``).
+        """
         name = name or f"node-{device}"
         if name in self.procs and self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
@@ -148,13 +169,24 @@ class FlowerCluster:
         self._spawn(
             name,
             [
-                str(BIN / "flower-supernode"), "--insecure",
+                str(BIN / "flower-supernode"),
+                *(["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs / "ca.crt")]),
                 "--superlink", f"127.0.0.1:{self.link_port}",
                 "--port", str(free_port()),
                 "--node-config", text,
+                *(["--auth-supernode-private-key", str(private_key)] if private_key is not None else []),
             ],
         )
         return name
+
+    def register_supernode(self, public_key: Path) -> None:
+        """``flwr supernode register PUBLIC_KEY``: let a SuperNode with this key connect."""
+        out = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(public_key), "test"],
+            cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {public_key} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to process ``name``'s whole process group and reap it."""

@@ -23,6 +23,9 @@ key                    meaning (default)
                        job's noise key and a checkpoint after every round; a restarted server
                        of the same job (same ``job-id`` and ``state-dir``) continues it
                        ("": ``<out-dir>/server-state``)
+``device-keys``        device key roster, a CSV ``partition-id,public-key`` (OpenSSH EC keys):
+                       a node is admitted as a device only with the SuperNode key issued for
+                       it (``fedsim.flower.identity``); "": device ids are self-claimed
 ``min-nodes``          nodes that must check in before round 1 (1)
 ``checkin-timeout``    seconds round 1 waits for check-ins (120)
 ``round-timeout``      seconds a round waits for replies; late replies are dropped (300)
@@ -42,6 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.engine.rounds import RunResult
 from fedsim.engine.rundir import RunDirExists, claim_run_dir, is_run_dir
 from fedsim.errors import ScenarioError
+from fedsim.flower.identity import load_device_keys
 from fedsim.flower.server_state import ServerState
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.scenario import Scenario, load_scenario
@@ -63,6 +67,7 @@ class ServerOptions:
     overwrite: bool = False
     job_id: str = ""
     state_dir: str = ""
+    device_keys: str = ""
     min_nodes: int = 1
     checkin_timeout: float = 120.0
     round_timeout: float = 300.0
@@ -162,6 +167,7 @@ def run_server(
         checkin_timeout=options.checkin_timeout,
         progress=progress,
         state=state,
+        device_keys=load_device_keys(options.device_keys, num_devices=scenario.data.num_devices) if options.device_keys else None,
     )
     result = bridge.run(grid, round_timeout=options.round_timeout)
     s = result.summary

@@ -56,6 +56,7 @@ from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.checkpoint import restore_metrics_log
 from fedsim.engine.executors import CohortExecutor
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult
+from fedsim.flower.identity import DeviceKeys, fingerprint
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.flower.server_state import ServerState
@@ -100,6 +101,7 @@ class FlowerGridExecutor(CohortExecutor):
         checkin_timeout: float = 120.0,
         grid: Grid | None = None,
         round_timeout: float = 600.0,
+        device_keys: DeviceKeys | None = None,
     ) -> None:
         self.layout = layout
         self.num_devices = num_devices
@@ -120,8 +122,13 @@ class FlowerGridExecutor(CohortExecutor):
         self.gone: set[int] = set()
         #: nodes whose claim of a device id was refused (the id was held), by the id they claimed
         self.refused: dict[int, int] = {}
-        #: Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins
+        #: Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins,
+        #: duplicate_claim, unauthenticated_claim
         self.events: Counter[str] = Counter()
+        #: device id -> fingerprint of its issued public key (``None``: claims are not authenticated)
+        self.device_keys = device_keys
+        #: node id -> fingerprint of the node's authenticated public key (as the SuperLink lists it)
+        self.node_keys: dict[int, str] = {}
 
     # -- the contract -------------------------------------------------------------------------
     def train(self, plan: RoundPlan, acc: UpdateAccumulator) -> np.ndarray:
@@ -259,7 +266,7 @@ class FlowerGridExecutor(CohortExecutor):
         """
         deadline = time.monotonic() + self.checkin_timeout
         while True:
-            listed = {int(n) for n in grid.get_node_ids()}
+            listed = self.list_nodes(grid)
             for node in [n for n in self.roster if n not in listed]:
                 logger.warning("fedsim: node %d (device %d) left", node, self.roster.pop(node))
             asking = set(self.pending_checkins.values())
@@ -289,6 +296,28 @@ class FlowerGridExecutor(CohortExecutor):
                 )
             time.sleep(0.5)
 
+    def list_nodes(self, grid: Grid) -> set[int]:
+        """The node ids the grid lists; with a device key roster, their public keys too."""
+        if self.device_keys is None:
+            return {int(n) for n in grid.get_node_ids()}
+        listed = set()
+        for info in grid.get_nodes():
+            node = int(info.node_id)
+            listed.add(node)
+            if node not in self.node_keys and info.public_key:
+                try:
+                    self.node_keys[node] = fingerprint(bytes(info.public_key))
+                except ValueError:
+                    logger.warning("fedsim: node %d has a public key that is not an EC key; its claims are refused", node)
+        return listed
+
+    def authenticated(self, node: int, device: int) -> bool:
+        """Whether ``node``'s authenticated key is the one issued for ``device`` (always, without a roster)."""
+        if self.device_keys is None:
+            return True
+        issued = self.device_keys.get(device)
+        return issued is not None and self.node_keys.get(node) == issued
+
     def admit(self, reply: Message) -> None:
         """Put the node that answered a check-in on the roster (or mark it gone)."""
         node = self.pending_checkins.pop(reply.metadata.reply_to_message_id, None)
@@ -304,6 +333,16 @@ class FlowerGridExecutor(CohortExecutor):
         if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < n:
             self.gone.add(node)
             logger.warning("fedsim: node %d checked in with device id %r, outside [0, %d); ignored", node, device, n)
+            return
+        if not self.authenticated(node, device):
+            # the node's key is not the one issued for the device it claims: never admitted (its
+            # key cannot change), never displacing the device's own node
+            self.gone.add(node)
+            self.events["unauthenticated_claim"] += 1
+            logger.warning(
+                "fedsim: node %d claimed device %d but its SuperNode key is not the one issued for it: claim refused",
+                node, device,
+            )
             return
         holder = next((other for other, dev in self.roster.items() if dev == device and other != node), None)
         if holder is not None:
@@ -355,6 +394,10 @@ class FedsimStrategy(FlowerStrategy):
         job's noise key comes from it (drawn and saved when the job is new), a checkpoint is
         written after every round, and :meth:`run` continues a job that has one instead of
         starting over. ``None``: a fresh key, nothing kept (one-shot runs, Flower's simulation).
+    device_keys:
+        The device key roster (:func:`~fedsim.flower.identity.load_device_keys`): a node is admitted
+        as device ``d`` only if its authenticated SuperNode key is the one issued for ``d``.
+        ``None``: device ids are self-claimed (the first claim of an id stands).
     """
 
     def __init__(
@@ -367,6 +410,7 @@ class FedsimStrategy(FlowerStrategy):
         checkin_timeout: float = 120.0,
         progress: bool = False,
         state: ServerState | None = None,
+        device_keys: DeviceKeys | None = None,
     ) -> None:
         if min_nodes < 1:
             raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
@@ -397,6 +441,7 @@ class FedsimStrategy(FlowerStrategy):
             sections=client_scenario_sections(scenario),
             min_nodes=min_nodes,
             checkin_timeout=checkin_timeout,
+            device_keys=device_keys,
         )
         self.layout = self.executor.layout
         self.sent: SentRound | None = None
@@ -523,7 +568,10 @@ class FedsimStrategy(FlowerStrategy):
             "devices": len(set(self.roster.values())),
             **{
                 k: int(self.events.get(k, 0))
-                for k in ("checkins", "no_reply", "client_error", "declined", "unexpected_reply", "duplicate_claim")
+                for k in (
+                    "checkins", "no_reply", "client_error", "declined", "unexpected_reply", "duplicate_claim",
+                    "unauthenticated_claim",
+                )
             },
         }
         if owner.run_dir is not None:
