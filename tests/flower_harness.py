@@ -273,6 +273,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if (private / "diagnostics.jsonl").exists():
         out["diagnostics"] = [json.loads(line) for line in (private / "diagnostics.jsonl").read_text().splitlines() if line]
         out["private_summary"] = json.loads((private / "summary.json").read_text())
+    if (private / "flower-events.jsonl").exists():  # device-level events a DP run does not log
+        out["events"] = [json.loads(line) for line in (private / "flower-events.jsonl").read_text().splitlines() if line]
     if (private / "participation.json").exists():
         out["participation"] = json.loads((private / "participation.json").read_text())
     return out

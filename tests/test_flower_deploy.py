@@ -95,7 +95,8 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     assert all(m["clients"] is None and m["train_loss"] is None for m in run["metrics"])
     assert all(m["clients"] == 2 and m["eligible"] == 2 and m["rejected"] == 0 for m in run["diagnostics"])
     assert s["noise_key"]["kind"] == "fixed"
-    assert s["flower"]["nodes"] == 2 and s["flower"]["no_reply"] == 0 and s["flower"]["client_error"] == 0
+    assert s["flower"]["nodes"] == 2 and s["flower"]["no_reply"] is None and s["flower"]["client_error"] is None
+    assert run["private_summary"]["flower"]["no_reply"] == 0 and run["private_summary"]["flower"]["client_error"] == 0
 
     # the model changed
     scenario = load_scenario(scenario_file)
@@ -163,10 +164,15 @@ def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: 
     assert [m["rejected"] for m in rows] == [1, 1, 1]
     assert [m["clients"] for m in rows] == [2, 1, 1]
     assert rows[2]["eligible"] == 2  # the dead node left the roster
-    assert s["flower"]["no_reply"] + s["flower"]["client_error"] >= 1
+    exact = run["private_summary"]["flower"]
+    assert exact["no_reply"] + exact["client_error"] >= 1
+    assert s["flower"]["no_reply"] is None and s["flower"]["client_error"] is None  # exact counts: private
+    # device-level events of a DP run are not logged: private/flower-events.jsonl has them
+    private_log = "\n".join(e["message"] for e in run["events"])
     for reason in ("non_finite", "wrong_shape", "norm_exceeds_clip"):
-        assert reason in log
-    assert "rejected update(s) of device(s) [2]" in log
+        assert reason in private_log and reason not in log
+    assert "rejected update(s) of device(s) [2]" in private_log and "device(s) [2]" not in log
+    assert {e["event"] for e in run["events"]} >= {"wrong_shape", "rejected"}  # NaN: the accumulator's "rejected"
     # nothing counted twice: the server's participation ledger holds exactly the accepted updates,
     # and the privacy ledger one event per round
     counts = {int(d): v["count"] for d, v in run["participation"]["devices"].items()}
@@ -198,9 +204,10 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     row = run["diagnostics"][0]
     assert row["eligible"] == 3  # the new server's own ledger is empty: it asks everyone
     assert row["clients"] == 1  # only device 2 contributes
-    assert run["summary"]["flower"]["declined"] == 2
+    assert run["summary"]["flower"]["declined"] is None and run["private_summary"]["flower"]["declined"] == 2
     assert run["participation"]["devices"] == {"2": {"count": 1, "last_round": 1}}
-    assert "device 0" in second.stdout and "declined" in second.stdout
+    assert sorted(e["device"] for e in run["events"] if e["event"] == "declined") == [0, 1]
+    assert "declined" not in second.stdout  # a DP run does not log device-level events
     assert DeviceLedger(cluster.state_dir(0), 0, "restart-job").rounds() == [0]
     assert DeviceLedger(cluster.state_dir(1), 1, "restart-job").rounds() == [0]
     assert DeviceLedger(cluster.state_dir(2), 2, "restart-job").rounds() == [0]

@@ -66,6 +66,9 @@ from fedsim.types import CohortChunk
 
 logger = logging.getLogger("flwr.fedsim")
 
+#: ``summary.json["flower"]`` counts a DP run publishes as ``null`` (exact: ``private/summary.json``)
+PRIVATE_FLOWER_COUNTS = ("no_reply", "client_error", "declined", "unexpected_reply")
+
 
 @dataclass
 class SentRound:
@@ -129,6 +132,11 @@ class FlowerGridExecutor(CohortExecutor):
         self.device_keys = device_keys
         #: node id -> fingerprint of the node's authenticated public key (as the SuperLink lists it)
         self.node_keys: dict[int, str] = {}
+        #: a DP run: device-level events of a round (rejections, declines, failures, missing
+        #: replies) are exact, data-dependent facts, kept out of the log (:attr:`private_events`)
+        self.private = False
+        #: the withheld events since the last :meth:`take_private_events`
+        self.private_events: list[dict[str, Any]] = []
 
     # -- the contract -------------------------------------------------------------------------
     def train(self, plan: RoundPlan, acc: UpdateAccumulator) -> np.ndarray:
@@ -183,31 +191,41 @@ class FlowerGridExecutor(CohortExecutor):
             key = reply.metadata.reply_to_message_id
             if key not in sent:
                 self.events["unexpected_reply"] += 1
-                logger.warning("fedsim: round %d: ignoring a reply to an unknown message", server_round)
+                self.device_event("unexpected_reply", server_round, None, None, "fedsim: round %d: ignoring a reply to an unknown message", server_round)
                 continue
             node, dev = sent.pop(key)
             if reply.has_error():
                 self.events["client_error"] += 1
-                logger.warning("fedsim: round %d: node %d (device %d) failed: %s", server_round, node, dev, reply.error.reason)
+                self.device_event(
+                    "client_error", server_round, dev, node,
+                    "fedsim: round %d: node %d (device %d) failed: %s", server_round, node, dev, reply.error.reason,
+                )
                 self.drop(node)
                 continue
             try:
                 outcome = self.decode(reply, dev)
             except RecordError as exc:
                 acc.rejected[exc.reason] += 1
-                logger.warning(
-                    "fedsim: round %d: rejected update of device %d (node %d): %s: %s", server_round, dev, node, exc.reason, exc
+                self.device_event(
+                    exc.reason, server_round, dev, node,
+                    "fedsim: round %d: rejected update of device %d (node %d): %s: %s", server_round, dev, node, exc.reason, exc,
                 )
                 continue
             if outcome is None:
                 declined.append(dev)
                 self.events["declined"] += 1
-                logger.warning("fedsim: round %d: device %d (node %d) declined: its participation ledger forbids the round", server_round, dev, node)
+                self.device_event(
+                    "declined", server_round, dev, node,
+                    "fedsim: round %d: device %d (node %d) declined: its participation ledger forbids the round", server_round, dev, node,
+                )
                 continue
             valid[dev] = outcome
         for node, dev in sent.values():
             self.events["no_reply"] += 1
-            logger.warning("fedsim: round %d: no reply from device %d (node %d) before the deadline", server_round, dev, node)
+            self.device_event(
+                "no_reply", server_round, dev, node,
+                "fedsim: round %d: no reply from device %d (node %d) before the deadline", server_round, dev, node,
+            )
             self.drop(node)
 
         # reduce in the simulator's order and chunking (cohort order, chunk-size rows per chunk)
@@ -226,9 +244,24 @@ class FlowerGridExecutor(CohortExecutor):
             if not accepted.all():
                 bad = [dev for dev, ok in zip(ids, accepted, strict=True) if not ok]
                 reasons = ", ".join(f"{k}={v}" for k, v in sorted((Counter(acc.rejected) - before).items()))
-                logger.warning("fedsim: round %d: rejected update(s) of device(s) %s: %s", server_round, bad, reasons)
+                self.device_event(
+                    "rejected", server_round, None, None,
+                    "fedsim: round %d: rejected update(s) of device(s) %s: %s", server_round, bad, reasons,
+                )
         # devices remember what they were asked to contribute (a device that declined did not)
         return np.asarray([d for d in sent_round.devices if d not in declined], dtype=np.int64)
+
+    def device_event(self, event: str, round: int, device: int | None, node: int | None, fmt: str, *args: Any) -> None:
+        """Log a device-level event of a round, or (a DP run) keep it for the private record."""
+        if not self.private:
+            logger.warning(fmt, *args)
+            return
+        self.private_events.append({"round": round, "event": event, "device": device, "node": node, "message": fmt % args})
+
+    def take_private_events(self) -> list[dict[str, Any]]:
+        """The withheld device-level events, emptied."""
+        events, self.private_events = self.private_events, []
+        return events
 
     # -- replies and the roster -----------------------------------------------------------------
     def decode(self, reply: Message, device: int) -> tuple[torch.Tensor, int, float, int] | None:
@@ -444,6 +477,7 @@ class FedsimStrategy(FlowerStrategy):
             device_keys=device_keys,
         )
         self.layout = self.executor.layout
+        self.executor.private = self.owner.private
         self.sent: SentRound | None = None
         self.first_checkin_done = False
 
@@ -505,6 +539,7 @@ class FedsimStrategy(FlowerStrategy):
         owner = self.owner
         acc = owner.accumulator(sent.plan)
         contributed = self.executor.collect(sent, replies, acc)
+        self.write_private_events()
         row, batch = owner.end(sent.plan, acc, contributed=contributed)
         if self.state is not None:
             # durable before anything of the round is published (docs: fedsim.flower.server_state)
@@ -561,25 +596,33 @@ class FedsimStrategy(FlowerStrategy):
         result.summary["backend"] = "flower"
         if owner.private and self.state is not None and owner.key_origin == "given":
             result.summary["noise_key"] = {"kind": "secret", "file": str(self.state.key_path)}
+        counts = {
+            k: int(self.events.get(k, 0))
+            for k in (
+                "checkins", "no_reply", "client_error", "declined", "unexpected_reply", "duplicate_claim",
+                "unauthenticated_claim",
+            )
+        }
         result.summary["flower"] = {
             "job_id": self.job_id,
             "resumed_at_round": self.offset,
             "nodes": len(self.roster),
             "devices": len(set(self.roster.values())),
-            **{
-                k: int(self.events.get(k, 0))
-                for k in (
-                    "checkins", "no_reply", "client_error", "declined", "unexpected_reply", "duplicate_claim",
-                    "unauthenticated_claim",
-                )
-            },
+            **counts,
         }
+        if owner.private:
+            # replies that failed, never came or were declined are exact, data-dependent counts:
+            # null here, exact in private/summary.json (identity events, claims, stay public)
+            result.summary["flower"].update(dict.fromkeys(PRIVATE_FLOWER_COUNTS))
         if owner.run_dir is not None:
             owner.run_dir.write_json("summary.json", result.summary)
             # who contributed how often is exact, data-dependent state: private in a DP run
             if owner.private:
                 (owner.run_dir.path / "private").mkdir(mode=0o700, exist_ok=True)
                 owner.run_dir.write_json("private/participation.json", self.participation())
+                private_summary = owner.run_dir.path / "private" / "summary.json"
+                exact = json.loads(private_summary.read_text(encoding="utf-8")) if private_summary.exists() else {}
+                owner.run_dir.write_json("private/summary.json", {**exact, "flower": counts})
             else:
                 owner.run_dir.write_json("participation.json", self.participation())
         return result
@@ -616,6 +659,17 @@ class FedsimStrategy(FlowerStrategy):
             self.job_id, self.offset, self.scenario.rounds, path,
         )
         return self.offset
+
+    def write_private_events(self) -> None:
+        """Append a DP run's withheld device-level events to ``private/flower-events.jsonl``."""
+        events = self.executor.take_private_events()
+        run_dir = self.owner.run_dir
+        if not events or run_dir is None:
+            return
+        private = run_dir.path / "private"
+        private.mkdir(mode=0o700, exist_ok=True)
+        with open(private / "flower-events.jsonl", "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(e) + "\n" for e in events))
 
     def participation(self) -> dict[str, Any]:
         """The server's participation ledger (accepted contributions) per device, and the limit."""
