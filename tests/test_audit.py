@@ -107,7 +107,12 @@ def test_fedsim_audit_recomputes_the_run(ftrl_run, capsys) -> None:
 
 
 def test_non_private_fedavg_leaks(tmp_path) -> None:
-    _, result = run(QUICK, tmp_path / "q", "rounds=10", "audit.canaries=30")
+    # The estimate depends on the canary directions, which come from the run's key: over 18 keys
+    # its final-model lower bound ranged 3.6-18.7 (one fresh key gave 2.66), so the test pins a
+    # (public) key to be deterministic rather than fail once in a few dozen runs.
+    from fedsim.privacy.noise import NoiseKey
+
+    _, result = run(QUICK, tmp_path / "q", "rounds=10", "audit.canaries=30", noise_key=NoiseKey.from_seed(0))
     assert result.summary["epsilon"] is None
     assert result.summary["audit"]["epsilon"] > 10
     assert result.summary["audit"]["estimates"]["final-model"]["lower_bound"] > 3
