@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +279,31 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if (private / "participation.json").exists():
         out["participation"] = json.loads((private / "participation.json").read_text())
     return out
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, **options: Any) -> Iterator[FlowerCluster]:
+    """A :class:`FlowerCluster` with its SuperLink up; afterwards no process it started survives."""
+    c = FlowerCluster(workdir, **options)
+    try:
+        c.start_superlink()
+        yield c
+    finally:
+        c.close()
+    assert c.survivors() == [], "processes outlived the cluster"
+
+
+def check_ran(proc: subprocess.CompletedProcess, cluster: FlowerCluster) -> None:
+    """``flwr run`` succeeded; otherwise fail with the tails of its output and of the SuperLink's log."""
+    assert proc.returncode == 0, proc.stdout[-4000:] + cluster.log("superlink")[-2000:]
+
+
+def wait_for_round(run_dir: Path, round: int, timeout: float) -> None:
+    """Block until ``run_dir/metrics.jsonl`` has ``round`` rows (fail after ``timeout`` seconds)."""
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and sum(1 for line in path.read_text().splitlines() if line) >= round:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"round {round} did not complete within {timeout:g} s")

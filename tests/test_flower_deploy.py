@@ -16,7 +16,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,22 @@ from fedsim.privacy.noise import NoiseKey
 from fedsim.scenario import load_scenario
 
 from .conftest import ROOT
-from .flower_harness import FlowerCluster, read_run, write_scenario
+from .flower_harness import (
+    FlowerCluster,
+    check_ran,
+    read_run,
+    running_cluster,
+    wait_for_round,
+    write_scenario,
+)
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    c = FlowerCluster(tmp_path / "cluster")
-    try:
-        c.start_superlink()
+    with running_cluster(tmp_path / "cluster") as c:
         yield c
-    finally:
-        c.close()
-    assert c.survivors() == [], "processes outlived the cluster"
 
 
 def dp_ftrl_scenario(
@@ -73,10 +74,6 @@ def dp_ftrl_scenario(
     return write_scenario(path, table)
 
 
-def _check_ran(proc: subprocess.CompletedProcess, cluster: FlowerCluster) -> None:
-    assert proc.returncode == 0, proc.stdout[-4000:] + cluster.log("superlink")[-2000:]
-
-
 def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluster: FlowerCluster, tmp_path: Path) -> None:
     NoiseKey.generate().save(tmp_path / "fixed.key")  # the same noise as the simulator below
     scenario_file = dp_ftrl_scenario(
@@ -86,7 +83,7 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     for device in (0, 1):
         cluster.start_supernode(device)
     proc = cluster.flwr_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
-    _check_ran(proc, cluster)
+    check_ran(proc, cluster)
     run = read_run(out)
     s = run["summary"]
     assert (s["rounds"], s["stopped_reason"], s["backend"]) == (3, "completed", "flower")
@@ -130,16 +127,6 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     assert "fedsim: round 3/3" in proc.stdout and "rho" in proc.stdout
 
 
-def _wait_for_round(run_dir: Path, round: int, timeout: float) -> None:
-    path = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and sum(1 for line in path.read_text().splitlines() if line) >= round:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"round {round} did not complete within {timeout:g} s")
-
-
 def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: Path) -> None:
     """Device 0 is honest, device 1 is killed after round 1, device 2 sends corrupt updates:
     NaN in round 1, a wrongly shaped array in round 2, a norm above the clip bound in round 3."""
@@ -149,10 +136,10 @@ def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: 
     cluster.start_supernode(1)
     cluster.start_supernode(2, fault="nan,wrong-shape,exceed-clip")
     name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 60.0})
-    _wait_for_round(out, 1, timeout=180)
+    wait_for_round(out, 1, timeout=180)
     cluster.kill("node-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
     proc = cluster.wait_run(name, timeout=240)
-    _check_ran(proc, cluster)
+    check_ran(proc, cluster)
     log = proc.stdout
 
     run = read_run(out)
@@ -191,7 +178,7 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     cluster.start_supernode(0)
     cluster.start_supernode(1)
     first = cluster.flwr_run({**job, "out-dir": str(tmp_path / "first"), "min-nodes": 2})
-    _check_ran(first, cluster)
+    check_ran(first, cluster)
     assert read_run(tmp_path / "first")["diagnostics"][0]["clients"] == 2
     assert DeviceLedger(cluster.state_dir(0), 0, "restart-job").rounds() == [0]
 
@@ -199,7 +186,7 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     cluster.start_supernode(0)  # same partition-id, same state-dir, new process and node id
     cluster.start_supernode(2)  # a device that has not contributed yet
     second = cluster.flwr_run({**job, "out-dir": str(tmp_path / "second"), "min-nodes": 3})
-    _check_ran(second, cluster)
+    check_ran(second, cluster)
     run = read_run(tmp_path / "second")
     row = run["diagnostics"][0]
     assert row["eligible"] == 3  # the new server's own ledger is empty: it asks everyone
@@ -221,11 +208,11 @@ def test_a_second_claim_of_a_rostered_device_is_refused_and_never_evicts(cluster
     cluster.start_supernode(0)
     cluster.start_supernode(1)
     name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
-    _wait_for_round(out, 1, timeout=240)
+    wait_for_round(out, 1, timeout=240)
     impostor_state = tmp_path / "impostor-state"
     cluster.start_supernode(0, name="impostor-0", **{"state-dir": str(impostor_state)})
     proc = cluster.wait_run(name, timeout=400)
-    _check_ran(proc, cluster)
+    check_ran(proc, cluster)
     run = read_run(out)
     s = run["summary"]
     assert s["rounds"] == 4

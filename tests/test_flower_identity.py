@@ -20,8 +20,8 @@ from fedsim.errors import ScenarioError
 from fedsim.flower.device import DeviceLedger
 from fedsim.flower.identity import fingerprint, load_device_keys
 
-from .flower_harness import FlowerCluster, read_run
-from .test_flower_deploy import _check_ran, dp_ftrl_scenario
+from .flower_harness import FlowerCluster, check_ran, read_run, running_cluster
+from .test_flower_deploy import dp_ftrl_scenario
 
 
 def make_key(path: Path) -> str:
@@ -77,13 +77,8 @@ def test_bad_rosters_name_file_line_and_problem(tmp_path: Path, content: str, me
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    c = FlowerCluster(tmp_path / "cluster", tls=True)  # SuperNodes with their own keys need TLS
-    try:
-        c.start_superlink()
+    with running_cluster(tmp_path / "cluster", tls=True) as c:  # SuperNodes with their own keys need TLS
         yield c
-    finally:
-        c.close()
-    assert c.survivors() == [], "processes outlived the cluster"
 
 
 @pytest.mark.flower
@@ -108,7 +103,7 @@ def test_an_impostor_without_the_device_key_is_refused_even_when_it_claims_first
     )
     cluster.start_supernode(0, private_key=keys / "device-0")  # the honest node of device 0, later
     proc = cluster.wait_run(name, timeout=400)
-    _check_ran(proc, cluster)
+    check_ran(proc, cluster)
     assert (out / "summary.json").exists(), proc.stdout[-6000:]
     run = read_run(out)
     s = run["summary"]

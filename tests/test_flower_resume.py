@@ -27,21 +27,23 @@ from fedsim.flower.server_state import ServerState
 from fedsim.privacy.noise import NoiseKey
 
 from .conftest import ROOT
-from .flower_harness import MARKER, FlowerCluster, read_run
-from .test_flower_deploy import _check_ran, _wait_for_round, dp_ftrl_scenario
+from .flower_harness import (
+    MARKER,
+    FlowerCluster,
+    check_ran,
+    read_run,
+    running_cluster,
+    wait_for_round,
+)
+from .test_flower_deploy import dp_ftrl_scenario
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    c = FlowerCluster(tmp_path / "cluster")
-    try:
-        c.start_superlink()
+    with running_cluster(tmp_path / "cluster") as c:
         yield c
-    finally:
-        c.close()
-    assert c.survivors() == [], "processes outlived the cluster"
 
 
 def _serverapp_pids(cluster: FlowerCluster) -> list[int]:
@@ -92,7 +94,7 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
         cluster.start_supernode(device)
 
     first = cluster.start_run(job)
-    _wait_for_round(out, 2, timeout=300)
+    wait_for_round(out, 2, timeout=300)
     _kill_serverapp(cluster)  # a crash mid-job
     cluster.kill(first)
     state = ServerState(out / "server-state", "resume-job")
@@ -103,7 +105,7 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
     rho_before = json.loads((out / "metrics.jsonl").read_text().splitlines()[done_before - 1])["rho"]
 
     second = cluster.flwr_run(job, timeout=400)
-    _check_ran(second, cluster)
+    check_ran(second, cluster)
     assert "resumed after round" in second.stdout
     run = read_run(out)
     s = run["summary"]
@@ -139,7 +141,7 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
     # a new job draws a new key
     out2 = tmp_path / "run2"
     third = cluster.flwr_run({**job, "job-id": "another-job", "out-dir": str(out2), "rounds": 1}, timeout=300)
-    _check_ran(third, cluster)
+    check_ran(third, cluster)
     other = ServerState(out2 / "server-state", "another-job")
     assert NoiseKey.load(other.key_path) != NoiseKey.load(state.key_path)
     assert read_run(out2)["summary"]["flower"]["resumed_at_round"] == 0
