@@ -63,6 +63,7 @@ from fedsim.flower.server_state import ServerState
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.types import CohortChunk
+from fedsim.validation import is_int
 
 logger = logging.getLogger("flwr.fedsim")
 
@@ -279,10 +280,10 @@ class FlowerGridExecutor(CohortExecutor):
             raise RecordError("malformed_record", "reply has no arrays record")
         delta = self.layout.to_flat(arrays)
         n = metrics.get("num-examples")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if not is_int(n) or n < 0:
             raise RecordError("bad_example_count", f"num-examples is {n!r}")
         trained_for = metrics.get("round")
-        if isinstance(trained_for, bool) or not isinstance(trained_for, int):
+        if not is_int(trained_for):
             raise RecordError("malformed_record", f"round is {trained_for!r}")
         loss = metrics.get("loss", float("nan"))
         return delta, n, float(loss) if isinstance(loss, int | float) else float("nan"), trained_for
@@ -363,7 +364,7 @@ class FlowerGridExecutor(CohortExecutor):
         metrics = reply.content.metric_records.get(METRICS_KEY)
         device = metrics.get("device-id") if metrics is not None else None
         n = self.num_devices
-        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < n:
+        if not is_int(device) or not 0 <= device < n:
             self.gone.add(node)
             logger.warning("fedsim: node %d checked in with device id %r, outside [0, %d); ignored", node, device, n)
             return
@@ -548,7 +549,7 @@ class FedsimStrategy(FlowerStrategy):
             )
         owner.commit(row)
         self.log_round(row, batch.rejected)
-        metrics = MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        metrics = MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})  # types a MetricRecord takes
         return self.layout.to_arrays(owner.params), metrics
 
     def configure_evaluate(
