@@ -39,8 +39,9 @@ def default_state_dir() -> Path:
     return (Path(home) if home else Path.home() / ".flwr") / "fedsim"
 
 
-def _safe(text: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+def job_dir_name(job_id: str) -> str:
+    """A file-system-safe name for ``job_id``: a device's ledger file, the server's job directory."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
     return cleaned.strip(".") or "job"
 
 
@@ -60,7 +61,7 @@ class DeviceLedger:
     def __init__(self, state_dir: str | Path, device_id: int, job_id: str) -> None:
         self.device_id = int(device_id)
         self.job_id = job_id
-        self.path = Path(state_dir) / f"device-{self.device_id}" / f"{_safe(job_id)}.json"
+        self.path = Path(state_dir) / f"device-{self.device_id}" / f"{job_dir_name(job_id)}.json"
 
     def rounds(self) -> list[int]:
         """Rounds (0-based) this device contributed to in this job, ascending."""

@@ -48,15 +48,10 @@ from fedsim.engine.checkpoint import (
     metrics_position,
 )
 from fedsim.engine.rundir import RunDir
+from fedsim.flower.device import job_dir_name
 from fedsim.privacy.noise import NoiseKey, NoiseKeyError
 
 __all__ = ["ServerState", "job_dir_name"]
-
-
-def job_dir_name(job_id: str) -> str:
-    """A file-system-safe directory name for ``job_id`` (``job.json`` keeps the exact id)."""
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
-    return cleaned.strip(".") or "job"
 
 
 class ServerState:
