@@ -192,8 +192,10 @@ def _plot_epsilons(ax: Any, rows: list[dict[str, Any]], audit: dict[str, Any] | 
         lo, hi = audit["ci"]
         last = rows[-1]["round"]
         if math.isfinite(audit["epsilon"]) and math.isfinite(hi):
+            # the estimate can lie outside its interval (estimate clipped at 0, interval not)
+            below, above = max(audit["epsilon"] - lo, 0.0), max(hi - audit["epsilon"], 0.0)
             ax.errorbar(
-                [last], [audit["epsilon"]], yerr=[[audit["epsilon"] - lo], [hi - audit["epsilon"]]],
+                [last], [audit["epsilon"]], yerr=[[below], [above]],
                 fmt="o", color="C1", capsize=3, label=f"{audit['threat_model']} ({audit['confidence']:.0%} CI)",
             )
     ax.set_xlabel("round")
