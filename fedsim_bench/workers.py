@@ -269,7 +269,7 @@ def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
         clients.append(sim.diagnostics[-1]["clients"] if row and sim.diagnostics else 0)
     out: dict[str, Any] = {"run_round_s": round_wall, "clients": clients, "local_params": int(sim.params.numel())}
     if spec.get("noise_params"):
-        # the cryptographic noise (ChaCha20 + four 53-bit Box-Muller normals per coordinate), on
+        # the cryptographic noise (AES-128-CTR + four 53-bit polar-method normals per coordinate), on
         # one core: one Gaussian draw (DP-FedAvg's round), and the efficient tree's round
         from fedsim.privacy.noise import TAG_ROUND, NoiseKey, NoiseSource
 

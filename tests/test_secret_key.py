@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from fedsim import seeds
+from fedsim.engine.checkpoint import decode, encode, list_checkpoints
 from fedsim.engine.simulation import Simulation, run_scenario
+from fedsim.privacy import csprng
 from fedsim.privacy.noise import KEY_FILE, NoiseKey
 from fedsim.scenario import scenario_from_dict
 from tests.conftest import run_cli
@@ -106,6 +108,22 @@ def test_resume_with_the_key_replays_the_same_noise(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(_flat(run), flat)
     assert all((run / name).read_bytes() == data for name, data in before.items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_noise_generator(tmp_path: Path) -> None:
+    """Another generator would add other noise to the resumed rounds: a second noisy view."""
+    run = tmp_path / "run"
+    sc = scenario_from_dict(_raw(FTRL, rounds=2, checkpoint={"every": 1}, **{"output-dir": str(run)}))
+    run_scenario(sc, run_dir=run)
+    for _, path in list_checkpoints(run / "checkpoints"):
+        state = decode(path.read_bytes())
+        assert state["noise"] == csprng.GENERATOR
+        state["noise"] = "fedsim-noise-v1"
+        path.write_bytes(encode(state))
+    proc = run_cli("run", "--resume", str(run), "--quiet")
+    assert proc.returncode == 2
+    assert "noise generator fedsim-noise-v1" in proc.stderr and csprng.GENERATOR in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_fixed_key_file_for_reproducible_research(tmp_path: Path) -> None:

@@ -158,39 +158,76 @@ def test_keys_equal_in_any_32_bit_window_give_unrelated_noise() -> None:
 
 
 def test_support_reaches_far_beyond_six_sigma() -> None:
-    """The smallest radius uniform gives one summand of 8.57 sigma; four of them sum to 17.1."""
+    """The proposal closest to the origin gives one summand of 8.53 sigma; four of them sum to 17.1."""
     work = csprng._Workspace()
-    bits = torch.zeros(2 * work.pairs, dtype=torch.int64)  # every radius u = 2**-53, angle 0
-    out = csprng._transform(bits, work).clone()
-    r_max = math.sqrt(2 * 53 * math.log(2))
-    # cosine summands are r_max each, sine summands 0: output (2 r_max) / 2
-    assert out.min().item() == pytest.approx(r_max, rel=1e-12)
-    assert r_max > 8.5
-    # angle pi/4 for every pair: all four summands r_max / sqrt(2), sum 2 sqrt(2) r_max / 2
-    bits[work.pairs :] = 1 << 50  # angle 2 pi 2**50 / 2**53 = pi / 4
-    out = csprng._transform(bits, work)
-    assert out.max().item() == pytest.approx(math.sqrt(2) * r_max, rel=1e-9)
-    assert out.max().item() > 12
+    words = np.zeros(2 * csprng.BLOCK, dtype=np.int64)  # every proposal (u, v) = (2**-53, 2**-53)
+    assert csprng._accept(words, work) == csprng.PAIRS
+    out = csprng._output(work)
+    s = 2.0**-105  # u**2 + v**2
+    summand = 2.0**-53 * math.sqrt(-2 * math.log(s) / s)
+    assert summand == pytest.approx(math.sqrt(105 * math.log(2)), rel=1e-12) and summand > 8.5
+    # all four summands are `summand`: the output is their sum, halved
+    assert out.min() == pytest.approx(2 * summand, rel=1e-12)
+    assert out.max() > 17
+    # the corners of the square lie outside the unit disk: rejected, none accepted
+    work = csprng._Workspace()
+    assert csprng._accept(np.full(2 * csprng.BLOCK, (1 << 63) - 1, dtype=np.int64), work) == 0
+
+
+def test_polar_method_against_an_exact_reference() -> None:
+    """Accepted proposals are the stream's points inside the disk, in stream order, across blocks.
+
+    The reference decides acceptance in exact integer arithmetic (Python ints) and computes the
+    normals from the textbook formula on ``(u, v)``; with the disk ``s < 1/2`` (acceptance pi/8)
+    one block is not enough for a chunk, so the chunk continues with the next block.
+    """
+    work = csprng._Workspace()
+    enc = csprng._cipher(KEY, (31,))
+    zeros = bytes(16 * csprng.BLOCK)
+    blocks = []
+    while work.filled < csprng.PAIRS:
+        raw = enc.update(zeros)
+        blocks.append(np.frombuffer(raw, dtype=np.int64).copy())
+        csprng._accept(np.frombuffer(bytearray(raw), dtype=np.int64), work, limit=2.0**105)
+    assert len(blocks) >= 2
+    accepted = []
+    for words in blocks:
+        ints = [(int(w) >> 10) | 1 for w in words]
+        a, b = ints[: csprng.BLOCK], ints[csprng.BLOCK :]
+        accepted += [(x, y) for x, y in zip(a, b, strict=True) if x * x + y * y < 2**105]
+    reference = np.array(accepted[: csprng.PAIRS], dtype=np.float64).T
+    assert np.array_equal(work.pairs, reference)
+    out = csprng._output(work)
+    u, v = reference * 2.0**-53
+    s = u**2 + v**2
+    x, y = u * np.sqrt(-2 * np.log(s) / s), v * np.sqrt(-2 * np.log(s) / s)
+    c, h = csprng.CHUNK, csprng.CHUNK // 2
+    expected = (x[:c] + x[c:] + np.roll(y[:c] + y[c:], -h)) / 2
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def _conditioned_tail(k: int, chunks: int, words: tuple[int, ...] = (13,)) -> np.ndarray:
-    """Generator output conditioned on every radius uniform lying in ``(0, 2**-k]``.
+    """Generator output conditioned on every accepted proposal having ``u**2 + v**2 <= 2**-k``.
 
-    The chunks' words come from the real ChaCha20 stream of ``(KEY, words)``; clearing the top
-    ``k`` of a radius word's 53 bits leaves a uniform integer below ``2**(53 - k)``, which is
-    exactly the conditional law of a 53-bit uniform given ``u <= 2**-k``. Such uniforms never
-    occur in a sample of practical size (probability ``2**-k`` each) but are where the tail
-    beyond 6 sigma comes from: every summand then has radius at least ``sqrt(2 k ln 2)``.
+    The proposals come from the real stream of ``(KEY, words)``, through the real
+    :func:`csprng._accept` and :func:`csprng._output`: shifting every word right by ``k // 2``
+    bits makes the proposals uniform on the square of half-side ``2**-(k // 2)``, and accepting
+    them inside the disk ``u**2 + v**2 < 2**-k`` (inside that square) leaves a uniform point of
+    that disk: exactly the conditional law of an accepted proposal given ``s <= 2**-k``. Such
+    proposals never occur in a sample of practical size (probability ``2**-k`` each) but are
+    where the tail beyond 6 sigma comes from: every summand's radius ``sqrt(-2 ln s)`` is then
+    at least ``sqrt(2 k ln 2)``.
     """
     work = csprng._Workspace()
-    nbytes = 16 * work.pairs
-    stream = keystream(KEY, words, chunks * nbytes)
-    keep = (1 << (53 - k)) - 1
+    enc = csprng._cipher(KEY, words)
+    zeros = bytes(16 * csprng.BLOCK)
     out = []
-    for i in range(chunks):
-        bits = torch.frombuffer(bytearray(stream[i * nbytes : (i + 1) * nbytes]), dtype=torch.int64).clone()
-        bits[: work.pairs] &= keep
-        out.append(csprng._transform(bits, work).clone().numpy())
+    for _ in range(chunks):
+        while work.filled < csprng.PAIRS:
+            block = np.frombuffer(bytearray(enc.update(zeros)), dtype=np.int64)
+            np.right_shift(block, k // 2, out=block)
+            csprng._accept(block, work, limit=2.0 ** (106 - k))
+        out.append(csprng._output(work).copy())
     return np.concatenate(out)
 
 
@@ -218,7 +255,7 @@ def _far_tail_ok(sample: np.ndarray, reference: np.ndarray) -> bool:
 
 
 def test_tail_beyond_six_sigma_in_a_large_sample() -> None:
-    """The real stream through the real transform, conditioned on radius uniforms below 2**-30.
+    """The real stream through the real sampler, conditioned on proposals with s below 2**-30.
 
     A 512k-draw sample of the conditional law, compared with an independent reference: every
     summand's radius is at least sqrt(60 ln 2) = 6.45 sigma and a fifth of the outputs lie

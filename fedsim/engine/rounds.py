@@ -70,6 +70,7 @@ from fedsim.engine.rundir import RunDir
 from fedsim.errors import ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
+from fedsim.privacy.csprng import GENERATOR
 from fedsim.privacy.noise import KEY_FILE, TAG_SELECT, NoiseKey, NoiseKeyError, NoiseSource
 from fedsim.scenario import Scenario, check_canaries_fit_population
 from fedsim.strategy import StrategyContext
@@ -600,9 +601,9 @@ class RoundOwner:
 
         Keys: ``round``, ``scenario`` (resolved, minus neutral keys), ``params``, ``strategy``,
         ``trainer`` (or ``None``), ``population``, ``ledger`` (or ``None``), ``rejected``,
-        ``rng`` (torch's global generator, for user plug-ins), ``audit`` (the canaries', or ``None``).
-        The checkpoint adds the run log's
-        position.
+        ``rng`` (torch's global generator, for user plug-ins), ``audit`` (the canaries', or ``None``),
+        ``noise`` (the name of the noise generator, :data:`fedsim.privacy.csprng.GENERATOR`).
+        The checkpoint adds the run log's position.
         """
         trainer_state = self.trainer.state_dict() if callable(getattr(self.trainer, "state_dict", None)) else None
         return {
@@ -616,11 +617,22 @@ class RoundOwner:
             "rejected": dict(self.rejected),
             "rng": {"torch": torch.get_rng_state()},
             "audit": self.canaries.state_dict() if self.canaries is not None else None,
+            "noise": GENERATOR,
         }
 
     def check_state(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
         """Refuse (:class:`~fedsim.engine.checkpoint.CheckpointError`, naming ``source``) a state
-        written under a different scenario or whose parameters do not fit the model."""
+        written under a different scenario, whose parameters do not fit the model or, for a run
+        whose releases depend on the noise key, by another noise generator."""
+        keyed = self.private or self.canaries is not None
+        written = state.get("noise", "an earlier generator")  # states before v2 did not name it
+        if keyed and written != GENERATOR:
+            raise CheckpointError(
+                f"{source} was written with noise generator {written}, this fedsim draws noise with "
+                f"{GENERATOR}: resumed rounds would add noise that does not match the rounds already "
+                "released (a second noisy view of the same data); finish the run with the fedsim "
+                "version that started it, or start a new run"
+            )
         current = comparable(self.scenario.to_dict())
         diff = scenario_diff(state["scenario"], current, defaults=default_scenario_dict())
         if diff:

@@ -17,9 +17,9 @@ directory as ``secret/noise.key`` (so ``--resume`` replays the same noise) unles
 names a fixed key file (``[privacy] noise-key-file``, for reproducible research); a Flower
 ServerApp draws a fresh key per job.
 
-Expansion (:mod:`fedsim.privacy.csprng`): ChaCha20 under the sub-key
-``HMAC-SHA256(key, "fedsim-noise-v1" || words)``; normals are the sum of four Box-Muller draws from
-53-bit uniforms, halved (no truncation at 5.77 sigma; a defence against floating-point attacks).
+Expansion (:mod:`fedsim.privacy.csprng`): AES-128-CTR under the sub-key
+``HMAC-SHA256(key, "fedsim-noise-v2" || words)``; normals are the sum of four polar-method draws
+from 53-bit uniforms, halved (no truncation at 5.77 sigma; a defence against floating-point attacks).
 :meth:`NoiseKey.from_seed` makes a key from an integer for tests and reproducible examples: such
 a key is *public* and gives no privacy against anyone who knows the integer.
 """

@@ -38,7 +38,7 @@ Reproducible noise
 ------------------
 Each node's noise is a pure function of ``(secret key, node)`` (its interval of rounds), and the
 plain per-round noise of DP-FedAvg of ``(secret key, round)``, drawn by
-:class:`fedsim.privacy.noise.NoiseSource` (ChaCha20 and a full-precision Gaussian sampler,
+:class:`fedsim.privacy.noise.NoiseSource` (AES-128-CTR and a full-precision Gaussian sampler,
 :mod:`fedsim.privacy.csprng`). A round re-executed after a crash therefore adds *the same* noise:
 fresh noise on a replay would release a second noisy view of the same data and silently double
 the privacy cost. The engines key every DP run with a fresh 256-bit key from :mod:`secrets`
