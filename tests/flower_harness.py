@@ -82,9 +82,15 @@ class FlowerCluster:
     tls:
         Run the SuperLink with TLS (a private CA and certificate from ``scripts/make_certs.sh``;
         SuperNodes and ``flwr`` trust the CA): SuperNodes with their own keys need it.
+    supernode_auth:
+        Run the SuperLink with ``--enable-supernode-auth`` (TLS only): it admits only SuperNodes
+        whose public keys were registered with :meth:`register_supernode`.
     """
 
-    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False, supernode_auth: bool = False) -> None:
+        if supernode_auth and not tls:
+            raise ValueError("Flower allows SuperNode authentication only over TLS (tls=True)")
+        self.supernode_auth = supernode_auth
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.marker = uuid.uuid4().hex
@@ -138,12 +144,14 @@ class FlowerCluster:
         return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
     def start_superlink(self, timeout: float = 60.0) -> None:
-        """Start ``flower-superlink --insecure`` and wait until its port accepts connections."""
+        """Start ``flower-superlink`` (``--insecure``, or TLS) and wait until its port accepts connections."""
         if self.certs is None:
             security = ["--insecure"]
         else:
             c = self.certs
             security = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key")]
+            if self.supernode_auth:
+                security.append("--enable-supernode-auth")
         self._spawn("superlink", [str(BIN / "flower-superlink"), *security, "--port", str(self.link_port)])
         deadline = time.monotonic() + timeout
         while not _port_open(self.link_port):

@@ -2,9 +2,11 @@
 
 * the roster file: keys in OpenSSH and PEM form give the same fingerprint; every malformed line
   is refused with the file, the line and the problem;
-* a real SuperLink and SuperNodes on 127.0.0.1, each node with its own key: an impostor node
-  that claims device 0 *before* the honest node connects (so "the first claim stands" alone
-  would hand it the device) is refused and counted, never trains; the honest node, holding the
+* a real SuperLink with ``--enable-supernode-auth`` and SuperNodes on 127.0.0.1, each node
+  with its own key: a node whose key was never registered cannot connect at all; an impostor
+  whose key *was* registered (registration proves a key, not which device it may speak for)
+  claims device 0 *before* the honest node connects (so "the first claim stands" alone would
+  hand it the device) and is refused and counted, never trains; the honest node, holding the
   key issued for device 0, is admitted and trains every round.
 """
 
@@ -77,7 +79,8 @@ def test_bad_rosters_name_file_line_and_problem(tmp_path: Path, content: str, me
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    with running_cluster(tmp_path / "cluster", tls=True) as c:  # SuperNodes with their own keys need TLS
+    # SuperNodes with their own keys, and SuperNode authentication, need TLS
+    with running_cluster(tmp_path / "cluster", tls=True, supernode_auth=True) as c:
         yield c
 
 
@@ -90,12 +93,17 @@ def test_an_impostor_without_the_device_key_is_refused_even_when_it_claims_first
     roster = write_roster(tmp_path / "devices.csv", {0: make_key(keys / "device-0"), 1: make_key(keys / "device-1")})
     for device in (0, 1):  # the issuer registers the devices' keys with the SuperLink
         cluster.register_supernode(keys / f"device-{device}.pub")
+    make_key(keys / "impostor")
+    cluster.register_supernode(keys / "impostor.pub")
+    make_key(keys / "stranger")  # never registered
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-keys.toml", devices=2, per_round=2, rounds=3, k=3)
     out = tmp_path / "run"
     impostor_state = tmp_path / "impostor-state"
-    # the impostor (any node: it makes itself a key and registers itself) connects first and
-    # claims device 0; device 1's honest node is there too
-    cluster.start_supernode(0, name="impostor-0", **{"state-dir": str(impostor_state)})
+    # a stranger, whose key the SuperLink does not know, is turned away by the SuperLink itself
+    stranger = cluster.start_supernode(1, name="stranger-1", private_key=keys / "stranger", **{"state-dir": str(tmp_path / "s")})
+    # the impostor (registered key, not device 0's) connects first and claims device 0; device
+    # 1's honest node is there too
+    cluster.start_supernode(0, name="impostor-0", private_key=keys / "impostor", **{"state-dir": str(impostor_state)})
     cluster.start_supernode(1, private_key=keys / "device-1")
     name = cluster.start_run(
         {"scenario": str(scenario_file), "out-dir": str(out), "device-keys": str(roster), "min-nodes": 2,
@@ -111,6 +119,9 @@ def test_an_impostor_without_the_device_key_is_refused_even_when_it_claims_first
     assert s["flower"]["unauthenticated_claim"] >= 1
     assert "its SuperNode key is not the one issued for it: claim refused" in proc.stdout
     assert [d["clients"] for d in run["diagnostics"]] == [2, 2, 2]  # both honest nodes trained throughout
+    assert cluster.procs[stranger].wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in cluster.log(stranger)
     job = s["flower"]["job_id"]
+    assert DeviceLedger(tmp_path / "s", 1, job).rounds() == []  # it never trained
     assert DeviceLedger(cluster.state_dir(0), 0, job).rounds() == [0, 1, 2]
     assert DeviceLedger(impostor_state, 0, job).rounds() == []
