@@ -280,11 +280,15 @@ def test_accountant_shows_no_opacus_order_warning() -> None:
 def test_progress_bar_shows_each_rounds_own_accuracy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import functools
     import re
 
+    import tqdm.auto
+
     # tqdm redraws at most every 0.1 s by default: a fast machine runs all 30 rounds within one
-    # interval and draws no intermediate frame; TQDM_MININTERVAL (read by tqdm) makes it draw each
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    # interval and draws no intermediate frame; the engine's bar (tqdm.auto.tqdm, looked up when
+    # the run starts) is made to draw every update
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, mininterval=0, miniters=1))
     run = tmp_path / "run"
     code, _, err = _cli(capsys, "run", QUICK, "--out", str(run))
     assert code == 0

@@ -327,7 +327,10 @@ def test_dp_ftrl_scenario_end_to_end_rho_equals_the_plan(tmp_path: Path) -> None
     assert summary["rho"] == plan.rho and summary["epsilon"] == plan.epsilon
     assert summary["epsilon_rdp"] == plan.epsilon_rdp
     assert 0.5 < plan.rho < 2.0  # a moderate budget
-    assert summary["accuracy"] >= 0.85
+    # every run draws a fresh secret key, so the accuracy is random: over 26 runs it was 0.885 on
+    # average (sd 0.016, lowest 0.850); 0.80 is five standard deviations below the average, far
+    # above chance (0.1) and a failure to learn
+    assert summary["accuracy"] >= 0.80
     # exact counts are private in a DP run: null in the public files, exact in private/
     assert summary["rejected"] is None
     assert json.loads((out / "private" / "summary.json").read_text())["rejected"] == {}  # all passed the norm check

@@ -138,6 +138,9 @@ def test_dp_ftrl_scenario_with_blt_final_rho_equals_the_plan(tmp_path: Path, cap
     ledger = json.loads((out / "ledger.json").read_text())
     assert len(ledger) == 100 and ledger[0]["event"]["type"] == "matrix_factorization"
     assert ledger[0]["event"]["params"] == plan["decays"] + plan["scales"]
-    assert summary["accuracy"] >= 0.85
+    # a fresh secret key per run makes the accuracy random: 0.885 on average over 15 runs (sd
+    # 0.011, lowest 0.869); 0.80 leaves seven standard deviations and still fails a model that
+    # does not learn
+    assert summary["accuracy"] >= 0.80
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rho"] for r in rows] == sorted(r["rho"] for r in rows)
