@@ -183,7 +183,8 @@ def test_every_dp_ftrl_mechanism_is_audited(tmp_path, mechanism) -> None:
     sim, result = run(FTRL, tmp_path / mechanism, "rounds=14", f"strategy.mechanism={mechanism}", "audit.canaries=20")
     audit = result.summary["audit"]
     assert audit["formal_rho"] == result.summary["rho"] > 0
-    assert sim.canaries.contributions.sum() > 0 and 0 <= audit["ci"][0] <= audit["epsilon"] <= audit["ci"][1]
+    # the basic bootstrap interval is clipped at 0: near 0 it need not contain the estimate
+    assert sim.canaries.contributions.sum() > 0 and 0 <= audit["ci"][0] <= audit["ci"][1] and audit["epsilon"] >= 0
 
 
 def test_rekeyed_canaries_follow_the_new_key() -> None:

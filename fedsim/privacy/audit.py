@@ -425,7 +425,8 @@ class AuditEstimate:
     """The empirical privacy estimate of one run under one threat model.
 
     ``epsilon`` is the point estimate at ``delta``, ``[ci_low, ci_high]`` its ``confidence``
-    basic-bootstrap interval (``num_bootstrap`` resamples over canaries), ``mu``/``sigma`` the Gaussian
+    basic-bootstrap interval (``num_bootstrap`` resamples over canaries; clipped at 0, so for an
+    estimate near 0 it can lie below the estimate), ``mu``/``sigma`` the Gaussian
     fitted to the inserted canaries' statistics, ``null_mu``/``null_sigma`` the null Gaussian
     (``0, 1/sqrt(d)`` under "final-model", fitted to never-inserted canaries under "all-iterates"),
     ``lower_bound`` the threshold test's bound (confidence ``confidence`` per threshold).
