@@ -276,6 +276,11 @@ def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
         source = NoiseSource(NoiseKey.generate())
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
+        # on one core, literally: pinned to one CPU for the measurement (where the OS allows it),
+        # so the figure does not depend on migrations between cores shared with other work
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        if affinity:
+            os.sched_setaffinity(0, {min(affinity)})
         try:
             n, steps = spec["noise_params"], spec["noise_rounds"]
             draws = []
@@ -292,6 +297,8 @@ def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
             out["noise_s_per_round"] = (time.perf_counter() - start) / steps
         finally:
             torch.set_num_threads(previous)
+            if affinity:
+                os.sched_setaffinity(0, affinity)
     return out
 
 

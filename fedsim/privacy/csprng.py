@@ -58,7 +58,7 @@ for Differential Privacy", NeurIPS 2020) would close this gap and is not impleme
 Cost: about 41 bytes of AES stream (2.6 proposals of 16 bytes) and two accepted proposals (one
 logarithm, one square root and one division each, no trigonometric function) per output coordinate,
 computed in cache-sized chunks by vectorised NumPy passes (no Python loop per value);
-``scripts/bench.py`` reports the milliseconds per round at 1.3M parameters: 24-26 ms on one core
+``scripts/bench.py`` reports the milliseconds per round at 1.3M parameters: 24-27 ms on one core
 of the 2-vCPU reference machine (the goal is 25 ms), of which the AES stream (55 MB) is about 5 ms.
 The previous generator (ChaCha20 and the Box-Muller transform, "fedsim-noise-v1") took 32-33 ms
 in the same measurement: its two float64 sines and two cosines per coordinate cost 14 ms.
