@@ -283,11 +283,15 @@ class RoundOwner:
         """Where this run keeps its secret key (``None`` without a run directory)."""
         return self.run_dir.path / KEY_FILE if self.run_dir is not None else None
 
+    @property
+    def keyed(self) -> bool:
+        """Whether what the run releases depends on its noise key: a DP run, or an audited one
+        (its canary directions are drawn from the key)."""
+        return self.private or getattr(self, "canaries", None) is not None
+
     def save_key(self) -> None:
         """Write the secret key of a fresh DP run to ``secret/noise.key`` (0600, directory 0700)."""
-        # an audited run keeps its key too: its canary directions are drawn from it
-        keyed = self.private or getattr(self, "canaries", None) is not None
-        if not (keyed and self.key_origin == "secret" and self.run_dir is not None):
+        if not (self.keyed and self.key_origin == "secret" and self.run_dir is not None):
             return
         path = self.run_dir.path / KEY_FILE
         path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -299,8 +303,7 @@ class RoundOwner:
 
         Without it the run refuses to resume (:class:`~fedsim.engine.checkpoint.CheckpointError`).
         """
-        keyed = self.private or self.canaries is not None
-        if not (keyed and self.key_origin == "secret" and self.run_dir is not None):
+        if not (self.keyed and self.key_origin == "secret" and self.run_dir is not None):
             return
         path = self.run_dir.path / KEY_FILE
         if not path.exists():
@@ -624,9 +627,8 @@ class RoundOwner:
         """Refuse (:class:`~fedsim.engine.checkpoint.CheckpointError`, naming ``source``) a state
         written under a different scenario, whose parameters do not fit the model or, for a run
         whose releases depend on the noise key, by another noise generator."""
-        keyed = self.private or self.canaries is not None
         written = state.get("noise", "an earlier generator")  # states before v2 did not name it
-        if keyed and written != GENERATOR:
+        if self.keyed and written != GENERATOR:
             raise CheckpointError(
                 f"{source} was written with noise generator {written}, this fedsim draws noise with "
                 f"{GENERATOR}: resumed rounds would add noise that does not match the rounds already "

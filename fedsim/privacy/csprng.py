@@ -351,7 +351,6 @@ def standard_normal(key: NoiseKey, words: Sequence[int], n: int) -> torch.Tensor
     work = _Workspace()
     enc = _cipher(key, words)
     zeros = bytes(len(work.stream))
-    last = np.empty(CHUNK, dtype=np.float32)
     for start in range(0, n, CHUNK):
         while work.filled < PAIRS:
             enc.update_into(zeros, work.stream)
@@ -359,5 +358,5 @@ def standard_normal(key: NoiseKey, words: Sequence[int], n: int) -> torch.Tensor
         if start + CHUNK <= n:
             _output(work, out[start : start + CHUNK])
         else:  # the last, partial chunk
-            out[start:] = _output(work, last)[: n - start]
+            out[start:] = _output(work, np.empty(CHUNK, dtype=np.float32))[: n - start]
     return torch.from_numpy(out)
