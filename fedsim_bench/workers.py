@@ -271,6 +271,7 @@ def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("noise_params"):
         # the cryptographic noise (AES-128-CTR + four 53-bit polar-method normals per coordinate), on
         # one core: one Gaussian draw (DP-FedAvg's round), and the efficient tree's round
+        from fedsim.privacy import csprng
         from fedsim.privacy.noise import TAG_ROUND, NoiseKey, NoiseSource
 
         source = NoiseSource(NoiseKey.generate())
@@ -289,6 +290,14 @@ def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
                 source.normal((TAG_ROUND, r), n)
                 draws.append(time.perf_counter() - start)
             out["gaussian_noise_s"] = min(draws)
+            out["noise_kernel"] = "compiled" if csprng.compiled_available() else "numpy"
+            # side by side: the NumPy reference path of the same sampler (the same bits, no Numba)
+            numpy_draws = []
+            for r in range(steps):
+                start = time.perf_counter()
+                csprng.standard_normal(source.key, (TAG_ROUND, r), n, compiled=False)
+                numpy_draws.append(time.perf_counter() - start)
+            out["gaussian_noise_numpy_s"] = min(numpy_draws)
             tree = TreeNoise(n, DP_NOISE_MULTIPLIER * DP_CLIP, seed=source, estimator="efficient")
             tree.step(0)
             start = time.perf_counter()

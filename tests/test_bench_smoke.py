@@ -51,8 +51,12 @@ def test_tiny_benchmark_run_reports_every_column() -> None:
     assert report["matmul_gflops"] > 0.1
     (dp,) = report["dp_ftrl"]
     assert dp["clients"] == [40] and dp["noise_params"] == 1_300_000 and dp["noise_s_per_round"] > 0
+    assert dp["noise_kernel"] == "compiled" and dp["gaussian_noise_numpy_s"] > 0 and dp["gaussian_noise_s"] > 0
     names = [t["target"] for t in report["targets"]]
     assert "mlp: fedsim / naive loop" in names and "mlp: fedsim training / FLOP bound" in names
+    (noise,) = [t for t in report["targets"] if t["target"].startswith("noise:")]
+    assert noise["at_most"] and noise["unit"] == "ms" and noise["value"] == 1e3 * dp["gaussian_noise_s"]
+    assert noise["met"] == (noise["value"] <= 25.0)
     text = format_report(report)
     for column in ("fedsim", "naive loop", "Flower", "FLOP bound", "vs naive"):
         assert column in text
@@ -62,6 +66,7 @@ def test_tiny_benchmark_run_reports_every_column() -> None:
     with_targets = format_report(report, targets=True)
     assert "project targets" in with_targets and "mlp: fedsim / naive loop" in with_targets
     assert "(goal >= 5x)" in with_targets and ("met" in with_targets)
+    assert "(goal <= 25 ms)" in with_targets
 
 
 def test_targets_flag_is_off_by_default() -> None:

@@ -21,6 +21,9 @@ from fedsim.privacy.csprng import NoiseKey, NoiseKeyError, keystream, standard_n
 
 KEY = NoiseKey(bytes(range(32)))
 OTHER = NoiseKey(bytes(range(1, 33)))
+#: The sampler's two implementations: the NumPy reference and the compiled kernel (Numba, a
+#: dependency: the compiled cases fail, not skip, where it is missing).
+PATHS = pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,13 +156,68 @@ def test_keys_equal_in_any_32_bit_window_give_unrelated_noise() -> None:
         assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / math.sqrt(100_000)
 
 
+def test_compiled_kernel_gives_the_numpy_paths_bits() -> None:
+    """The compiled kernel is the default and returns exactly the NumPy reference's values."""
+    assert csprng.compiled_available(), "Numba (a dependency of fedsim) is not importable"
+    c = csprng.CHUNK
+    for n in (1, 1000, c, c + 1, 5 * c + 7, 300_000):
+        fast = standard_normal(KEY, (23, n), n, compiled=True)
+        assert torch.equal(fast, standard_normal(KEY, (23, n), n, compiled=False)), n
+        assert torch.equal(fast, standard_normal(KEY, (23, n), n))
+    # chunks that need a second and third block (the disk s < 1/4: acceptance pi/16) agree as well
+    assert np.array_equal(_small_disk(compiled=True), _small_disk(compiled=False))
+    # and so do the far-tail proposals
+    assert np.array_equal(_conditioned_tail(40, 2, (30,), compiled=True), _conditioned_tail(40, 2, (30,)))
+
+
+def _small_disk(compiled: bool, chunks: int = 3) -> np.ndarray:
+    work = csprng._Workspace(compiled)
+    enc = csprng._cipher(KEY, (29,))
+    zeros = bytes(16 * csprng.BLOCK)
+    out, blocks = [], 0
+    for _ in range(chunks):
+        while work.filled < csprng.PAIRS:
+            blocks += 1
+            csprng._accept(np.frombuffer(bytearray(enc.update(zeros)), dtype=np.int64), work, limit=2.0**104)
+        out.append(csprng._output(work))
+    assert blocks >= 3 * chunks
+    return np.concatenate(out)
+
+
+def test_compiled_kernel_missing_is_refused_or_replaced(monkeypatch) -> None:
+    expected = standard_normal(KEY, (24,), 5000, compiled=False)
+    monkeypatch.setattr(csprng, "_compiled_kernels", lambda: None)
+    assert not csprng.compiled_available()
+    with pytest.raises(RuntimeError, match="needs Numba"):
+        standard_normal(KEY, (24,), 5000, compiled=True)
+    assert torch.equal(standard_normal(KEY, (24,), 5000), expected)  # the default falls back
+
+
+def test_compiler_failure_warns_and_leaves_the_numpy_path(monkeypatch) -> None:
+    import numba
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no LLVM today")
+
+    monkeypatch.setattr(numba, "njit", broken)
+    csprng._compiled_kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no LLVM today.*NumPy path"):
+            assert not csprng.compiled_available()
+    finally:
+        monkeypatch.undo()
+        csprng._compiled_kernels.cache_clear()
+    assert csprng.compiled_available()
+
+
 # ------------------------------------------------------------------------------------------
 # tails: no truncation at 5.77 sigma
 
 
-def test_support_reaches_far_beyond_six_sigma() -> None:
+@PATHS
+def test_support_reaches_far_beyond_six_sigma(compiled: bool) -> None:
     """The proposal closest to the origin gives one summand of 8.53 sigma; four of them sum to 17.1."""
-    work = csprng._Workspace()
+    work = csprng._Workspace(compiled)
     words = np.zeros(2 * csprng.BLOCK, dtype=np.int64)  # every proposal (u, v) = (2**-53, 2**-53)
     assert csprng._accept(words, work) == csprng.PAIRS
     out = csprng._output(work)
@@ -170,18 +228,19 @@ def test_support_reaches_far_beyond_six_sigma() -> None:
     assert out.min() == pytest.approx(2 * summand, rel=1e-12)
     assert out.max() > 17
     # the corners of the square lie outside the unit disk: rejected, none accepted
-    work = csprng._Workspace()
+    work = csprng._Workspace(compiled)
     assert csprng._accept(np.full(2 * csprng.BLOCK, (1 << 63) - 1, dtype=np.int64), work) == 0
 
 
-def test_polar_method_against_an_exact_reference() -> None:
+@PATHS
+def test_polar_method_against_an_exact_reference(compiled: bool) -> None:
     """Accepted proposals are the stream's points inside the disk, in stream order, across blocks.
 
     The reference decides acceptance in exact integer arithmetic (Python ints) and computes the
     normals from the textbook formula on ``(u, v)``; with the disk ``s < 1/2`` (acceptance pi/8)
     one block is not enough for a chunk, so the chunk continues with the next block.
     """
-    work = csprng._Workspace()
+    work = csprng._Workspace(compiled)
     enc = csprng._cipher(KEY, (31,))
     zeros = bytes(16 * csprng.BLOCK)
     blocks = []
@@ -206,7 +265,7 @@ def test_polar_method_against_an_exact_reference() -> None:
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
-def _conditioned_tail(k: int, chunks: int, words: tuple[int, ...] = (13,)) -> np.ndarray:
+def _conditioned_tail(k: int, chunks: int, words: tuple[int, ...] = (13,), compiled: bool = False) -> np.ndarray:
     """Generator output conditioned on every accepted proposal having ``u**2 + v**2 <= 2**-k``.
 
     The proposals come from the real stream of ``(KEY, words)``, through the real
@@ -218,7 +277,7 @@ def _conditioned_tail(k: int, chunks: int, words: tuple[int, ...] = (13,)) -> np
     where the tail beyond 6 sigma comes from: every summand's radius ``sqrt(-2 ln s)`` is then
     at least ``sqrt(2 k ln 2)``.
     """
-    work = csprng._Workspace()
+    work = csprng._Workspace(compiled)
     enc = csprng._cipher(KEY, words)
     zeros = bytes(16 * csprng.BLOCK)
     out = []
@@ -254,7 +313,8 @@ def _far_tail_ok(sample: np.ndarray, reference: np.ndarray) -> bool:
     return stats.chi2.sf(statistic, len(tail)) > 1e-4
 
 
-def test_tail_beyond_six_sigma_in_a_large_sample() -> None:
+@PATHS
+def test_tail_beyond_six_sigma_in_a_large_sample(compiled: bool) -> None:
     """The real stream through the real sampler, conditioned on proposals with s below 2**-30.
 
     A 512k-draw sample of the conditional law, compared with an independent reference: every
@@ -264,7 +324,7 @@ def test_tail_beyond_six_sigma_in_a_large_sample() -> None:
     (conditioning at 2**-29), or a scaled one fails the test.
     """
     k, chunks = 30, 32
-    z = _conditioned_tail(k, chunks)
+    z = _conditioned_tail(k, chunks, compiled=compiled)
     reference = _conditioned_reference(k, len(z), seed=1)
     assert len(z) == chunks * csprng.CHUNK
     assert (np.abs(z) > 6).mean() > 0.15 and np.abs(z).max() > 10
@@ -273,7 +333,7 @@ def test_tail_beyond_six_sigma_in_a_large_sample() -> None:
     assert not _far_tail_ok(np.clip(z, -6, 6), reference)  # truncated at 6 sigma
     assert not _far_tail_ok(np.clip(z, -8, 8), reference)  # truncated at 8 sigma
     assert not _far_tail_ok(z * 0.97, reference)
-    assert not _far_tail_ok(_conditioned_tail(k - 1, chunks // 4, (14,)), reference[: len(z) // 4])
+    assert not _far_tail_ok(_conditioned_tail(k - 1, chunks // 4, (14,), compiled), reference[: len(z) // 4])
     # 24-bit uniforms (torch.randn) never reach u <= 2**-24: the conditioned sample is empty
 
 

@@ -42,10 +42,10 @@ proposals, then rounded once to float32:
   draw can take is a sparse, irregular subset of the floats, and which values are reachable can
   reveal the unnoised input; the sum of independent draws fills the float grid;
 * timing: the polar method rejects about 21.5 % of its proposals, and the work of a call grows
-  with the number of stream blocks it reads. That number depends only on how many proposals were
-  rejected, and the proposals are independent and identically distributed, so the accepted ones
-  (hence the noise) are independent of it: the running time reveals nothing about the noise
-  values (the timing channel of Jin et al. is a sampler whose running time depends on the value
+  with the number of stream blocks it reads (and, on the NumPy path, with the number accepted in
+  a block). Both depend only on how many proposals were rejected, and the proposals are
+  independent and identically distributed, so the accepted ones (hence the noise) are
+  independent of it: the running time reveals nothing about the noise values (the timing channel of Jin et al. is a sampler whose running time depends on the value
   it returns). A block holds six standard deviations more proposals than a chunk needs on
   average, so a second block is read for about one chunk in a billion.
 
@@ -57,19 +57,33 @@ for Differential Privacy", NeurIPS 2020) would close this gap and is not impleme
 
 Cost: about 41 bytes of AES stream (2.6 proposals of 16 bytes) and two accepted proposals (one
 logarithm, one square root and one division each, no trigonometric function) per output coordinate,
-computed in cache-sized chunks by vectorised NumPy passes (no Python loop per value);
-``scripts/bench.py`` reports the milliseconds per round at 1.3M parameters: 24-27 ms on one core
-of the 2-vCPU reference machine (the goal is 25 ms), of which the AES stream (55 MB) is about 5 ms.
-The previous generator (ChaCha20 and the Box-Muller transform, "fedsim-noise-v1") took 32-33 ms
-in the same measurement: its two float64 sines and two cosines per coordinate cost 14 ms.
+in cache-sized chunks. Two implementations give the same bits (tested on every run of the suite):
+
+* the **compiled kernel** (the default; Numba, a dependency): the per-proposal work of a block
+  (conversion, squares, the acceptance test, compaction) is one compiled loop, branch-free (every
+  proposal of a block costs the same), and the four-summand sum is a second one; logarithm,
+  division and square root stay vectorised NumPy calls. Numba compiles without fast-math flags
+  (IEEE operations in program order, no fused multiply-add), so it rounds as NumPy does, and
+  caches the compiled loops on disk (the first draw of a fresh install compiles them, ~2 s);
+* the **NumPy path** (:func:`_accept` and :func:`_output` on their own): vectorised passes, no
+  Python loop per value; the reference the kernel is tested against, and the fallback where
+  Numba is missing or cannot compile (with a warning).
+
+``scripts/bench.py`` reports the milliseconds per round at 1.3M parameters on one core and
+measures both side by side: 18-19 ms per draw with the kernel on the 2-vCPU reference machine
+(up to 23 ms under load; the goal is 25 ms), 24-27 ms with the NumPy path. The AES stream (55 MB)
+is about 5 ms of either. The previous generator (ChaCha20 and the Box-Muller transform,
+"fedsim-noise-v1") took 32-33 ms: its two float64 sines and two cosines per coordinate cost 14 ms.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
 import secrets
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,6 +99,7 @@ __all__ = [
     "NoiseKey",
     "NoiseKeyError",
     "SUMMANDS",
+    "compiled_available",
     "keystream",
     "standard_normal",
     "uniform",
@@ -254,30 +269,40 @@ def uniform(key: NoiseKey, words: Sequence[int], n: int) -> np.ndarray:
 
 
 class _Workspace:
-    """Reused buffers of one :func:`standard_normal` call (NumPy arrays, one chunk's working set).
+    """Reused buffers of one :func:`standard_normal` call (one chunk's working set).
 
     ``pairs`` holds the chunk's accepted proposals, row 0 their ``a``, row 1 their ``b`` (odd
-    integers, as floats); ``filled`` counts them.
+    integers, as floats); ``filled`` counts them. Its rows are views of ``ab``, one slot longer:
+    the compiled loop writes every proposal of a block to the next free slot and advances only
+    past accepted ones, so the extra slot takes the writes after the chunk is full.
+    ``compiled`` says which implementation fills them (:func:`_accept`): both give the same
+    bits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool = False) -> None:
         b, p = BLOCK, PAIRS
+        self.compiled = compiled
         self.stream = bytearray(16 * b)
         self.words = np.frombuffer(self.stream, dtype=np.int64)
-        self.uv = np.empty((2, b), dtype=np.float64)
-        self.s = np.empty(b, dtype=np.float64)
-        self.t = np.empty(b, dtype=np.float64)
-        self.mask = np.empty(b, dtype=bool)
-        self.pairs = np.empty((2, p), dtype=np.float64)
+        self.ab = np.empty((2, p + 1), dtype=np.float64)
+        self.pairs = self.ab[:, :p]
         self.filled = 0
-        self.z = np.empty((2, p), dtype=np.float64)
         self.f = np.empty(p, dtype=np.float64)
-        self.acc = np.empty(CHUNK, dtype=np.float64)
-        self.tmp = np.empty(CHUNK, dtype=np.float64)
+        if compiled:
+            self.stage = np.empty((3, b), dtype=np.float64)  # a, b, a**2 + b**2 of one block
+            self.d = np.empty(p + 1, dtype=np.float64)  # -2 (a**2 + b**2) of the accepted
+        else:
+            self.uv = np.empty((2, b), dtype=np.float64)
+            self.s = np.empty(b, dtype=np.float64)
+            self.t = np.empty(b, dtype=np.float64)
+            self.mask = np.empty(b, dtype=bool)
+            self.z = np.empty((2, p), dtype=np.float64)
+            self.acc = np.empty(CHUNK, dtype=np.float64)
+            self.tmp = np.empty(CHUNK, dtype=np.float64)
 
 
 def _accept(words: np.ndarray, work: _Workspace, limit: float = _LIMIT) -> int:
-    """One block: :data:`BLOCK` proposals from ``2 * BLOCK`` 64-bit words (overwritten).
+    """One block: :data:`BLOCK` proposals from ``2 * BLOCK`` 64-bit words (may be overwritten).
 
     Proposal ``i`` is the point ``(u, v) = (a, b) 2**-53`` with ``a``, ``b`` the odd integers
     ``(w >> 10) | 1`` of words ``i`` and ``BLOCK + i`` (uniform on the odd integers of
@@ -288,6 +313,13 @@ def _accept(words: np.ndarray, work: _Workspace, limit: float = _LIMIT) -> int:
     Returns the number appended. ``limit`` is lowered only by the tests, to condition on the far
     tail.
     """
+    if work.compiled:
+        kernel = _compiled_kernels()
+        if kernel is None:
+            raise RuntimeError("this workspace needs the compiled noise kernel, which is not available")
+        at = work.filled
+        work.filled = kernel.accept(words, work.stage, work.ab[0], work.ab[1], work.d, at, limit)
+        return work.filled - at
     uv, s, t, mask = work.uv, work.s, work.t, work.mask
     np.right_shift(words, 10, out=words)
     np.bitwise_or(words, 1, out=words)
@@ -316,9 +348,27 @@ def _output(work: _Workspace, out: np.ndarray | None = None) -> np.ndarray:
     folded in, ``a sqrt(-ln(s) / 2 / (a**2 + b**2))``, every scaling a power of two (exact).
     Output ``j`` adds the ``u``-normals of pairs ``j`` and ``CHUNK + j`` and the ``v``-normals of
     two *other* pairs (shifted by half a chunk): its four summands come from four proposals.
+    The compiled path computes the same operations in the same order (the division by
+    ``-2 (a**2 + b**2)`` rounds as the division of ``-ln(s) / 2`` by ``a**2 + b**2``: both are
+    the correctly rounded quotient of the same real numbers).
     """
     c, half = CHUNK, CHUNK // 2
-    pairs, z, f, acc, tmp = work.pairs, work.z, work.f, work.acc, work.tmp
+    if out is None:
+        out = np.empty(c, dtype=np.float64)
+    f = work.f
+    if work.compiled:
+        kernel = _compiled_kernels()
+        if kernel is None:
+            raise RuntimeError("this workspace needs the compiled noise kernel, which is not available")
+        d = work.d[:PAIRS]
+        np.multiply(d, -(2.0**-107), out=f)  # s, exactly
+        np.log(f, out=f)
+        np.divide(f, d, out=f)
+        np.sqrt(f, out=f)
+        kernel.combine(work.ab[0], work.ab[1], f, out)
+        work.filled = 0
+        return out
+    pairs, z, acc, tmp = work.pairs, work.z, work.acc, work.tmp
     np.multiply(pairs, pairs, out=z)
     np.add(z[0], z[1], out=f)  # a**2 + b**2, the value _accept compared
     np.multiply(f, 2.0**-106, out=z[0])  # s, exactly
@@ -330,25 +380,110 @@ def _output(work: _Workspace, out: np.ndarray | None = None) -> np.ndarray:
     x, y = z[0], z[1]
     np.add(x[:c], x[c:], out=acc)
     np.add(y[:c], y[c:], out=tmp)
-    if out is None:
-        out = np.empty(c, dtype=np.float64)
     np.add(acc[:half], tmp[half:], out=out[:half], casting="same_kind")
     np.add(acc[half:], tmp[:half], out=out[half:], casting="same_kind")
     work.filled = 0
     return out
 
 
-def standard_normal(key: NoiseKey, words: Sequence[int], n: int) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------
+# The compiled path: the same sampler with the per-proposal work fused into two loops
+# (compiled by Numba when it is installed). The loops below are plain Python and are only run
+# compiled; the NumPy functions above are the reference they are tested against bit for bit.
+
+
+def _accept_loop(words, stage, a, b, d, filled, limit):  # noqa: ANN001, ANN202 - compiled by Numba
+    n = words.shape[0] // 2
+    last = a.shape[0] - 1  # the scratch slot
+    for i in range(n):  # vectorised by the compiler: convert, square, add
+        x = np.float64((words[i] >> 10) | 1)
+        y = np.float64((words[n + i] >> 10) | 1)
+        stage[0, i] = x
+        stage[1, i] = y
+        stage[2, i] = x * x + y * y
+    k = filled
+    for i in range(n):  # branch-free compaction: every proposal costs the same
+        q = stage[2, i]
+        j = min(k, last)
+        a[j] = stage[0, i]
+        b[j] = stage[1, i]
+        d[j] = q * -2.0
+        k += q < limit
+    return min(k, last)
+
+
+def _combine_loop(a, b, f, out):  # noqa: ANN001, ANN202 - compiled by Numba
+    c = out.shape[0]
+    half = c // 2
+    for j in range(half):
+        h = j + half
+        out[j] = (a[j] * f[j] + a[c + j] * f[c + j]) + (b[h] * f[h] + b[c + h] * f[c + h])
+    for j in range(half, c):
+        h = j - half
+        out[j] = (a[j] * f[j] + a[c + j] * f[c + j]) + (b[h] * f[h] + b[c + h] * f[c + h])
+
+
+class _Kernels:
+    """The two compiled loops of the sampler."""
+
+    def __init__(self, accept, combine) -> None:  # noqa: ANN001 - Numba dispatchers
+        self.accept = accept
+        self.combine = combine
+
+
+@functools.cache
+def _compiled_kernels() -> _Kernels | None:
+    """Compile the loops with Numba (cached on disk by Numba); ``None`` where Numba is missing.
+
+    Numba compiles without fast-math flags: IEEE operations in program order, no fused
+    multiply-add contraction, so the loops round exactly as the NumPy reference does.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+    options = {"nogil": True, "boundscheck": False, "cache": True}
+    try:
+        accept = numba.njit(
+            "int64(int64[::1], float64[:, ::1], float64[::1], float64[::1], float64[::1], int64, float64)",
+            **options,
+        )(_accept_loop)
+        combine = numba.njit(**options)(_combine_loop)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the NumPy path
+        warnings.warn(
+            f"the compiled noise kernel could not be built ({type(exc).__name__}: {exc}); "
+            "drawing noise with the NumPy path (the same values, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _Kernels(accept, combine)
+
+
+def compiled_available() -> bool:
+    """Whether :func:`standard_normal` can use the compiled kernel (Numba installed and working)."""
+    return _compiled_kernels() is not None
+
+
+def standard_normal(key: NoiseKey, words: Sequence[int], n: int, *, compiled: bool | None = None) -> torch.Tensor:
     """``n`` float32 standard normals, a pure function of ``(key, words)`` (module docstring).
 
     Chunk after chunk of :data:`CHUNK` outputs, each from the next block(s) of the stream: a
     shorter request returns a prefix of a longer one with the same words.
+
+    ``compiled`` chooses the implementation: ``None`` (default) the compiled kernel where Numba
+    is available, else the NumPy path; ``True`` requires the kernel; ``False`` the NumPy path.
+    Both return the same bits.
     """
     n = _check_n(n)
+    if compiled is None:
+        compiled = compiled_available()
+    elif compiled and not compiled_available():
+        raise RuntimeError("the compiled noise kernel needs Numba ('pip install numba'); it is not available")
     out = np.empty(n, dtype=np.float32)
     if n == 0:
         return torch.from_numpy(out)
-    work = _Workspace()
+    work = _Workspace(compiled=compiled)
     enc = _cipher(key, words)
     zeros = bytes(len(work.stream))
     for start in range(0, n, CHUNK):
