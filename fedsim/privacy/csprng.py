@@ -15,7 +15,10 @@ noise, so the noise is
   or another stream. There is no 32-bit (or 63-bit) seed to brute-force;
 * **a pure function of (key, words)**: the same key and words give bit-identical output in any
   process, so a round replayed after a crash (or on resume) adds the very noise it added before,
-  and no second noisy view of the same data is ever released. ``words`` are the caller's
+  and no second noisy view of the same data is ever released. (Across machines this holds for
+  the same NumPy on the same instruction set: NumPy's vectorised logarithm is accurate to an ulp,
+  not correctly rounded, and the SIMD variant it dispatches to may round a rare value's last bit
+  differently; square root and division are correctly rounded everywhere.) ``words`` are the caller's
   domain-separated coordinates (a tag, then e.g. the round or the tree node). The generator's
   name, :data:`GENERATOR`, is part of the sub-key and of every checkpoint: a run never resumes
   under a generator other than the one that drew its released noise.
