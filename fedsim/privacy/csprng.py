@@ -18,8 +18,8 @@ noise, so the noise is
   and no second noisy view of the same data is ever released. (Across machines this holds for
   the same NumPy on the same instruction set: NumPy's vectorised logarithm is accurate to an ulp,
   not correctly rounded, and the SIMD variant it dispatches to may round a rare value's last bit
-  differently; square root and division are correctly rounded everywhere.) ``words`` are the caller's
-  domain-separated coordinates (a tag, then e.g. the round or the tree node). The generator's
+  differently; square root and division are correctly rounded everywhere.) ``words`` are the
+  caller's domain-separated coordinates (a tag, then e.g. the round or the tree node). The generator's
   name, :data:`GENERATOR`, is part of the sub-key and of every checkpoint: a run never resumes
   under a generator other than the one that drew its released noise.
 
@@ -48,8 +48,8 @@ proposals, then rounded once to float32:
   with the number of stream blocks it reads (and, on the NumPy path, with the number accepted in
   a block). Both depend only on how many proposals were rejected, and the proposals are
   independent and identically distributed, so the accepted ones (hence the noise) are
-  independent of it: the running time reveals nothing about the noise values (the timing channel of Jin et al. is a sampler whose running time depends on the value
-  it returns). A block holds six standard deviations more proposals than a chunk needs on
+  independent of it: the running time reveals nothing about the noise values (the timing
+  channel of Jin et al. is a sampler whose running time depends on the value it returns). A block holds six standard deviations more proposals than a chunk needs on
   average, so a second block is read for about one chunk in a billion.
 
 What remains (see ``docs/threat-model.md``): the released sum ``x + sigma * Z`` is computed and
@@ -278,13 +278,15 @@ class _Workspace:
     integers, as floats); ``filled`` counts them. Its rows are views of ``ab``, one slot longer:
     the compiled loop writes every proposal of a block to the next free slot and advances only
     past accepted ones, so the extra slot takes the writes after the chunk is full.
-    ``compiled`` says which implementation fills them (:func:`_accept`): both give the same
-    bits.
+    ``kernel`` is the compiled loops that fill them with ``compiled=True``, ``None`` on the NumPy
+    path (:func:`_accept`): both give the same bits.
     """
 
     def __init__(self, compiled: bool = False) -> None:
         b, p = BLOCK, PAIRS
-        self.compiled = compiled
+        self.kernel = _compiled_kernels() if compiled else None
+        if compiled and self.kernel is None:
+            raise RuntimeError("the compiled noise kernel needs Numba ('pip install numba'); it is not available")
         self.stream = bytearray(16 * b)
         self.words = np.frombuffer(self.stream, dtype=np.int64)
         self.ab = np.empty((2, p + 1), dtype=np.float64)
@@ -316,12 +318,9 @@ def _accept(words: np.ndarray, work: _Workspace, limit: float = _LIMIT) -> int:
     Returns the number appended. ``limit`` is lowered only by the tests, to condition on the far
     tail.
     """
-    if work.compiled:
-        kernel = _compiled_kernels()
-        if kernel is None:
-            raise RuntimeError("this workspace needs the compiled noise kernel, which is not available")
+    if work.kernel is not None:
         at = work.filled
-        work.filled = kernel.accept(words, work.stage, work.ab[0], work.ab[1], work.d, at, limit)
+        work.filled = work.kernel.accept(words, work.stage, work.ab[0], work.ab[1], work.d, at, limit)
         return work.filled - at
     uv, s, t, mask = work.uv, work.s, work.t, work.mask
     np.right_shift(words, 10, out=words)
@@ -359,16 +358,13 @@ def _output(work: _Workspace, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty(c, dtype=np.float64)
     f = work.f
-    if work.compiled:
-        kernel = _compiled_kernels()
-        if kernel is None:
-            raise RuntimeError("this workspace needs the compiled noise kernel, which is not available")
+    if work.kernel is not None:
         d = work.d[:PAIRS]
         np.multiply(d, -(2.0**-107), out=f)  # s, exactly
         np.log(f, out=f)
         np.divide(f, d, out=f)
         np.sqrt(f, out=f)
-        kernel.combine(work.ab[0], work.ab[1], f, out)
+        work.kernel.combine(work.ab[0], work.ab[1], f, out)
         work.filled = 0
         return out
     pairs, z, acc, tmp = work.pairs, work.z, work.acc, work.tmp
@@ -479,14 +475,10 @@ def standard_normal(key: NoiseKey, words: Sequence[int], n: int, *, compiled: bo
     Both return the same bits.
     """
     n = _check_n(n)
-    if compiled is None:
-        compiled = compiled_available()
-    elif compiled and not compiled_available():
-        raise RuntimeError("the compiled noise kernel needs Numba ('pip install numba'); it is not available")
+    work = _Workspace(compiled=compiled_available() if compiled is None else compiled)
     out = np.empty(n, dtype=np.float32)
     if n == 0:
         return torch.from_numpy(out)
-    work = _Workspace(compiled=compiled)
     enc = _cipher(key, words)
     zeros = bytes(len(work.stream))
     for start in range(0, n, CHUNK):
