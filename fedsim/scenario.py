@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from fedsim.errors import ScenarioError, unknown_key_message
 from fedsim.validation import boolean, is_int, is_number, number_in, positive_number
+from fedsim.validation import run_id as check_run_id
 
 # --------------------------------------------------------------------------------------------
 # validation helpers: each names the field it checks (fedsim.validation's checks, whose
@@ -205,12 +206,19 @@ class PrivacyConfig:
     ``noise-key-file`` names a fixed noise key (``fedsim privacy keygen FILE``) for reproducible
     research: the run's noise and secret sampling come from it instead of a fresh secret key,
     and ``summary.json`` says so. Empty (default): every DP run draws its own secret key.
+
+    ``run-id`` is the run's public id (32 hex digits, 128 bits): it enters every noise and
+    sampling word, so runs under one key (a fixed key file) draw independent noise. Empty
+    (default): a DP or audited run draws a fresh one from :mod:`secrets`, recorded in its
+    ``config.toml`` and ``summary.json``; set it (with the same key file) only to replay a run
+    exactly.
     """
 
     delta: float = 1e-6
     max_rho: float | None = None
     max_epsilon: float | None = None
     noise_key_file: str = ""
+    run_id: str = ""
 
     def __post_init__(self) -> None:
         _in_open_unit("delta", self.delta)
@@ -218,6 +226,9 @@ class PrivacyConfig:
             _positive("max-rho", self.max_rho)
         if self.max_epsilon is not None:
             _positive("max-epsilon", self.max_epsilon)
+        if self.run_id:
+            _checked(check_run_id, "run-id", self.run_id)
+            object.__setattr__(self, "run_id", self.run_id.lower())
 
 
 @dataclass(frozen=True)
@@ -412,6 +423,7 @@ _APPLIES_WHEN: dict[tuple[str, str], Any] = {
     ("population", "check-in-prob"): lambda sc: sc.population.availability != "always",
     ("population", "period"): lambda sc: sc.population.availability == "diurnal",
     ("population", "amplitude"): lambda sc: sc.population.availability == "diurnal",
+    ("privacy", "run-id"): lambda sc: bool(sc.privacy.run_id),
     ("engine", "ray-address"): lambda sc: sc.engine.backend == "ray",
     ("engine", "ray-workers"): lambda sc: sc.engine.backend == "ray",
 }

@@ -31,7 +31,6 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from fedsim import seeds
 from fedsim.optim import ServerOptimizer
 from fedsim.privacy.mechanisms import Mechanism, noise_or_target
 from fedsim.privacy.noise import NoiseSource
@@ -63,8 +62,9 @@ class ParticipationLimit:
 class StrategyContext:
     """Facts about the run that a strategy may need, given once at :meth:`Strategy.setup`.
 
-    ``noise`` is where privacy noise comes from (the engine builds it for the run); when it is
-    ``None``, :meth:`noise_source` derives it from ``seed``, as for a simulated run.
+    ``noise`` is where privacy noise comes from: the engine gives the run's secret source (its
+    key and run id). There is no fallback: a DP strategy set up without one refuses to draw noise
+    (noise derived from the public seed would give no privacy).
     """
 
     num_params: int
@@ -76,16 +76,13 @@ class StrategyContext:
     noise: NoiseSource | None = None
 
     def noise_source(self) -> NoiseSource:
-        """The run's :class:`~fedsim.privacy.noise.NoiseSource`."""
-        if self.noise is not None:
-            return self.noise
-        return simulation_noise_source(self.seed)
-
-
-def simulation_noise_source(seed: int) -> NoiseSource:
-    """A *public* noise source keyed by ``derived_seed(seed, STREAM_NOISE)``: for tests and direct
-    library use only. The engines always pass the run's secret source (``StrategyContext.noise``)."""
-    return NoiseSource.from_seed(seeds.derived_seed(seed, seeds.STREAM_NOISE))
+        """The run's :class:`~fedsim.privacy.noise.NoiseSource`; ``ValueError`` when none was given."""
+        if self.noise is None:
+            raise ValueError(
+                "this strategy adds privacy noise but its StrategyContext has no noise source: pass "
+                "noise=NoiseSource(NoiseKey.generate(), run_id) (noise from a public seed gives no privacy)"
+            )
+        return self.noise
 
 
 class Strategy(ABC):

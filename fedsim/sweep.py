@@ -335,7 +335,10 @@ def _is_complete(spec: RunSpec) -> bool:
     except (OSError, ValueError):
         return False
     # the same resolved scenario; where the run directory lives (output-dir) does not matter, so
-    # a sweep directory that was moved or assembled from several machines is still complete
+    # a sweep directory that was moved or assembled from several machines is still complete; nor
+    # does the run id a run drew for itself where the sweep set none
+    if "run-id" not in spec.raw.get("privacy", {}) and "run-id" in recorded.get("privacy", {}):
+        recorded["privacy"] = {k: v for k, v in recorded["privacy"].items() if k != "run-id"}
     return _without_output_dir(recorded) == _without_output_dir(spec.raw)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "number_in",
     "positive_int",
     "positive_number",
+    "run_id",
 ]
 
 
@@ -131,3 +132,17 @@ def choice(key: str, value: Any, options: Iterable[str]) -> str:
             listed = "one of " + ", ".join(repr(o) for o in opts)
         raise ValueError(f"{key} must be {listed}, got {value!r}")
     return value
+
+
+#: Hex digits of a run id (128 bits).
+RUN_ID_HEX = 32
+
+
+def run_id(key: str, value: Any) -> str:
+    """A run id: exactly 32 hex digits (128 bits), returned lower-cased."""
+    if not isinstance(value, str) or len(value) != RUN_ID_HEX or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise ValueError(
+            f"{key} must be {RUN_ID_HEX} hex digits (128 bits, e.g. `python -c 'import secrets; "
+            f"print(secrets.token_hex(16))'`), got {value!r}"
+        )
+    return value.lower()

@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedsim import seeds
 from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
 from fedsim.privacy.mechanisms import GaussianSumMechanism
 from fedsim.privacy.noise import TAG_SAMPLE
@@ -48,16 +47,7 @@ from fedsim.registry import resolve_params
 from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit, StrategyContext
 from fedsim.validation import choice, number_in
 
-__all__ = ["DPFedAvg", "DPFedAvgParams", "noise_seed"]
-
-
-def noise_seed(ctx: StrategyContext) -> int:
-    """The integer that keys a simulated run's noise source, derived from the run seed.
-
-    ``StrategyContext.noise_source()`` is ``NoiseSource.from_seed(noise_seed(ctx))`` when the
-    engine gives no source of its own.
-    """
-    return seeds.derived_seed(ctx.seed, seeds.STREAM_NOISE)
+__all__ = ["DPFedAvg", "DPFedAvgParams"]
 
 
 @dataclass(frozen=True)

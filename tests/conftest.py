@@ -38,7 +38,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 def strategy_context(
     num_params: int = 40, *, rounds: int = 16, devices: int = 200, per_round: int = 10, seed: int = 5
 ):
-    """A :class:`~fedsim.strategy.StrategyContext` for unit tests of strategies."""
+    """A :class:`~fedsim.strategy.StrategyContext` for unit tests of strategies.
+
+    Its noise source is keyed *publicly* by ``seed`` (``NoiseSource.from_seed``), so tests can
+    recompute the noise; a run's engine always gives a secret one.
+    """
+    from fedsim.privacy.noise import NoiseSource
     from fedsim.strategy import StrategyContext
     from fedsim.types import TrainConfig
 
@@ -49,6 +54,7 @@ def strategy_context(
         clients_per_round=per_round,
         seed=seed,
         base_train_config=TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=8),
+        noise=NoiseSource.from_seed(seed),
     )
 
 

@@ -167,8 +167,9 @@ def test_resumed_run_gives_the_same_audit(tmp_path, template) -> None:
     sim.run_round = crash  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
         sim.run()
-    # the uninterrupted reference with the same secret key (the same noise and canaries)
-    _, ref = run(template, tmp_path / "ref", *sets, noise_key=NoiseKey.load(out / KEY_FILE))
+    # the uninterrupted reference with the same secret key and run id (the same noise and canaries)
+    run_id = load_scenario(out / "config.toml").privacy.run_id
+    _, ref = run(template, tmp_path / "ref", *sets, f"privacy.run-id={run_id}", noise_key=NoiseKey.load(out / KEY_FILE))
     resumed = Simulation(load_scenario(out / "config.toml"), run_dir=out, progress=False)
     assert resumed.resume() == 4
     again = resumed.run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -150,10 +151,13 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def _run(scenario: Path, out: Path, key_of: Path | None = None) -> None:
-    """Run ``scenario`` into ``out``; with the secret noise key of run ``key_of`` if it has one."""
+    """Run ``scenario`` into ``out``; with the secret noise key and run id of run ``key_of`` if it has them."""
     key_file = key_of / KEY_FILE if key_of is not None else None
     key = NoiseKey.load(key_file) if key_file is not None and key_file.exists() else None
-    Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False, noise_key=key).run()
+    overrides: list = [(["output-dir"], str(out))]
+    if key is not None:
+        overrides.append((["privacy", "run-id"], load_scenario(key_of / "config.toml").privacy.run_id))
+    Simulation(load_scenario(scenario, overrides), run_dir=out, progress=False, noise_key=key).run()
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -179,7 +183,11 @@ def _kill_and_resume(tmp_path: Path, scenario: Path, rounds: int) -> str:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # both processes share one fixed noise key file, so the reference adds the same noise
     NoiseKey.generate().save(tmp_path / "fixed.key")
-    cmd = [sys.executable, "-m", "fedsim", "run", str(scenario), "--quiet", "--set", f"privacy.noise-key-file={tmp_path / 'fixed.key'}"]
+    # ... and one run id: the public id that, with the key, determines a run's noise
+    cmd = [
+        sys.executable, "-m", "fedsim", "run", str(scenario), "--quiet", "--set", f"privacy.noise-key-file={tmp_path / 'fixed.key'}",
+        "--set", f"privacy.run-id={secrets.token_hex(16)}",
+    ]
     reference = subprocess.Popen([*cmd, "--out", str(ref)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc = subprocess.Popen([*cmd, "--out", str(victim)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     chance = random.SystemRandom()

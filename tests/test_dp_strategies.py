@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,7 +26,7 @@ from fedsim.privacy.tree_noise import decomposition, gaussian_noise, prefix_nois
 from fedsim.scenario import load_scenario, parse_override, scenario_from_dict
 from fedsim.strategy import ParticipationLimit, StrategyContext
 from fedsim.types import CohortChunk, TrainConfig, UpdateBatch
-from strategies.dp_fedavg import DPFedAvg, noise_seed
+from strategies.dp_fedavg import DPFedAvg
 from strategies.dp_ftrl import DPFTRL
 
 from .conftest import SCENARIOS, run_cli, strategy_context
@@ -120,7 +121,7 @@ def test_dp_fedavg_adds_noise_to_the_sum_and_divides_by_the_fixed_denominator() 
     deltas = clipped(3, 40, 0.5, 0)  # only 3 of the 10 expected clients reported
     params = torch.linspace(-1, 1, 40)
     out = s.aggregate(round=4, params=params, batch=batch(deltas))
-    noise = gaussian_noise(noise_seed(c), 4, 40, 1.0)
+    noise = gaussian_noise(c.noise, 4, 40, 1.0)
     want = params + 0.7 * (deltas.sum(0) + noise) / 10.0
     torch.testing.assert_close(out, want)
     # Poisson: denominator q * N
@@ -136,7 +137,7 @@ def test_dp_fedavg_server_momentum() -> None:
     steps = []
     for r in range(3):
         d = clipped(10, 40, 1.0, r)
-        steps.append((d.sum(0) + gaussian_noise(noise_seed(c), r, 40, 1.0)) / 10.0)
+        steps.append((d.sum(0) + gaussian_noise(c.noise, r, 40, 1.0)) / 10.0)
         params = s.aggregate(round=r, params=params, batch=batch(d))
     m0 = steps[0]
     m1 = 0.5 * m0 + steps[1]
@@ -155,7 +156,7 @@ def test_dp_ftrl_is_theta0_plus_lr_times_noisy_prefix_momentum(estimator: str) -
         d = clipped(7, 40, clip, 100 + r)
         params = s.aggregate(round=r, params=params, batch=batch(d))
         prefix = prefix + d.sum(0)
-        noisy = (prefix + prefix_noise(noise_seed(c), r, 40, z * clip, estimator=estimator)) / 10.0
+        noisy = (prefix + prefix_noise(c.noise, r, 40, z * clip, estimator=estimator)) / 10.0
         m = mom * m + noisy
         torch.testing.assert_close(params, theta0 + lr * m)
 
@@ -168,7 +169,7 @@ def test_dp_ftrl_restart_starts_from_the_current_model() -> None:
         params = s.aggregate(round=r, params=params, batch=batch(clipped(5, 40, 1.0, r)))
     d = clipped(5, 40, 1.0, 3)
     after = s.aggregate(round=3, params=params, batch=batch(d))
-    leaf = prefix_noise(noise_seed(c), 3, 40, 1.0, restart_every=3)
+    leaf = prefix_noise(c.noise, 3, 40, 1.0, restart_every=3)
     assert decomposition(3, 3) == [(3, 4)]
     torch.testing.assert_close(after, params + (d.sum(0) + leaf) / 5.0)
 
@@ -399,3 +400,11 @@ def test_dp_ftrl_with_diurnal_availability_progresses_within_limits() -> None:
     assert all(m["clients"] == min(20, m["eligible"]) for m in result.diagnostics)
     assert int(sim.population.server_ledger.count.max()) <= 2
     assert result.summary["rho"] == dp_ftrl_privacy(2.0, 24, 2, 4, sim.scenario.privacy.delta).rho
+
+
+@pytest.mark.parametrize("cls", [DPFedAvg, DPFTRL])
+def test_a_dp_strategy_without_a_noise_source_refuses(cls) -> None:
+    """No public fallback: noise derived from the public seed would give no privacy."""
+    ctx = dataclasses.replace(strategy_context(), noise=None)
+    with pytest.raises(ValueError, match="no noise source"):
+        cls(noise_multiplier=1.0, clip_norm=1.0).setup(ctx)

@@ -16,6 +16,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,9 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     assert s["epsilon"] == pytest.approx(predicted["epsilon"], rel=1e-6)
     assert [e["round"] for e in run["ledger"]] == [0, 1, 2]
 
-    # the in-process simulator, same seed, partitions and noise seed: the same model
-    expected = run_scenario(scenario)
+    # the in-process simulator, same seed, partitions, key and (the job's public) run id: the same model
+    assert len(s["run_id"]) == 32 and load_scenario(out / "config.toml").privacy.run_id == s["run_id"]
+    expected = run_scenario(replace(scenario, privacy=replace(scenario.privacy, run_id=s["run_id"])))
     assert torch.allclose(final, expected.params, rtol=1e-5, atol=1e-5), (final - expected.params).abs().max()
     for got, want in zip(run["diagnostics"], expected.diagnostics, strict=True):
         assert got["clients"] == want["clients"] and got["eligible"] == want["eligible"]

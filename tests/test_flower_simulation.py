@@ -83,7 +83,7 @@ def test_privacy_budget_stops_a_flower_run_where_it_stops_the_inprocess_run(tmp_
 
     NoiseKey.generate().save(tmp_path / "fixed.key")  # both engines add the same noise
     overrides = [
-        (["privacy", "noise-key-file"], str(tmp_path / "fixed.key")),
+        (["privacy", "noise-key-file"], str(tmp_path / "fixed.key")), (["privacy", "run-id"], "cd" * 16),
         (["rounds"], 6), (["clients-per-round"], 4), (["data", "num-devices"], 8), (["privacy", "max-rho"], 10.0),
         (["strategy", "noise-multiplier"], 1.0), (["strategy", "max-participations"], 6), (["strategy", "min-separation"], 0),
     ]

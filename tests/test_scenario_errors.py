@@ -44,6 +44,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         (GOOD.replace('name = "fedavg"', 'name = "fedprox"'), "strategy.name", "known: "),
         (GOOD + "server-lr = -1\n", "strategy", "server-lr must be > 0"),
         (GOOD.replace("rounds = 2", "rounds = 0"), "rounds", "must be >= 1"),
+        (GOOD + '[privacy]\nrun-id = "abc"\n', "privacy.run-id", "must be 32 hex digits"),
+        (GOOD + '[privacy]\nrun-id = "' + "g" * 32 + '"\n', "privacy.run-id", "must be 32 hex digits"),
     ],
 )
 def test_invalid_values_name_file_key_and_allowed(tmp_path: Path, text: str, key: str, needle: str) -> None:

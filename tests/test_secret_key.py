@@ -18,7 +18,7 @@ from fedsim.engine.checkpoint import decode, encode, list_checkpoints
 from fedsim.engine.simulation import Simulation, run_scenario
 from fedsim.privacy import csprng
 from fedsim.privacy.noise import KEY_FILE, NoiseKey
-from fedsim.scenario import scenario_from_dict
+from fedsim.scenario import load_scenario, scenario_from_dict
 from tests.conftest import run_cli
 
 PUBLIC = ("config.toml", "metrics.jsonl", "summary.json", "ledger.json", "model.pt", "metrics.png")
@@ -80,10 +80,11 @@ def test_noise_is_not_regenerated_from_public_files(tmp_path: Path) -> None:
     sc = scenario_from_dict(_raw(FTRL, rounds=1, checkpoint={"every": 0}))
     run = tmp_path / "run"
     run_scenario(sc, run_dir=run)
-    replay = run_scenario(sc, noise_key=NoiseKey.load(run / KEY_FILE))
-    assert torch.equal(replay.params, _flat(run))  # the key determines the noise ...
+    recorded = load_scenario(run / "config.toml")  # the resolved scenario holds the public run id
+    replay = run_scenario(recorded, noise_key=NoiseKey.load(run / KEY_FILE))
+    assert torch.equal(replay.params, _flat(run))  # the key and the run id determine the noise ...
     for public in (sc.seed, seeds.derived_seed(sc.seed, seeds.STREAM_NOISE)):
-        guess = run_scenario(sc, noise_key=NoiseKey.from_seed(public))
+        guess = run_scenario(recorded, noise_key=NoiseKey.from_seed(public))
         assert not torch.equal(guess.params, _flat(run))  # ... and the public seed does not
 
 
@@ -132,12 +133,15 @@ def test_fixed_key_file_for_reproducible_research(tmp_path: Path) -> None:
     sc = scenario_from_dict(_raw(FTRL, privacy={"noise-key-file": str(key_file)}))
     a, b = tmp_path / "a", tmp_path / "b"
     run_scenario(sc, run_dir=a)
-    run_scenario(sc, run_dir=b)
+    # an exact replay needs the key file and the run's public run id, both in its config.toml
+    run_scenario(load_scenario(a / "config.toml"), run_dir=b)
     assert torch.equal(_flat(a), _flat(b))
     assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
     assert not (a / KEY_FILE).exists()  # the key stays where the scenario keeps it
     summary = json.loads((a / "summary.json").read_text())
     assert summary["noise_key"] == {"kind": "fixed", "file": str(key_file)}
+    assert summary["run_id"] == load_scenario(a / "config.toml").privacy.run_id
+    assert json.loads((b / "summary.json").read_text())["run_id"] == summary["run_id"]
     # a missing key file is one line naming the key, exit code 2, nothing run
     scenario = tmp_path / "s.toml"
     scenario.write_text(
@@ -178,5 +182,30 @@ def test_poisson_cohorts_come_from_the_key_not_the_public_seed() -> None:
     sizes = [[row["clients"] for row in Simulation(sc, progress=False).run().diagnostics] for _ in range(2)]
     assert sizes[0] != sizes[1]  # same seed, fresh keys: different cohorts
     key = NoiseKey.generate()
-    same = [[row["clients"] for row in run_scenario(sc, noise_key=key).diagnostics] for _ in range(2)]
-    assert same[0] == same[1]  # the key alone determines them
+    fixed = scenario_from_dict(_raw(POISSON, rounds=8, checkpoint={"every": 0}, privacy={"run-id": "ab" * 16}))
+    same = [[row["clients"] for row in run_scenario(fixed, noise_key=key).diagnostics] for _ in range(2)]
+    assert same[0] == same[1]  # the key and the run id alone determine them
+    runs = [[row["clients"] for row in run_scenario(sc, noise_key=key).diagnostics] for _ in range(3)]
+    assert len({tuple(r) for r in runs}) > 1  # one key, fresh run ids: other cohorts
+
+
+def test_two_runs_under_one_fixed_key_draw_independent_noise(tmp_path: Path) -> None:
+    """The shared-key attack: two runs of a sweep under one key file that drew the same noise would
+    publish two models whose difference is the difference of their exact sums (noise cancelled)."""
+    key_file = tmp_path / "sweep.key"
+    NoiseKey.generate().save(key_file)
+    z, clip, per_round = 20.0, 0.5, 8
+    strategy = {**FTRL, "noise-multiplier": z, "clip-norm": clip}
+    flats = []
+    for lr in (0.1, 0.05):  # two points of a sweep: same data and key, other client lr
+        sc = scenario_from_dict(
+            _raw(strategy, rounds=1, checkpoint={"every": 0}, client={"lr": lr}, privacy={"noise-key-file": str(key_file)})
+        )
+        run = tmp_path / f"lr{lr}"
+        run_scenario(sc, run_dir=run)
+        flats.append(_flat(run))
+    gap = float((flats[0] - flats[1]).norm())
+    # shared noise: |gap| <= 2 C (the clipped averages differ by at most 2C); independent noise:
+    # gap ~ sqrt(2 P) z C / n, here ~ 20x larger
+    noise_norm = (2 * flats[0].numel()) ** 0.5 * z * clip / per_round
+    assert gap > 0.5 * noise_norm > 10 * 2 * clip

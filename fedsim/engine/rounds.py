@@ -71,7 +71,14 @@ from fedsim.errors import ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
 from fedsim.privacy.csprng import GENERATOR
-from fedsim.privacy.noise import KEY_FILE, TAG_SELECT, NoiseKey, NoiseKeyError, NoiseSource
+from fedsim.privacy.noise import (
+    KEY_FILE,
+    TAG_SELECT,
+    NoiseKey,
+    NoiseKeyError,
+    NoiseSource,
+    new_run_id,
+)
 from fedsim.scenario import Scenario, check_canaries_fit_population
 from fedsim.strategy import StrategyContext
 from fedsim.types import TrainConfig, UpdateBatch
@@ -190,6 +197,11 @@ class RoundOwner:
         names one, else a fresh key from :mod:`secrets` (kept as ``secret/noise.key`` in the run
         directory of a DP run, mode 0600; a resume reads it back).
 
+    The run's public id (:attr:`run_id`: ``[privacy] run-id``, else 128 fresh bits from
+    :mod:`secrets`) prefixes every noise and sampling word, so runs under one key never share
+    noise; a DP or audited run records it in ``config.toml`` (the scenario it writes) and
+    ``summary.json``.
+
     Privacy of what a DP run publishes (``docs/threat-model.md``): the key never enters
     ``config.toml``, ``metrics.jsonl``, ``summary.json``, checkpoints or logs; cohort selection
     draws from the key, not the public seed; per-round ``train_loss`` and counts are withheld
@@ -231,11 +243,16 @@ class RoundOwner:
         else:
             noise_key = NoiseKey.generate()
             self.key_origin = "secret"
+        #: the run's public id: it enters every noise and sampling word (runs under one key differ)
+        self.run_id = scenario.privacy.run_id or new_run_id()
         self.set_key(noise_key)
         #: a DP run: its strategy records privacy events (decides what is published)
         self.private = self.strategy.privacy_event(round=0) is not None
         # [audit]: canary clients are extra devices (ids after the real ones), see fedsim.engine.canaries
         self.canaries = build_canaries(scenario, self.data, self.params.numel(), self.noise)
+        if self.keyed and not scenario.privacy.run_id:
+            # the resolved scenario (config.toml, checkpoints) records the id a replay needs
+            self.scenario = scenario = replace(scenario, privacy=replace(scenario.privacy, run_id=self.run_id))
         extra = self.canaries.count if self.canaries is not None else 0
         self.population = Population(
             self.data,
@@ -261,7 +278,7 @@ class RoundOwner:
     def set_key(self, key: NoiseKey) -> None:
         """Key the run: the strategy's noise source (set up afresh) and the trainer's private randomness."""
         #: the run's secret noise source (the strategy's mechanism and the canaries draw from it)
-        self.noise_source = NoiseSource(key)
+        self.noise_source = NoiseSource(key, self.run_id)
         self.noise = self.noise_source
         self.strategy.setup(
             StrategyContext(
@@ -549,6 +566,8 @@ class RoundOwner:
         describe = getattr(self.trainer, "describe", None)
         if describe is not None:
             summary["trainer"] = describe()
+        if self.keyed:
+            summary["run_id"] = self.run_id
         if self.private:
             summary["noise_key"] = (
                 {"kind": "fixed", "file": str(self.scenario.noise_key_path)}

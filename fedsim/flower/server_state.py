@@ -10,7 +10,10 @@ difference of two exact sums. A job's server therefore keeps its state on disk a
 =======================  =====================================================================
 file                     content
 =======================  =====================================================================
-``job.json``             the job id (the directory name is a file-system-safe form of it)
+``job.json``             the job id (the directory name is a file-system-safe form of it) and
+                         the job's public run id (128 bits from :mod:`secrets`, drawn when the
+                         job starts): it enters every noise and sampling word, so two jobs never
+                         share noise, even under one fixed key file
 ``noise.key``            the job's secret noise key (:class:`~fedsim.privacy.noise.NoiseKey`,
                          mode 0600), drawn from :mod:`secrets` when the job starts
 ``checkpoints/``         ``ckpt-<round>.pt`` after every round, in the engine's checksummed
@@ -49,7 +52,7 @@ from fedsim.engine.checkpoint import (
 )
 from fedsim.engine.rundir import RunDir
 from fedsim.flower.device import job_dir_name
-from fedsim.privacy.noise import NoiseKey, NoiseKeyError
+from fedsim.privacy.noise import NoiseKey, NoiseKeyError, new_run_id
 
 __all__ = ["ServerState", "job_dir_name"]
 
@@ -93,11 +96,24 @@ class ServerState:
                 "choose another job-id or state-dir"
             )
 
-    def _create(self) -> None:
+    def _create(self, run_id: str | None = None) -> None:
         for directory in (self.root, self.path):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path.chmod(0o700)
-        atomic_write_text(self.path / "job.json", json.dumps({"job_id": self.job_id}) + "\n")
+        record = {"job_id": self.job_id, "run_id": run_id or new_run_id()}
+        atomic_write_text(self.path / "job.json", json.dumps(record) + "\n")
+
+    def run_id(self) -> str:
+        """The job's public run id: read back for a started job, else drawn and recorded now."""
+        self._check_job()
+        job_file = self.path / "job.json"
+        if job_file.exists():
+            recorded = json.loads(job_file.read_text(encoding="utf-8")).get("run_id")
+            if recorded:
+                return str(recorded)
+        run_id = new_run_id()
+        self._create(run_id)
+        return run_id
 
     def key(self) -> tuple[NoiseKey, bool]:
         """The job's noise key and whether it was drawn just now (a new job).

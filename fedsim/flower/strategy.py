@@ -458,6 +458,10 @@ class FedsimStrategy(FlowerStrategy):
         if state is not None and scenario.noise_key_path is None:
             key, fresh = state.key()
             logger.info("fedsim: job %r: %s", job_id, "new job, fresh secret noise key" if fresh else "job state found, its key is reused")
+        if state is not None and not scenario.privacy.run_id:
+            # the job's run id: a restarted server draws the job's noise again, another job never
+            scenario = replace(scenario, privacy=replace(scenario.privacy, run_id=state.run_id()))
+            self.scenario = scenario
         self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False, noise_key=key)
         #: rounds completed before this server started (a resumed job)
         self.offset = 0

@@ -9,6 +9,13 @@ non-negative integers that starts with a tag naming the use (:data:`TAG_ROUND`, 
 therefore adds exactly the noise it added the first time: fresh noise on a replay would publish a
 second noisy view of the same data and double its privacy cost.
 
+Runs under one key never share noise: a run's source carries its public **run id** (128 random
+bits, :func:`new_run_id`), and every word tuple is prefixed with ``(TAG_RUN, id_hi, id_lo)``
+(:meth:`NoiseSource.words`). Two runs with the same fixed key file (a reproducible sweep, two
+Flower jobs) therefore draw independent noise and cohorts; an exact replay needs the key *and*
+the run id. A source without a run id (``run_id=None``: tests, standalone library use) draws from
+the unprefixed words.
+
 Anyone who knows the key can subtract the noise, so the key is secret: 256 bits from the
 operating system's secure source (:meth:`NoiseKey.generate`), never derived from the public
 scenario seed, never shown by ``repr``/``str``, not picklable, and saved readable by its owner
@@ -27,6 +34,7 @@ a key is *public* and gives no privacy against anyone who knows the integer.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +42,23 @@ import torch
 
 from fedsim.privacy import csprng
 from fedsim.privacy.csprng import NoiseKeyError
-from fedsim.validation import is_int
+from fedsim.validation import RUN_ID_HEX, is_int
+from fedsim.validation import run_id as _valid_run_id
 
 __all__ = [
     "KEY_FILE",
+    "RUN_ID_HEX",
     "TAG_CLIENT",
     "TAG_ROUND",
+    "TAG_RUN",
     "TAG_SAMPLE",
     "TAG_SELECT",
     "TAG_TREE",
     "NoiseKey",
     "NoiseKeyError",
     "NoiseSource",
+    "check_run_id",
+    "new_run_id",
 ]
 
 #: Tag word of DP-FedAvg's per-round Gaussian noise: words ``(TAG_ROUND, round)``.
@@ -59,8 +72,20 @@ TAG_SELECT = 0x53454C45  # "SELE"
 #: Tag word of a simulated device's private randomness (example-level DP-SGD): ``(TAG_CLIENT, round, device)``.
 TAG_CLIENT = 0x434C4945  # "CLIE"
 
+#: Tag word that prefixes every word tuple of a source with a run id: ``(TAG_RUN, id_hi, id_lo, ...)``.
+TAG_RUN = 0x52554E49  # "RUNI"
 #: Where a simulated DP run keeps its key, relative to the run directory (mode 0600, dir 0700).
 KEY_FILE = Path("secret") / "noise.key"
+
+
+def new_run_id() -> str:
+    """A fresh public run id: 128 bits from :mod:`secrets`, as 32 lowercase hex digits."""
+    return secrets.token_hex(RUN_ID_HEX // 2)
+
+
+def check_run_id(value: str, where: str = "run id") -> str:
+    """``value`` if it is 32 hex digits (lower-cased); else ``ValueError`` naming ``where``."""
+    return _valid_run_id(where, value)
 
 
 class NoiseKey(csprng.NoiseKey):
@@ -92,19 +117,32 @@ class NoiseSource:
     ----------
     key:
         The run's :class:`NoiseKey`.
+    run_id:
+        The run's public id (:func:`new_run_id`, 32 hex digits): it prefixes every word tuple, so
+        runs under one key draw independent noise. ``None``: unprefixed words (tests, library use).
     """
 
-    __slots__ = ("key",)
+    __slots__ = ("_prefix", "key", "run_id")
 
-    def __init__(self, key: csprng.NoiseKey) -> None:
+    def __init__(self, key: csprng.NoiseKey, run_id: str | None = None) -> None:
         if not isinstance(key, csprng.NoiseKey):
             raise TypeError(f"NoiseSource needs a NoiseKey, got {type(key).__name__}")
         self.key = key
+        self.run_id = None if run_id is None else check_run_id(run_id)
+        if self.run_id is None:
+            self._prefix: tuple[int, ...] = ()
+        else:
+            value = int(self.run_id, 16)
+            self._prefix = (TAG_RUN, value >> 64, value & (2**64 - 1))
 
     @classmethod
-    def from_seed(cls, seed: int) -> NoiseSource:
-        """Shorthand for ``NoiseSource(NoiseKey.from_seed(seed))`` (a public key: tests only)."""
-        return cls(NoiseKey.from_seed(seed))
+    def from_seed(cls, seed: int, run_id: str | None = None) -> NoiseSource:
+        """Shorthand for ``NoiseSource(NoiseKey.from_seed(seed), run_id)`` (a public key: tests only)."""
+        return cls(NoiseKey.from_seed(seed), run_id)
+
+    def words(self, words: tuple[int, ...]) -> tuple[int, ...]:
+        """The full word tuple of a draw: the run id's prefix, then ``words``."""
+        return self._prefix + tuple(words)
 
     @staticmethod
     def _check(n: int) -> int:
@@ -122,11 +160,11 @@ class NoiseSource:
         n:
             Number of values (>= 1).
         """
-        return csprng.standard_normal(self.key, tuple(words), self._check(n))
+        return csprng.standard_normal(self.key, self.words(words), self._check(n))
 
     def uniform(self, words: tuple[int, ...], n: int) -> np.ndarray:
         """``n`` float64 uniforms on ``(0, 1)`` (53 bits each), determined by the key and ``words``."""
-        return csprng.uniform(self.key, tuple(words), self._check(n))
+        return csprng.uniform(self.key, self.words(words), self._check(n))
 
     def generator(self, words: tuple[int, ...]) -> np.random.Generator:
         """A NumPy generator seeded with 256 secret bits of the stream of ``words``.
@@ -135,11 +173,12 @@ class NoiseSource:
         ``select``). Its seed is unpredictable without the key; draws that a privacy guarantee
         rests on directly (Poisson sampling) use :meth:`uniform` instead.
         """
-        entropy = np.frombuffer(csprng.keystream(self.key, tuple(words), 32), dtype=np.uint32)
+        entropy = np.frombuffer(csprng.keystream(self.key, self.words(words), 32), dtype=np.uint32)
         return np.random.default_rng(np.random.SeedSequence(entropy.tolist()))
 
     def __reduce__(self) -> tuple:
         raise TypeError("a NoiseSource holds a secret key and cannot be pickled")
 
     def __repr__(self) -> str:
-        return "NoiseSource(NoiseKey(<secret>))"
+        run = "" if self.run_id is None else f", run_id={self.run_id!r}"
+        return f"NoiseSource(NoiseKey(<secret>){run})"
