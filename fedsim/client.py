@@ -82,6 +82,26 @@ class ClientTrainer(ABC):
         if ids:
             yield _chunk(ids, deltas, counts, losses, config.round)
 
+    def describe(self) -> dict[str, str] | None:
+        """Which training path runs and why (``{"path": ..., "reason": ...}``: shown at the start
+        of a run and kept in ``summary.json["trainer"]``), or ``None`` (default) to say nothing."""
+        return None
+
+    def set_private_source(self, source: Any) -> None:
+        """Receive the run's secret :class:`~fedsim.privacy.noise.NoiseSource` (the engine calls it
+        whenever the run is keyed). A trainer whose local training draws private randomness
+        (DP-SGD noise and sampling) takes it from here in simulation; default: not needed."""
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Trainer state that a checkpoint must keep (plain values and tensors), or ``None``
+        (default: trainers keep no state between rounds)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called only with a state the trainer returned)."""
+        raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
     def example_privacy(self, *, delta: float | None = None) -> dict[str, Any] | None:
         """Example-level privacy figures of local training (DP-SGD trainers), else ``None``.
 

@@ -590,7 +590,7 @@ def _validate_plugin_params(scenario: Scenario) -> None:
             values = _signature_plugin_params(cls, params, section, what, own, skip)
         if section == "client":
             params.update(values)  # trainers get the checked values (config.toml records them)
-        elif typed is None or callable(getattr(cls, "calibrated_noise_multiplier", None)):
+        else:
             _check_strategy_for_run(cls, values, scenario.rounds)
 
 
@@ -634,15 +634,12 @@ def _signature_plugin_params(
 
 
 def _check_strategy_for_run(cls: type, values: dict[str, Any], rounds: int) -> None:
-    """Build the strategy once: a class without ``Params`` validates its values in ``__init__``,
-    and a strategy that solves its noise from a target (``target-rho``) does so now, so a
-    target that no noise multiplier reaches fails before the run (with the mechanism's own
-    checks: options it does not take, its limits)."""
+    """Build the strategy once: its ``__init__`` validates what its ``Params`` cannot (a class
+    without ``Params`` validates everything there), and a strategy that solves its noise from a
+    target (``target-rho``) does so now, so a target that no noise multiplier reaches fails
+    before the run (with the mechanism's own checks: options it does not take, its limits)."""
     try:
-        strategy = cls(**values)
-        calibrate = getattr(strategy, "calibrated_noise_multiplier", None)
-        if callable(calibrate):
-            calibrate(num_rounds=rounds)
+        cls(**values).calibrated_noise_multiplier(num_rounds=rounds)
     except (ValueError, TypeError, ArithmeticError) as exc:
         raise ScenarioError(str(exc), key="strategy") from None
 

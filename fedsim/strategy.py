@@ -140,6 +140,12 @@ class Strategy(ABC):
         """
         return None
 
+    def calibrated_noise_multiplier(self, *, num_rounds: int) -> float | None:
+        """The noise multiplier the run will use (solved from a privacy target where the strategy
+        takes one), or ``None`` (default) for a strategy that adds no noise. Called when a
+        scenario loads (a target no noise reaches fails before the run) and by sweeps."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Server-side state for checkpoints (tensors and plain Python values)."""
         return {}

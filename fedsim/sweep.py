@@ -310,14 +310,11 @@ def _noise_multiplier(scenario: Any) -> float | None:
     from fedsim.builders import build_strategy
 
     strategy = build_strategy(scenario)
-    resolve = getattr(strategy, "calibrated_noise_multiplier", None)
-    if callable(resolve):
-        try:
-            return float(resolve(num_rounds=scenario.rounds))
-        except ValueError as exc:
-            raise ScenarioError(str(exc), key="strategy", source=scenario.source) from None
-    z = getattr(strategy, "noise_multiplier", None)
-    return float(z) if isinstance(z, int | float) else None
+    try:
+        z = strategy.calibrated_noise_multiplier(num_rounds=scenario.rounds)
+    except ValueError as exc:
+        raise ScenarioError(str(exc), key="strategy", source=scenario.source) from None
+    return None if z is None else float(z)
 
 
 # --------------------------------------------------------------------------------------------

@@ -117,3 +117,45 @@ def test_runs_end_to_end_in_engine(name: str) -> None:
     result = run_scenario(scenario_from_dict(raw))
     assert [m["clients"] for m in result.metrics] == [6, 6]
     assert result.summary["rejected"] == {} and torch.isfinite(result.params).all()
+
+
+class _MinimalTrainer(ClientTrainer):
+    """A user trainer that implements only the one abstract hook (plain local SGD, clipped)."""
+
+    def train_client(self, params: torch.Tensor, task: ClientTask, config: TrainConfig) -> ClientResult:
+        from fedsim.privacy.clipping import clip_by_norm
+
+        weight = params[: FEATURES * CLASSES].view(CLASSES, FEATURES).clone().requires_grad_(True)
+        bias = params[FEATURES * CLASSES :].clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(task.x @ weight.T + bias, task.y)
+        loss.backward()
+        delta = -config.lr * torch.cat([weight.grad.reshape(-1), bias.grad])
+        if config.clip_norm is not None:
+            delta = clip_by_norm(delta, config.clip_norm)
+        return ClientResult(delta.detach(), int(len(task.y)), loss.item())
+
+
+def test_a_trainer_with_only_train_client_runs_dp_and_checkpointed_with_every_hook_defaulted(tmp_path) -> None:
+    """Every hook the engine calls (describe, set_private_source, state_dict, example_privacy) is
+    declared on ClientTrainer with a default: the engine never probes for them."""
+    trainer = _MinimalTrainer(_model())
+    assert trainer.describe() is None and trainer.state_dict() is None and trainer.example_privacy() is None
+    trainer.set_private_source(NoiseSource.from_seed(1))  # accepted and unused
+    with pytest.raises(ValueError, match="keeps no state"):
+        trainer.load_state_dict({"x": 1})
+    raw = {
+        "name": "minimal-trainer",
+        "rounds": 2,
+        "clients-per-round": 6,
+        "data": {
+            "dataset": "synthetic", "num-devices": 20, "examples-per-device": 8, "num-features": FEATURES,
+            "num-classes": CLASSES,
+        },
+        "model": {"name": "logreg"},
+        "client": {"trainer": f"{__name__}:_MinimalTrainer"},
+        "strategy": {"name": "dp-ftrl", "noise-multiplier": 1.0, "clip-norm": 0.5},
+        "checkpoint": {"every": 1},
+    }
+    result = run_scenario(scenario_from_dict(raw), run_dir=tmp_path / "run")
+    assert result.summary["rounds"] == 2 and "trainer" not in result.summary
+    assert result.summary["rho"] is not None and torch.isfinite(result.params).all()

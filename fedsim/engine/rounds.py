@@ -291,9 +291,7 @@ class RoundOwner:
                 noise=self.noise_source,
             )
         )
-        set_private = getattr(self.trainer, "set_private_source", None)
-        if callable(set_private):
-            set_private(self.noise_source)
+        self.trainer.set_private_source(self.noise_source)
 
     @property
     def key_path(self) -> Path | None:
@@ -563,9 +561,9 @@ class RoundOwner:
             "clients_per_round": sc.clients_per_round,
             "seed": sc.seed,
         }
-        describe = getattr(self.trainer, "describe", None)
-        if describe is not None:
-            summary["trainer"] = describe()
+        described = self.trainer.describe()
+        if described is not None:
+            summary["trainer"] = described
         if self.keyed:
             summary["run_id"] = self.run_id
         if self.private:
@@ -627,7 +625,7 @@ class RoundOwner:
         ``noise`` (the name of the noise generator, :data:`fedsim.privacy.csprng.GENERATOR`).
         The checkpoint adds the run log's position.
         """
-        trainer_state = self.trainer.state_dict() if callable(getattr(self.trainer, "state_dict", None)) else None
+        trainer_state = self.trainer.state_dict()
         return {
             "round": self.next_round,
             "scenario": comparable(self.scenario.to_dict()),

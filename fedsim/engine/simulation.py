@@ -112,9 +112,8 @@ class Simulation(RoundOwner):
     def run(self) -> RunResult:
         """Run all remaining rounds, writing the run directory as it goes."""
         start = time.perf_counter()
-        describe = getattr(self.trainer, "describe", None)
-        if self.progress and describe is not None and self.ray is None:
-            path = describe()
+        path = self.trainer.describe()
+        if self.progress and path is not None and self.ray is None:
             print(f"{self.scenario.name}: trainer path {path['path']}: {path['reason']}", file=sys.stderr, flush=True)
         self.start(progress=self.progress)
         try:
