@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -48,8 +49,11 @@ def test_ray_run_equals_in_process_run(local_ray: None) -> None:
 
 
 def test_ray_dp_round_with_clipping_equals_in_process(local_ray: None) -> None:
-    dp = ['strategy.name="dp-fedavg"', "strategy.noise-multiplier=0.5", "strategy.clip-norm=0.3"]
-    key = NoiseKey.generate()  # a DP run draws a fresh secret key: compare both under one key
+    dp = [
+        'strategy.name="dp-fedavg"', "strategy.noise-multiplier=0.5", "strategy.clip-norm=0.3",
+        f'privacy.run-id="{secrets.token_hex(16)}"',
+    ]
+    key = NoiseKey.generate()  # a DP run draws a fresh secret key and run id: compare both under one of each
     via_ray = run_scenario(_scenario("ray", *dp), noise_key=key)
     in_process = run_scenario(_scenario("inprocess", *dp), noise_key=key)
     assert torch.equal(via_ray.params, in_process.params)
