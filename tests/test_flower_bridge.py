@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedsim.errors import ScenarioError
 from fedsim.flower.client_app import device_limit, faults_of
-from fedsim.flower.device import DeviceLedger
+from fedsim.flower.device import DeviceLedger, durable_dirs
 from fedsim.flower.protocol import (
     TrainInstruction,
     client_scenario_sections,
@@ -132,6 +133,45 @@ def test_device_ledger_enforces_k_and_b_and_survives_a_new_process_view(tmp_path
     free = DeviceLedger(tmp_path, 5, "j")
     assert all(free.claim(r, None) for r in range(3)) and free.rounds() == [0, 1, 2]
     assert not free.claim(1, None)
+
+
+def _fsynced_paths(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record the path behind every file descriptor passed to ``os.fsync`` (then fsync it)."""
+    seen: list[Path] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_a_device_claim_makes_its_directories_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new ``device-N/`` (and a new state directory) is only on disk once its parent is fsynced:
+    the first claim fsyncs both parents before it returns, and so does every later claim (a
+    directory left by a crash between mkdir and fsync exists but may not be durable)."""
+    state = tmp_path / "node" / "state"
+    seen = _fsynced_paths(monkeypatch)
+    ledger = DeviceLedger(state, device_id=7, job_id="job")
+    assert ledger.claim(0, None)
+    device_dir = state / "device-7"
+    assert device_dir in seen  # the ledger file's own rename (atomic_write_text)
+    assert state in seen  # device-7's entry
+    assert state.parent in seen and tmp_path in seen  # the new state directory's entry, and node/'s
+    seen.clear()
+    assert DeviceLedger(state, 7, "job").claim(1, None)
+    assert {device_dir, state, state.parent} <= set(seen)
+
+
+def test_durable_dirs_creates_and_fsyncs_from_the_top_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _fsynced_paths(monkeypatch)
+    durable_dirs(tmp_path / "a" / "b" / "c", top=tmp_path / "a")
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    assert set(seen) == {tmp_path, tmp_path / "a", tmp_path / "a" / "b"}
+    with pytest.raises(ValueError, match="not"):
+        durable_dirs(tmp_path / "x", top=tmp_path / "y")
 
 
 def _context(node_config: dict) -> Context:

@@ -5,9 +5,12 @@ of accepted contributions, and every device keeps its own memory and declines a 
 forbids. On a real SuperNode each message runs in a fresh ClientApp process, so the device's
 memory must live on disk: one small JSON file per (device, job) under the node's state directory,
 written atomically (temporary file, fsync, rename) *before* the device trains, so that a crash
-between training and replying can never let a device contribute more often than allowed. A
-SuperNode restarted with the same ``state-dir`` therefore still honours the limit, and so does a
-device asked again by a restarted server for the same job.
+between training and replying can never let a device contribute more often than allowed. The
+directories on the way are durable too: the state directory and the device's directory are
+fsynced in their parents on every claim (:func:`durable_dirs`), so a power loss cannot take the
+ledger away with a directory entry that never reached the disk. A SuperNode restarted with the
+same ``state-dir`` therefore still honours the limit, and so does a device asked again by a
+restarted server for the same job.
 
 The rule is the simulator's :class:`~fedsim.population.ParticipationLedger` for one device: at most
 ``max_participations`` contributions, ``min_separation`` rounds strictly between two of them, so
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.atomic import atomic_write_text
+from fedsim.atomic import atomic_write_text, fsync_dir
 from fedsim.population import ParticipationLedger
 from fedsim.strategy import ParticipationLimit
 
@@ -45,6 +48,26 @@ def job_dir_name(job_id: str) -> str:
     return cleaned.strip(".") or "job"
 
 
+def durable_dirs(path: Path, *, top: Path) -> None:
+    """Create directory ``path`` (with missing parents) so that it survives a power loss.
+
+    A new directory is only durable once its parent is fsynced. The parents of ``path``, of
+    ``top`` and of every directory between them are fsynced on every call, whether the
+    directory is created now or existed: one left by a process that crashed between ``mkdir``
+    and the fsync exists but may still vanish, and a file fsynced into it would vanish with it.
+    Directories created above ``top`` are fsynced in their parents too. ``top`` is ``path`` or
+    one of its ancestors.
+    """
+    path, top = Path(path), Path(top)
+    if path != top and top not in path.parents:
+        raise ValueError(f"{top} is not {path} or one of its parents")
+    chain = [path, *path.parents[: len(path.parts) - len(top.parts)]]  # path, ..., top
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for parent in sorted({p.parent for p in (*chain, *missing)}, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(parent)
+
+
 class DeviceLedger:
     """The contribution rounds of one device in one job, persisted under ``state_dir``.
 
@@ -61,7 +84,8 @@ class DeviceLedger:
     def __init__(self, state_dir: str | Path, device_id: int, job_id: str) -> None:
         self.device_id = int(device_id)
         self.job_id = job_id
-        self.path = Path(state_dir) / f"device-{self.device_id}" / f"{job_dir_name(job_id)}.json"
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / f"device-{self.device_id}" / f"{job_dir_name(job_id)}.json"
 
     def rounds(self) -> list[int]:
         """Rounds (0-based) this device contributed to in this job, ascending."""
@@ -88,9 +112,10 @@ class DeviceLedger:
         """Record a contribution in ``round`` if the limit allows it; return whether it does.
 
         Atomic with respect to other processes of the same node (file lock), durable before it
-        returns ``True``.
+        returns ``True``: the record (temporary file, fsync, rename, fsync) and the directories
+        holding it (:func:`durable_dirs`: ``state_dir`` and ``device-N/`` in their parents).
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        durable_dirs(self.path.parent, top=self.state_dir)
         lock_path = self.path.with_name(self.path.name + ".lock")
         with open(lock_path, "a", encoding="utf-8") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
