@@ -192,6 +192,7 @@ def test_device_limit_is_the_stricter_of_server_and_node_config() -> None:
 def test_fault_injection_config_is_validated() -> None:
     assert faults_of(_context({})) == ("none",)
     assert faults_of(_context({"fault": "nan, wrong-shape,exceed-clip"})) == ("nan", "wrong-shape", "exceed-clip")
+    assert faults_of(_context({"fault": "none,error"})) == ("none", "error")
     with pytest.raises(ValueError, match="unknown"):
         faults_of(_context({"fault": "nan,explode"}))
 

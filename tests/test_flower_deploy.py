@@ -3,8 +3,9 @@
 * DP-FTRL end to end: every round completes, the model moves, the run's rho is what
   ``fedsim privacy`` predicts, and the final parameters are the in-process simulator's;
 * faults: a SuperNode killed mid-run (the round times out cleanly, the run continues, nothing is
-  counted twice) and a client replying NaN / wrong shape / norm > C (rejected, logged, the round
-  completes);
+  counted twice), a client replying NaN / wrong shape / norm > C (rejected, the round completes)
+  and a ClientApp that fails (its node checks in again); in a DP run every device-level event,
+  and the check-in it causes, is in ``private/`` only;
 * the device-side participation limit holds across a SuperNode restart (a crash, SIGKILL).
 
 Every process is stopped by PID when the test ends, whatever happens (``flower_harness``).
@@ -130,46 +131,70 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
 
 
 def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: Path) -> None:
-    """Device 0 is honest, device 1 is killed after round 1, device 2 sends corrupt updates:
-    NaN in round 1, a wrongly shaped array in round 2, a norm above the clip bound in round 3."""
-    scenario_file = dp_ftrl_scenario(tmp_path / "flower-faults.toml", devices=3, per_round=3, rounds=3, k=3)
+    """Device 0 is honest, device 1 is killed after round 1, device 2 sends corrupt updates
+    (NaN in round 1, a wrongly shaped array in round 2, a norm above the clip bound in round 6)
+    and its ClientApp fails in round 3 (an error reply: the node leaves the roster, alive, and
+    checks in again a round or two later)."""
+    scenario_file = dp_ftrl_scenario(tmp_path / "flower-faults.toml", devices=3, per_round=3, rounds=6, k=6)
     out = tmp_path / "run"
     cluster.start_supernode(0)
     cluster.start_supernode(1)
-    cluster.start_supernode(2, fault="nan,wrong-shape,exceed-clip")
+    cluster.start_supernode(2, fault="nan,wrong-shape,error,none,none,exceed-clip")
     name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 60.0})
     wait_for_round(out, 1, timeout=180)
     cluster.kill("node-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
-    proc = cluster.wait_run(name, timeout=240)
+    proc = cluster.wait_run(name, timeout=360)
     check_ran(proc, cluster)
     log = proc.stdout
 
     run = read_run(out)
-    s, rows = run["summary"], run["diagnostics"]
-    assert (s["rounds"], s["stopped_reason"]) == (3, "completed")
+    s, rows, events = run["summary"], run["diagnostics"], run["events"]
+    assert (s["rounds"], s["stopped_reason"]) == (6, "completed")
+    # device 2 failed in round 3 and checked in again before round 5 or 6 (the check-in is asked
+    # for before round 4 and read when a round begins): a withheld event, like the failure
+    failed = [e for e in events if e["event"] == "client_error" and e["device"] == 2]
+    assert [e["round"] for e in failed] == [3]
+    again = [e for e in events if e["event"] == "checkin"]
+    assert [e["device"] for e in again] == [2] and again[0]["round"] in (5, 6)
+    assert "checked in as device 2" in again[0]["message"]
+    back = again[0]["round"]  # the first round device 2 is on the roster again
     # every corrupt update rejected by reason, every round completed with the honest updates
     assert s["rejected"] is None  # private in a DP run
     assert run["private_summary"]["rejected"] == {"non_finite": 1, "wrong_shape": 1, "norm_exceeds_clip": 1}
-    assert [m["rejected"] for m in rows] == [1, 1, 1]
-    assert [m["clients"] for m in rows] == [2, 1, 1]
+    assert [m["rejected"] for m in rows] == [1, 1, 0, 0, 0, 1]
+    assert [m["clients"] for m in rows] == [2, 1, 1, 1, 2 if back == 5 else 1, 1]
     assert rows[2]["eligible"] == 2  # the dead node left the roster
+    assert rows[3]["eligible"] == 1  # device 2 is off the roster until it has checked in again
     exact = run["private_summary"]["flower"]
-    assert exact["no_reply"] + exact["client_error"] >= 1
+    assert exact["client_error"] >= 1 and exact["no_reply"] + exact["client_error"] >= 2
     assert s["flower"]["no_reply"] is None and s["flower"]["client_error"] is None  # exact counts: private
     # device-level events of a DP run are not logged: private/flower-events.jsonl has them
-    private_log = "\n".join(e["message"] for e in run["events"])
+    private_log = "\n".join(e["message"] for e in events)
     for reason in ("non_finite", "wrong_shape", "norm_exceeds_clip"):
         assert reason in private_log and reason not in log
     assert "rejected update(s) of device(s) [2]" in private_log and "device(s) [2]" not in log
-    assert {e["event"] for e in run["events"]} >= {"wrong_shape", "rejected"}  # NaN: the accumulator's "rejected"
+    assert {e["event"] for e in events} >= {"wrong_shape", "rejected"}  # NaN: the accumulator's "rejected"
+    assert "fault injection" in private_log and "fault injection" not in log
+    # nor what follows from them alone: the public record shows each node's first check-in only
+    # (no line, no count for device 2's check-in again), the roster as it would be had nothing
+    # failed (a node leaves it when it leaves the grid), and private/ has the exact figures
+    public_checkins = [line for line in log.splitlines() if "checked in as device" in line]
+    assert len(public_checkins) == 3 and sum("as device 2" in line for line in public_checkins) == 1
+    assert "did not check in" not in log
+    assert s["flower"]["checkins"] == 3 and exact["checkins"] == 4
+    left = log.count(") left")
+    assert s["flower"]["nodes"] == s["flower"]["devices"] == 3 - left and left <= 1
+    assert exact["nodes"] == exact["devices"] == 2
     # nothing counted twice: the server's participation ledger holds exactly the accepted updates,
     # and the privacy ledger one event per round
     counts = {int(d): v["count"] for d, v in run["participation"]["devices"].items()}
-    assert counts == {0: 3, 1: 1}
+    assert counts == {0: 6, 1: 1, **({2: 1} if back == 5 else {})}
     assert sum(counts.values()) == sum(m["clients"] for m in rows)
-    assert [e["round"] for e in run["ledger"]] == [0, 1, 2]
-    # the honest device's own ledger agrees with the server's
-    assert DeviceLedger(cluster.state_dir(0), 0, s["flower"]["job_id"]).rounds() == [0, 1, 2]
+    assert [e["round"] for e in run["ledger"]] == [0, 1, 2, 3, 4, 5]
+    # the devices' own ledgers agree; device 2 failed before recording round 3
+    job = s["flower"]["job_id"]
+    assert DeviceLedger(cluster.state_dir(0), 0, job).rounds() == [0, 1, 2, 3, 4, 5]
+    assert DeviceLedger(cluster.state_dir(2), 2, job).rounds() == [0, 1, *([4] if back == 5 else []), 5]
 
 
 def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerCluster, tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ key                         meaning
 ``max-participations``,     optional device-side tightening of the server's limit (the device
 ``min-separation``          enforces the stricter of its own and the server's)
 ``fault``                   fault injection for testing a server: comma-separated list of
-                            ``nan``, ``wrong-shape``, ``exceed-clip``, ``none``, applied by round
-                            (round ``r`` uses entry ``r mod len``); corrupts the reply only
+                            ``nan``, ``wrong-shape``, ``exceed-clip``, ``error``, ``none``,
+                            applied by round (round ``r`` uses entry ``r mod len``): the first
+                            three corrupt the reply, ``error`` makes the ClientApp fail before it
+                            records or trains anything (Flower replies with an error)
 ==========================  ===================================================================
 
 On a ``train`` message the device checks its own participation ledger (on disk, so a restarted
@@ -43,7 +45,7 @@ from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.validation import is_int
 
-FAULTS = ("none", "nan", "wrong-shape", "exceed-clip")
+FAULTS = ("none", "nan", "wrong-shape", "exceed-clip", "error")
 
 logger = logging.getLogger("flwr.fedsim.client")
 
@@ -129,6 +131,9 @@ def train(msg: Message, context: Context) -> Message:
     state_dir = context.node_config.get("state-dir") or default_state_dir()
     ledger = DeviceLedger(str(state_dir), device, instruction.job_id)
     round_ = instruction.train.round
+    fault = faults[round_ % len(faults)]
+    if fault == "error":
+        raise RuntimeError(f"fault injection: device {device} fails in round {round_ + 1}")
     if not ledger.claim(round_, device_limit(instruction.limit, context)):
         logger.info("device %d declines round %d: participation limit (%s)", device, round_ + 1, ledger.path)
         metrics = MetricRecord({"device-id": device, "declined": 1})
@@ -138,7 +143,6 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(scenario.engine.threads)
     params = layout.to_flat(msg.content[ARRAYS_KEY])
     result = trainer.train_client(params, client_task(data, device, instruction.task_seed), instruction.train)
-    fault = faults[round_ % len(faults)]
     arrays = layout.to_arrays(_corrupt(result.delta, fault, instruction.train.clip_norm))
     if fault == "wrong-shape":  # the first parameter gains a column the server cannot map
         name, shape = layout.names[0], layout.shapes[0]

@@ -14,8 +14,10 @@ the grid through :class:`FlowerGridExecutor`, the Flower implementation of the e
 2. **check-in**: every Flower node the SuperLink lists is asked once (a ``query`` message) for its
    device id, its ``partition-id``; nodes that answer form the roster ``node -> device``. The
    first round waits for ``min_nodes`` check-ins; later rounds admit new nodes (a restarted
-   SuperNode gets a new node id) as their answers arrive, without waiting. A node that misses a reply deadline or answers with an error
-   leaves the roster and is asked to check in again;
+   SuperNode gets a new node id) as their answers arrive, without waiting. A node that misses a
+   reply deadline or answers with an error leaves the roster and is asked to check in again (in a
+   DP run that check-in is withheld like the failure it follows, and the public record keeps the
+   node on the roster until it leaves the grid);
 3. eligible devices: the scenario's availability model (same seeded draw as the simulator) among
    devices on the roster whose participation memory allows the round; the strategy selects the
    cohort with the simulator's per-round selection generator and configures the clients;
@@ -69,6 +71,11 @@ logger = logging.getLogger("flwr.fedsim")
 
 #: ``summary.json["flower"]`` counts a DP run publishes as ``null`` (exact: ``private/summary.json``)
 PRIVATE_FLOWER_COUNTS = ("no_reply", "client_error", "declined", "unexpected_reply")
+#: ``summary.json["flower"]`` roster counts: public, but a DP run leaves out the withheld ones
+#: (a node's check-in after a failed or missing reply; exact: ``private/summary.json``)
+ROSTER_COUNTS = ("checkins", "duplicate_claim", "unauthenticated_claim")
+#: prefix of the :attr:`FlowerGridExecutor.events` keys that count withheld roster events
+WITHHELD = "withheld_"
 
 
 @dataclass
@@ -127,7 +134,8 @@ class FlowerGridExecutor(CohortExecutor):
         #: nodes whose claim of a device id was refused (the id was held), by the id they claimed
         self.refused: dict[int, int] = {}
         #: Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins,
-        #: duplicate_claim, unauthenticated_claim
+        #: duplicate_claim, unauthenticated_claim; ``withheld_<count>``: how many of ``<count>`` a
+        #: DP run kept out of the log (kept here so that a server checkpoint carries them)
         self.events: Counter[str] = Counter()
         #: device id -> fingerprint of its issued public key (``None``: claims are not authenticated)
         self.device_keys = device_keys
@@ -138,6 +146,15 @@ class FlowerGridExecutor(CohortExecutor):
         self.private = False
         #: the withheld events since the last :meth:`take_private_events`
         self.private_events: list[dict[str, Any]] = []
+        #: a DP run: nodes taken off the roster after a withheld event (a failed or missing
+        #: reply), by device. The public view (:meth:`public_roster`) still holds them, as it
+        #: would had the event not happened: their check-in again is withheld too, and the
+        #: device id stays theirs until they leave the grid
+        self.withdrawn: dict[int, int] = {}
+        #: nodes whose pending check-in is such a check-in again (its outcome is withheld)
+        self.rechecking: set[int] = set()
+        #: the round the next check-ins precede (1-based), for the withheld events' records
+        self.next_round = 1
 
     # -- the contract -------------------------------------------------------------------------
     def train(self, plan: RoundPlan, acc: UpdateAccumulator) -> np.ndarray:
@@ -163,8 +180,12 @@ class FlowerGridExecutor(CohortExecutor):
         devices: list[int] = []
         for dev in (int(d) for d in plan.cohort):
             node = node_of.get(dev)
-            if node is None:
-                logger.error("fedsim: strategy selected device %d, which is not checked in; skipped", dev)
+            if node is None:  # names a device of the cohort: withheld in a DP run
+                self.device_event(
+                    "not_checked_in", server_round, dev, None,
+                    "fedsim: round %d: strategy selected device %d, which is not checked in; skipped", server_round, dev,
+                    level=logging.ERROR,
+                )
                 continue
             instruction = TrainInstruction(
                 device_id=dev,
@@ -182,6 +203,7 @@ class FlowerGridExecutor(CohortExecutor):
     def collect(self, sent_round: SentRound, replies: Iterable[Message], acc: UpdateAccumulator) -> np.ndarray:
         """Validate the replies and fold them into ``acc``; the devices that trained."""
         server_round = sent_round.plan.round + 1
+        self.next_round = server_round + 1
         sent = {
             m.metadata.message_id: (m.metadata.dst_node_id, dev)
             for m, dev in zip(sent_round.messages, sent_round.devices, strict=True)
@@ -252,12 +274,34 @@ class FlowerGridExecutor(CohortExecutor):
         # devices remember what they were asked to contribute (a device that declined did not)
         return np.asarray([d for d in sent_round.devices if d not in declined], dtype=np.int64)
 
-    def device_event(self, event: str, round: int, device: int | None, node: int | None, fmt: str, *args: Any) -> None:
+    def device_event(
+        self, event: str, round: int, device: int | None, node: int | None, fmt: str, *args: Any, level: int = logging.WARNING
+    ) -> None:
         """Log a device-level event of a round, or (a DP run) keep it for the private record."""
         if not self.private:
-            logger.warning(fmt, *args)
+            logger.log(level, fmt, *args)
             return
         self.private_events.append({"round": round, "event": event, "device": device, "node": node, "message": fmt % args})
+
+    def roster_event(
+        self, event: str, node: int, device: Any, fmt: str, *args: Any, withheld: bool, count: str | None = None,
+        level: int = logging.WARNING,
+    ) -> None:
+        """A check-in's outcome: logged (roster events are public), or kept private when ``withheld``.
+
+        ``withheld``: the check-in again of a node taken off the roster after a withheld event
+        (:attr:`withdrawn`); in a DP run it would tell that event. ``count``: the
+        :attr:`events` key it counts in (withheld, also in ``withheld_<count>``).
+        """
+        if count is not None:
+            self.events[count] += 1
+        if not withheld:
+            logger.log(level, fmt, *args)
+            return
+        if count is not None:
+            self.events[WITHHELD + count] += 1
+        dev = int(device) if is_int(device) else None
+        self.private_events.append({"round": self.next_round, "event": event, "device": dev, "node": node, "message": fmt % args})
 
     def take_private_events(self) -> list[dict[str, Any]]:
         """The withheld device-level events, emptied."""
@@ -289,8 +333,18 @@ class FlowerGridExecutor(CohortExecutor):
         return delta, n, float(loss) if isinstance(loss, int | float) else float("nan"), trained_for
 
     def drop(self, node: int) -> None:
-        """Take a node off the roster; it is asked to check in again."""
-        self.roster.pop(node, None)
+        """Take a node off the roster; it is asked to check in again.
+
+        Called after a failed or missing reply; in a DP run that event is withheld, and so is
+        everything that follows from it alone (:attr:`withdrawn`).
+        """
+        device = self.roster.pop(node, None)
+        if self.private and device is not None:
+            self.withdrawn[node] = device
+
+    def public_roster(self) -> dict[int, int]:
+        """node id -> device id as the public record shows it: the roster and :attr:`withdrawn`."""
+        return {**self.withdrawn, **self.roster}
 
     def refresh_roster(self, grid: Grid, *, wait: bool) -> None:
         """Ask new nodes for their device ids; admit the answers that have arrived.
@@ -301,10 +355,14 @@ class FlowerGridExecutor(CohortExecutor):
         deadline = time.monotonic() + self.checkin_timeout
         while True:
             listed = self.list_nodes(grid)
-            for node in [n for n in self.roster if n not in listed]:
-                logger.warning("fedsim: node %d (device %d) left", node, self.roster.pop(node))
+            for node in [n for n in self.public_roster() if n not in listed]:
+                # leaving the grid is public (availability), for a withdrawn node too: the public
+                # record still has it on the roster
+                device = self.roster.pop(node, None)
+                device = self.withdrawn.pop(node, device)
+                logger.warning("fedsim: node %d (device %d) left", node, device)
             asking = set(self.pending_checkins.values())
-            held = set(self.roster.values())
+            held = set(self.public_roster().values())
             new = [
                 n
                 for n in sorted(listed)
@@ -316,6 +374,8 @@ class FlowerGridExecutor(CohortExecutor):
                 for msg_id, node in zip(grid.push_messages(queries), new, strict=True):
                     if msg_id:
                         self.pending_checkins[msg_id] = node
+                        if node in self.withdrawn:
+                            self.rechecking.add(node)
             if self.pending_checkins:
                 for reply in grid.pull_messages(list(self.pending_checkins)):
                     self.admit(reply)
@@ -353,46 +413,60 @@ class FlowerGridExecutor(CohortExecutor):
         return issued is not None and self.node_keys.get(node) == issued
 
     def admit(self, reply: Message) -> None:
-        """Put the node that answered a check-in on the roster (or mark it gone)."""
+        """Put the node that answered a check-in on the roster (or mark it gone).
+
+        The outcome of a withdrawn node's check-in again is withheld in a DP run (it follows from
+        a withheld event); every other check-in is a public roster event.
+        """
         node = self.pending_checkins.pop(reply.metadata.reply_to_message_id, None)
         if node is None:
             return
+        withheld = node in self.rechecking
+        self.rechecking.discard(node)
         if reply.has_error():
             self.gone.add(node)
-            logger.warning("fedsim: node %d did not check in: %s", node, reply.error.reason)
+            self.roster_event(
+                "checkin_failed", node, None, "fedsim: node %d did not check in: %s", node, reply.error.reason, withheld=withheld
+            )
             return
         metrics = reply.content.metric_records.get(METRICS_KEY)
         device = metrics.get("device-id") if metrics is not None else None
         n = self.num_devices
         if not is_int(device) or not 0 <= device < n:
             self.gone.add(node)
-            logger.warning("fedsim: node %d checked in with device id %r, outside [0, %d); ignored", node, device, n)
+            self.roster_event(
+                "bad_device_id", node, None, "fedsim: node %d checked in with device id %r, outside [0, %d); ignored",
+                node, device, n, withheld=withheld,
+            )
             return
         if not self.authenticated(node, device):
             # the node's key is not the one issued for the device it claims: never admitted (its
             # key cannot change), never displacing the device's own node
             self.gone.add(node)
-            self.events["unauthenticated_claim"] += 1
-            logger.warning(
+            self.roster_event(
+                "unauthenticated_claim", node, device,
                 "fedsim: node %d claimed device %d but its SuperNode key is not the one issued for it: claim refused",
-                node, device,
+                node, device, withheld=withheld, count="unauthenticated_claim",
             )
             return
-        holder = next((other for other, dev in self.roster.items() if dev == device and other != node), None)
+        holder = next((other for other, dev in self.public_roster().items() if dev == device and other != node), None)
         if holder is not None:
             # a second claim of a rostered device id: refused and counted, never evicting the first
             # (a restarted SuperNode gets its id once the old node has left the grid)
             self.refused[node] = device
-            self.events["duplicate_claim"] += 1
-            logger.warning(
+            self.roster_event(
+                "duplicate_claim", node, device,
                 "fedsim: node %d claimed device %d, which node %d holds: claim refused (the first claim stands)",
-                node, device, holder,
+                node, device, holder, withheld=withheld, count="duplicate_claim",
             )
             return
         self.refused.pop(node, None)
+        self.withdrawn.pop(node, None)
         self.roster[node] = device
-        self.events["checkins"] += 1
-        logger.info("fedsim: node %d checked in as device %d", node, device)
+        self.roster_event(
+            "checkin", node, device, "fedsim: node %d checked in as device %d", node, device,
+            withheld=withheld, count="checkins", level=logging.INFO,
+        )
 
 
 class FedsimStrategy(FlowerStrategy):
@@ -493,7 +567,10 @@ class FedsimStrategy(FlowerStrategy):
 
     @property
     def events(self) -> Counter[str]:
-        """Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins."""
+        """Flower-level counts: no_reply, client_error, declined, unexpected_reply, checkins, ...
+
+        Exact (a DP run publishes them as :meth:`run` says); see :attr:`FlowerGridExecutor.events`.
+        """
         return self.executor.events
 
     # ------------------------------------------------------------------------------------------
@@ -597,6 +674,7 @@ class FedsimStrategy(FlowerStrategy):
         finally:
             flwr_logger.removeFilter(quiet)
             owner.close_progress()
+        self.write_private_events()  # any withheld after the last round's
         result = owner.finish(time.perf_counter() - start)
         result.summary["backend"] = "flower"
         if owner.private and self.state is not None and owner.key_origin == "given":
@@ -608,17 +686,27 @@ class FedsimStrategy(FlowerStrategy):
                 "unauthenticated_claim",
             )
         }
+        roster = {"nodes": len(self.roster), "devices": len(set(self.roster.values()))}
         result.summary["flower"] = {
             "job_id": self.job_id,
             "resumed_at_round": self.offset,
-            "nodes": len(self.roster),
-            "devices": len(set(self.roster.values())),
+            **roster,
             **counts,
         }
         if owner.private:
             # replies that failed, never came or were declined are exact, data-dependent counts:
-            # null here, exact in private/summary.json (identity events, claims, stay public)
-            result.summary["flower"].update(dict.fromkeys(PRIVATE_FLOWER_COUNTS))
+            # null here, exact in private/summary.json. Roster events (check-ins, claims, the
+            # roster's size) stay public, less what follows from a withheld event alone: a
+            # node's check-in again after a failed or missing reply, the node's absence from
+            # the roster meanwhile (its public record keeps it there until it leaves the grid)
+            public = self.executor.public_roster()
+            result.summary["flower"].update(
+                nodes=len(public),
+                devices=len(set(public.values())),
+                **{k: counts[k] - int(self.events.get(WITHHELD + k, 0)) for k in ROSTER_COUNTS},
+                **dict.fromkeys(PRIVATE_FLOWER_COUNTS),
+            )
+            counts = {**roster, **counts}
         if owner.run_dir is not None:
             owner.run_dir.write_json("summary.json", result.summary)
             # who contributed how often is exact, data-dependent state: private in a DP run
