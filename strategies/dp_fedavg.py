@@ -22,7 +22,9 @@ Guarantee (user level: adding or removing all of one device's data):
   ``SampledGaussianEvent(z, q)``. Devices that are not available or not eligible join with a
   smaller probability, which only strengthens the amplification for them, provided availability
   does not depend on the data. The amplification argument needs the sampling to be genuinely
-  random and hidden from the adversary.
+  random and hidden from the adversary; where the cohort is not hidden (on Flower every sampled
+  device gets its own message) the round owner records the round unamplified
+  (``RoundOwner(secret_cohort=False)``, :meth:`SampledGaussianEvent.unamplified`).
 * ``sampling = "fixed"``: ``clients_per_round`` devices among the eligible ones; no amplification
   is claimed. Each round is a Gaussian mechanism with sensitivity ``C``: ``rho = 1 / (2 z**2)``
   per contribution, so ``rho = c / (2 z**2)`` for ``c`` contributions per device (at most the

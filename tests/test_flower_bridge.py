@@ -218,3 +218,26 @@ def test_array_record_sizes_match_the_model(mlp: torch.nn.Module) -> None:
     with pytest.raises(ValueError):
         layout.to_arrays(torch.zeros(layout.num_params + 1))
     assert isinstance(layout.to_arrays(torch.zeros(layout.num_params)), ArrayRecord)
+
+
+def test_the_bridge_accounts_poisson_rounds_without_amplification() -> None:
+    """Flower sends every sampled device its own message: the bridge's round owner records a
+    Poisson-sampled DP-FedAvg round unamplified, and its budget check stops where that figure
+    would exceed ``max-epsilon`` (the in-process engine's amplified round still fits)."""
+    from fedsim.engine.rounds import RoundOwner
+    from fedsim.flower.strategy import FedsimStrategy
+    from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
+
+    # one round at z = 1.3, delta = 1e-6: epsilon 3.63 unamplified, 3.12 amplified at q = 0.5
+    overrides = [
+        (["rounds"], 2), (["data", "num-devices"], 8), (["clients-per-round"], 4), (["privacy", "max-epsilon"], 3.4),
+    ]
+    scenario = load_scenario(SCENARIOS / "dp_fedavg.toml", overrides)
+    inprocess = RoundOwner(scenario, checkpoints=False)
+    assert isinstance(inprocess.round_event(0), SampledGaussianEvent)
+    assert inprocess.begin(0) is not None
+
+    bridge = FedsimStrategy(scenario).owner
+    assert bridge.round_event(0) == GaussianEvent(1.3)
+    assert bridge.begin(0) is None
+    assert bridge.stopped_reason.startswith("privacy budget: round 1 would reach epsilon=3.634 > max-epsilon=3.4")

@@ -23,18 +23,14 @@ from .conftest import ROOT, SCENARIOS, run_cli
 from .flower_harness import MARKER, _marked_pids, die_with_parent
 
 
-@pytest.mark.flower
-@pytest.mark.slow
-def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: Path) -> None:
-    out = tmp_path / "flower"
+def fedsim_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m fedsim ARGS`` in its own session; afterwards none of its processes (Ray's) survive."""
     marker = uuid.uuid4().hex
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{MARKER: marker})
-    args = [sys.executable, "-m", "fedsim", "run", str(SCENARIOS / "quickstart.toml"), "--backend", "flower",
-            "--rounds", "2", "--out", str(out), "--json", "--quiet"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=die_with_parent)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -46,6 +42,16 @@ def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: 
         for pid in _marked_pids(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: Path) -> None:
+    out = tmp_path / "flower"
+    proc = fedsim_cli("run", str(SCENARIOS / "quickstart.toml"), "--backend", "flower", "--rounds", "2", "--out", str(out),
+                      "--json", "--quiet")
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-4000:]
     # Flower's current simulation runtime (no deprecated entry point), and no notice users cannot act on
     assert "deprecat" not in stderr.lower() and "SuperNodes changed" not in stderr, stderr[-4000:]
@@ -63,6 +69,51 @@ def test_backend_flower_runs_the_quickstart_like_the_inprocess_engine(tmp_path: 
         assert (got["clients"], got["eligible"], got["rejected"]) == (want["clients"], want["eligible"], 0)
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=2e-3)
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_poisson_dp_fedavg_on_flower_reports_the_unamplified_guarantee(tmp_path: Path) -> None:
+    """On Flower every sampled device receives its own train message, so devices and network
+    observers learn the Poisson cohort that amplification by sampling assumes secret: the ServerApp
+    records and reports each round without amplification (rho as ever, epsilon from rho alone),
+    and says so. The in-process engine, whose cohort never leaves the server, keeps the amplified
+    epsilon of the same rounds."""
+    out = tmp_path / "flower"
+    rounds, devices, per_round = 2, 8, 4  # q = 0.5
+    sets = ["--rounds", str(rounds), "--set", f"data.num-devices={devices}", "--set", f"clients-per-round={per_round}"]
+    proc = fedsim_cli("run", str(SCENARIOS / "dp_fedavg.toml"), "--backend", "flower", *sets, "--out", str(out), "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)
+    assert (summary["backend"], summary["rounds"]) == ("flower", rounds)
+
+    def plan(*extra: str) -> dict:
+        made = run_cli("privacy", "dp-fedavg", "--noise-multiplier", "1.3", "--rounds", str(rounds), "--delta", "1e-6",
+                       "--json", *extra)
+        assert made.returncode == 0, made.stderr
+        return json.loads(made.stdout)
+
+    unamplified, amplified = plan(), plan("--sampling-rate", "0.5")
+    assert amplified["epsilon"] < 0.9 * unamplified["epsilon"]  # amplification would matter here
+    # what the ServerApp wrote and printed: the unamplified guarantee, and why
+    assert summary["rho"] == pytest.approx(unamplified["rho"], rel=1e-12)
+    assert summary["epsilon"] == pytest.approx(unamplified["epsilon"], rel=1e-9)
+    assert summary["flower"]["cohort_secret"] is False
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert [e["event"]["type"] for e in ledger] == ["gaussian"] * rounds
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epsilon"] == pytest.approx(unamplified["epsilon"], rel=1e-9)
+    assert "every sampled device receives its own train message" in proc.stderr
+    assert "without amplification by sampling" in proc.stderr
+
+    # the in-process engine: the cohort stays secret, epsilon is amplified
+    scenario = load_scenario(
+        SCENARIOS / "dp_fedavg.toml", [(["rounds"], rounds), (["data", "num-devices"], devices), (["clients-per-round"], per_round)]
+    )
+    expected = run_scenario(scenario)
+    assert [type(e).__name__ for _, e in expected.ledger.events()] == ["SampledGaussianEvent"] * rounds
+    assert expected.summary["rho"] == pytest.approx(summary["rho"], rel=1e-12)
+    assert expected.summary["epsilon"] == pytest.approx(amplified["epsilon"], rel=1e-9)
 
 
 def test_backend_flag_errors_are_one_line(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ from fedsim.errors import ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
 from fedsim.privacy.csprng import GENERATOR
+from fedsim.privacy.events import SampledGaussianEvent
 from fedsim.privacy.noise import (
     KEY_FILE,
     TAG_SELECT,
@@ -196,6 +197,12 @@ class RoundOwner:
         The run's secret noise key. Default: the scenario's ``[privacy] noise-key-file`` if it
         names one, else a fresh key from :mod:`secrets` (kept as ``secret/noise.key`` in the run
         directory of a DP run, mode 0600; a resume reads it back).
+    secret_cohort:
+        Whether who is sampled stays hidden from the adversary (the in-process engine: the
+        cohort never leaves the server). ``False`` (Flower: every sampled device gets its own
+        message) records a Poisson-sampled round without amplification
+        (:meth:`~fedsim.privacy.events.SampledGaussianEvent.unamplified`): the ledger, rho,
+        epsilon and the budget check then hold without a secret cohort.
 
     The run's public id (:attr:`run_id`: ``[privacy] run-id``, else 128 fresh bits from
     :mod:`secrets`) prefixes every noise and sampling word, so runs under one key never share
@@ -215,8 +222,10 @@ class RoundOwner:
         run_dir: str | Path | None = None,
         checkpoints: bool = True,
         noise_key: NoiseKey | None = None,
+        secret_cohort: bool = True,
     ) -> None:
         self.scenario = scenario
+        self.secret_cohort = secret_cohort
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
         torch.set_num_threads(scenario.engine.threads)
         keep_freed_memory()  # reuse freed heap memory: see fedsim.engine.allocator
@@ -373,6 +382,13 @@ class RoundOwner:
             self.accountant = Accountant(delta=self.scenario.privacy.delta)
         return self.ledger, self.accountant
 
+    def round_event(self, round: int) -> Any:
+        """The privacy event recorded for ``round``: the strategy's, unamplified where the cohort is known."""
+        event = self.strategy.privacy_event(round=round)
+        if not self.secret_cohort and isinstance(event, SampledGaussianEvent):
+            return event.unamplified()
+        return event
+
     def budget_exceeded(self, round: int, event: Any) -> str | None:
         """Why recording ``event`` for ``round`` would exceed the privacy budget, or ``None``."""
         cfg = self.scenario.privacy
@@ -408,7 +424,7 @@ class RoundOwner:
             deployment's connected nodes); devices outside it are not eligible.
         """
         sc = self.scenario
-        event = self.strategy.privacy_event(round=round)
+        event = self.round_event(round)
         reason = self.budget_exceeded(round, event)
         if reason is not None:
             self.stopped_reason = reason

@@ -62,6 +62,7 @@ from fedsim.flower.identity import DeviceKeys, fingerprint
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.flower.server_state import ServerState
+from fedsim.privacy.events import SampledGaussianEvent
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.types import CohortChunk
@@ -536,7 +537,17 @@ class FedsimStrategy(FlowerStrategy):
             # the job's run id: a restarted server draws the job's noise again, another job never
             scenario = replace(scenario, privacy=replace(scenario.privacy, run_id=state.run_id()))
             self.scenario = scenario
-        self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False, noise_key=key)
+        # every sampled device gets its own train message: devices, the SuperLink and the network
+        # learn the cohort, so a Poisson-sampled round claims no amplification here
+        self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False, noise_key=key, secret_cohort=False)
+        sampled = self.owner.strategy.privacy_event(round=0)
+        if isinstance(sampled, SampledGaussianEvent):
+            logger.warning(
+                "fedsim: %s samples devices (Poisson, q = %.4g), but on Flower every sampled device receives its own "
+                "train message, so devices and network observers learn the cohort: epsilon is reported without "
+                "amplification by sampling (docs/threat-model.md)",
+                scenario.strategy.name, sampled.sampling_rate,
+            )
         #: rounds completed before this server started (a resumed job)
         self.offset = 0
         self.strategy = self.owner.strategy
@@ -690,6 +701,8 @@ class FedsimStrategy(FlowerStrategy):
         result.summary["flower"] = {
             "job_id": self.job_id,
             "resumed_at_round": self.offset,
+            # who is sampled is not hidden on Flower: no amplification by sampling is claimed
+            "cohort_secret": False,
             **roster,
             **counts,
         }

@@ -95,6 +95,17 @@ class SampledGaussianEvent:
         _int_field(self, "max_participations", 1, allow_none=True)
         _int_field(self, "min_separation", 0)
 
+    def unamplified(self) -> GaussianEvent:
+        """The same round with no amplification claimed: what it is worth when the cohort is known.
+
+        Amplification by sampling needs the adversary not to learn who was sampled; where it
+        does (a deployment that sends each sampled device a message), the round is a Gaussian
+        mechanism with sensitivity ``C`` on whoever took part.
+        """
+        return GaussianEvent(
+            self.noise_multiplier, max_participations=self.max_participations, min_separation=self.min_separation
+        )
+
 
 @dataclass(frozen=True)
 class TreeAggregationEvent:
