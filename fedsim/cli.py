@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedsim import __version__
-from fedsim.errors import FedsimError, ScenarioError
+from fedsim.errors import FedsimError, ScenarioError, ScenarioNote
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +69,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.engine.rundir import claim_run_dir, is_run_dir
+    # the scenario is validated before anything imports torch, flwr or ray: a bad value comes back fast
     from fedsim.scenario import load_scenario, parse_override
 
     overrides = [parse_override(text) for text in args.overrides]
@@ -90,6 +91,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.scenario is None:
             raise FedsimError("run: a scenario file is required (or --resume RUN_DIR)")
         scenario = load_scenario(args.scenario, overrides)
+        from fedsim.tracking import check_available
+
+        check_available(scenario.log)
+        from fedsim.engine.rundir import claim_run_dir, is_run_dir
+
         run_dir = Path(scenario.output_dir)
         replacing = is_run_dir(run_dir)
         claim_run_dir(run_dir, overwrite=args.overwrite)
@@ -98,13 +104,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from fedsim.backends import open_run
 
         sim = open_run(scenario, run_dir=scenario.output_dir, progress=not args.quiet)
+    for line in _start_notes(sim):
+        print(line, file=sys.stderr, flush=True)
     result = sim.run()
     s = result.summary
     if args.json:
         print(json.dumps(s, indent=2))
     else:
-        print(_summary_text(s, result.run_dir))
+        print(_summary_text(s, result.run_dir, process_s=_process_seconds()))
     return 0
+
+
+def _start_notes(sim: Any) -> list[str]:
+    """What a run says before its first round: the noise multiplier its strategy uses (solved from
+    ``target-rho`` where given) and, for DP-FedAvg without amplification, how to get it."""
+    scenario = sim.scenario
+    lines = []
+    z = _noise_multiplier(sim)
+    if z is not None:
+        target = scenario.strategy.params.get("target_rho")
+        how = f" (solved from target-rho = {target:g})" if target is not None else ""
+        lines.append(f"{scenario.name}: noise multiplier {z:.4f}{how}")
+    if scenario.strategy.name == "dp-fedavg" and scenario.strategy.params.get("sampling", "fixed") == "fixed":
+        lines.append(
+            f"{scenario.name}: dp-fedavg samples a fixed cohort (sampling = \"fixed\"): no amplification by "
+            "sampling, unlike Opacus and TFF; strategy.sampling = \"poisson\" samples each device independently "
+            "and amplifies epsilon"
+        )
+    return lines
+
+
+def _noise_multiplier(sim: Any) -> float | None:
+    """The noise multiplier of the run's DP strategy (``None`` for a non-DP run, or one whose
+    strategy runs in another process: ``summary.json`` has it)."""
+    z = getattr(sim, "noise_multiplier", None)
+    return z if isinstance(z, float) else None
+
+
+def _process_seconds() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # no psutil, or a platform without process start times
+        return None
 
 
 def _resumed_simulation(args: argparse.Namespace, overrides: list) -> Any:
@@ -142,13 +186,15 @@ def _resumed_simulation(args: argparse.Namespace, overrides: list) -> Any:
     return sim
 
 
-def _summary_text(s: dict, run_dir: object) -> str:
+def _summary_text(s: dict, run_dir: object, *, process_s: float | None = None) -> str:
     lines = [
         f"scenario     {s['name']} ({s['strategy']})",
         f"rounds       {s['rounds']} / {s['rounds_planned']}  ({s['stopped_reason']})",
         f"accuracy     {s['accuracy']:.4f}",
         f"loss         {s['loss']:.4f}",
     ]
+    if s.get("noise_multiplier") is not None:
+        lines.append(f"noise        multiplier {s['noise_multiplier']:.4f} (noise std / clip norm)")
     if s.get("rho") is not None:
         lines.append(f"rho (zCDP)   {s['rho']:.4f}")
         lines.append(f"epsilon      {s['epsilon']:.3f} at delta={s['delta']:g} (epsilon_rdp {s['epsilon_rdp']:.3f})")
@@ -171,7 +217,10 @@ def _summary_text(s: dict, run_dir: object) -> str:
         )
     if s.get("rejected"):
         lines.append("rejected     " + ", ".join(f"{k}={v}" for k, v in s["rejected"].items()))
-    lines.append(f"wall time    {s['wall_time_s']:.1f} s")
+    wall = f"wall time    {s['wall_time_s']:.1f} s (the rounds)"
+    if process_s is not None:
+        wall += f"; {process_s:.1f} s since the process started (start-up, imports, data)"
+    lines.append(wall)
     lines.append(f"run dir      {run_dir}")
     return "\n".join(lines)
 
@@ -303,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsim`` console script and ``python -m fedsim``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_note(shown)
     try:
         return int(args.func(args))
     except ScenarioError as exc:
@@ -314,6 +365,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_note(shown: Any) -> Any:
+    """``warnings.showwarning`` that prints a :class:`~fedsim.errors.ScenarioNote` as ``note: ...``."""
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, ScenarioNote):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    return show
 
 
 if __name__ == "__main__":

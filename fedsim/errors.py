@@ -107,5 +107,12 @@ class ScenarioError(FedsimError, ValueError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class ScenarioNote(UserWarning):
+    """Something the scenario loader changed on the user's behalf (a note, not an error).
+
+    The command line prints it as one line ``note: ...``; from Python it is an ordinary warning.
+    """
+
+
 class UpdateRejected(FedsimError):
     """A client update failed server-side validation (used for logging; updates are counted)."""

@@ -44,11 +44,12 @@ import math
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedsim.errors import ScenarioError, unknown_key_message
+from fedsim.errors import ScenarioError, ScenarioNote, unknown_key_message
 from fedsim.validation import boolean, is_int, is_number, number_in, positive_number
 from fedsim.validation import run_id as check_run_id
 
@@ -309,6 +310,25 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: experiment tracking beside the run directory's own files (:mod:`fedsim.tracking`).
+
+    ``tensorboard = true`` writes TensorBoard event files into the run directory; ``mlflow =
+    true`` logs the resolved scenario as parameters, every round's metrics, the summary and the
+    plots to MLflow: a file store ``mlruns/`` in the run directory unless ``mlflow-uri`` names
+    another tracking URI, in the experiment ``mlflow-experiment`` (default: the scenario's
+    name). Both log what ``metrics.jsonl`` and ``summary.json`` publish, nothing more: a DP
+    run's withheld values (``private/``) are never logged. Needs the ``tracking`` extra
+    (``pip install -e '.[tracking]'``; ``make install`` installs it).
+    """
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_uri: str = ""
+    mlflow_experiment: str = ""
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole, validated scenario."""
 
@@ -326,6 +346,7 @@ class Scenario:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -426,6 +447,8 @@ _APPLIES_WHEN: dict[tuple[str, str], Any] = {
     ("privacy", "run-id"): lambda sc: bool(sc.privacy.run_id),
     ("engine", "ray-address"): lambda sc: sc.engine.backend == "ray",
     ("engine", "ray-workers"): lambda sc: sc.engine.backend == "ray",
+    ("log", "mlflow-uri"): lambda sc: sc.log.mlflow,
+    ("log", "mlflow-experiment"): lambda sc: sc.log.mlflow,
 }
 
 
@@ -716,6 +739,87 @@ def _validate_data_and_model(scenario: Scenario) -> None:
     model.params.update(given)
 
 
+#: Strategy parameters that exclude each other: a value given for one (an override, a sweep's
+#: grid) replaces the scenario's value of the other.
+EXCLUSIVE_STRATEGY_PARAMS = {"noise-multiplier": "target-rho", "target-rho": "noise-multiplier"}
+
+
+def strategy_parameters(name: str, base_dir: Path) -> set[str] | None:
+    """The kebab-case parameters strategy ``name`` takes (its ``Params`` fields, else its
+    constructor's); ``None`` when it takes any keyword or cannot be loaded (the scenario check
+    then reports the name)."""
+    from fedsim.registry import parameter_names
+    from fedsim.strategy import STRATEGIES
+
+    try:
+        names = parameter_names(STRATEGIES.get(name, base_dir=base_dir))
+    except Exception:  # an unknown or broken plug-in: validation names it, with the key
+        return None
+    return None if names is None else {_kebab(n) for n in names}
+
+
+def replace_strategy_params(
+    table: dict[str, Any], given: dict[str, Any], base_dir: Path, *, drop_given: bool = False
+) -> tuple[dict[str, Any], list[str]]:
+    """A ``[strategy]`` table with ``given`` parameters set, minus those of the strategy it replaced.
+
+    ``given`` (kebab-case keys, ``name`` among them or not) comes from an override (``--set``,
+    :func:`fedsim.run`'s ``overrides``) or a sweep's configuration. Dropped from ``table``:
+
+    * parameters that the resulting strategy does not take, when ``given`` names the strategy
+      (they belong to the strategy it replaced: ``noise-multiplier`` when ``fedavg`` replaces
+      ``dp-ftrl``);
+    * the other one of an exclusive pair (:data:`EXCLUSIVE_STRATEGY_PARAMS`): a given
+      ``noise-multiplier`` replaces the table's ``target-rho`` and vice versa.
+
+    Keys of ``given`` itself are kept (validation then reports one the strategy does not take),
+    unless ``drop_given``: a sweep's grid crosses strategies with their parameters and leaves a
+    value out of the configurations whose strategy does not take it.
+
+    Returns
+    -------
+    tuple
+        The new table and the dropped keys (sorted; empty when nothing changed).
+    """
+    out = {**table, **given}
+    dropped: set[str] = set()
+    for key in given:
+        other = EXCLUSIVE_STRATEGY_PARAMS.get(key)
+        if other is not None and other in out and other not in given:
+            del out[other]
+            dropped.add(other)
+    if "name" in given or drop_given:
+        accepted = strategy_parameters(str(out.get("name", "fedavg")), base_dir)
+        if accepted is not None:
+            for key in list(out):
+                if key != "name" and key not in accepted and (drop_given or key not in given):
+                    del out[key]
+                    dropped.add(key)
+    return out, sorted(dropped)
+
+
+def _replace_strategy(raw: dict[str, Any], overrides: list[Override], base_dir: Path) -> None:
+    """Overrides of ``[strategy]`` keys applied to ``raw`` the way :func:`replace_strategy_params`
+    says; one :class:`~fedsim.errors.ScenarioNote` names what was dropped."""
+    given = {o[0][1]: o[1] for o in overrides if len(o[0]) == 2 and o[0][0] == "strategy"}
+    table = raw.get("strategy", {})
+    if not given or not isinstance(table, dict):
+        return
+    before = str(table.get("name", "fedavg"))
+    table, dropped = replace_strategy_params(table, given, base_dir)
+    raw["strategy"] = table
+    if not dropped:
+        return
+    name = str(table.get("name", "fedavg"))
+    if name != before:
+        why = f"strategy.name = {name!r} replaces {before!r}; its parameters that {name!r} does not take are left out"
+    else:
+        why = "left out in favour of the overridden " + ", ".join(
+            f"strategy.{k}" for k in given if EXCLUSIVE_STRATEGY_PARAMS.get(k) in dropped
+        )
+    warnings.warn(ScenarioNote(f"{why}: {', '.join(f'strategy.{k}' for k in dropped)}"), stacklevel=3)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``--set key.sub=value``; the value is read as TOML (``0.1``, ``true``, ``"x"``), else a string."""
     if "=" not in text:
@@ -757,8 +861,10 @@ def scenario_from_dict(
             if not isinstance(nxt, dict):
                 raise ScenarioError(f"{'.'.join(path)}: {part!r} is not a table", source="--set")
             table = nxt
-        table[path[-1]] = value
+        if not (len(path) == 2 and path[0] == "strategy"):
+            table[path[-1]] = value
         overridden.add(".".join(path))
+    _replace_strategy(raw, list(overrides or []), Path(source).parent if source else Path.cwd())
     try:
         raw.setdefault("name", Path(source).stem if source else "scenario")
         scenario = _build(Scenario, raw, "")

@@ -45,13 +45,14 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsim.errors import FedsimError, ScenarioError
+from fedsim.errors import FedsimError, ScenarioError, ScenarioNote
 from fedsim.validation import is_int
 
 __all__ = [
@@ -171,32 +172,23 @@ def _load_raw(path: Path) -> dict[str, Any]:
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
-def _strategy_parameters(name: str, base_dir: Path) -> set[str] | None:
-    """Kebab-case parameters of a strategy (its ``Params`` fields or constructor), ``None`` if it takes any."""
-    from fedsim.registry import parameter_names
-    from fedsim.strategy import STRATEGIES
-
-    names = parameter_names(STRATEGIES.get(name, base_dir=base_dir))
-    return None if names is None else {n.replace("_", "-") for n in names}
-
-
-#: Strategy parameters that exclude each other: a configuration's value of one drops the other.
-_EXCLUSIVE = {"noise-multiplier": "target-rho", "target-rho": "noise-multiplier"}
-
-
 def _resolve(
-    raw: dict[str, Any], overrides: dict[str, Any], source: Path, used: set[str]
+    raw: dict[str, Any], overrides: dict[str, Any], source: Path, used: set[str], dropped: dict[str, set[str]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Apply a configuration's overrides; drop strategy parameters its strategy does not take.
 
     Returns the scenario dict and the overrides that apply (what identifies the configuration).
-    ``used`` collects the grid keys that this configuration took.
+    ``used`` collects the grid keys that this configuration took, ``dropped`` the parameters left
+    out per strategy name (:func:`fedsim.scenario.replace_strategy_params`, as ``--set`` does).
     """
     import copy
+
+    from fedsim.scenario import replace_strategy_params
 
     out = copy.deepcopy(raw)
     applied: dict[str, Any] = {}
     strategy = dict(out.get("strategy", {}))
+    given: dict[str, Any] = {}
     for key, value in overrides.items():
         path = key.split(".")
         if key == "strategy" and isinstance(value, dict):
@@ -205,10 +197,7 @@ def _resolve(
             used.add(key)
             continue
         if path[0] == "strategy" and len(path) == 2:
-            strategy[path[1]] = value
-            other = _EXCLUSIVE.get(path[1])
-            if other is not None and f"strategy.{other}" not in overrides:
-                strategy.pop(other, None)  # a grid noise multiplier replaces the scenario's target
+            given[path[1]] = value
             continue
         table = out
         for part in path[:-1]:
@@ -219,12 +208,10 @@ def _resolve(
         table[path[-1]] = value
         applied[key] = value
         used.add(key)
-    try:
-        accepted = _strategy_parameters(strategy.get("name", "fedavg"), source.parent)
-    except Exception:  # an unknown strategy: the scenario check reports it, naming the key
-        accepted = None
-    if accepted is not None:
-        strategy = {k: v for k, v in strategy.items() if k == "name" or k in accepted}
+    # a grid crosses strategies with their parameters: a value its strategy does not take is left out
+    strategy, left_out = replace_strategy_params(strategy, given, source.parent, drop_given=True)
+    if left_out:
+        dropped.setdefault(str(strategy.get("name", "fedavg")), set()).update(left_out)
     for key in overrides:
         path = key.split(".")
         if path[0] == "strategy" and len(path) == 2 and path[1] in strategy:
@@ -261,10 +248,11 @@ def plan_sweep(
     raw = base.to_dict()
     out = Path(out)
     used: set[str] = set()
+    dropped: dict[str, set[str]] = {}
     specs: list[RunSpec] = []
     seen: dict[str, Configuration] = {}
     for config in configurations:
-        resolved, applied = _resolve(raw, config.overrides, path, used)
+        resolved, applied = _resolve(raw, config.overrides, path, used, dropped)
         fingerprint = json.dumps(applied, sort_keys=True, default=str)
         if fingerprint in seen:
             continue  # identical to an earlier configuration once inapplicable keys are dropped
@@ -298,6 +286,14 @@ def plan_sweep(
             raise SweepError(
                 f"--grid {key}: unknown key: no configuration's scenario or strategy takes it"
             )
+    if dropped:
+        which = "; ".join(
+            f"{name}: {', '.join(f'strategy.{k}' for k in sorted(keys))}" for name, keys in sorted(dropped.items())
+        )
+        warnings.warn(
+            ScenarioNote(f"strategy parameters left out of the configurations whose strategy does not take them: {which}"),
+            stacklevel=2,
+        )
     return specs
 
 

@@ -82,6 +82,7 @@ from fedsim.privacy.noise import (
 )
 from fedsim.scenario import Scenario, check_canaries_fit_population
 from fedsim.strategy import StrategyContext
+from fedsim.tracking import open_tracker
 from fedsim.types import TrainConfig, UpdateBatch
 
 __all__ = ["PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
@@ -282,6 +283,8 @@ class RoundOwner:
                 self.run_dir.path / CHECKPOINT_DIR, scenario.checkpoint.every, scenario.checkpoint.keep
             )
         self.progress_bar: Any = None
+        #: [log]: TensorBoard / MLflow, called with each committed row and the summary (fedsim.tracking)
+        self.tracker = open_tracker(self.scenario, self.run_dir)
 
     # -- the secret key ---------------------------------------------------------------------------
     def set_key(self, key: NoiseKey) -> None:
@@ -372,6 +375,13 @@ class RoundOwner:
         self.diagnostics = [json.loads(line) for line in keep]
 
     # -- privacy ------------------------------------------------------------------------------
+    @property
+    def noise_multiplier(self) -> float | None:
+        """The DP strategy's noise multiplier (noise std / clip norm; solved from ``target-rho``
+        where given), ``None`` for a run without DP or a strategy that does not say."""
+        z = getattr(self.strategy, "noise_multiplier", None) if self.private else None
+        return float(z) if isinstance(z, int | float) and not isinstance(z, bool) else None
+
     def privacy(self) -> tuple[Any, Any]:
         """Ledger and accountant, created on the first privacy event (non-DP runs need neither)."""
         if self.ledger is None:
@@ -514,6 +524,8 @@ class RoundOwner:
         self.next_round = int(row["round"])
         if self.run_dir is not None:
             self.run_dir.append_metrics(row)
+        if self.tracker is not None:  # the public row only: a DP run's withheld values are null here
+            self.tracker.on_round(row)
         if self.checkpointer is not None and self.checkpointer.due(self.next_round):
             self.checkpointer.save(self.next_round, self.state_dict(), self.run_dir)
         if self.progress_bar is not None:
@@ -571,6 +583,8 @@ class RoundOwner:
             "epsilon": getattr(report, "epsilon", None),
             "epsilon_rdp": getattr(report, "epsilon_rdp", None),
             "delta": getattr(report, "delta", None),
+            # the noise the DP strategy added (solved from target-rho where given); null without DP
+            "noise_multiplier": self.noise_multiplier,
             # per-reason counts are exact, data-dependent values: private in a DP run
             "rejected": None if self.private else dict(sorted(self.rejected.items())),
             "num_devices": self.data.num_devices,
@@ -621,6 +635,8 @@ class RoundOwner:
                 )
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})", summary.get("audit"))
+            if self.tracker is not None:
+                self.tracker.on_finish(summary)
         return RunResult(
             self.run_dir.path if self.run_dir else None,
             self.params,
