@@ -14,23 +14,28 @@
 ``epsilon_rdp``, ``delta``, ``noise_multiplier`` and, for dp-ftrl, ``prefix_rmse``
 (the root-mean-square over rounds of the noise on the released prefix sums, per
 coordinate, in units of the clip norm) and ``noise_mechanism``; the matrix-factorization
-mechanisms add their parameters (``decays``, ``scales`` or ``coefs``) and the tree's
-RMSE at the same ``rho``. Bad input is one line ``error: ...`` on stderr and exit code 2.
+mechanisms add their parameters (BLT: ``decays`` and ``scales``; banded: ``bands`` and
+``num_coefs``, and the ``coefs`` themselves, one per band, only with ``--coefficients``) and
+the tree's RMSE at the same ``rho``. Bad input is one line ``error: ...`` on stderr and exit
+code 2. :func:`plan` (``fedsim.plan`` from Python) returns the same object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
 import types
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from fedsim.privacy.events import MIN_NOISE_MULTIPLIER
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "plan", "run"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -75,8 +80,10 @@ def add_parser(subparsers: Any) -> None:
 
     ftrl = mech.add_parser(
         "dp-ftrl",
-        help="DP-FTRL with tree aggregation",
-        description="DP-FTRL with tree aggregation (exact worst-case sensitivity).",
+        help="DP-FTRL with correlated noise: tree aggregation, BLT or banded matrix factorization",
+        description="DP-FTRL with correlated noise: tree aggregation (default), a buffered linear "
+        "Toeplitz (BLT) or a banded matrix factorization (--mechanism); exact worst-case "
+        "sensitivity under the participation limits.",
     )
     _add_common(ftrl)
     ftrl.add_argument("--max-participations", type=int, required=True, metavar="K",
@@ -102,6 +109,9 @@ def add_parser(subparsers: Any) -> None:
                       help="prefix-sum error the strategy is optimised for (default max)")
     ftrl.add_argument("--max-iterations", type=int, default=2000, metavar="N",
                       help="L-BFGS iterations per start when optimising a strategy (default 2000)")
+    ftrl.add_argument("--coefficients", action="store_true",
+                      help="--mechanism banded --json: include the strategy's coefficients (coefs, "
+                      "one per band; left out by default)")
     ftrl.set_defaults(func=run)
 
     fedavg = mech.add_parser(
@@ -363,7 +373,7 @@ def _mf_table(result: dict[str, Any]) -> str:
     else:
         coefs = result["coefs"]
         shown = ", ".join(f"{c:.6g}" for c in coefs[:6]) + (", ..." if len(coefs) > 6 else "")
-        rows.append(("band coefficients", shown + "  (all in --json)"))
+        rows.append(("band coefficients", shown + "  (all: --json --coefficients)"))
     rows += [
         ("sensitivity^2", f"{result['sensitivity_sq']:.6g} C^2  ("
          + ("exact" if result["sensitivity_exact"] else "upper bound") + ")"),
@@ -434,10 +444,51 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(_json_object(args, result)))
     else:
         print(_table(result))
     return 0
+
+
+def _json_object(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """What ``--json`` prints: the banded strategy's coefficients only with ``--coefficients``."""
+    if "coefs" not in result:
+        return result
+    out = {k: v for k, v in result.items() if k != "coefs" or getattr(args, "coefficients", False)}
+    out["num_coefs"] = len(result["coefs"])
+    return out
+
+
+def plan(mechanism: str, argv: Sequence[str]) -> dict[str, Any]:
+    """The object ``fedsim privacy MECHANISM ARGV --json`` prints (``fedsim.plan`` calls this).
+
+    ``argv`` are the command's flags; they are parsed by the command's own parser, so defaults,
+    checks and results are the command's.
+
+    Raises
+    ------
+    ValueError
+        Bad input, with the message the command prints after ``error:``. The command's
+        ``warning:`` notes are issued as ``UserWarning``.
+    """
+    parser = argparse.ArgumentParser(prog="fedsim")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
+            args = parser.parse_args(["privacy", mechanism, *argv, "--json"])
+    except SystemExit:
+        message = captured.getvalue().strip().splitlines()
+        raise ValueError((message[-1] if message else "invalid arguments").removeprefix("error: ")) from None
+    try:
+        _validate(args)
+        result, notes = _compute(args)
+    except _UsageError as exc:
+        raise ValueError(str(exc)) from None
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    return _json_object(args, result)
 
 
 def main(argv: list[str] | None = None) -> int:
