@@ -138,9 +138,21 @@ def test_cli_banded(capsys):
                           capsys)
     assert code == 0, err
     data = json.loads(out)
-    assert data["bands"] == 10 and len(data["coefs"]) == 10 and data["coefs"][0] == 1.0
+    # the coefficients (one per band: 314 at the Gboard setting) only when asked for
+    assert data["bands"] == 10 and data["num_coefs"] == 10 and "coefs" not in data
     assert data["sensitivity_exact"] is True
     assert data["rho"] == pytest.approx(data["sensitivity_sq"] / 8.0)
+    code, out, err = _run([*SMALL, "--mechanism", "banded", "--noise-multiplier", "2", "--json", "--coefficients"],
+                          capsys)
+    full = json.loads(out)
+    assert code == 0 and len(full["coefs"]) == 10 and full["coefs"][0] == 1.0
+    assert {k: v for k, v in full.items() if k != "coefs"} == data
+
+
+def test_cli_dp_ftrl_help_names_every_mechanism(capsys):
+    code, out, _ = _run(["dp-ftrl", "--help"], capsys)
+    assert code == 0
+    assert "tree aggregation" in out and "BLT" in out and "banded" in out and "--coefficients" in out
 
 
 def test_cli_tree_json_gains_prefix_rmse(capsys):
