@@ -4,7 +4,8 @@ pip's ``--quiet`` still prints two kinds of messages that nobody installing feds
 
 * ``WARNING: Location '<url>' is ignored: it is neither a file nor a directory.``: one per package
   when the machine's pip configuration (``pip config list``) names an index directory that does
-  not exist; these are counted and summed up in one line;
+  not exist; dropped, with no summary line either (the machine's configuration is not fedsim's
+  to fix);
 * warnings of the build backend (setuptools' ``...Warning:`` blocks framed by ``!!`` lines, about
   packaging metadata or editable installs): dropped.
 
@@ -46,8 +47,13 @@ def filter_lines(lines: Iterable[str], counts: dict[str, int]) -> Iterator[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pip install --quiet --disable-pip-version-check ARGS``; print what matters."""
     args = list(sys.argv[1:] if argv is None else argv)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    return run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args])
+
+
+def run(cmd: Sequence[str]) -> int:
+    """Run ``cmd`` (a pip command), printing its output through :func:`filter_lines`; on failure
+    its whole output, unfiltered, on stderr. Returns its exit status."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     seen: list[str] = []
     counts: dict[str, int] = {}
@@ -61,14 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, end="", flush=True)
     code = proc.wait()
     if code != 0:
-        print(f"pip install {' '.join(args)} failed (exit {code}); its full output:", file=sys.stderr)
+        print(f"{' '.join(cmd[2:])} failed (exit {code}); its full output:", file=sys.stderr)
         print("".join(seen), end="", file=sys.stderr)
         return code
-    if counts.get("locations"):
-        print(
-            f"note: pip skipped {counts['locations']} package index location(s) of this machine's pip "
-            "configuration that do not exist (`pip config list` shows them)"
-        )
     return 0
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+
+import pytest
 
 from .conftest import ROOT
 
@@ -53,3 +56,18 @@ def test_makefile_installs_through_the_filter() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "PIP := $(PY) scripts/pip_quiet.py" in makefile
     assert "pip install" not in makefile.split("$(STAMP): pyproject.toml", 1)[1].split("install: $(STAMP)")[0]
+
+
+def test_a_successful_install_with_missing_index_locations_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    # a real process printing what pip prints when the machine's configuration names missing indexes
+    script = "import sys; sys.stdout.write(sys.argv[1])"
+    assert pip_quiet.run([sys.executable, "-c", script, PIP_OUTPUT.split("  /tmp")[0]]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""  # no "pip skipped N package index location(s)" note either
+
+
+def test_a_failing_install_shows_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    script = "import sys; sys.stdout.write(sys.argv[1]); sys.exit(3)"
+    assert pip_quiet.run([sys.executable, "-c", script, PIP_OUTPUT]) == 3
+    out, err = capsys.readouterr()
+    assert "ERROR: Could not find a version" in out and PIP_OUTPUT in err and "failed (exit 3)" in err
