@@ -28,7 +28,9 @@ The sweep directory gets
 * ``results.csv`` and ``results.md``: one row per configuration, mean and sample standard
   deviation over seeds of accuracy, loss and wall time, with its ``rho`` and ``epsilon``;
 * ``accuracy_vs_round.png`` (mean test accuracy per round of every configuration, the band one
-  standard deviation) and ``accuracy_vs_rho.png`` (final accuracy against the run's ``rho``).
+  standard deviation) and ``accuracy_vs_rho.png`` (final accuracy against the run's ``rho``, one
+  line per method: configurations that differ only in the privacy level, :data:`RHO_KEYS`);
+  legends name configurations readably (``dp-ftrl, target-rho 0.81``).
 """
 
 from __future__ import annotations
@@ -60,9 +62,12 @@ __all__ = [
     "RunSpec",
     "SweepResult",
     "expand_grid",
+    "method_groups",
     "parse_grid",
     "plan_sweep",
+    "readable_label",
     "run_sweep",
+    "sweep_figures",
 ]
 
 #: Files a finished run directory holds that the sweep copies back from a Ray task.
@@ -608,26 +613,90 @@ def _curves(result: SweepResult) -> dict[str, list[list[tuple[int, float]]]]:
         path = spec.run_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
         pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
-        curves.setdefault(spec.config.label, []).append(pts)
+        curves.setdefault(spec.config.name, []).append(pts)
     return curves
 
 
+#: Keys that set a configuration's privacy level: ``accuracy_vs_rho.png`` draws the configurations
+#: that differ only in these as one line across rho.
+RHO_KEYS = ("strategy.target-rho", "strategy.noise-multiplier", "privacy.max-rho", "privacy.max-epsilon")
+
+
+def readable_label(overrides: dict[str, Any]) -> str:
+    """A legend label for a configuration: ``dp-ftrl, target-rho 0.81`` for
+    ``strategy.name=dp-ftrl, strategy.target-rho=0.81`` (the strategy by its name, other keys by
+    their last part), ``base`` without overrides."""
+    parts = []
+    for key, value in overrides.items():
+        if key == "strategy.name":
+            parts.insert(0, _fmt_value(value))
+        elif key == "strategy" and isinstance(value, dict):
+            parts.insert(0, _fmt_value(value.get("name", "fedavg")))
+        else:
+            parts.append(f"{key.rsplit('.', 1)[-1]} {_fmt_value(value)}")
+    return ", ".join(parts) or "base"
+
+
+def method_groups(rows: list[dict[str, Any]], configs: dict[str, Configuration]) -> dict[str, list[dict[str, Any]]]:
+    """Configuration rows grouped by method: the overrides other than :data:`RHO_KEYS` (readable
+    label -> rows, in sweep order)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        overrides = configs[row["name"]].overrides
+        method = {k: v for k, v in overrides.items() if k not in RHO_KEYS}
+        groups.setdefault(readable_label(method), []).append(row)
+    return groups
+
+
+def _plain_log_ticks(ax: Any, values: list[float]) -> None:
+    """Log-scale x ticks that read as plain numbers: at the values themselves when few, else
+    ``0.5, 1, 2`` style labels (no ``10^0`` or ``2x10^0``)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    distinct = sorted(set(values))
+    if 0 < len(distinct) <= 8:
+        ax.set_xticks(distinct)
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_results(result: SweepResult) -> None:
-    """``accuracy_vs_round.png`` and ``accuracy_vs_rho.png``."""
+    """Write ``accuracy_vs_round.png`` and ``accuracy_vs_rho.png`` (:func:`sweep_figures`)."""
+    import matplotlib.pyplot as plt
+
+    for name, fig in zip(("accuracy_vs_round.png", "accuracy_vs_rho.png"), sweep_figures(result), strict=True):
+        fig.savefig(result.out / name, dpi=110)
+        plt.close(fig)
+
+
+def sweep_figures(result: SweepResult) -> tuple[Any, Any]:
+    """The figures of ``accuracy_vs_round.png`` and ``accuracy_vs_rho.png``.
+
+    ``accuracy_vs_rho.png`` has one line per method across rho: the configurations that differ
+    only in :data:`RHO_KEYS` (the grid's ``strategy.target-rho``, say) are one method, drawn at
+    each run's final ``rho`` with the mean accuracy and a one-sd bar; a method without DP is a
+    dashed horizontal line. Legends use :func:`readable_label`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    configs = {s.config.name: s.config for s in result.specs}
     fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
-    for i, (label, runs) in enumerate(_curves(result).items()):
+    for i, (name, runs) in enumerate(_curves(result).items()):
         common = sorted(set.intersection(*(set(r for r, _ in pts) for pts in runs))) if runs else []
         if not common:
             continue
         ys = np.array([[dict(pts)[r] for r in common] for pts in runs], dtype=float)
         mean = ys.mean(axis=0)
-        ax.plot(common, mean, label=label, color=f"C{i % 10}", lw=1.3)
+        ax.plot(common, mean, label=readable_label(configs[name].overrides), color=f"C{i % 10}", lw=1.3,
+                marker="o" if len(common) <= 12 else None, markersize=4)
         if len(runs) > 1:
             sd = ys.std(axis=0, ddof=1)
             ax.fill_between(common, mean - sd, mean + sd, color=f"C{i % 10}", alpha=0.15, lw=0)
@@ -635,31 +704,41 @@ def plot_results(result: SweepResult) -> None:
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     if ax.lines:
+        from matplotlib.ticker import MaxNLocator
+
+        last = max(x for line in ax.lines for x in line.get_xdata())
+        ax.set_xlim(0, last + max(0.5, 0.02 * last))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="best")
     ax.set_title("test accuracy per round (mean over seeds, band: ± 1 sd)")
-    fig.savefig(result.out / "accuracy_vs_round.png", dpi=110)
-    plt.close(fig)
+    by_round = fig
 
     fig, ax = plt.subplots(figsize=(6.5, 4.4), constrained_layout=True)
-    rows = configuration_rows(result)
-    for i, r in enumerate(rows):
-        if r["accuracy_mean"] is None:
-            continue
-        if r["rho"] is None:
-            ax.axhline(r["accuracy_mean"], ls="--", color=f"C{i % 10}", lw=1, label=f"{r['configuration']} (no DP)")
-        else:
-            ax.errorbar(r["rho"], r["accuracy_mean"], yerr=r["accuracy_sd"] or 0.0, fmt="o", color=f"C{i % 10}",
-                        capsize=3, label=r["configuration"])
-    if any(r["rho"] is not None for r in rows):
+    rows = [r for r in configuration_rows(result) if r["accuracy_mean"] is not None]
+    rhos: list[float] = []
+    for i, (label, group) in enumerate(method_groups(rows, configs).items()):
+        color = f"C{i % 10}"
+        private = sorted((r for r in group if r["rho"] is not None), key=lambda r: r["rho"])
+        for r in group:
+            if r["rho"] is None:
+                ax.axhline(r["accuracy_mean"], ls="--", color=color, lw=1, label=f"{label} (no DP)")
+        if private:
+            xs = [r["rho"] for r in private]
+            ax.errorbar(xs, [r["accuracy_mean"] for r in private], yerr=[r["accuracy_sd"] or 0.0 for r in private],
+                        fmt="-o", color=color, capsize=3, markersize=4, lw=1.2, label=label)
+            rhos += xs
+    if rhos:
         ax.set_xscale("log")
+        lo, hi = min(rhos), max(rhos)
+        ax.set_xlim(lo / 1.25, hi * 1.25)
+        _plain_log_ticks(ax, rhos)
     ax.set_xlabel("rho (zCDP) of the run")
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3)
     if ax.lines or ax.collections:
         ax.legend(fontsize=7, loc="best")
     ax.set_title("final accuracy against privacy")
-    fig.savefig(result.out / "accuracy_vs_rho.png", dpi=110)
-    plt.close(fig)
+    return by_round, fig
 
 
 # --------------------------------------------------------------------------------------------

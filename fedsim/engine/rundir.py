@@ -148,37 +148,89 @@ class RunDir:
         atomic_write_text(self.path / name, json.dumps(_clean(data), indent=2) + "\n")
 
     def plot(self, rows: list[dict[str, Any]], title: str, audit: dict[str, Any] | None = None) -> Path:
-        """Write ``metrics.png``: accuracy and loss (and rho when present) against round.
-
-        Audited runs get a fourth panel: formal epsilon and the empirical estimate per round, and
-        the final estimate's interval (``audit``: ``summary.json["audit"]``).
-        """
-        import matplotlib
-
-        matplotlib.use("Agg")
+        """Write ``metrics.png`` (:func:`metrics_figure`)."""
         import matplotlib.pyplot as plt
 
-        rounds = [r["round"] for r in rows]
-        has_rho = any(r.get("rho") is not None for r in rows)
-        has_audit = any(r.get("audit_epsilon") is not None for r in rows)
-        ncols = 2 + has_rho + has_audit
-        fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
-        series = [("accuracy", "test accuracy"), ("loss", "test loss")] + ([("rho", "rho (zCDP)")] if has_rho else [])
-        if has_audit:
-            _plot_epsilons(axes[-1], rows, audit)
-        for ax, (key, label) in zip(axes, series, strict=False):
-            pts = [(x, r[key]) for x, r in zip(rounds, rows, strict=True) if r.get(key) is not None]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="." if len(xs) < 60 else None)
-            ax.set_xlabel("round")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        fig.suptitle(title)
+        fig = metrics_figure(rows, title, audit)
         out = self.path / "metrics.png"
         fig.savefig(out, dpi=110)
         plt.close(fig)
         return out
+
+
+def metrics_figure(rows: list[dict[str, Any]], title: str, audit: dict[str, Any] | None = None) -> Any:
+    """The figure of ``metrics.png``: accuracy and loss (and rho when present) against round.
+
+    The x axis runs from round 0 to the last round with integer ticks, and a series of few
+    points has markers (a 10-round run evaluated every 10 rounds is one visible point at 10, not
+    a line on a 9.6-10.4 axis). Where rho steps up (:func:`rho_steps`: DP-FTRL's tree gains a
+    level at rounds 16, 32, 64, ...) the rho panel marks the round. Audited runs get a fourth
+    panel: formal epsilon and the empirical estimate per round, and the final estimate's
+    interval (``audit``: ``summary.json["audit"]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    has_rho = any(r.get("rho") is not None for r in rows)
+    has_audit = any(r.get("audit_epsilon") is not None for r in rows)
+    ncols = 2 + has_rho + has_audit
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
+    series = [("accuracy", "test accuracy"), ("loss", "test loss")] + ([("rho", "rho (zCDP)")] if has_rho else [])
+    if has_audit:
+        _plot_epsilons(axes[-1], rows, audit)
+    last = max(rounds, default=1)
+    for ax, (key, label) in zip(axes, series, strict=False):
+        pts = [(x, r[key]) for x, r in zip(rounds, rows, strict=True) if r.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            # few points (evaluation every N rounds, a short run) get visible markers
+            marker = "o" if len(xs) <= 12 else ("." if len(xs) < 60 else None)
+            ax.plot(xs, ys, marker=marker, markersize=4)
+            if key == "rho":
+                _mark_rho_steps(ax, xs, ys)
+        _round_axis(ax, last)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def _round_axis(ax: Any, last: int) -> None:
+    """x axis from round 0 to the last round, integer ticks: one point is not a 9.6-10.4 axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(0, last + max(0.5, 0.02 * last))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def rho_steps(rounds: list[int] | tuple[int, ...], rhos: list[float] | tuple[float, ...]) -> list[int]:
+    """Rounds where ``rho`` grows by clearly more than its usual per-round step.
+
+    DP-FTRL with tree aggregation: when the round count reaches a power of two the tree gains a
+    level, one contribution touches one more noisy node and the run's sensitivity (hence its
+    rho) steps up there (rounds 16, 32, 64, ...). Steps: increments above 1.5 times the median
+    increment (none for a curve that grows evenly).
+    """
+    steps = [(r, b - a) for r, a, b in zip(rounds[1:], rhos, rhos[1:], strict=False)]
+    grow = sorted(d for _, d in steps if d > 0)
+    if len(grow) < 3:
+        return []
+    median = grow[len(grow) // 2]
+    return [r for r, d in steps if d > 1.5 * median and d > 1e-12]
+
+
+def _mark_rho_steps(ax: Any, rounds: tuple[int, ...], rhos: tuple[float, ...]) -> None:
+    steps = rho_steps(rounds, rhos)
+    for i, r in enumerate(steps):
+        ax.axvline(r, color="0.6", ls=":", lw=0.9, label="rho steps up (DP-FTRL: a new tree level)" if i == 0 else None)
+        ax.annotate(str(r), (r, rhos[rounds.index(r)]), textcoords="offset points", xytext=(3, -10), fontsize=7,
+                    color="0.35")
+    if steps:
+        ax.legend(fontsize=7, loc="upper left")
 
 
 def _plot_epsilons(ax: Any, rows: list[dict[str, Any]], audit: dict[str, Any] | None) -> None:
@@ -198,7 +250,7 @@ def _plot_epsilons(ax: Any, rows: list[dict[str, Any]], audit: dict[str, Any] | 
                 [last], [audit["epsilon"]], yerr=[[below], [above]],
                 fmt="o", color="C1", capsize=3, label=f"{audit['threat_model']} ({audit['confidence']:.0%} CI)",
             )
-    ax.set_xlabel("round")
+    _round_axis(ax, max((r["round"] for r in rows), default=1))
     ax.set_ylabel(f"epsilon (delta = {audit['delta']:g})" if audit else "epsilon")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
