@@ -379,8 +379,10 @@ class RoundOwner:
     def noise_multiplier(self) -> float | None:
         """The DP strategy's noise multiplier (noise std / clip norm; solved from ``target-rho``
         where given), ``None`` for a run without DP or a strategy that does not say."""
-        z = getattr(self.strategy, "noise_multiplier", None) if self.private else None
-        return float(z) if isinstance(z, int | float) and not isinstance(z, bool) else None
+        if not self.private:
+            return None
+        z = self.strategy.calibrated_noise_multiplier(num_rounds=self.scenario.rounds)
+        return None if z is None else float(z)
 
     def privacy(self) -> tuple[Any, Any]:
         """Ledger and accountant, created on the first privacy event (non-DP runs need neither)."""
