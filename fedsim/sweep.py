@@ -361,6 +361,9 @@ def run_one_returning_files(raw: dict[str, Any], source: str) -> tuple[dict[str,
         raw = dict(raw, **{"output-dir": str(run_dir)})
         summary = run_one(raw, source, str(run_dir))
         files = {n: (run_dir / n).read_bytes() for n in _RUN_FILES if (run_dir / n).is_file()}
+        # [log] tensorboard: the event files come back too (an MLflow file store does not: its
+        # records name the worker's paths; name an MLflow server with [log] mlflow-uri instead)
+        files.update({p.name: p.read_bytes() for p in run_dir.glob("events.out.tfevents.*") if p.is_file()})
     return summary, files
 
 
