@@ -214,10 +214,13 @@ def test_builtin_initialisation_is_unchanged_by_the_generator_argument() -> None
 @pytest.mark.flower
 @pytest.mark.slow
 def test_warm_start_on_flower_and_ray_equals_in_process(tmp_path: Path, finished: tuple[Path, float]) -> None:
+    """The warm start (and an adaptive server optimizer) on Flower's simulation runtime and on Ray."""
     from fedsim.flower.simulation import FlowerSimulation
 
     run, _ = finished
-    overrides = [parse_override(o) for o in ("rounds=2", "clients-per-round=5", "data.num-devices=10")]
+    overrides = [parse_override(o) for o in (
+        "rounds=2", "clients-per-round=5", "data.num-devices=10", 'strategy.server-optimizer="adam"', "strategy.server-lr=0.01",
+    )]
     scenario = load_scenario(_scenario(tmp_path, init=f'init = "{run / "model.pt"}"'), overrides)
     expected = run_scenario(scenario)
     got = FlowerSimulation(scenario, run_dir=tmp_path / "flower", progress=False).run()
