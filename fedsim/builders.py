@@ -67,9 +67,10 @@ def build_strategy(scenario: Scenario) -> Strategy:
     return cls(**scenario.strategy.params)
 
 
-def build_scenario_model(scenario: Scenario, data: FederatedData, *, seed: int = 0) -> torch.nn.Module:
-    """The scenario's model sized for ``data`` (parameters initialised from ``seed``)."""
-    return workloads.build_scenario_model(scenario, data, seed=seed)
+def build_scenario_model(scenario: Scenario, data: FederatedData, *, seed: int = 0, init: bool = False) -> torch.nn.Module:
+    """The scenario's model sized for ``data`` (parameters initialised from ``seed``; with ``init``,
+    the server's global model: the ``[model] init`` file's parameters when it names one)."""
+    return workloads.build_scenario_model(scenario, data, seed=seed, init=init)
 
 
 def build_trainer(scenario: Scenario, model: torch.nn.Module, data: FederatedData | None = None) -> ClientTrainer:

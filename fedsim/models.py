@@ -24,13 +24,22 @@ Built-ins (``MODELS``):
                     and a ``ff`` (4 x dim) GELU feed-forward, final LayerNorm, ``Linear(vocab)``
 ==================  ============================================================================
 
-Initialisation is seeded and never touches a global RNG: after the builder returns, every
-parameter is drawn from a ``torch.Generator`` seeded with the run's model seed, with PyTorch's
-default scheme for its layer type (Linear / Conv: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``;
-Embedding: ``N(0, 1)``; LSTM / GRU / RNN: ``U(-1/sqrt(hidden), 1/sqrt(hidden))``; norms: weight 1,
-bias 0; other parameters: ``U(-1/sqrt(fan_in), ...)`` for matrices, 0 for vectors). A builder that
-declares a ``generator`` parameter receives that generator and initialises its own parameters
-instead (it must not use the global RNG).
+Initialisation belongs to the builder, and is seeded from the run's model seed: fedsim never
+re-draws a parameter that a builder returned (a builder may load pretrained weights).
+
+* A builder that declares a ``generator`` parameter receives a ``torch.Generator`` seeded with
+  the run's model seed and initialises its parameters from it. The built-ins do, with
+  :func:`initialise`: PyTorch's default scheme per layer type (Linear / Conv:
+  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; Embedding: ``N(0, 1)``; LSTM / GRU / RNN:
+  ``U(-1/sqrt(hidden), 1/sqrt(hidden))``; norms: weight 1, bias 0; other parameters:
+  ``U(-1/sqrt(fan_in), ...)`` for matrices, 0 for vectors).
+* A builder without one runs with torch's global generator seeded from the run's model seed
+  (``torch.random.fork_rng``: the caller's global RNG state is restored afterwards), so PyTorch's
+  own layer initialisation is reproducible too.
+
+``[model] init = "path/model.pt"`` then replaces the parameters with a saved model's
+(:func:`read_initial_model`, :func:`load_initial_model`): a warm start from a fedsim run's
+``model.pt`` or a plain ``state_dict`` file, checked name by name and shape by shape.
 
 Strategies, clipping and noise work on one flat ``float32`` vector per model; :func:`get_flat` and
 :func:`set_flat` move between that vector and a module.
@@ -38,11 +47,14 @@ Strategies, clipping and noise work on one flat ``float32`` vector per model; :f
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -69,21 +81,35 @@ def _needs_task(spec: DataSpec, task: str, model: str) -> None:
         raise ModelError(f"{model} is a {task} model, the dataset's task is {spec.task!r}")
 
 
-def logreg(spec: DataSpec) -> nn.Module:
+def _initialised(model: nn.Module, generator: torch.Generator | None) -> nn.Module:
+    """``model`` with every parameter drawn from ``generator`` (:func:`initialise`), or as built."""
+    if generator is not None:
+        initialise(model, generator)
+    return model
+
+
+def logreg(spec: DataSpec, generator: torch.Generator | None = None) -> nn.Module:
     """Logistic regression (one ``Linear`` layer; image inputs are flattened)."""
     _needs_task(spec, "classification", "logreg")
     layers: list[nn.Module] = [] if len(spec.input_shape) == 1 else [nn.Flatten()]
-    return nn.Sequential(*layers, nn.Linear(spec.num_features, spec.num_classes))
+    return _initialised(nn.Sequential(*layers, nn.Linear(spec.num_features, spec.num_classes)), generator)
 
 
-def mlp(spec: DataSpec, hidden: int = 64) -> nn.Module:
+def mlp(spec: DataSpec, hidden: int = 64, generator: torch.Generator | None = None) -> nn.Module:
     """``Linear(hidden) - ReLU - Linear`` (image inputs are flattened)."""
     _needs_task(spec, "classification", "mlp")
     layers: list[nn.Module] = [] if len(spec.input_shape) == 1 else [nn.Flatten()]
-    return nn.Sequential(*layers, nn.Linear(spec.num_features, hidden), nn.ReLU(), nn.Linear(hidden, spec.num_classes))
+    model = nn.Sequential(*layers, nn.Linear(spec.num_features, hidden), nn.ReLU(), nn.Linear(hidden, spec.num_classes))
+    return _initialised(model, generator)
 
 
-def cnn(spec: DataSpec, channels: Sequence[int] = (16, 32), hidden: int = 64, kernel_size: int = 3) -> nn.Module:
+def cnn(
+    spec: DataSpec,
+    channels: Sequence[int] = (16, 32),
+    hidden: int = 64,
+    kernel_size: int = 3,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
     """A small convolutional net for ``[C, H, W]`` images (see the module docstring)."""
     _needs_task(spec, "classification", "cnn")
     if len(spec.input_shape) != 3:
@@ -105,7 +131,7 @@ def cnn(spec: DataSpec, channels: Sequence[int] = (16, 32), hidden: int = 64, ke
             h, w = h // 2, w // 2
         c = out
     layers += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, spec.num_classes)]
-    return nn.Sequential(*layers)
+    return _initialised(nn.Sequential(*layers), generator)
 
 
 class LSTMLanguageModel(nn.Module):
@@ -122,13 +148,15 @@ class LSTMLanguageModel(nn.Module):
         return self.output(h)
 
 
-def lstm_lm(spec: DataSpec, embedding: int = 8, hidden: int = 256, layers: int = 2) -> nn.Module:
+def lstm_lm(
+    spec: DataSpec, embedding: int = 8, hidden: int = 256, layers: int = 2, generator: torch.Generator | None = None
+) -> nn.Module:
     """``lstm-lm``: the recurrent next-token model (TensorFlow Federated's Shakespeare defaults)."""
     _needs_task(spec, "next-token", "lstm-lm")
     for key, value in (("embedding", embedding), ("hidden", hidden), ("layers", layers)):
         if value < 1:
             raise ModelError(f"{key} must be >= 1, got {value}")
-    return LSTMLanguageModel(spec.vocab_size, embedding, hidden, layers)
+    return _initialised(LSTMLanguageModel(spec.vocab_size, embedding, hidden, layers), generator)
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,7 +209,13 @@ class TransformerLanguageModel(nn.Module):
 
 
 def transformer_lm(
-    spec: DataSpec, dim: int = 128, layers: int = 2, heads: int = 4, ff: int | None = None, max_len: int | None = None
+    spec: DataSpec,
+    dim: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    ff: int | None = None,
+    max_len: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> nn.Module:
     """``transformer-lm``: a small causal pre-norm transformer (see the module docstring)."""
     _needs_task(spec, "next-token", "transformer-lm")
@@ -192,7 +226,8 @@ def transformer_lm(
         raise ModelError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
     if layers < 1:
         raise ModelError(f"layers must be >= 1, got {layers}")
-    return TransformerLanguageModel(spec.vocab_size, length, dim, layers, heads, 4 * dim if ff is None else ff)
+    model = TransformerLanguageModel(spec.vocab_size, length, dim, layers, heads, 4 * dim if ff is None else ff)
+    return _initialised(model, generator)
 
 
 MODELS.register("logreg", logreg)
@@ -233,7 +268,12 @@ def build_model(
     seed: int = 0,
     base_dir: Path | None = None,
 ) -> nn.Module:
-    """Build a model with parameters initialised from ``seed`` (no global RNG).
+    """Build a model with parameters initialised from ``seed``; fedsim never re-draws them.
+
+    A builder that takes ``generator`` gets a ``torch.Generator`` seeded with ``seed``; any other
+    runs under ``torch.random.fork_rng`` with torch's global generator seeded with ``seed`` (the
+    caller's global RNG state is restored afterwards). Whatever the builder returns (its own
+    initialisation, or weights it loaded) is the model.
 
     Parameters
     ----------
@@ -259,15 +299,14 @@ def build_model(
     kwargs = dict(params or {})
     if hidden is not None and name not in IGNORES_HIDDEN:
         kwargs["hidden"] = hidden
-    gen = torch.Generator().manual_seed(seed)
-    takes_generator = "generator" in inspect.signature(builder).parameters
-    if takes_generator:
-        kwargs["generator"] = gen
-    model = builder(spec, **kwargs)
+    if "generator" in inspect.signature(builder).parameters:
+        model = builder(spec, **kwargs, generator=torch.Generator().manual_seed(seed))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # restored on exit: the caller's global RNG is untouched
+            model = builder(spec, **kwargs)
     if not isinstance(model, nn.Module):
         raise ModelError(f"builder {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    if not takes_generator:
-        initialise(model, gen)
     return model
 
 
@@ -314,6 +353,109 @@ def initialise(model: nn.Module, gen: torch.Generator) -> None:
                     p.uniform_(-bound, bound, generator=gen)
                 else:
                     p.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# warm start: [model] init
+
+
+@dataclass(frozen=True)
+class InitialModel:
+    """A saved model read for a warm start (``[model] init``).
+
+    Attributes
+    ----------
+    path:
+        The file, resolved.
+    sha256:
+        SHA-256 of the file's bytes (hex), recorded in the run directory.
+    kind:
+        ``"fedsim"`` (a run's ``model.pt``: a dict whose ``"state_dict"`` holds the tensors) or
+        ``"state_dict"`` (a plain mapping of parameter names to tensors, ``torch.save(model.state_dict())``).
+    tensors:
+        Parameter name -> tensor.
+    """
+
+    path: Path
+    sha256: str
+    kind: Literal["fedsim", "state_dict"]
+    tensors: Mapping[str, torch.Tensor]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_initial_model(path: str | Path) -> InitialModel:
+    """Read a warm-start file: a fedsim ``model.pt`` or a plain ``state_dict`` file.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+    never arbitrary pickled objects (a model file from elsewhere cannot run code).
+
+    Raises
+    ------
+    ModelError
+        One line naming the file: it does not exist, is not a file torch can read, or holds
+        something other than a fedsim model or a mapping of names to tensors.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: is not a file")
+    try:
+        digest = file_sha256(path)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a model file torch can read ({first})") from None
+    kind: Literal["fedsim", "state_dict"] = "state_dict"
+    if isinstance(blob, Mapping) and isinstance(blob.get("state_dict"), Mapping):
+        blob, kind = blob["state_dict"], "fedsim"
+    what = "a fedsim model.pt or a state_dict (a mapping of parameter names to tensors)"
+    if not isinstance(blob, Mapping) or not blob:
+        empty = " (empty)" if isinstance(blob, Mapping) else ""
+        raise ModelError(f"{path}: not a model: expected {what}, found {type(blob).__name__}{empty}")
+    for name, value in blob.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ModelError(f"{path}: not a model: expected {what}, entry {name!r} is a {type(value).__name__}")
+    return InitialModel(path, digest, kind, dict(blob))
+
+
+def load_initial_model(model: nn.Module, init: InitialModel) -> None:
+    """Copy ``init``'s tensors into ``model`` (in place), every name and shape checked.
+
+    Raises
+    ------
+    ModelError
+        One line naming the first tensor that does not fit: one the file lacks, one the model
+        lacks, one of another shape, or one with non-finite values.
+    """
+    own = model.state_dict()
+    where = f"init file {init.path}"
+    for name, target in own.items():
+        if name not in init.tensors:
+            raise ModelError(
+                f"{where} has no tensor {name!r} (the model has {len(own)} tensors, the file {len(init.tensors)}; "
+                "is it a model of this architecture?)"
+            )
+        value = init.tensors[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ModelError(f"{where}: tensor {name!r} has shape {list(value.shape)}, the model's is {list(target.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ModelError(f"{where}: tensor {name!r} holds non-finite values")
+    extra = [name for name in init.tensors if name not in own]
+    if extra:
+        raise ModelError(f"{where} holds tensor {extra[0]!r}, which the model does not have ({len(extra)} such)")
+    with torch.no_grad():
+        model.load_state_dict({name: init.tensors[name].to(own[name].dtype) for name in own})
 
 
 def check_model(model: nn.Module, task: Any, x: torch.Tensor, name: str) -> None:

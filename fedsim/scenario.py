@@ -161,15 +161,31 @@ class ModelConfig:
     builder ``"pkg.mod:build"`` / ``"path/file.py:build"`` called as ``build(spec, **params)``
     (see :mod:`fedsim.models`); other keys are the builder's parameters. ``hidden`` defaults to
     64 for ``logreg`` and ``mlp`` (logreg ignores it); other builders get it only when it is set.
+
+    ``init`` starts the run from a saved model (a warm start): a fedsim run's ``model.pt`` or a
+    plain ``state_dict`` file, relative to the scenario file first, then the working directory.
+    The loaded scenario holds its absolute path and ``init-sha256``, the SHA-256 of its bytes
+    (both written to ``config.toml``); given in a scenario, ``init-sha256`` must match the file.
     """
 
     name: str = "mlp"
     hidden: int | None = None
+    init: str | None = None
+    init_sha256: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ScenarioError("must name a model, a builder 'pkg.mod:build' or 'file.py:build'", key="name")
+        if self.init is not None and not self.init.strip():
+            raise ScenarioError("must be the path of a model file (a run's model.pt or a state_dict), got ''", key="init")
+        if self.init_sha256 is not None:
+            if self.init is None:
+                raise ScenarioError("applies with init (the SHA-256 of the init file)", key="init-sha256")
+            digits = self.init_sha256.lower()
+            if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+                raise ScenarioError(f"must be 64 hex digits (a SHA-256), got {self.init_sha256!r}", key="init-sha256")
+            object.__setattr__(self, "init_sha256", digits)
         if self.hidden is None and self.name in ("logreg", "mlp"):
             object.__setattr__(self, "hidden", 64)
         if self.hidden is not None:
@@ -502,7 +518,7 @@ _OPEN_SECTIONS = {
     StrategyConfig: {"name"},
     # [data] / [model]: keys other than fedsim's own are the loader's / builder's parameters
     DataConfig: {f.name for f in dataclasses.fields(DataConfig) if f.name != "params"},
-    ModelConfig: {"name", "hidden"},
+    ModelConfig: {"name", "hidden", "init", "init_sha256"},
 }
 
 
@@ -734,7 +750,7 @@ def _validate_data_and_model(scenario: Scenario) -> None:
             raise ScenarioError(f"model {model.name!r} takes no parameter 'hidden'; its parameters: "
                                 f"{', '.join(sorted(_kebab(n) for n in named)) or '(none)'}", key="model.hidden")
         given["hidden"] = model.hidden
-    _check_plugin_values(builder, given, named, takes_any, "model", f"model {model.name!r}", {"name", "hidden"})
+    _check_plugin_values(builder, given, named, takes_any, "model", f"model {model.name!r}", _OPEN_SECTIONS[ModelConfig])
     given.pop("hidden", None)
     model.params.update(given)
 
@@ -820,6 +836,33 @@ def _replace_strategy(raw: dict[str, Any], overrides: list[Override], base_dir: 
     warnings.warn(ScenarioNote(f"{why}: {', '.join(f'strategy.{k}' for k in dropped)}"), stacklevel=3)
 
 
+def _validate_init(scenario: Scenario) -> None:
+    """``[model] init``: the file exists and holds a model; the scenario records its absolute path
+    and SHA-256 (a given ``init-sha256`` must match). Its names and shapes are checked against
+    the model when the run builds it (:func:`fedsim.models.load_initial_model`)."""
+    from fedsim.models import ModelError, read_initial_model
+
+    model = scenario.model
+    if model.init is None:
+        return
+    path = Path(model.init).expanduser()
+    if not path.is_absolute():
+        candidate = scenario.base_dir / path
+        path = candidate if candidate.exists() else path
+    try:
+        init = read_initial_model(path.resolve())
+    except ModelError as exc:
+        raise ScenarioError(str(exc), key="model.init") from None
+    if model.init_sha256 is not None and model.init_sha256 != init.sha256:
+        raise ScenarioError(
+            f"{init.path} has SHA-256 {init.sha256}, the scenario's init-sha256 is {model.init_sha256}: "
+            "the file changed since the scenario recorded it",
+            key="model.init-sha256",
+        )
+    object.__setattr__(model, "init", str(init.path))
+    object.__setattr__(model, "init_sha256", init.sha256)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``--set key.sub=value``; the value is read as TOML (``0.1``, ``true``, ``"x"``), else a string."""
     if "=" not in text:
@@ -871,6 +914,7 @@ def scenario_from_dict(
         scenario = dataclasses.replace(scenario, source=source)
         _validate_plugin_params(scenario)
         _validate_data_and_model(scenario)
+        _validate_init(scenario)
         return scenario
     except ScenarioError as exc:
         # an error on a whole section (a strategy's constructor refusing a value) is the

@@ -31,12 +31,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from fedsim.optim import ServerOptimizer
+from fedsim.optim import ServerOptimizer, ServerOptimizerParams
 from fedsim.privacy.mechanisms import Mechanism, noise_or_target
 from fedsim.privacy.noise import NoiseSource
 from fedsim.registry import Registry
 from fedsim.types import TrainConfig, UpdateBatch
-from fedsim.validation import int_at_least, number_in, positive_number
+from fedsim.validation import int_at_least, positive_number
 
 
 @dataclass(frozen=True)
@@ -157,11 +157,13 @@ class Strategy(ABC):
 
 
 @dataclass(frozen=True)
-class MechanismParams:
+class MechanismParams(ServerOptimizerParams):
     """Parameters every :class:`MechanismStrategy` has: its mechanism's and its optimizer's.
 
     A DP strategy's ``Params`` dataclass extends this one (``fedsim.registry``: typed plug-in
-    parameters); the scenario keys are the kebab-case field names.
+    parameters); the scenario keys are the kebab-case field names. The server optimizer's fields
+    (``server_lr``, ``momentum``, ``server_optimizer``, ``beta1``, ``beta2``, ``tau``) are
+    :class:`~fedsim.optim.ServerOptimizerParams`'.
 
     Attributes
     ----------
@@ -174,10 +176,6 @@ class MechanismParams:
         (:func:`fedsim.privacy.calibration.calibrate_noise_multiplier`).
     clip_norm:
         ``C``: L2 bound every client clips its delta to (sent in the round's ``TrainConfig``).
-    server_lr:
-        Server step size applied to the noisy average.
-    momentum:
-        Server heavy-ball momentum in ``[0, 1)`` (0: none).
     max_participations:
         ``k``: at most this many contributions per device over the run (``None``: no limit).
     min_separation:
@@ -187,8 +185,6 @@ class MechanismParams:
     noise_multiplier: float | None = None
     target_rho: float | None = None
     clip_norm: float = 1.0
-    server_lr: float = 1.0
-    momentum: float = 0.0
     max_participations: int | None = None
     min_separation: int = 0
 
@@ -197,8 +193,7 @@ class MechanismParams:
         positive_number("clip-norm", self.clip_norm)
         int_at_least("max-participations", self.max_participations, 1, optional=True)
         int_at_least("min-separation", self.min_separation, 0)
-        positive_number("server-lr", self.server_lr)
-        number_in("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        super().__post_init__()
 
     def mechanism_common(self) -> dict[str, Any]:
         """The keyword arguments every mechanism takes (``noise_multiplier`` is a placeholder 1.0
@@ -236,7 +231,7 @@ class MechanismStrategy(Strategy):
         self.params = params
         self.target_rho = None if params.target_rho is None else float(params.target_rho)
         self.mechanism = mechanism
-        self.optimizer = ServerOptimizer(params.server_lr, params.momentum)
+        self.optimizer = params.build_server_optimizer()
 
     def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
         """The run's noise multiplier: the mechanism's, or solved from ``target-rho``."""

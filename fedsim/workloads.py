@@ -17,7 +17,13 @@ from torch import nn
 from fedsim.data.federated import FederatedData
 from fedsim.data.loaders import build_federated_data
 from fedsim.errors import ScenarioError
-from fedsim.models import ModelError, build_model, check_model
+from fedsim.models import (
+    ModelError,
+    build_model,
+    check_model,
+    load_initial_model,
+    read_initial_model,
+)
 from fedsim.registry import UnknownPluginError
 from fedsim.tasks import Task
 
@@ -32,19 +38,39 @@ def task_of(data: FederatedData) -> Task:
     return Task(data.spec)
 
 
-def build_scenario_model(scenario: Any, data: FederatedData, *, seed: int = 0, check: bool = True) -> nn.Module:
+def build_scenario_model(
+    scenario: Any, data: FederatedData, *, seed: int = 0, check: bool = True, init: bool = False
+) -> nn.Module:
     """The scenario's model for ``data``, parameters initialised from ``seed``.
 
-    With ``check`` the model is run on two test inputs and must produce logits that fit the
-    task's targets (:func:`fedsim.models.check_model`).
+    With ``init`` and a ``[model] init`` file, the parameters are then the file's (a warm start;
+    names and shapes checked, errors on ``model.init``): the server's global model. Copies that
+    only receive the server's parameters (trainers, Ray workers, a Flower ClientApp) leave it
+    out and never read the file. With ``check`` the model is run on two test inputs and must
+    produce logits that fit the task's targets (:func:`fedsim.models.check_model`).
     """
     cfg = scenario.model
     try:
         model = build_model(
             cfg.name, spec=data.spec, hidden=cfg.hidden, params=dict(cfg.params), seed=seed, base_dir=scenario.base_dir
         )
+        if init and cfg.init is not None:
+            try:
+                initial = read_initial_model(cfg.init)
+                load_initial_model(model, initial)
+            except ModelError as exc:
+                raise ScenarioError(str(exc), key="model.init", source=scenario.source) from None
+            if cfg.init_sha256 is not None and initial.sha256 != cfg.init_sha256:
+                raise ScenarioError(
+                    f"{initial.path} has SHA-256 {initial.sha256}, not the scenario's {cfg.init_sha256}: the file "
+                    "changed after the scenario was loaded",
+                    key="model.init-sha256",
+                    source=scenario.source,
+                )
         if check:
             check_model(model, task_of(data), torch.as_tensor(data.test_x), cfg.name)
+    except ScenarioError:
+        raise
     except ModelError as exc:
         raise ScenarioError(str(exc), key="model.name", source=scenario.source) from None
     except UnknownPluginError as exc:

@@ -3,7 +3,11 @@
 fedsim calls ``build(spec, **params)`` with the dataset's :class:`fedsim.data.DataSpec` and the
 other ``[model]`` keys (here ``width`` and ``depth``, kebab-case in the scenario), and trains the
 returned module. Any ``nn.Module`` works; this one is a small residual MLP with LayerNorm and Tanh.
-fedsim initialises its parameters from the run's seed (PyTorch's default scheme per layer type).
+The builder owns the initialisation: it takes no ``generator`` argument, so fedsim runs it with
+torch's global generator seeded from the run's seed (restored afterwards), and PyTorch's own
+initialisation of these layers is reproducible; fedsim never re-draws what ``build`` returns (a
+builder may load pretrained weights). Declare ``generator: torch.Generator`` to draw from fedsim's
+seeded generator yourself.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ ICLR 2018 (arXiv:1710.06963), Algorithm 1 with the fixed-denominator estimator `
   *fixed* denominator: the expected cohort size ``q N`` with Poisson sampling, the cohort size
   with fixed-size cohorts. (Dividing by the realised cohort size would make the sensitivity
   depend on who was sampled.)
-* the noisy average is applied as a server step, optionally with heavy-ball server momentum
-  (``m <- momentum * m + avg``, ``theta <- theta + server_lr * m``; a server optimizer in the sense
-  of Reddi et al., "Adaptive Federated Optimization", ICLR 2021). The server step is
-  post-processing of the noisy average and does not change the guarantee.
+* the noisy average is applied as a server step: SGD, optionally with heavy-ball server momentum
+  (``m <- momentum * m + avg``, ``theta <- theta + server_lr * m``), or an adaptive server
+  optimizer (``server-optimizer = "adam" | "yogi" | "adagrad"``: DP-FedAdam and its siblings, the
+  server optimizers of Reddi et al., "Adaptive Federated Optimization", ICLR 2021;
+  :mod:`fedsim.optim`). The server step and its state are post-processing of the noisy averages
+  and do not change the guarantee.
 
 Guarantee (user level: adding or removing all of one device's data):
 
@@ -57,9 +59,10 @@ class DPFedAvgParams(MechanismParams):
     """``[strategy] name = "dp-fedavg"`` parameters (kebab-case in a scenario).
 
     The mechanism's and optimizer's fields are :class:`~fedsim.strategy.MechanismParams`'
-    (``noise_multiplier`` or ``target_rho``, ``clip_norm``, ``server_lr``, ``momentum``
-    (default 0 here), ``max_participations`` (default ``None``: no limit), ``min_separation``),
-    and:
+    (``noise_multiplier`` or ``target_rho``, ``clip_norm``, ``max_participations`` (default
+    ``None``: no limit), ``min_separation``; the server optimizer's ``server_lr``,
+    ``server_optimizer`` (``"sgd"``, ``"adam"``, ``"yogi"``, ``"adagrad"``), ``momentum`` (SGD,
+    default 0), ``beta1``, ``beta2``, ``tau``), and:
 
     Attributes
     ----------
@@ -70,7 +73,6 @@ class DPFedAvgParams(MechanismParams):
         ``q`` for Poisson sampling; default ``clients_per_round / num_devices``.
     """
 
-    momentum: float = 0.0
     max_participations: int | None = None
     sampling: Literal["poisson", "fixed"] = "fixed"
     sampling_rate: float | None = None

@@ -39,15 +39,27 @@ momentum restarted with each tree) takes the step ``theta_t = theta_{t-1} + serv
 step 4. Another registered mechanism (``fedsim.privacy.mechanisms.MECHANISMS``) gives another
 DP-FTRL without a new strategy.
 
+Adaptive server optimizers (``server-optimizer = "adam" | "yogi" | "adagrad"``) are allowed with
+every mechanism: they take their step with the same per-round increment ``S_t - S_{t-1}``, a
+function of the released noisy prefix sums and the public denominator only, so the run is
+post-processing of the mechanism's release and its ``rho`` is unchanged. It is no longer FTRL,
+though: with SGD the model is ``theta_0 + server_lr * (momentum-filtered) S_t``, a linear
+function of the noisy *prefix sum*, whose noise the tree (or matrix factorization) keeps small;
+an adaptive step rescales each increment per coordinate by the optimizer's state, so the noise of
+successive increments (larger than the prefix sum's, and correlated between rounds) no longer
+telescopes into the prefix sum's. It is an adaptive optimizer fed with correlated-noise
+releases (docs/privacy.md, "Server optimizers"). At a restart (``restart-every``) every
+optimizer's state starts afresh with the tree.
+
 State for checkpoints: the mechanism's (the tree's round counter and current nodes, the previous
-prefix noise) and the momentum buffer. Every node's noise is a pure function of (noise key,
+prefix noise) and the server optimizer's (momentum buffer, or Adam / Yogi / Adagrad moments). Every node's noise is a pure function of (noise key,
 node), so a round replayed from saved state adds bit-for-bit the same noise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fedsim.privacy.mechanisms import build_mechanism, mechanism_options
 from fedsim.registry import resolve_params
@@ -62,8 +74,9 @@ class DPFTRLParams(MechanismParams):
 
     The mechanism's and optimizer's fields are :class:`~fedsim.strategy.MechanismParams`
     (``noise_multiplier`` or ``target_rho`` (solved under ``(k, b)`` and ``restart_every``),
-    ``clip_norm``, ``server_lr``, ``momentum`` (default 0.9 here: DP-FTRLM; 0 is plain DP-FTRL),
-    ``max_participations`` (``k``, default 1), ``min_separation`` (``b``)), and:
+    ``clip_norm``, ``max_participations`` (``k``, default 1), ``min_separation`` (``b``); the
+    server optimizer's ``server_lr``, ``server_optimizer``, ``momentum`` (SGD only, default 0.9
+    here: DP-FTRLM; 0 is plain DP-FTRL), ``beta1``, ``beta2``, ``tau``), and:
 
     Attributes
     ----------
@@ -82,7 +95,9 @@ class DPFTRLParams(MechanismParams):
         ``mechanism = "banded"``: band width, at most ``min_separation + 1`` (default that).
     """
 
-    momentum: float = 0.9
+    #: DP-FTRLM: server momentum 0.9 unless ``momentum`` is given (``server-optimizer = "sgd"``)
+    default_momentum: ClassVar[float] = 0.9
+
     max_participations: int = 1
     restart_every: int | None = None
     estimator: Literal["vanilla", "efficient"] = "efficient"

@@ -115,6 +115,16 @@ sampling = "poisson"
 every = {every}
 """
 
+# the adaptive server optimizers' moments (m, v) in the strategy state: FedAvg + Adagrad,
+# DP-FedAvg + Adam, DP-FTRL + Yogi
+FEDAVG_ADAGRAD = FEDAVGM.replace(
+    'name = "' + str(ROOT / "scripts" / "fedavgm.py") + ':FedAvgM"\nmomentum = 0.5',
+    'name = "fedavg"\nserver-optimizer = "adagrad"\nserver-lr = 0.05',
+)
+DP_FEDAVG_ADAM = DP_FEDAVG.replace("momentum = 0.5", 'server-optimizer = "adam"\nserver-lr = 0.02\nbeta1 = 0.8')
+DP_FTRL_YOGI = DP_FTRL.replace("momentum = 0.9", 'server-optimizer = "yogi"\nserver-lr = 0.02\ntau = 0.01')
+assert "adagrad" in FEDAVG_ADAGRAD and "adam" in DP_FEDAVG_ADAM and "yogi" in DP_FTRL_YOGI
+
 
 def _write(tmp_path: Path, template: str, *, rounds: int = 12, epochs: int = 1, every: int = 2, budget: str = "") -> Path:
     path = tmp_path / "scenario.toml"
@@ -278,8 +288,14 @@ def _crash_in_round(sim: Simulation, crash_round: int) -> None:
 
 @pytest.mark.parametrize(
     ("template", "crash_round"),
-    [(FEDAVGM, 0), (FEDAVGM, 3), (FEDAVGM, 4), (FEDAVGM, 9), (DP_FTRL, 5), (DP_FEDAVG, 7)],
-    ids=["fedavgm-0", "fedavgm-3", "fedavgm-4", "fedavgm-9", "dp-ftrl-5", "dp-fedavg-7"],
+    [
+        (FEDAVGM, 0), (FEDAVGM, 3), (FEDAVGM, 4), (FEDAVGM, 9), (DP_FTRL, 5), (DP_FEDAVG, 7),
+        (FEDAVG_ADAGRAD, 5), (DP_FEDAVG_ADAM, 6), (DP_FTRL_YOGI, 7),
+    ],
+    ids=[
+        "fedavgm-0", "fedavgm-3", "fedavgm-4", "fedavgm-9", "dp-ftrl-5", "dp-fedavg-7",
+        "fedavg-adagrad-5", "dp-fedavg-adam-6", "dp-ftrl-yogi-7",
+    ],
 )
 def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, template: str, crash_round: int) -> None:
     scenario = _write(tmp_path, template, rounds=10, every=2)

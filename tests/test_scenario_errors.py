@@ -59,7 +59,7 @@ def test_invalid_values_name_file_key_and_allowed(tmp_path: Path, text: str, key
 
 
 def test_unknown_strategy_parameter_lists_allowed(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match=r"strategy\.bogus: unknown key 'bogus'; allowed: name; parameters of strategy 'fedavg': server-lr"):
+    with pytest.raises(ScenarioError, match=r"strategy\.bogus: unknown key 'bogus'; allowed: name; parameters of strategy 'fedavg': beta1, beta2, momentum, server-lr, server-optimizer, tau$"):
         load_scenario(_write(tmp_path, GOOD + "bogus = 1\n"))
 
 

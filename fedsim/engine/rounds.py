@@ -232,7 +232,7 @@ class RoundOwner:
         keep_freed_memory()  # reuse freed heap memory: see fedsim.engine.allocator
         self.data = build_data(scenario)
         self.model = build_scenario_model(
-            scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT)
+            scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT), init=True
         )
         self.params = get_flat(self.model)
         self.strategy = build_strategy(scenario)
@@ -592,6 +592,8 @@ class RoundOwner:
             "num_devices": self.data.num_devices,
             "clients_per_round": sc.clients_per_round,
             "seed": sc.seed,
+            # the warm start's file ([model] init), or None: the builder's seeded initialisation
+            "init": None if sc.model.init is None else {"path": sc.model.init, "sha256": sc.model.init_sha256},
         }
         described = self.trainer.describe()
         if described is not None:

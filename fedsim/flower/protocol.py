@@ -43,6 +43,8 @@ def client_scenario_sections(scenario: Scenario) -> dict[str, Any]:
     out: dict[str, Any] = {"name": full["name"], "seed": full["seed"]}
     for key in CLIENT_SECTIONS:
         out[key] = full[key]
+    # a warm start's file is the server's: a device trains from the parameters it is sent
+    out["model"] = {k: v for k, v in out["model"].items() if k not in ("init", "init-sha256")}
     return out
 
 
