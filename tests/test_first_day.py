@@ -65,9 +65,11 @@ def test_set_strategy_name_drops_the_replaced_strategys_parameters_with_one_note
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1
     assert "strategy.name = 'fedavg' replaces 'dp-ftrl'" in notes[0]
-    for key in ("noise-multiplier", "clip-norm", "max-participations", "min-separation", "momentum", "estimator"):
+    for key in ("noise-multiplier", "clip-norm", "max-participations", "min-separation", "estimator"):
         assert f"strategy.{key}" in notes[0]
-    assert tomllib.loads((run_dir / "config.toml").read_text())["strategy"] == {"name": "fedavg", "server-lr": 1.0}
+    # server momentum applies to FedAvg too: kept
+    assert "strategy.momentum" not in notes[0]
+    assert tomllib.loads((run_dir / "config.toml").read_text())["strategy"] == {"name": "fedavg", "server-lr": 1.0, "momentum": 0.9}
 
 
 def test_a_parameter_set_for_the_new_strategy_is_still_checked(capsys) -> None:
@@ -96,7 +98,7 @@ def test_a_sweep_drops_them_the_same_way_with_one_note(tmp_path: Path) -> None:
         specs = plan_sweep(FTRL, configs, seeds=1, out=tmp_path, overrides=[(["rounds"], 2)])
     notes = [str(w.message) for w in caught if issubclass(w.category, ScenarioNote)]
     assert len(notes) == 1 and "fedavg: strategy.clip-norm" in notes[0] and "strategy.noise-multiplier" in notes[0]
-    assert specs[0].raw["strategy"] == {"name": "fedavg", "server-lr": 1.0}
+    assert specs[0].raw["strategy"] == {"name": "fedavg", "server-lr": 1.0, "momentum": 0.9}  # server momentum applies to FedAvg too
     assert specs[1].raw["strategy"]["noise-multiplier"] == 6.5
 
 
