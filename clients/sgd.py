@@ -23,11 +23,21 @@ path            what, and when ``path = "auto"`` picks it
                 models (Linear, activations, LayerNorm, Flatten) that the hand-batched path does
                 not cover: measured ~2x the loop on an MLP (~1,000/s vs ~480/s).
 ``loop``        the per-client loop with the model built once per worker and reused (no copy per
-                client), ``workers`` clients trained concurrently, each on one torch thread;
-                picked for convolutional, recurrent and attention models, where batching across
-                clients measured no faster (CNN 30k parameters: no gain; char LSTM: vmap 5.3 vs
-                loop 6.5 clients/s; small transformer: 4.3 vs 4.1).
+                client), ``workers`` groups of clients trained at once, each on one torch
+                thread, in worker processes (:mod:`clients.processes`) or threads
+                (``[client] pool``); picked for convolutional, recurrent and attention models,
+                where batching across clients measured no faster (CNN 30k parameters: no gain;
+                char LSTM: vmap 5.3 vs loop 6.5 clients/s; small transformer: 4.3 vs 4.1).
 ==============  ================================================================================
+
+Cores. ``workers`` (default: ``[engine] threads``) groups train at once. The batched and vmap
+paths run them on threads (their big batched kernels release the GIL for long stretches). The
+loop path runs them in worker processes when ``pool = "auto"`` (default) or ``"processes"``:
+its many small kernels gain little from threads of one interpreter (measured, issue 25: two
+threads 1.0x on the digits CNN, 1.3-1.6x on the char LSTM; two processes ~2x); ``pool =
+"threads"`` keeps them in this process. A model that a fresh interpreter cannot rebuild (its
+class defined in ``__main__``) trains on threads under ``"auto"``, and is an error under
+``"processes"``. Results never depend on ``workers`` or the pool.
 
 ``path = "measure"`` times every path that applies on the first cohort's first clients and keeps
 the fastest (results then match the loop to float rounding whichever wins, but not necessarily
@@ -55,6 +65,7 @@ from torch.nn import functional as F
 from clients.batched import BatchedSGD, supports
 from clients.concurrent import train_concurrently
 from clients.functional import FunctionalSGD, fixed_groups, vmap_layers_ok
+from clients.processes import ProcessGroupPool, ProcessPoolUnavailable
 from fedsim.client import ClientResult, ClientTrainer
 from fedsim.models import set_flat
 from fedsim.privacy.clipping import clip_by_norm
@@ -65,6 +76,9 @@ from fedsim.validation import boolean, choice, int_at_least
 #: A trainer path (``[client] path``); module docstring.
 PathName = Literal["auto", "batched", "vmap", "loop", "measure"]
 PATHS: tuple[str, ...] = typing.get_args(PathName)
+#: Where the loop path's workers run (``[client] pool``); module docstring.
+PoolName = Literal["auto", "processes", "threads"]
+POOLS: tuple[str, ...] = typing.get_args(PoolName)
 #: Clients per group of the per-client loop (the unit a worker thread takes).
 LOOP_GROUP = 8
 #: Clients ``path = "measure"`` trains with every candidate path.
@@ -86,16 +100,21 @@ class SGDParams:
     path:
         ``"auto"`` (default), ``"measure"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (module
         docstring).
+    pool:
+        Where the loop path's ``workers`` run: ``"auto"`` (default: worker processes, threads
+        when the model cannot be sent to one), ``"processes"`` or ``"threads"`` (module docstring).
     """
 
     batched: bool = True
     workers: int | None = None
     path: PathName = "auto"
+    pool: PoolName = "auto"
 
     def __post_init__(self) -> None:
         boolean("batched", self.batched)
         int_at_least("workers", self.workers, 1, optional=True)
         choice("path", self.path, PATHS)
+        choice("pool", self.pool, POOLS)
         if not self.batched and self.path not in ("auto", "loop"):
             raise ValueError(f"batched = false trains with the per-client loop; it contradicts path = {self.path!r}")
 
@@ -120,6 +139,9 @@ class SGDTrainer(ClientTrainer):
         self._functional: FunctionalSGD | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._procs: ProcessGroupPool | None = None
+        #: why the loop path runs on threads although processes were asked for (``None``: it does not)
+        self._pool_note: str | None = None
         if self.path == "batched" and not supports(model):
             raise ValueError("path = 'batched' needs an nn.Sequential of nn.Linear / nn.ReLU layers")
 
@@ -175,7 +197,25 @@ class SGDTrainer(ClientTrainer):
     def describe(self) -> dict[str, str]:
         """Which path trains cohorts and why (for the run's summary and console)."""
         path, reason = self.choice()
-        return {"path": path, "reason": reason}
+        out = {"path": path, "reason": reason}
+        if path == "loop":
+            workers = self.workers if self.workers is not None else torch.get_num_threads()
+            if workers == 1:
+                out["pool"] = "one worker"
+            elif self._uses_processes():
+                out["pool"] = f"{workers} worker processes"
+            else:
+                out["pool"] = f"{workers} threads" + (f" ({self._pool_note})" if self._pool_note else "")
+        return out
+
+    def _uses_processes(self) -> bool:
+        return self.params.pool != "threads" and self._pool_note is None
+
+    def close(self) -> None:
+        """Stop the loop path's worker processes, if any were started."""
+        if self._procs is not None:
+            self._procs.close()
+            self._procs = None
 
     # -------------------------------------------------------------------------------------------
     # training
@@ -215,7 +255,26 @@ class SGDTrainer(ClientTrainer):
             for group in groups:
                 yield self._loop_chunk(params, group, config, self.model)
             return
+        procs = self._process_pool(workers) if self._uses_processes() else None
+        if procs is not None:
+            yield from procs.train(params, groups, config)
+            return
         yield from train_concurrently(lambda group: self._loop_chunk(params, group, config, self._replica()), groups, workers)
+
+    def _process_pool(self, workers: int) -> ProcessGroupPool | None:
+        """The loop path's worker processes (started on first use, kept across rounds), or
+        ``None`` when the model cannot be sent to them under ``pool = "auto"``."""
+        if self._procs is not None and self._procs.workers == workers:
+            return self._procs
+        self.close()
+        try:
+            self._procs = ProcessGroupPool(self.model, self.objective, workers)
+        except ProcessPoolUnavailable as exc:
+            if self.params.pool == "processes":
+                raise ValueError(f"[client] pool = \"processes\": {exc}") from None
+            self._pool_note = f"threads: {exc}"
+            return None
+        return self._procs
 
     def _replica(self) -> nn.Module:
         """This worker thread's own copy of the model (made once per thread, reused for every client)."""

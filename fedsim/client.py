@@ -87,6 +87,11 @@ class ClientTrainer(ABC):
         of a run and kept in ``summary.json["trainer"]``), or ``None`` (default) to say nothing."""
         return None
 
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release what training holds between rounds (worker processes) at the end of a run
+        (the engine calls it once; default: nothing to release)."""
+        return None
+
     def set_private_source(self, source: Any) -> None:
         """Receive the run's secret :class:`~fedsim.privacy.noise.NoiseSource` (the engine calls it
         whenever the run is keyed). A trainer whose local training draws private randomness

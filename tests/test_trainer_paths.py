@@ -6,6 +6,8 @@ The reference is :meth:`SGDTrainer.train_client` (one client at a time). Unequal
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -62,13 +64,22 @@ def test_every_path_equals_the_per_client_reference(name: str) -> None:
     auto.objective = Task(spec)
     assert auto.describe()["path"] == AUTO[name]
     for path in paths:
-        for workers in (1, 2) if path != "batched" else (1,):  # batched threads: tests/test_batched_training.py
-            trainer = SGDTrainer(model, path=path, workers=workers)
+        # batched threads: tests/test_batched_training.py; the loop on 2 threads and in 2 processes
+        settings = {"batched": [(1, "auto")], "vmap": [(1, "auto"), (2, "auto")]}.get(
+            path, [(1, "auto"), (2, "threads"), (2, "processes")]
+        )
+        for workers, pool in settings:
+            trainer = SGDTrainer(model, path=path, workers=workers, pool=pool)
             trainer.objective = Task(spec)
-            chunks = list(trainer.train_cohort(flat, iter(tasks), config, chunk_size=3))
+            try:
+                chunks = list(trainer.train_cohort(flat, iter(tasks), config, chunk_size=3))
+            finally:
+                trainer.close()
+            if path == "loop" and workers == 2:
+                assert trainer.describe()["pool"] == f"2 {'worker processes' if pool == 'processes' else 'threads'}"
             assert max(len(c.device_ids) for c in chunks) <= 3
             deltas = torch.cat([c.deltas for c in chunks]).double()
-            torch.testing.assert_close(deltas, ref_deltas, rtol=0, atol=1e-9, msg=f"{name} {path} x{workers}")
+            torch.testing.assert_close(deltas, ref_deltas, rtol=0, atol=1e-9, msg=f"{name} {path} x{workers} {pool}")
             losses = torch.cat([c.losses for c in chunks])
             torch.testing.assert_close(losses, torch.tensor([r.loss for r in expected], dtype=torch.float32), rtol=1e-5, atol=1e-6)
             assert np.array_equal(np.concatenate([c.device_ids for c in chunks]), np.arange(len(tasks)))
@@ -91,3 +102,61 @@ def test_measure_picks_a_path_and_says_why() -> None:
     assert info["path"] in ("batched", "vmap", "loop") and info["reason"].startswith("measured on")
     for path in ("batched", "vmap", "loop"):
         assert f"{path} " in info["reason"]
+
+
+def test_loop_in_worker_processes_is_bit_for_bit_the_one_process_loop() -> None:
+    # float32, as runs train: the worker processes run the same kernels on one thread each
+    spec, params, _ = CASES["cnn"]
+    model = build_model("cnn", spec=spec, params=params, seed=3)
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    tasks = [ClientTask(t.device_id, t.x.float(), t.y, t.seed) for t in _tasks(spec)] * 4
+    config = TrainConfig(round=1, lr=0.2, local_epochs=1, batch_size=4, clip_norm=0.5)
+    one = SGDTrainer(model, path="loop", workers=1)
+    one.objective = Task(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # workers = 1 is [engine] threads = 1: one torch thread, as in each worker
+    try:
+        expected = list(one.train_cohort(flat, iter(tasks), config, chunk_size=10))
+    finally:
+        torch.set_num_threads(threads)
+    trainer = SGDTrainer(model, path="loop", workers=2)  # pool = "auto": processes for the loop
+    trainer.objective = Task(spec)
+    try:
+        for _ in range(2):  # the workers persist across rounds
+            got = list(trainer.train_cohort(flat, iter(tasks), config, chunk_size=10))
+            assert [len(c.device_ids) for c in got] == [len(c.device_ids) for c in expected]
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a.deltas, b.deltas) and torch.equal(a.losses, b.losses)
+                assert np.array_equal(a.device_ids, b.device_ids)
+        procs = trainer._procs
+        assert procs is not None and len(procs.pids()) == 2 and os.getpid() not in procs.pids()
+        assert trainer.describe()["pool"] == "2 worker processes"
+    finally:
+        trainer.close()
+    assert trainer._procs is None
+
+
+def test_a_model_a_fresh_interpreter_cannot_rebuild_trains_on_threads() -> None:
+    class LocalNet(torch.nn.Module):  # defined in a function: cannot be pickled for a worker process
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3)
+            self.out = torch.nn.Linear(2 * 6 * 6, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.conv(x)).flatten(1))
+
+    spec = CASES["cnn"][0]
+    model = LocalNet()
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    tasks = [ClientTask(t.device_id, t.x.float(), t.y, t.seed) for t in _tasks(spec)]
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=4)
+    auto = SGDTrainer(model, path="loop", workers=2)
+    auto.objective = Task(spec)
+    chunks = list(auto.train_cohort(flat, iter(tasks), config))
+    assert sum(len(c.device_ids) for c in chunks) == len(tasks)
+    assert auto.describe()["pool"].startswith("2 threads (threads: the model cannot be sent to worker processes")
+    strict = SGDTrainer(model, path="loop", workers=2, pool="processes")
+    strict.objective = Task(spec)
+    with pytest.raises(ValueError, match='pool = "processes": the model cannot be sent to worker processes'):
+        list(strict.train_cohort(flat, iter(tasks), config))

@@ -60,3 +60,7 @@ class InProcessExecutor(CohortExecutor):
         ):
             acc.add(chunk)
         return plan.cohort
+
+    def close(self) -> None:
+        """Stop the trainer's workers (the loop path's processes)."""
+        self.owner.trainer.close()
