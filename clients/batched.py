@@ -218,7 +218,7 @@ class BatchedSGD:
         m = len(tasks)
         ids = np.fromiter((t.device_id for t in tasks), dtype=np.int64, count=m)
         counts = torch.tensor([t.num_examples for t in tasks], dtype=torch.int64)
-        deltas = torch.empty(m, self.num_params, dtype=params.dtype)
+        deltas = torch.empty(m, self.num_params, dtype=params.dtype, device=params.device)
         losses = torch.zeros(m, dtype=torch.float32)
         n_max = max((t.num_examples for t in tasks), default=0)
         group = self.group_size(n_max * self.num_features)
@@ -259,7 +259,7 @@ class BatchedSGD:
             out.append((w, b))
         return out
 
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """A reusable flat work buffer of at least ``numel`` elements.
 
         Work buffers persist between groups: allocating them afresh for every group costs page
@@ -269,8 +269,9 @@ class BatchedSGD:
         if buffers is None:
             buffers = self._local.buffers = {}
         buf = buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
+        device = device if device is not None else torch.device("cpu")
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
             buffers[name] = buf
         return buf[:numel]
 
@@ -289,6 +290,7 @@ class BatchedSGD:
         """
         m = len(tasks)
         dtype = params.dtype
+        dev = params.device
         sizes = [t.num_examples for t in tasks]
         n_max = max(sizes)
         if n_max == 0:
@@ -299,25 +301,25 @@ class BatchedSGD:
         shared = self._layer_views(params.unsqueeze(0))  # the global weights, one copy
         weights: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for li, (w0, b0) in enumerate(shared):
-            w = self._buffer(f"w{li}", m * w0[0].numel(), dtype).view(m, *w0.shape[1:])
+            w = self._buffer(f"w{li}", m * w0[0].numel(), dtype, dev).view(m, *w0.shape[1:])
             w.copy_(w0.expand(m, -1, -1))
             b = None
             if b0 is not None:
-                b = self._buffer(f"b{li}", m * b0.shape[1], dtype).view(m, -1)
+                b = self._buffer(f"b{li}", m * b0.shape[1], dtype, dev).view(m, -1)
                 b.copy_(b0.expand(m, -1))
             weights.append((w, b))
-        n = torch.tensor(sizes, dtype=torch.int64)
+        n = torch.tensor(sizes, dtype=torch.int64, device=dev)
         uniform = min(sizes) == n_max
         bs = config.batch_size
         steps_per_epoch = -(-n_max // bs)
         gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
         num_features = self.num_features
-        xp = self._buffer("x", m * n_max * num_features, dtype).view(m, n_max, num_features)
-        yp = self._buffer("y", m * n_max, torch.int64).view(m, n_max)
+        xp = self._buffer("x", m * n_max * num_features, dtype, dev).view(m, n_max, num_features)
+        yp = self._buffer("y", m * n_max, torch.int64, dev).view(m, n_max)
         if not uniform:  # padded rows must hold finite values: they are masked out
             xp.zero_()
             yp.zero_()
-        loss_sum = torch.zeros(m, dtype=dtype)
+        loss_sum = torch.zeros(m, dtype=dtype, device=dev)
         lr = float(config.lr)
         first = True
         for _ in range(config.local_epochs):
@@ -325,7 +327,7 @@ class BatchedSGD:
             for i, (task, gen) in enumerate(zip(tasks, gens, strict=True)):
                 if sizes[i] == 0:
                     continue
-                order = torch.randperm(sizes[i], generator=gen)
+                order = torch.randperm(sizes[i], generator=gen).to(dev)  # drawn on the CPU, as the loop draws it
                 tx = task.x if task.x.dim() == 2 else task.x.reshape(sizes[i], -1)  # images: flattened
                 if tx.dtype == dtype:
                     torch.index_select(tx, 0, order, out=xp[i, : sizes[i]])
@@ -340,8 +342,8 @@ class BatchedSGD:
                     scale: torch.Tensor | float = 1.0 / (hi - lo)
                 else:
                     cnt = (n - lo).clamp(min=0, max=hi - lo)  # examples of each client in this batch
-                    valid = torch.arange(hi - lo).unsqueeze(0) < cnt.unsqueeze(1)  # [m, b]
-                    scale = torch.where(cnt > 0, 1.0 / cnt.clamp(min=1).to(dtype), torch.zeros((), dtype=dtype))
+                    valid = torch.arange(hi - lo, device=dev).unsqueeze(0) < cnt.unsqueeze(1)  # [m, b]
+                    scale = torch.where(cnt > 0, 1.0 / cnt.clamp(min=1).to(dtype), torch.zeros((), dtype=dtype, device=dev))
                 loss_sum += self._step(weights, shared if first else None, xp[:, lo:hi], yp[:, lo:hi], valid, scale, lr)
                 first = False
         steps = (-(-n // bs)) * config.local_epochs
@@ -401,7 +403,7 @@ class BatchedSGD:
         logp = torch.log_softmax(h, dim=2)  # [m, b, C]
         picked = logp.gather(2, yb.unsqueeze(2)).squeeze(2)  # [m, b]
         grad = logp.exp_()  # softmax, in place
-        grad.scatter_add_(2, yb.unsqueeze(2), self._neg_ones(yb.shape, grad.dtype))
+        grad.scatter_add_(2, yb.unsqueeze(2), self._neg_ones(yb.shape, grad.dtype, grad.device))
         if valid is None and isinstance(scale, float):
             loss = picked.sum(dim=1).mul_(-scale)
             grad.mul_(scale)
@@ -429,7 +431,7 @@ class BatchedSGD:
                 grad = grad_in
         return loss
 
-    def _neg_ones(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def _neg_ones(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A ``[m, b, 1]`` tensor of -1 (the one-hot term of the cross-entropy gradient), reused."""
         m, b = shape
-        return self._buffer("neg_ones", m * b, dtype).fill_(-1.0).view(m, b, 1)
+        return self._buffer("neg_ones", m * b, dtype, device).fill_(-1.0).view(m, b, 1)

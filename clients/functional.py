@@ -137,8 +137,9 @@ class FunctionalSGD:
         ids = np.fromiter((t.device_id for t in tasks), dtype=np.int64, count=m)
         counts = torch.tensor(sizes, dtype=torch.int64)
         rounds = np.full(m, config.round, dtype=np.int64)
+        dev = params.device
         if n_max == 0:
-            return CohortChunk(ids, torch.zeros(m, self.num_params, dtype=dtype), counts, torch.zeros(m), rounds)
+            return CohortChunk(ids, torch.zeros(m, self.num_params, dtype=dtype, device=dev), counts, torch.zeros(m), rounds)
         flat = params.unsqueeze(0).repeat(m, 1)  # every client's private parameters
         weights: dict[str, torch.Tensor] = {}
         offset = 0
@@ -147,25 +148,25 @@ class FunctionalSGD:
             weights[name] = flat[:, offset : offset + k].view(m, *shape)
             offset += k
         x0, y0 = tasks[0].x, tasks[0].y
-        xp = torch.zeros(m, n_max, *x0.shape[1:], dtype=x0.dtype)
-        yp = torch.zeros(m, n_max, *y0.shape[1:], dtype=y0.dtype)
+        xp = torch.zeros(m, n_max, *x0.shape[1:], dtype=x0.dtype, device=dev)
+        yp = torch.zeros(m, n_max, *y0.shape[1:], dtype=y0.dtype, device=dev)
         gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
-        n = torch.tensor(sizes)
+        n = torch.tensor(sizes, device=dev)
         bs = config.batch_size
         steps_per_epoch = -(-n_max // bs)
-        loss_sum = torch.zeros(m, dtype=torch.float64)
+        loss_sum = torch.zeros(m, dtype=torch.float64, device=dev)
         lr = float(config.lr)
         step = self._step_fn()
         for _ in range(config.local_epochs):
             for i, (task, gen) in enumerate(zip(tasks, gens, strict=True)):
                 if sizes[i] == 0:
                     continue
-                order = torch.randperm(sizes[i], generator=gen)
+                order = torch.randperm(sizes[i], generator=gen).to(dev)  # drawn on the CPU, as the loop draws it
                 xp[i, : sizes[i]] = task.x.index_select(0, order)
                 yp[i, : sizes[i]] = task.y.index_select(0, order)
             for k in range(steps_per_epoch):
                 lo, hi = k * bs, min(k * bs + bs, n_max)
-                valid = (torch.arange(lo, hi).unsqueeze(0) < n.unsqueeze(1)).to(dtype)  # [m, b]
+                valid = (torch.arange(lo, hi, device=dev).unsqueeze(0) < n.unsqueeze(1)).to(dtype)  # [m, b]
                 grads, losses = step(weights, xp[:, lo:hi], yp[:, lo:hi], valid)
                 with torch.no_grad():
                     for name, g in grads.items():
@@ -175,7 +176,7 @@ class FunctionalSGD:
         if config.clip_norm is not None:
             clip_by_norm_(deltas, config.clip_norm)
         steps = (-(-n // bs)) * config.local_epochs
-        losses = (loss_sum / steps.clamp(min=1).to(torch.float64)).to(torch.float32)
+        losses = (loss_sum / steps.clamp(min=1).to(torch.float64)).to(torch.float32).cpu()
         return CohortChunk(ids, deltas.detach(), counts, losses, rounds)
 
 

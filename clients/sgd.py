@@ -140,6 +140,8 @@ class SGDTrainer(ClientTrainer):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._procs: ProcessGroupPool | None = None
+        #: where clients train (:meth:`set_device`)
+        self.device = torch.device("cpu")
         #: why the loop path runs on threads although processes were asked for (``None``: it does not)
         self._pool_note: str | None = None
         if self.path == "batched" and not supports(model):
@@ -209,7 +211,20 @@ class SGDTrainer(ClientTrainer):
         return out
 
     def _uses_processes(self) -> bool:
-        return self.params.pool != "threads" and self._pool_note is None
+        return self.params.pool != "threads" and self._pool_note is None and self.device.type == "cpu"
+
+    def set_device(self, device: torch.device) -> torch.device:
+        """Train every path on ``device`` (the model moves there; each cohort's parameters and
+        data are copied there; deltas stay there for the server's sum, losses come back).
+        Shuffles are still drawn on the CPU from each client's seed, so results equal the CPU
+        loop's up to the device's floating-point rounding. Worker processes are for the CPU:
+        on an accelerator the loop's workers are threads."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self.device.type != "cpu":
+            self.close()
+        self._functional = None  # rebuilt from the moved model
+        return self.device
 
     def close(self) -> None:
         """Stop the loop path's worker processes, if any were started."""
@@ -230,6 +245,9 @@ class SGDTrainer(ClientTrainer):
     ) -> Iterator[CohortChunk]:
         """Train many clients by the chosen path (results equal the per-client loop's)."""
         workers = self.workers if self.workers is not None else torch.get_num_threads()
+        params = params.to(self.device)
+        if self.device.type != "cpu":
+            tasks = (ClientTask(t.device_id, t.x.to(self.device), t.y.to(self.device), t.seed) for t in tasks)
         if self.path == "measure" and self._choice is None:
             tasks = self._measure(params, tasks, config)
         path, _ = self.choice()
@@ -326,12 +344,12 @@ class SGDTrainer(ClientTrainer):
         n = task.num_examples
         if n == 0:
             return ClientResult(torch.zeros_like(params), 0, 0.0)
-        gen = torch.Generator().manual_seed(task.seed)
+        gen = torch.Generator().manual_seed(task.seed)  # shuffles on the CPU, whatever the device
         weights = list(model.parameters())
         objective = self.objective
         total_loss, steps = 0.0, 0
         for _ in range(config.local_epochs):
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=gen).to(task.x.device)
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
                 logits = model(task.x[idx])

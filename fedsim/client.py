@@ -87,6 +87,13 @@ class ClientTrainer(ABC):
         of a run and kept in ``summary.json["trainer"]``), or ``None`` (default) to say nothing."""
         return None
 
+    def set_device(self, device: torch.device) -> torch.device:
+        """Train on ``device`` (``[engine] device``) when this trainer can; return the device it
+        will train on. Default: the CPU whatever was asked (a trainer that can move its work to an
+        accelerator overrides this); the engine reports a run that asked for ``"cuda"`` and got
+        the CPU as an error."""
+        return torch.device("cpu")
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what training holds between rounds (worker processes) at the end of a run
         (the engine calls it once; default: nothing to release)."""

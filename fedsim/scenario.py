@@ -270,6 +270,9 @@ class EngineConfig:
     ray_address: str = ""
     #: backend = "ray": number of workers (0 = one per CPU the Ray cluster reports)
     ray_workers: int = 0
+    #: where client training and the server's streaming sum run: "auto" (CUDA when torch sees a
+    #: CUDA device, else the CPU), "cpu" or "cuda" (see :meth:`torch_device`)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
         _at_least("chunk-size", self.chunk_size, 1)
@@ -283,6 +286,34 @@ class EngineConfig:
                 key="max-examples",
             )
         _at_least("ray-workers", self.ray_workers, 0)
+        if self.device not in DEVICES:
+            raise ScenarioError(f"must be one of {', '.join(map(repr, DEVICES))}, got {self.device!r}", key="device")
+        if self.device == "cuda" and not cuda_available():
+            raise ScenarioError(
+                '"cuda" needs a CUDA device and torch sees none (torch.cuda.is_available() is false); '
+                'use "auto" (CUDA when present, else the CPU) or "cpu"',
+                key="device",
+            )
+
+    def torch_device(self) -> Any:
+        """The ``torch.device`` that ``device`` names on this machine (``"auto"``: ``cuda`` when
+        torch sees a CUDA device, else ``cpu``)."""
+        import torch
+
+        if self.device == "cuda" or (self.device == "auto" and cuda_available()):
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+
+#: ``[engine] device`` values.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (imports torch only when asked)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def float64_norms(deltas: torch.Tensor) -> torch.Tensor:
     the chunk and model size.
     """
     m, n = deltas.shape
-    out = torch.zeros(m, dtype=torch.float64)
+    out = torch.zeros(m, dtype=torch.float64, device=deltas.device)
     if m == 0 or n == 0:
         return out
     if n <= _NORM_BLOCK:
@@ -90,6 +90,7 @@ def scale_to_bound(rows: torch.Tensor, norms: torch.Tensor, bound: float) -> tor
     Returns ``rows`` itself when no row needs scaling, else a scaled copy; after it every row's
     true norm is below ``bound`` (module docstring).
     """
+    norms = norms.to(rows.device)
     over = norms > bound * (1.0 - SCALE_ABOVE)
     if not bool(over.any()):
         return rows
@@ -160,6 +161,9 @@ class UpdateAccumulator:
     max_examples:
         Largest example count a client may report (``engine.max-examples``); larger counts are
         rejected as ``bad_example_count``.
+    device:
+        Where the running sum lives and accepted deltas are summed (``[engine] device``): chunks
+        from elsewhere are moved there; only the per-row norms come back for the checks.
     """
 
     def __init__(
@@ -174,8 +178,10 @@ class UpdateAccumulator:
         keep_individual: bool = False,
         max_norm: float | None = None,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.num_params = num_params
+        self.device = torch.device(device)
         self.max_examples = min(int(max_examples), MAX_EXAMPLE_COUNT - 1)
         self.max_norm = max_norm
         self.round = round
@@ -184,7 +190,7 @@ class UpdateAccumulator:
         self.ledger = ledger
         self.num_devices = num_devices
         self.keep_individual = keep_individual
-        self.delta_sum = torch.zeros(num_params, dtype=torch.float32)
+        self.delta_sum = torch.zeros(num_params, dtype=torch.float32, device=self.device)
         self.weight_sum = 0.0
         self.num_updates = 0
         self.num_examples = 0
@@ -215,7 +221,7 @@ class UpdateAccumulator:
         if deltas.dtype != torch.float32 or deltas.layout != torch.strided:
             self.rejected["wrong_dtype"] += m
             return np.zeros(m, dtype=bool)
-        deltas = deltas.detach()
+        deltas = deltas.detach().to(self.device)  # the sum runs where [engine] device says
         ids, known = _as_ints(raw_ids, m, low=0, high=self.num_devices)
         counts, ok_count = _as_ints(_as_1d(chunk.num_examples), m, low=0, high=self.max_examples + 1)
         raw_rounds = getattr(chunk, "rounds", None)
@@ -226,13 +232,13 @@ class UpdateAccumulator:
             fresh = valid & (stated == self.round)
         # float64 norms (module docstring): a finite norm implies finite entries (NaN and inf
         # propagate), so only rows whose norm is not finite are inspected entry by entry
-        norms = float64_norms(deltas)
+        norms = float64_norms(deltas).cpu()  # m numbers: the decisions below are made on the CPU
         finite = np.ones(m, dtype=bool)
         suspect = torch.nonzero(~torch.isfinite(norms)).reshape(-1)
         if len(suspect):
-            rows = deltas.index_select(0, suspect)
-            finite[suspect.numpy()] = torch.isfinite(rows).all(dim=1).numpy()
-            norms[suspect] = float64_norms(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0))
+            rows = deltas.index_select(0, suspect.to(deltas.device))
+            finite[suspect.numpy()] = torch.isfinite(rows).all(dim=1).cpu().numpy()
+            norms[suspect] = float64_norms(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)).cpu()
         allowed = np.ones(m, dtype=bool)
         if self.ledger is not None and known.any():
             allowed[known] = self.ledger.allowed(self.round, ids[known])
@@ -263,7 +269,7 @@ class UpdateAccumulator:
         if not accepted.any():
             return accepted
         idx = torch.from_numpy(np.flatnonzero(accepted))
-        good = deltas if len(idx) == m else deltas.index_select(0, idx)
+        good = deltas if len(idx) == m else deltas.index_select(0, idx.to(deltas.device))
         if self.clip_norm is not None:  # every accepted row's true norm <= C (module docstring)
             good = scale_to_bound(good, norms.index_select(0, idx), self.clip_norm)
         accepted_counts = torch.from_numpy(counts[accepted])
@@ -273,7 +279,7 @@ class UpdateAccumulator:
         else:
             weights = torch.ones(len(idx), dtype=torch.float32)
             self.weight_sum += float(len(idx))
-        self.delta_sum += weights @ good
+        self.delta_sum += weights.to(self.device) @ good
         self.num_updates += len(idx)
         self.num_examples += int(accepted_counts.sum())
         self.accepted_ids.append(ids[accepted])
@@ -286,7 +292,7 @@ class UpdateAccumulator:
                 self.losses.append(torch.from_numpy(kept))
         if self.keep_individual:
             self._deltas.append(good.clone())
-            self._weights.append(weights)
+            self._weights.append(weights.to(self.device))
         return accepted
 
     @property
@@ -302,13 +308,15 @@ class UpdateAccumulator:
         return float(torch.cat(self.losses).mean())
 
     def result(self) -> UpdateBatch:
-        """The round's :class:`UpdateBatch`."""
+        """The round's :class:`UpdateBatch`, on the CPU (the strategy's step and its noise, drawn
+        by the cryptographic sampler on the CPU, work on the CPU; one ``P``-vector per round
+        comes back from the device)."""
         return UpdateBatch(
-            delta_sum=self.delta_sum,
+            delta_sum=self.delta_sum.cpu(),
             weight_sum=self.weight_sum,
             num_updates=self.num_updates,
             num_examples=self.num_examples,
             rejected=dict(self.rejected),
-            deltas=torch.cat(self._deltas) if self.keep_individual and self._deltas else None,
-            weights=torch.cat(self._weights) if self.keep_individual and self._weights else None,
+            deltas=torch.cat(self._deltas).cpu() if self.keep_individual and self._deltas else None,
+            weights=torch.cat(self._weights).cpu() if self.keep_individual and self._weights else None,
         )

@@ -67,7 +67,7 @@ from fedsim.engine.checkpoint import (
     scenario_diff,
 )
 from fedsim.engine.rundir import RunDir
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
 from fedsim.privacy.csprng import GENERATOR
@@ -244,6 +244,12 @@ class RoundOwner:
         )
         # the trainer gets its own copy of the model so evaluation never disturbs it
         self.trainer = build_trainer(scenario, build_scenario_model(scenario, self.data), self.data)
+        #: where client training and the server's streaming sum run ([engine] device)
+        self.device = self.trainer.set_device(scenario.engine.torch_device())
+        if scenario.engine.device == "cuda" and self.device.type != "cuda":
+            raise FedsimError(
+                f'engine.device = "cuda": trainer {scenario.client.trainer!r} trains on the CPU only; use "auto" or "cpu"'
+            )
         fixed = scenario.noise_key_path
         if noise_key is not None:
             self.key_origin = "given"
@@ -470,6 +476,7 @@ class RoundOwner:
             num_devices=self.population.num_devices,
             keep_individual=self.strategy.needs_individual_updates,
             max_norm=self.scenario.engine.max_update_norm,
+            device=self.device,
             max_examples=self.scenario.engine.max_examples,
         )
         if self.canaries is not None and len(plan.canaries):
