@@ -23,13 +23,13 @@ TEXT = DataSpec("next-token", (6,), 12, pad_id=0, oov_ids=(2,), eos_id=1)
 CASES = {
     "logreg": (DataSpec("classification", (5,), 3), {}, ["batched", "vmap", "loop"]),
     "mlp": (DataSpec("classification", (1, 2, 3), 3), {"hidden": 7}, ["batched", "vmap", "loop"]),
-    "cnn": (DataSpec("classification", (1, 8, 8), 10), {"channels": (3, 4), "hidden": 8}, ["vmap", "loop"]),
+    "cnn": (DataSpec("classification", (1, 8, 8), 10), {"channels": (3, 4), "hidden": 8}, ["conv", "vmap", "loop"]),
     "lstm-lm": (TEXT, {"hidden": 8, "embedding": 4}, ["vmap", "loop"]),
     "transformer-lm": (TEXT, {"dim": 8, "heads": 2, "layers": 1}, ["vmap", "loop"]),
 }
 #: clipping bound per model (both settings are covered across models; clipping is per row either way)
 CLIP = {"logreg": None, "mlp": 0.05, "cnn": 0.05, "lstm-lm": None, "transformer-lm": 0.05}
-AUTO = {"logreg": "batched", "mlp": "batched", "cnn": "loop", "lstm-lm": "loop", "transformer-lm": "loop"}
+AUTO = {"logreg": "batched", "mlp": "batched", "cnn": "conv", "lstm-lm": "loop", "transformer-lm": "loop"}
 
 
 def _tasks(spec: DataSpec) -> list[ClientTask]:
@@ -65,7 +65,7 @@ def test_every_path_equals_the_per_client_reference(name: str) -> None:
     assert auto.describe()["path"] == AUTO[name]
     for path in paths:
         # batched threads: tests/test_batched_training.py; the loop on 2 threads and in 2 processes
-        settings = {"batched": [(1, "auto")], "vmap": [(1, "auto"), (2, "auto")]}.get(
+        settings = {"batched": [(1, "auto")], "vmap": [(1, "auto"), (2, "auto")], "conv": [(1, "auto"), (2, "auto")]}.get(
             path, [(1, "auto"), (2, "threads"), (2, "processes")]
         )
         for workers, pool in settings:

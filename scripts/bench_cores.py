@@ -1,0 +1,131 @@
+"""fedsim's local training on one core against two, side by side, for the model-zoo rows.
+
+For each row the same cohort (same device data, same seeds) is trained by the trainer the
+engine picks, with ``workers = 1`` and with ``workers = 2`` (the loop path: worker processes;
+``--threads-too`` adds the loop on two threads), alternated and repeated in one process so that
+the machine's load hits every setting alike. Prints client updates per second (best and median
+over the repetitions), the 2-vs-1 ratio, and the load average before and after.
+
+    python scripts/bench_cores.py                    # every row
+    python scripts/bench_cores.py --rows cnn lstm-lm --repeats 5 --json
+
+Rows: ``cnn`` (digits 1x8x8), ``lstm-lm`` (char, hidden 128, 40 chars), ``transformer-lm``
+(d 128, 2 layers, 80 tokens), ``tff-shakespeare`` (embedding 8, two LSTM layers of 256, 80 chars,
+batch 4), ``mlp`` (784-128-10) and ``logreg`` (784-10) on synthetic data, as in ``fedsim bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = ("cnn", "lstm-lm", "transformer-lm", "tff-shakespeare", "mlp", "logreg")
+CLIENTS = {"cnn": 64, "lstm-lm": 16, "transformer-lm": 8, "tff-shakespeare": 4, "mlp": 400, "logreg": 1000}
+
+
+def scenario(row: str, clients: int, data_dir: Path) -> Any:
+    from fedsim.scenario import scenario_from_dict
+    from fedsim_bench import scenario_dict as dense_dict
+    from fedsim_bench.workloads import scenario_dict as zoo_dict
+    from fedsim_bench.workloads import text_file
+
+    if row in ("mlp", "logreg"):
+        raw = dense_dict(row, clients=clients, devices=clients, rounds=1, threads=1)
+    elif row == "tff-shakespeare":
+        text_file(data_dir, 80, clients + 2)
+        raw = zoo_dict("lstm-lm", clients=clients, rounds=1, threads=1, data_dir=data_dir)
+        raw["model"] = {"name": "lstm-lm", "embedding": 8, "hidden": 256, "layers": 2}
+        raw["client"]["batch-size"] = 4
+    else:
+        if row != "cnn":
+            text_file(data_dir, {"lstm-lm": 40, "transformer-lm": 80}[row], clients + 2)
+        raw = zoo_dict(row, clients=clients, rounds=1, threads=1, data_dir=data_dir)
+    raw["strategy"] = {"name": "fedavg"}
+    return scenario_from_dict(raw)
+
+
+def measure_row(row: str, clients: int, repeats: int, threads_too: bool, path: str | None = None) -> dict[str, Any]:
+    import torch
+
+    from clients.sgd import SGDTrainer
+    from fedsim.builders import cohort_tasks
+    from fedsim.engine import Simulation
+
+    with tempfile.TemporaryDirectory(prefix="fedsim-cores-") as tmp:
+        sim = Simulation(scenario(row, clients, Path(tmp)), progress=False)
+        tasks = list(cohort_tasks(sim.data, 0, 0, range(clients)))
+    base: SGDTrainer = sim.trainer
+    path = path or base.describe()["path"]
+    settings: dict[str, SGDTrainer] = {}
+    for name, workers, pool in (("1 core", 1, "auto"), ("2 cores", 2, "auto"), ("2 threads", 2, "threads")):
+        if name == "2 threads" and (not threads_too or path != "loop"):
+            continue
+        trainer = SGDTrainer(base.model, path=path, workers=workers, pool=pool)
+        trainer.objective = base.objective
+        settings[name] = trainer
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    torch.set_num_threads(1)
+    try:
+        for trainer in settings.values():  # warm-up: worker start, allocator, first kernels
+            for _ in trainer.train_cohort(sim.params, iter(tasks[: max(4, clients // 4)]), sim.base_config):
+                pass
+        for _ in range(repeats):
+            for name, trainer in settings.items():
+                start = time.perf_counter()
+                for _chunk in trainer.train_cohort(sim.params, iter(tasks), sim.base_config):
+                    pass
+                times[name].append(time.perf_counter() - start)
+    finally:
+        for trainer in settings.values():
+            trainer.close()
+    rates = {name: [clients / t for t in ts] for name, ts in times.items()}
+    out: dict[str, Any] = {"row": row, "clients": clients, "path": path,
+                           "pool_2": settings["2 cores"].describe().get("pool", "threads")}
+    for name, rs in rates.items():
+        out[name] = {"best": max(rs), "median": statistics.median(rs), "all": rs}
+    # the ratio of each repetition (2 vs 1 measured back to back), then its median
+    ratios = [a / b for a, b in zip(rates["2 cores"], rates["1 core"], strict=True)]
+    out["ratio_2_vs_1"] = {"median": statistics.median(ratios), "best_vs_best": max(rates["2 cores"]) / max(rates["1 core"]),
+                           "all": ratios}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every row's client count")
+    p.add_argument("--threads-too", action="store_true", help="also the loop on 2 threads (pool = threads)")
+    p.add_argument("--path", choices=("batched", "conv", "vmap", "loop"), help="force a trainer path (default: the engine's choice)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    results = []
+    for row in args.rows:
+        load = os.getloadavg()[0]
+        res = measure_row(row, max(2, int(CLIENTS[row] * args.scale)), args.repeats, args.threads_too, args.path)
+        res["load_before"], res["load_after"] = load, os.getloadavg()[0]
+        results.append(res)
+        line = (f"{row:<16}{res['path']:>8} {res['clients']:>5} clients  1 core {res['1 core']['median']:8.1f}/s"
+                f"  2 cores ({res['pool_2']}) {res['2 cores']['median']:8.1f}/s")
+        if "2 threads" in res:
+            line += f"  2 threads {res['2 threads']['median']:8.1f}/s"
+        line += (f"  2 vs 1: {res['ratio_2_vs_1']['median']:.2f}x (per-repetition ratios "
+                 f"{', '.join(f'{r:.2f}' for r in res['ratio_2_vs_1']['all'])})  load {load:.1f}->{res['load_after']:.1f}")
+        print(line, flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
