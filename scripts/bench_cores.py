@@ -42,8 +42,9 @@ def scenario(row: str, clients: int, data_dir: Path) -> Any:
     if row in ("mlp", "logreg"):
         raw = dense_dict(row, clients=clients, devices=clients, rounds=1, threads=1)
     elif row == "tff-shakespeare":
-        text_file(data_dir, 80, clients + 2)
+        path = text_file(data_dir, 80, clients + 2)
         raw = zoo_dict("lstm-lm", clients=clients, rounds=1, threads=1, data_dir=data_dir)
+        raw["data"]["dataset"] = str(path)
         raw["model"] = {"name": "lstm-lm", "embedding": 8, "hidden": 256, "layers": 2}
         raw["client"]["batch-size"] = 4
     else:

@@ -2,14 +2,15 @@
 
 The cluster listens on 127.0.0.1 with one CPU per node, so ``engine.ray-workers = 0`` places one
 actor on each node. A DP-FTRL run and a small ``fedsim sweep`` go through ``engine.ray-address``
-and must give exactly the in-process results. The nodes run with ``--block`` in their own process
-groups (Ray's reaper makes each ``ray start`` a group leader) and are stopped by signalling those
-groups, which is what ``ray stop`` does for the processes of this cluster only (``ray stop``
-itself would stop every Ray runtime of this user on the machine), also when a test fails.
+and must give exactly the in-process results. Each node runs ``ray start --block`` in a session
+of its own, and the fixture stops it by signalling that session's process group (all of the
+node's Ray processes), which is what ``ray stop`` does limited to this cluster (``ray stop``
+itself stops every Ray runtime of this user on the machine), also when a test fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -45,17 +46,16 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop one ``ray start --block`` node and everything it started (its process group)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+    """Stop one ``ray start --block`` node and everything it started: its own process group
+    (the node was started in a new session), SIGTERM first, SIGKILL for whatever is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break  # nothing of the group is left
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+        time.sleep(1.0)  # let the group's other members act on the signal
 
 
 def _wait_for_nodes(address: str, n: int, timeout: float = 90.0) -> None:
@@ -85,12 +85,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         nodes.append(subprocess.Popen(
             [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--include-dashboard", "false", "--temp-dir", str(temp / "t"), *common],
-            stdout=logs[0], stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            stdout=logs[0], stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
         ))
         _wait_for_nodes(address, 1)
         nodes.append(subprocess.Popen(
             [str(RAY), "start", "--address", address, "--node-ip-address", "127.0.0.1", *common],
-            stdout=logs[1], stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            stdout=logs[1], stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
         ))
         _wait_for_nodes(address, 2)
         yield address

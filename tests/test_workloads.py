@@ -133,7 +133,7 @@ def test_digits_as_images_train_the_cnn() -> None:
     x, _ = sim.data.client_data(0)
     assert x.shape[1:] == (1, 8, 8) and sim.data.spec.input_shape == (1, 8, 8)
     assert isinstance(sim.model[0], nn.Conv2d)
-    assert sim.trainer.describe()["path"] == "loop"
+    assert sim.trainer.describe()["path"] == "conv"  # grouped convolutions across clients
     result = sim.run()
     assert result.metrics[-1]["accuracy"] > 0.15
 
