@@ -68,10 +68,13 @@ def measure_row(row: str, clients: int, repeats: int, threads_too: bool, path: s
     base: SGDTrainer = sim.trainer
     path = path or base.describe()["path"]
     settings: dict[str, SGDTrainer] = {}
-    for name, workers, pool in (("1 core", 1, "auto"), ("2 cores", 2, "auto"), ("2 threads", 2, "threads")):
+    runs = [("1 core", path, 1, "auto"), ("2 cores", path, 2, "auto"), ("2 threads", path, 2, "threads")]
+    if path != "loop":
+        runs.append(("loop 1 core", "loop", 1, "auto"))  # the per-client loop, for the batching gain
+    for name, which, workers, pool in runs:
         if name == "2 threads" and (not threads_too or path != "loop"):
             continue
-        trainer = SGDTrainer(base.model, path=path, workers=workers, pool=pool)
+        trainer = SGDTrainer(base.model, path=which, workers=workers, pool=pool)
         trainer.objective = base.objective
         settings[name] = trainer
     times: dict[str, list[float]] = {name: [] for name in settings}
@@ -96,6 +99,8 @@ def measure_row(row: str, clients: int, repeats: int, threads_too: bool, path: s
         out[name] = {"best": max(rs), "median": statistics.median(rs), "all": rs}
     # the ratio of each repetition (2 vs 1 measured back to back), then its median
     ratios = [a / b for a, b in zip(rates["2 cores"], rates["1 core"], strict=True)]
+    if "loop 1 core" in rates:
+        out["ratio_vs_loop_1_core"] = statistics.median(a / b for a, b in zip(rates["1 core"], rates["loop 1 core"], strict=True))
     out["ratio_2_vs_1"] = {"median": statistics.median(ratios), "best_vs_best": max(rates["2 cores"]) / max(rates["1 core"]),
                            "all": ratios}
     return out
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  2 cores ({res['pool_2']}) {res['2 cores']['median']:8.1f}/s")
         if "2 threads" in res:
             line += f"  2 threads {res['2 threads']['median']:8.1f}/s"
+        if "loop 1 core" in res:
+            line += f"  (loop, 1 core {res['loop 1 core']['median']:.1f}/s: 1 core is {res['ratio_vs_loop_1_core']:.2f}x the loop)"
         line += (f"  2 vs 1: {res['ratio_2_vs_1']['median']:.2f}x (per-repetition ratios "
                  f"{', '.join(f'{r:.2f}' for r in res['ratio_2_vs_1']['all'])})  load {load:.1f}->{res['load_after']:.1f}")
         print(line, flush=True)
