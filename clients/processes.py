@@ -4,16 +4,19 @@
 threads gain little: convolutional, recurrent and attention models run many small kernels, and
 with one torch thread per worker thread they still share one interpreter, its GIL between
 kernels and one allocator. Measured on the 2-core machine (issue 25): two threads gained nothing
-on the digits CNN and 1.3-1.6x on the char LSTM, where two processes gain ~2x.
+on the digits CNN and 1.3-1.6x on the char LSTM, where pfl-research's two worker processes
+gained ~2x.
 
 Each worker process is started once (``spawn``: a fresh interpreter, no inherited torch
 threads), runs torch on one thread, and receives the template model and the task's loss once.
-For every group the driver sends the global parameters, the group's tasks (device id, data,
-seed) and the round's :class:`TrainConfig` (a group of 8 clients trains for milliseconds to
-seconds; pickling the parameters costs ~1 ms per MB); the worker trains the group with the reference per-client loop (:meth:`clients.sgd.SGDTrainer._train_one`)
-and returns its :class:`CohortChunk`. The driver keeps at most ``2 x workers`` groups in flight
-and yields chunks strictly in group order, so the server's running sum, and every result, is bit
-for bit that of the one-process loop (``tests/test_trainer_paths.py``).
+Each group of clients is split into ``workers`` consecutive parts (so even a one-group cohort
+uses every worker); a part travels with the global parameters, its tasks (device id, data,
+seed) and the round's :class:`TrainConfig` (a part trains for milliseconds to seconds; pickling
+the parameters costs ~1 ms per MB). A worker trains its part with the reference per-client loop
+(:meth:`clients.sgd.SGDTrainer._train_one`) and returns the part's rows; the driver joins a
+group's parts into the group's one :class:`CohortChunk`, keeps at most ``2 x workers`` parts in
+flight and yields chunks strictly in group order, so the server's running sum, and every result,
+is bit for bit that of the one-process loop (``tests/test_trainer_paths.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,31 +118,57 @@ class ProcessGroupPool:
         return sorted(self._pool._processes or {})
 
     def train(self, params: torch.Tensor, groups: Iterator[list[ClientTask]], config: TrainConfig) -> Iterator[CohortChunk]:
-        """Train ``groups`` from ``params``; yield their chunks in group order."""
+        """Train ``groups`` from ``params``; yield their chunks in group order.
+
+        Each group is split into ``workers`` consecutive parts trained by different workers (so a
+        cohort of a single group still uses every worker) and reassembled into the group's one
+        chunk: the chunks, and so the server's running sum, are those of the one-process loop
+        whatever the number of workers.
+        """
         params = params.detach().contiguous()
-        pending: dict[int, Future] = {}
+        pending: dict[int, list[Future]] = {}
         submitted = 0
         index = 0
-        limit = IN_FLIGHT_PER_WORKER * self.workers
+        limit = IN_FLIGHT_PER_WORKER * self.workers  # parts in flight
+        in_flight = 0
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < limit:
+                while not exhausted and in_flight < limit:
                     group = next(groups, None)
                     if group is None:
                         exhausted = True
                         break
-                    pending[submitted] = self._pool.submit(_train_group, params, group, config)
+                    size = -(-len(group) // self.workers)
+                    parts = [group[i : i + size] for i in range(0, len(group), size)]
+                    pending[submitted] = [self._pool.submit(_train_group, params, part, config) for part in parts]
+                    in_flight += len(parts)
                     submitted += 1
                 if index not in pending:
                     return
-                chunk = pending.pop(index).result()
+                futures = pending.pop(index)
+                in_flight -= len(futures)
                 index += 1
-                yield chunk
+                yield _joined([f.result() for f in futures])
         finally:
-            for fut in pending.values():
-                fut.cancel()
+            for futs in pending.values():
+                for fut in futs:
+                    fut.cancel()
 
     def close(self) -> None:
         """Stop the worker processes."""
         self._finalizer()
+
+
+def _joined(chunks: list[CohortChunk]) -> CohortChunk:
+    """One chunk of consecutive parts, rows in order (the parts' rows are copied, not changed)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    rounds = [c.rounds for c in chunks]
+    return CohortChunk(
+        device_ids=np.concatenate([c.device_ids for c in chunks]),
+        deltas=torch.cat([c.deltas for c in chunks]),
+        num_examples=torch.cat([c.num_examples for c in chunks]),
+        losses=torch.cat([c.losses for c in chunks]),
+        rounds=None if any(r is None for r in rounds) else np.concatenate(rounds),
+    )
