@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ROWS = ("cnn", "lstm-lm", "transformer-lm", "tff-shakespeare", "mlp", "logreg")
-CLIENTS = {"cnn": 64, "lstm-lm": 16, "transformer-lm": 8, "tff-shakespeare": 4, "mlp": 400, "logreg": 1000}
+CLIENTS = {"cnn": 128, "lstm-lm": 16, "transformer-lm": 8, "tff-shakespeare": 4, "mlp": 400, "logreg": 1000}
 
 
 def scenario(row: str, clients: int, data_dir: Path) -> Any:
