@@ -229,6 +229,11 @@ class PrivacyConfig:
     (default): a DP or audited run draws a fresh one from :mod:`secrets`, recorded in its
     ``config.toml`` and ``summary.json``; set it (with the same key file) only to replay a run
     exactly.
+
+    ``prior-runs`` lists run directories of earlier DP runs on the same people (one abandoned
+    because its data changed, say): the rho of every round they released (their release records,
+    ``private/releases.jsonl``) is added to this run's rho in ``metrics.jsonl``, ``summary.json``
+    (``prior``) and the budget guard.
     """
 
     delta: float = 1e-6
@@ -236,9 +241,12 @@ class PrivacyConfig:
     max_epsilon: float | None = None
     noise_key_file: str = ""
     run_id: str = ""
+    prior_runs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _in_open_unit("delta", self.delta)
+        if any(not run.strip() for run in self.prior_runs):
+            raise ScenarioError(f"must be run directory paths, got {list(self.prior_runs)!r}", key="prior-runs")
         if self.max_rho is not None:
             _positive("max-rho", self.max_rho)
         if self.max_epsilon is not None:
@@ -431,6 +439,17 @@ class Scenario:
         key_file = out.get("privacy", {}).get("noise-key-file")
         if key_file:
             out["privacy"]["noise-key-file"] = str(self.noise_key_path)
+        if "prior-runs" in out.get("privacy", {}):
+            out["privacy"]["prior-runs"] = [str(p) for p in self.prior_run_paths]
+        return out
+
+    @property
+    def prior_run_paths(self) -> list[Path]:
+        """``[privacy] prior-runs`` resolved against :attr:`base_dir`."""
+        out = []
+        for run in self.privacy.prior_runs:
+            path = Path(run).expanduser()
+            out.append(path if path.is_absolute() else (self.base_dir / path).resolve())
         return out
 
     @property
@@ -492,6 +511,7 @@ _APPLIES_WHEN: dict[tuple[str, str], Any] = {
     ("population", "period"): lambda sc: sc.population.availability == "diurnal",
     ("population", "amplitude"): lambda sc: sc.population.availability == "diurnal",
     ("privacy", "run-id"): lambda sc: bool(sc.privacy.run_id),
+    ("privacy", "prior-runs"): lambda sc: bool(sc.privacy.prior_runs),
     ("engine", "ray-address"): lambda sc: sc.engine.backend == "ray",
     ("engine", "ray-workers"): lambda sc: sc.engine.backend == "ray",
     ("log", "mlflow-uri"): lambda sc: sc.log.mlflow,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedsim import seeds
-from fedsim.engine.checkpoint import decode, encode, list_checkpoints
+from fedsim.engine.checkpoint import CheckpointKey, decode, encode, list_checkpoints
 from fedsim.engine.simulation import Simulation, run_scenario
 from fedsim.privacy import csprng
 from fedsim.privacy.noise import KEY_FILE, NoiseKey
@@ -116,11 +116,12 @@ def test_resume_refuses_a_checkpoint_of_another_noise_generator(tmp_path: Path) 
     run = tmp_path / "run"
     sc = scenario_from_dict(_raw(FTRL, rounds=2, checkpoint={"every": 1}, **{"output-dir": str(run)}))
     run_scenario(sc, run_dir=run)
+    auth = CheckpointKey.of(NoiseKey.load(run / KEY_FILE))  # as if the older version had signed them
     for _, path in list_checkpoints(run / "checkpoints"):
-        state = decode(path.read_bytes())
+        state = decode(path.read_bytes(), auth)
         assert state["noise"] == csprng.GENERATOR
         state["noise"] = "fedsim-noise-v1"
-        path.write_bytes(encode(state))
+        path.write_bytes(encode(state, auth))
     proc = run_cli("run", "--resume", str(run), "--quiet")
     assert proc.returncode == 2
     assert "noise generator fedsim-noise-v1" in proc.stderr and csprng.GENERATOR in proc.stderr

@@ -22,8 +22,9 @@ the clients:
        is recorded in the ledger and the accountant reports rho / epsilon;
     6. the global model is evaluated on the held-out split; the round's metrics row is built.
 :meth:`RoundOwner.commit`
-    7. the row is appended to ``metrics.jsonl``, the progress bar moves, and a checkpoint is
-       written when one is due.
+    7. a keyed run records the round in its release record (:mod:`fedsim.engine.releases`,
+       fsynced; a re-executed round must reproduce what it released), then the row is appended
+       to ``metrics.jsonl``, the progress bar moves, and a checkpoint is written when one is due.
 
 ``begin`` / ``end`` / ``commit`` take and return plain values; the run's state (parameters,
 strategy, population and ledgers, privacy ledger, rejection counts, metrics, next round) lives in
@@ -55,6 +56,7 @@ from fedsim.builders import (
     evaluate,
 )
 from fedsim.data.federated import FederatedData
+from fedsim.data.fingerprint import data_fingerprint, fingerprint_diff
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.allocator import keep_freed_memory
 from fedsim.engine.canaries import CanaryClients
@@ -62,11 +64,21 @@ from fedsim.engine.checkpoint import (
     CHECKPOINT_DIR,
     Checkpointer,
     CheckpointError,
+    CheckpointKey,
     comparable,
     default_scenario_dict,
+    list_checkpoints,
     scenario_diff,
 )
-from fedsim.engine.rundir import RunDir
+from fedsim.engine.releases import (
+    RELEASES_FILE,
+    PriorReport,
+    ReleaseError,
+    ReleaseRecord,
+    prior_report,
+    release_digest,
+)
+from fedsim.engine.rundir import RunDir, metrics_line
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
@@ -122,6 +134,35 @@ def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, sou
         canary_norm=cfg.canary_norm,
         examples=examples,
     )
+
+
+def read_prior_run(run: Path) -> ReleaseRecord:
+    """The release record of an earlier in-process run (``[privacy] prior-runs``), authenticated
+    with that run's key (its ``secret/noise.key``, else the key file its ``config.toml`` names).
+
+    Errors (:class:`~fedsim.engine.checkpoint.CheckpointError`) name the run and what is missing.
+    """
+    where = f"[privacy] prior-runs: {run}"
+    record_path = run / PRIVATE_DIR / RELEASES_FILE
+    if not record_path.exists():
+        raise CheckpointError(
+            f"{where}: no release record ({PRIVATE_DIR}/{RELEASES_FILE}): not a DP or audited fedsim "
+            "run directory, or one written by an older fedsim"
+        )
+    key_path = run / KEY_FILE
+    if not key_path.exists():
+        import tomllib
+
+        try:
+            config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            config = {}
+        named = config.get("privacy", {}).get("noise-key-file") if isinstance(config.get("privacy"), dict) else None
+        if not named:
+            raise CheckpointError(f"{where}: its noise key ({KEY_FILE}) is missing: its release record cannot be authenticated")
+        key_path = Path(named)
+    record = ReleaseRecord.open(record_path, load_key(key_path, where), key_file=f"{where}: {key_path}")
+    return record
 
 
 @dataclass
@@ -204,6 +245,10 @@ class RoundOwner:
         message) records a Poisson-sampled round without amplification
         (:meth:`~fedsim.privacy.events.SampledGaussianEvent.unamplified`): the ledger, rho,
         epsilon and the budget check then hold without a secret cohort.
+    record_releases:
+        Keep the run's release record in ``private/releases.jsonl`` (a keyed run with a run
+        directory). ``False``: the caller keeps it elsewhere (a Flower job's state directory) and
+        sets :attr:`releases` itself.
 
     The run's public id (:attr:`run_id`: ``[privacy] run-id``, else 128 fresh bits from
     :mod:`secrets`) prefixes every noise and sampling word, so runs under one key never share
@@ -224,9 +269,19 @@ class RoundOwner:
         checkpoints: bool = True,
         noise_key: NoiseKey | None = None,
         secret_cohort: bool = True,
+        record_releases: bool = True,
     ) -> None:
         self.scenario = scenario
         self.secret_cohort = secret_cohort
+        self.record_releases = record_releases
+        #: the run's release record (:mod:`fedsim.engine.releases`), once the run starts or resumes
+        self.releases: ReleaseRecord | None = None
+        #: what earlier runs released on the same people (``[privacy] prior-runs``, Flower's
+        #: ``prior-jobs``): added to this run's report and budget
+        self.prior: PriorReport | None = None
+        #: set by a resume: the run continues (its release record and key are kept)
+        self.resumed = False
+        self._data_fingerprint: dict[str, Any] | None = None
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
         torch.set_num_threads(scenario.engine.threads)
         keep_freed_memory()  # reuse freed heap memory: see fedsim.engine.allocator
@@ -286,7 +341,8 @@ class RoundOwner:
         self.checkpointer: Checkpointer | None = None
         if checkpoints and self.run_dir is not None and scenario.checkpoint.every > 0:
             self.checkpointer = Checkpointer(
-                self.run_dir.path / CHECKPOINT_DIR, scenario.checkpoint.every, scenario.checkpoint.keep
+                self.run_dir.path / CHECKPOINT_DIR, scenario.checkpoint.every, scenario.checkpoint.keep,
+                auth=self.checkpoint_auth,
             )
         self.progress_bar: Any = None
         #: [log]: TensorBoard / MLflow, called with each committed row and the summary (fedsim.tracking)
@@ -348,6 +404,112 @@ class RoundOwner:
         self.set_key(load_key(path, "--resume"))
         if self.canaries is not None:  # canary directions come from the key too
             self.canaries = build_canaries(self.scenario, self.data, self.params.numel(), self.noise_source)
+        if self.checkpointer is not None:
+            self.checkpointer.auth = self.checkpoint_auth
+
+    @property
+    def checkpoint_auth(self) -> CheckpointKey | None:
+        """How the run's checkpoints are authenticated: a MAC under a key derived from the noise
+        key for a keyed run, ``None`` (an unkeyed checksum) for the others."""
+        return CheckpointKey.of(self.noise_source.key) if self.keyed else None
+
+    @property
+    def key_file(self) -> str:
+        """Where the run's key comes from, in words (for messages)."""
+        if self.key_origin == "fixed":
+            return f"[privacy] noise-key-file {self.scenario.noise_key_path}"
+        if self.key_origin == "secret" and self.key_path is not None:
+            return str(self.key_path)
+        return "the given noise key"
+
+    # -- the data and the release record ------------------------------------------------------
+    @property
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The run's :func:`~fedsim.data.fingerprint.data_fingerprint` (computed once)."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.data)
+        return self._data_fingerprint
+
+    @property
+    def releases_path(self) -> Path | None:
+        """``private/releases.jsonl``: the release record of a keyed run with a run directory."""
+        if not (self.keyed and self.record_releases and self.run_dir is not None):
+            return None
+        return self.run_dir.path / PRIVATE_DIR / RELEASES_FILE
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a release record's header says the run is: scenario name and run id."""
+        return {"scenario": self.scenario.name, "run_id": self.run_id}
+
+    def create_releases(self, path: Path, *, run: dict[str, Any] | None = None) -> ReleaseRecord:
+        """Start the release record of a new run at ``path`` (its header: key and data fingerprints)."""
+        self.releases = ReleaseRecord.create(
+            path, self.noise_source.key, data=self.data_fingerprint, run=run if run is not None else self.run_identity()
+        )
+        return self.releases
+
+    def open_releases(self, path: Path, *, where: str) -> ReleaseRecord:
+        """Read back the release record at ``path`` before continuing the run.
+
+        Refuses (:class:`~fedsim.engine.releases.ReleaseError`, one line) a record signed under
+        another key (a swapped key file), data that differ from those the run started on, and a
+        public run log with more rows than the record holds (a record cut back or replaced).
+        """
+        record = ReleaseRecord.open(path, self.noise_source.key, key_file=self.key_file)
+        record.check_data(self.data_fingerprint, where=where)
+        rows = self._logged_rows()
+        if rows > record.released:
+            raise ReleaseError(
+                f"{self.run_dir.metrics_path if self.run_dir else 'the run log'} holds {rows} rounds but "
+                f"{path} records {record.released} released: the record was cut back or replaced; "
+                "cannot tell what was published"
+            )
+        self.releases = record
+        return record
+
+    def _logged_rows(self) -> int:
+        if self.run_dir is None or not self.run_dir.metrics_path.exists():
+            return 0
+        return self.run_dir.metrics_path.read_bytes().count(b"\n")
+
+    def resume_releases(self) -> int:
+        """Before an in-process resume: the run's release record, read back; the rounds released.
+
+        A keyed run that has published rounds (rows in ``metrics.jsonl``, or checkpoints) but has
+        no record is refused: which rounds were released cannot be told. Other runs: 0.
+        """
+        path = self.releases_path
+        if path is None:
+            return 0
+        if not path.exists():
+            directory = self.run_dir.path / CHECKPOINT_DIR if self.run_dir is not None else None
+            if self._logged_rows() or (directory is not None and list_checkpoints(directory)):
+                raise ReleaseError(
+                    f"{path}: the run's release record is missing, but the run has published rounds; "
+                    "cannot tell which rounds were released (a run started by an older fedsim, or the "
+                    "file was removed): restore it, or start a new run in another directory"
+                )
+            self.create_releases(path)
+            return 0
+        return self.open_releases(path, where="--resume").released
+
+    def load_prior(self) -> PriorReport | None:
+        """``[privacy] prior-runs``: what those runs released, from their release records."""
+        paths = self.scenario.prior_run_paths
+        if not paths:
+            return None
+        records = [(str(run), read_prior_run(run)) for run in paths]
+        self.prior = prior_report(records, delta=self.scenario.privacy.delta)
+        return self.prior
+
+    def released_event(self, round_no: int) -> dict[str, Any] | None:
+        """The privacy event (as a dict) the ledger recorded for 1-based ``round_no``, or ``None``."""
+        if self.ledger is None or not len(self.ledger):
+            return None
+        from fedsim.privacy.events import event_to_dict
+
+        last_round, event = self.ledger.events()[-1]
+        return event_to_dict(event) if last_round == round_no - 1 else None
 
     def selection_rng(self, round: int) -> np.random.Generator:
         """The cohort-selection generator: from the secret key in a DP run, the public seed otherwise."""
@@ -413,7 +575,7 @@ class RoundOwner:
         if event is None or (cfg.max_rho is None and cfg.max_epsilon is None):
             return None
         ledger, accountant = self.privacy()
-        report = accountant.report_with(ledger, round, event)
+        report = self.with_prior(accountant.report_with(ledger, round, event))
         if cfg.max_rho is not None and report.rho is not None and report.rho > cfg.max_rho:
             return f"privacy budget: round {round + 1} would reach rho={report.rho:.4g} > max-rho={cfg.max_rho:g}"
         if cfg.max_epsilon is not None and report.epsilon is not None and report.epsilon > cfg.max_epsilon:
@@ -422,6 +584,21 @@ class RoundOwner:
                 f"> max-epsilon={cfg.max_epsilon:g}"
             )
         return None
+
+    def with_prior(self, report: Any) -> Any:
+        """``report`` with :attr:`prior`'s rho added (epsilon from the sum, without amplification).
+
+        zCDP composes additively; the combined epsilon is the conversion of the summed rho, which
+        is valid whatever each part's amplification was (and ignores it).
+        """
+        if self.prior is None or report is None or report.rho is None:
+            return report
+        from fedsim.privacy.accountant import PrivacyReport
+        from fedsim.privacy.conversions import epsilon_from_rho, epsilon_rdp_from_rho
+
+        rho = report.rho + self.prior.rho
+        delta = report.delta
+        return PrivacyReport(rho, epsilon_from_rho(rho, delta), epsilon_rdp_from_rho(rho, delta), delta, report.noise_multiplier)
 
     # -- a round ------------------------------------------------------------------------------
     def begin(
@@ -504,7 +681,7 @@ class RoundOwner:
         if plan.event is not None:
             ledger, accountant = self.privacy()
             ledger.record(round, plan.event)
-            report = accountant.report(ledger)
+            report = self.with_prior(accountant.report(ledger))
         row: dict[str, Any] = {"round": round + 1, **dict.fromkeys(workloads.task_of(self.data).metric_keys())}
         if (round + 1) % sc.engine.eval_every == 0 or round + 1 == sc.rounds:
             row.update(evaluate(self.model, self.params, self.data))
@@ -528,7 +705,15 @@ class RoundOwner:
         return row, batch
 
     def commit(self, row: dict[str, Any]) -> None:
-        """Log the round's row: metrics, run directory, progress bar, checkpoint when due."""
+        """Log the round's row: release record, metrics, run directory, progress bar, checkpoint when due.
+
+        The release record comes first (fsynced): a round re-executed on resume that does not
+        reproduce what it released stops here (:class:`~fedsim.engine.releases.ReleaseError`),
+        before anything of it is published again.
+        """
+        if self.releases is not None:
+            round_no = int(row["round"])
+            self.releases.release(round_no, release_digest(metrics_line(row), self.params), self.released_event(round_no))
         self.metrics.append(row)
         self.next_round = int(row["round"])
         if self.run_dir is not None:
@@ -546,6 +731,8 @@ class RoundOwner:
     def start(self, *, progress: bool = False, desc: str | None = None) -> None:
         """Before the first round run here: write ``config.toml``, start the log, open the bar."""
         sc = self.scenario
+        if self.prior is None:
+            self.load_prior()
         if self.run_dir is not None:
             self.run_dir.write_config(sc.to_dict())
             if self.next_round == 0:
@@ -553,7 +740,11 @@ class RoundOwner:
                 diagnostics = self.diagnostics_path
                 if diagnostics is not None and diagnostics.exists():
                     diagnostics.unlink()
-                self.save_key()
+                if not self.resumed:  # a new run: its key, then its release record
+                    self.save_key()
+                    path = self.releases_path
+                    if path is not None:
+                        self.create_releases(path)
         if progress:
             from tqdm.auto import tqdm
 
@@ -577,7 +768,8 @@ class RoundOwner:
         else:
             final = {k: v for k, v in last_eval.items() if k in ("accuracy", "loss", "perplexity")}
         acc, loss = final["accuracy"], final["loss"]
-        report = self.accountant.report(self.ledger) if self.ledger is not None else None
+        own = self.accountant.report(self.ledger) if self.ledger is not None else None
+        report = self.with_prior(own)
         summary: dict[str, Any] = {
             "name": sc.name,
             "strategy": sc.strategy.name,
@@ -602,6 +794,14 @@ class RoundOwner:
             # the warm start's file ([model] init), or None: the builder's seeded initialisation
             "init": None if sc.model.init is None else {"path": sc.model.init, "sha256": sc.model.init_sha256},
         }
+        if self.prior is not None:
+            # the earlier runs' releases on the same people count: rho adds up (zCDP)
+            summary["prior"] = {
+                "runs": list(self.prior.names),
+                "rounds": self.prior.rounds,
+                "rho": self.prior.rho,
+                "rho_this_run": getattr(own, "rho", None),
+            }
         described = self.trainer.describe()
         if described is not None:
             summary["trainer"] = described
@@ -665,7 +865,8 @@ class RoundOwner:
         Keys: ``round``, ``scenario`` (resolved, minus neutral keys), ``params``, ``strategy``,
         ``trainer`` (or ``None``), ``population``, ``ledger`` (or ``None``), ``rejected``,
         ``rng`` (torch's global generator, for user plug-ins), ``audit`` (the canaries', or ``None``),
-        ``noise`` (the name of the noise generator, :data:`fedsim.privacy.csprng.GENERATOR`).
+        ``noise`` (the name of the noise generator, :data:`fedsim.privacy.csprng.GENERATOR`),
+        ``data`` (the data's fingerprint, :func:`~fedsim.data.fingerprint.data_fingerprint`).
         The checkpoint adds the run log's position.
         """
         trainer_state = self.trainer.state_dict()
@@ -681,12 +882,17 @@ class RoundOwner:
             "rng": {"torch": torch.get_rng_state()},
             "audit": self.canaries.state_dict() if self.canaries is not None else None,
             "noise": GENERATOR,
+            "data": self.data_fingerprint,
         }
 
-    def check_state(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+    def check_state(self, state: dict[str, Any], *, source: str = "checkpoint", ahead: int = 0) -> None:
         """Refuse (:class:`~fedsim.engine.checkpoint.CheckpointError`, naming ``source``) a state
-        written under a different scenario, whose parameters do not fit the model or, for a run
-        whose releases depend on the noise key, by another noise generator."""
+        written under a different scenario or on other data, whose parameters do not fit the
+        model or, for a run whose releases depend on the noise key, by another noise generator;
+        a DP run's state whose privacy ledger does not hold one event per completed round; and,
+        with a release record, a ledger other than the record's events, or a state more than
+        ``ahead`` rounds beyond the record (a Flower checkpoint is written just before its round
+        is recorded: ``ahead=1``)."""
         written = state.get("noise", "an earlier generator")  # states before v2 did not name it
         if self.keyed and written != GENERATOR:
             raise CheckpointError(
@@ -699,9 +905,34 @@ class RoundOwner:
         diff = scenario_diff(state["scenario"], current, defaults=default_scenario_dict())
         if diff:
             raise CheckpointError(f"{source} was written under a different scenario; differing keys: {', '.join(diff)}")
+        if state.get("data") is not None:
+            changed = fingerprint_diff(state["data"], self.data_fingerprint)
+            if changed:
+                raise CheckpointError(
+                    f"{source} was written on other data ({', '.join(changed)} differ); resuming on "
+                    "changed data would release its rounds again with other inputs; restore the data, "
+                    "or start a new run"
+                )
         params = state["params"]
         if not isinstance(params, torch.Tensor) or params.shape != self.params.shape or params.dtype != self.params.dtype:
             raise CheckpointError(f"{source}: parameter vector does not fit the scenario's model")
+        rounds_done = int(state["round"])
+        ledger = state.get("ledger")
+        if self.private:
+            recorded = [entry.get("round") for entry in ledger or []] if isinstance(ledger, list) else None
+            if recorded != list(range(rounds_done)):
+                raise CheckpointError(
+                    f"{source}: its privacy ledger holds {len(ledger or [])} events for {rounds_done} "
+                    "completed rounds (a DP run records one event per released round); refusing it"
+                )
+        if self.releases is not None:
+            if rounds_done > self.releases.released + ahead:
+                raise ReleaseError(
+                    f"{source} holds {rounds_done} rounds but {self.releases.path} records "
+                    f"{self.releases.released} released: the record was cut back or replaced; "
+                    "cannot tell what was published"
+                )
+            self.releases.check_ledger(ledger, min(rounds_done, self.releases.released), source=source)
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
         """Restore :meth:`state_dict` into a freshly built owner of the same scenario (checked

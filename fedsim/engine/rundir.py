@@ -114,6 +114,10 @@ def _clean(value: Any) -> Any:
 
 
 
+def metrics_line(row: dict[str, Any]) -> str:
+    """The ``metrics.jsonl`` line of a round's row (without the newline): what the round publishes."""
+    return json.dumps(_clean(row), sort_keys=False)
+
 
 class RunDir:
     """Writer for one run directory."""
@@ -136,7 +140,7 @@ class RunDir:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_clean(row), sort_keys=False) + "\n")
+            fh.write(metrics_line(row) + "\n")
             fh.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -82,12 +82,24 @@ class Simulation(RoundOwner):
         """Continue from the newest usable checkpoint in the run directory.
 
         Returns the number of completed rounds restored (see :mod:`fedsim.engine.checkpoint`);
-        0 when there is none (the run starts over, with a ``CheckpointWarning``).
+        0 when there is none (the run starts over, with a ``CheckpointWarning``). A keyed run
+        first reads back its key and its release record (:mod:`fedsim.engine.releases`): another
+        key, other data, or a record behind the public run log refuse; rounds re-executed up to
+        the record's mark must reproduce what they released before anything of them is
+        published again (:meth:`~fedsim.engine.rounds.RoundOwner.commit`).
         """
         if self.run_dir is None:
             raise CheckpointError("resuming needs a run directory")
         self.reload_key()
-        found = latest_for_resume(self.run_dir)
+        released = self.resume_releases()
+        self.resumed = True
+        start_over = "starting over from round 1"
+        if released:
+            start_over += (
+                f" under the run's key: rounds 1-{released} were released, and each must reproduce "
+                f"what it released ({self.releases_path}) before it is published again"
+            )
+        found = latest_for_resume(self.run_dir, self.checkpoint_auth, start_over=start_over)
         if found is None:
             self.next_round = 0
             self.cut_diagnostics(0)

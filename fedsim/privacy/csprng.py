@@ -123,6 +123,9 @@ BLOCK = 42368
 GENERATOR = "fedsim-noise-v2"
 
 _DOMAIN = GENERATOR.encode("ascii")
+#: Prefix of every key derived for a purpose other than noise (:meth:`NoiseKey.derive`); noise
+#: stream keys start with :data:`_DOMAIN` instead, so the two families never share an input.
+_DERIVE_DOMAIN = b"fedsim-derived-key-v1\x00"
 _FILE_PREFIX = "fedsim-noise-key-v1:"
 _MASK53 = np.int64((1 << 53) - 1)
 _LIMIT = 2.0**106  # the unit disk, in the odd-integer units of _accept
@@ -208,6 +211,26 @@ class NoiseKey:
     def subkey(self, words: Sequence[int]) -> bytes:
         """``HMAC-SHA256(key, domain || words)``: the key of one stream (its first 16 bytes are the AES key)."""
         return hmac.new(self._material, _DOMAIN + encode_words(words), hashlib.sha256).digest()
+
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte key for ``purpose`` (e.g. ``"checkpoint-mac"``): ``HMAC-SHA256(key,
+        "fedsim-derived-key-v1\\0" || purpose)``.
+
+        Domain-separated from every noise stream key (those are HMACs of ``"fedsim-noise-v2" ||
+        words``) and from every other purpose; it reveals nothing about the noise key or the
+        noise. Used to authenticate a run's checkpoints and release record.
+        """
+        if not isinstance(purpose, str) or not purpose:
+            raise ValueError(f"purpose must be a non-empty string, got {purpose!r}")
+        return hmac.new(self._material, _DERIVE_DOMAIN + purpose.encode("utf-8"), hashlib.sha256).digest()
+
+    def fingerprint(self) -> str:
+        """A one-way, domain-separated digest of the key (32 hex digits), to recognise it.
+
+        Stored in checkpoints and release records so that a swapped key file is refused; it is
+        not the key and does not let anyone compute the noise.
+        """
+        return self.derive("key-fingerprint")[:16].hex()
 
     def __repr__(self) -> str:
         return f"NoiseKey(<{self.bits}-bit secret>)"
