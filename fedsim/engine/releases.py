@@ -141,6 +141,8 @@ class ReleaseRecord:
         self._released = len(releases)
         self._last_mac = last_mac
         self._size = size
+        #: the refusals' advice on starting anew (a Flower job names its run-config key instead)
+        self.restart = "start a new run (a new key) and count this run's rho with it (privacy.prior-runs)"
 
     def __repr__(self) -> str:
         return f"ReleaseRecord({self.path}, {self._released} rounds released)"
@@ -249,8 +251,7 @@ class ReleaseRecord:
             at_risk = f"{_span(rounds)} released under this key" if rounds else "no round released yet"
             raise ReleaseError(
                 f"{where}: the data differ from those the run started on ({', '.join(diff)}; {at_risk}): "
-                "re-executed rounds would add the same noise to other sums; restore the data, or start "
-                "a new run (a new key) and count this run's rho with it (privacy.prior-runs)"
+                f"re-executed rounds would add the same noise to other sums; restore the data, or {self.restart}"
             )
 
     def check_ledger(self, ledger: list[dict[str, Any]] | None, rounds_done: int, *, source: str) -> None:
@@ -285,8 +286,7 @@ class ReleaseRecord:
                 raise ReleaseError(
                     f"round {round} was re-executed on resume and does not reproduce what it released "
                     f"before (its digest in {self.path} differs): its inputs changed (data, code, "
-                    "device state); nothing of it was published again. Restore what changed, or "
-                    "start a new run (a new key) and count this run's rho with it (privacy.prior-runs)"
+                    f"device state); nothing of it was published again. Restore what changed, or {self.restart}"
                 )
             return False
         if round != self._released + 1:

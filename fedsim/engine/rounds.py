@@ -448,14 +448,17 @@ class RoundOwner:
         )
         return self.releases
 
-    def open_releases(self, path: Path, *, where: str) -> ReleaseRecord:
+    def open_releases(self, path: Path, *, where: str, restart: str | None = None) -> ReleaseRecord:
         """Read back the release record at ``path`` before continuing the run.
 
         Refuses (:class:`~fedsim.engine.releases.ReleaseError`, one line) a record signed under
         another key (a swapped key file), data that differ from those the run started on, and a
         public run log with more rows than the record holds (a record cut back or replaced).
+        ``restart`` replaces the refusals' advice on starting anew.
         """
         record = ReleaseRecord.open(path, self.noise_source.key, key_file=self.key_file)
+        if restart is not None:
+            record.restart = restart
         record.check_data(self.data_fingerprint, where=where)
         rows = self._logged_rows()
         if rows > record.released:
@@ -934,10 +937,10 @@ class RoundOwner:
                 )
             self.releases.check_ledger(ledger, min(rounds_done, self.releases.released), source=source)
 
-    def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint", ahead: int = 0) -> None:
         """Restore :meth:`state_dict` into a freshly built owner of the same scenario (checked
-        with :meth:`check_state` first)."""
-        self.check_state(state, source=source)
+        with :meth:`check_state` first, ``ahead`` as there)."""
+        self.check_state(state, source=source, ahead=ahead)
         params = state["params"]
         self.params = params.clone()
         self.strategy.load_state_dict(state["strategy"])

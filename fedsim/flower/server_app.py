@@ -20,9 +20,14 @@ key                    meaning (default)
                        and the server its state ("": this Flower run's id, so every
                        ``flwr run`` is a new job)
 ``state-dir``          where the server keeps its jobs' states, ``<state-dir>/<job-id>/``: the
-                       job's noise key and a checkpoint after every round; a restarted server
-                       of the same job (same ``job-id`` and ``state-dir``) continues it
-                       ("": ``<out-dir>/server-state``)
+                       job's noise key, its release record and a checkpoint after every round;
+                       a restarted server of the same job (same ``job-id`` and ``state-dir``)
+                       continues it, or refuses when its newest usable checkpoint is older
+                       than the rounds it may have published ("": ``<out-dir>/server-state``)
+``prior-jobs``         earlier jobs in the same ``state-dir`` (comma-separated job ids) whose
+                       released rounds count toward this job's privacy: their rho is added to
+                       this job's report and budget, e.g. a new job started because an old
+                       one's state could not be restored ("": none)
 ``device-keys``        device key roster, a CSV ``partition-id,public-key`` (OpenSSH EC keys):
                        a node is admitted as a device only with the SuperNode key issued for
                        it (``fedsim.flower.identity``); "": device ids are self-claimed
@@ -35,6 +40,7 @@ key                    meaning (default)
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +50,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.engine.rounds import RunResult
 from fedsim.engine.rundir import RunDirExists, claim_run_dir, is_run_dir
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.flower.identity import load_device_keys
 from fedsim.flower.server_state import ServerState
 from fedsim.flower.strategy import FedsimStrategy
@@ -67,6 +73,7 @@ class ServerOptions:
     overwrite: bool = False
     job_id: str = ""
     state_dir: str = ""
+    prior_jobs: str = ""
     device_keys: str = ""
     min_nodes: int = 1
     checkin_timeout: float = 120.0
@@ -98,6 +105,11 @@ class ServerOptions:
             if not ok:
                 raise ScenarioError(f"out of range: {getattr(opts, key.replace('-', '_'))!r}", key=key, source="run config")
         return opts
+
+    @property
+    def prior_job_ids(self) -> list[str]:
+        """``prior-jobs`` as a list of job ids."""
+        return [job.strip() for job in self.prior_jobs.split(",") if job.strip()]
 
     def state_root(self, run_dir: str | Path) -> Path:
         """The server state directory: ``state-dir``, else ``<run dir>/server-state``."""
@@ -168,6 +180,7 @@ def run_server(
         progress=progress,
         state=state,
         device_keys=load_device_keys(options.device_keys, num_devices=scenario.data.num_devices) if options.device_keys else None,
+        prior_jobs=options.prior_job_ids,
     )
     result = bridge.run(grid, round_timeout=options.round_timeout)
     s = result.summary
@@ -185,7 +198,21 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point Flower calls: read the run config, load the scenario, run it."""
+    """Entry point Flower calls: read the run config, load the scenario, run it.
+
+    fedsim's own refusals (:class:`~fedsim.errors.FedsimError`: a run directory that holds another
+    run, a job whose published rounds its checkpoints no longer cover, bad run config) reach
+    Flower's failure report as one line, ``<ErrorClass>: <message>``: the traceback of a refusal
+    says nothing more (the ServerApp process ends with the run).
+    """
+    try:
+        _main(grid, context)
+    except FedsimError:
+        sys.tracebacklimit = 0
+        raise
+
+
+def _main(grid: Grid, context: Context) -> None:
     options = ServerOptions.from_run_config(dict(context.run_config))
     scenario = options.load()
     job_id = options.job_id or f"run-{context.run_id}"

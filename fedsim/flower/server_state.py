@@ -16,10 +16,15 @@ file                     content
                          share noise, even under one fixed key file
 ``noise.key``            the job's secret noise key (:class:`~fedsim.privacy.noise.NoiseKey`,
                          mode 0600), drawn from :mod:`secrets` when the job starts
-``checkpoints/``         ``ckpt-<round>.pt`` after every round, in the engine's checksummed
-                         format (:mod:`fedsim.engine.checkpoint`): the round owner's state
-                         (parameters, mechanism state, privacy ledger, participation ledger),
-                         the run log's position, the round's metrics row, the bridge's counts
+``releases.jsonl``       the job's release record (:mod:`fedsim.engine.releases`): the key's
+                         and the data's fingerprints, then one line per round that may have
+                         been published, each signed under a key derived from the noise key
+``checkpoints/``         ``ckpt-<round>.pt`` after every round, in the engine's authenticated
+                         format (:mod:`fedsim.engine.checkpoint`: an HMAC under a key derived
+                         from the job's noise key): the round owner's state (parameters,
+                         mechanism state, privacy ledger, participation ledger, data
+                         fingerprint), the run log's position, the round's metrics row, the
+                         bridge's counts
 =======================  =====================================================================
 
 The directory (``<state-dir>/<job-id>/``) is the server's secret: it holds the key and exact,
@@ -28,11 +33,18 @@ un-noised state (DP-FTRL's prefix sums), so it is created with mode 0700. What a
 resumes; a new job id draws a new key.
 
 When the state is written. The checkpoint of round ``r`` is written after the round's noisy
-aggregate is computed and *before* anything derived from it leaves the server (the metrics
-row, the next round's model in train messages). A server killed before the checkpoint has
-published nothing of round ``r``, and its successor runs round ``r`` again with the same key (the
-first computation was never released); a server killed after it continues with round ``r + 1``.
-No round is released twice, and the privacy ledger holds each round once.
+aggregate is computed, then round ``r`` is appended to the release record (fsynced), and only
+then does anything derived from it leave the server (the metrics row, the next round's model in
+train messages). A server killed before the record holds round ``r`` has published nothing of it;
+its successor continues from the checkpoint (publishing round ``r``'s computed result once) or,
+without it, runs round ``r`` again under the same key (the first computation was never
+released). The release record is the high-water mark: a restarted server whose newest usable
+checkpoint is older than the rounds the record holds refuses, naming the rounds at risk (devices
+decline a round they already gave to, so a replay would add the same noise to another sum: the
+difference of the two releases would be the exact sum). The operator restores the checkpoint, or
+starts a new job (a new ``job-id``, so a new key) whose run config names this one in
+``prior-jobs``, so its report adds this job's rho. No round is released twice, and the privacy
+ledger holds each round once.
 """
 
 from __future__ import annotations
@@ -44,12 +56,14 @@ from typing import Any
 from fedsim.atomic import atomic_write_bytes, atomic_write_text
 from fedsim.engine.checkpoint import (
     CheckpointError,
+    CheckpointKey,
     checkpoint_path,
     encode,
     list_checkpoints,
-    load_latest,
     metrics_position,
+    scan_checkpoints,
 )
+from fedsim.engine.releases import RELEASES_FILE
 from fedsim.engine.rundir import RunDir
 from fedsim.flower.device import job_dir_name
 from fedsim.privacy.noise import NoiseKey, NoiseKeyError, new_run_id
@@ -78,11 +92,13 @@ class ServerState:
         self.path = self.root / job_dir_name(job_id)
         self.key_path = self.path / "noise.key"
         self.checkpoints = self.path / "checkpoints"
+        #: the job's release record (:mod:`fedsim.engine.releases`)
+        self.releases_path = self.path / RELEASES_FILE
         self.keep = keep
 
     def exists(self) -> bool:
-        """Whether this job has started before (its key or a checkpoint is on disk)."""
-        return self.key_path.exists() or bool(list_checkpoints(self.checkpoints))
+        """Whether this job has started before (its key, release record or a checkpoint is on disk)."""
+        return self.key_path.exists() or self.releases_path.exists() or bool(list_checkpoints(self.checkpoints))
 
     def _check_job(self) -> None:
         job_file = self.path / "job.json"
@@ -129,35 +145,45 @@ class ServerState:
                 return NoiseKey.load(self.key_path), False
             except NoiseKeyError as exc:
                 raise CheckpointError(f"server state of job {self.job_id!r}: {exc}") from None
-        if list_checkpoints(self.checkpoints):
+        if list_checkpoints(self.checkpoints) or self.releases_path.exists():
             raise CheckpointError(
-                f"{self.key_path}: the job's noise key is missing but {self.checkpoints} holds its "
-                "checkpoints; cannot continue the job (restore the key file, or start a new job-id)"
+                f"{self.key_path}: the job's noise key is missing but {self.path} holds its "
+                "checkpoints or release record; cannot continue the job (restore the key file, or start a new job-id)"
             )
         self._create()
         key = NoiseKey.generate()
         key.save(self.key_path)
         return key, True
 
-    def latest(self) -> tuple[dict[str, Any], Path] | None:
-        """The newest usable checkpoint of the job, or ``None`` (no round completed yet)."""
+    def latest(self, auth: CheckpointKey | None) -> tuple[tuple[dict[str, Any], Path] | None, list[tuple[Path, str]]]:
+        """The newest usable checkpoint of the job (or ``None``), and why each newer one is unusable.
+
+        ``auth`` is the job's checkpoint key: only checkpoints authenticated under it are usable.
+        Returns ``(found, failures)`` with ``failures`` as ``(path, reason)``, newest first; what
+        may be done without the newer ones is the release record's to say
+        (:meth:`fedsim.flower.strategy.FedsimStrategy.resume`).
+        """
         self._check_job()
         for stale in self.checkpoints.glob("ckpt-*.pt.tmp") if self.checkpoints.is_dir() else []:
             stale.unlink(missing_ok=True)  # interrupted while being written
-        found = load_latest(self.checkpoints)
-        if found is None and list_checkpoints(self.checkpoints):
-            raise CheckpointError(
-                f"{self.checkpoints}: no usable checkpoint (all fail their checksums); "
-                "cannot continue the job without re-releasing its rounds"
-            )
-        return found
+        return scan_checkpoints(self.checkpoints, auth)
 
-    def save(self, rounds_done: int, state: dict[str, Any], *, run_dir: RunDir | None, row: dict[str, Any], extra: dict[str, Any]) -> Path:
+    def save(
+        self,
+        rounds_done: int,
+        state: dict[str, Any],
+        *,
+        run_dir: RunDir | None,
+        row: dict[str, Any],
+        extra: dict[str, Any],
+        auth: CheckpointKey | None = None,
+    ) -> Path:
         """Write the checkpoint after ``rounds_done`` rounds, before the round's row is published.
 
         ``state`` is the round owner's ``state_dict()`` (its ``round`` set to ``rounds_done``);
         the run log's position *before* ``row`` is appended, ``row`` itself and ``extra`` (the
-        bridge's own counts) are added. The newest :attr:`keep` checkpoints are kept.
+        bridge's own counts) are added, authenticated with ``auth`` (the job's checkpoint key).
+        The newest :attr:`keep` checkpoints are kept.
         """
         self.checkpoints.mkdir(mode=0o700, parents=True, exist_ok=True)
         payload = {
@@ -168,7 +194,7 @@ class ServerState:
             "flower": extra,
         }
         path = checkpoint_path(self.checkpoints, rounds_done)
-        atomic_write_bytes(path, encode(payload))
+        atomic_write_bytes(path, encode(payload, auth))
         for _, old in list_checkpoints(self.checkpoints)[self.keep :]:
             old.unlink(missing_ok=True)
         return path

@@ -42,7 +42,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,14 +55,17 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim import seeds
 from fedsim.engine.aggregation import UpdateAccumulator
-from fedsim.engine.checkpoint import restore_metrics_log
+from fedsim.engine.checkpoint import CheckpointError, CheckpointKey, restore_metrics_log
 from fedsim.engine.executors import CohortExecutor
-from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult
+from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report, release_digest
+from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult, read_prior_run
+from fedsim.engine.rundir import metrics_line
 from fedsim.flower.identity import DeviceKeys, fingerprint
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.flower.server_state import ServerState
 from fedsim.privacy.events import SampledGaussianEvent
+from fedsim.privacy.noise import NoiseKey, NoiseKeyError
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.types import CohortChunk
@@ -507,6 +510,10 @@ class FedsimStrategy(FlowerStrategy):
         The device key roster (:func:`~fedsim.flower.identity.load_device_keys`): a node is admitted
         as device ``d`` only if its authenticated SuperNode key is the one issued for ``d``.
         ``None``: device ids are self-claimed (the first claim of an id stands).
+    prior_jobs:
+        Earlier jobs in the same state directory whose released rounds count toward this job's
+        privacy (one abandoned because its state could not be restored): their rho, from their
+        release records, is added to this job's report and budget (``summary.json["prior"]``).
     """
 
     def __init__(
@@ -520,6 +527,7 @@ class FedsimStrategy(FlowerStrategy):
         progress: bool = False,
         state: ServerState | None = None,
         device_keys: DeviceKeys | None = None,
+        prior_jobs: Sequence[str] = (),
     ) -> None:
         if min_nodes < 1:
             raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
@@ -538,8 +546,11 @@ class FedsimStrategy(FlowerStrategy):
             scenario = replace(scenario, privacy=replace(scenario.privacy, run_id=state.run_id()))
             self.scenario = scenario
         # every sampled device gets its own train message: devices, the SuperLink and the network
-        # learn the cohort, so a Poisson-sampled round claims no amplification here
-        self.owner = RoundOwner(scenario, run_dir=run_dir, checkpoints=False, noise_key=key, secret_cohort=False)
+        # learn the cohort, so a Poisson-sampled round claims no amplification here; the job's
+        # release record lives in its state directory (self.resume), not the run directory
+        self.owner = RoundOwner(
+            scenario, run_dir=run_dir, checkpoints=False, noise_key=key, secret_cohort=False, record_releases=False
+        )
         sampled = self.owner.strategy.privacy_event(round=0)
         if isinstance(sampled, SampledGaussianEvent):
             logger.warning(
@@ -548,6 +559,11 @@ class FedsimStrategy(FlowerStrategy):
                 "amplification by sampling (docs/threat-model.md)",
                 scenario.strategy.name, sampled.sampling_rate,
             )
+        #: the job's checkpoint key: its checkpoints are authenticated under its noise key
+        self.auth = CheckpointKey.of(self.owner.noise_source.key) if state is not None else None
+        self.prior_jobs = [job for job in prior_jobs if job]
+        if self.prior_jobs and state is None:
+            raise CheckpointError("prior-jobs needs the server's state directory (the jobs' release records)")
         #: rounds completed before this server started (a resumed job)
         self.offset = 0
         self.strategy = self.owner.strategy
@@ -633,16 +649,27 @@ class FedsimStrategy(FlowerStrategy):
         acc = owner.accumulator(sent.plan)
         contributed = self.executor.collect(sent, replies, acc)
         self.write_private_events()
-        row, batch = owner.end(sent.plan, acc, contributed=contributed)
-        if self.state is not None:
-            # durable before anything of the round is published (docs: fedsim.flower.server_state)
-            self.state.save(
-                sent.plan.round + 1, owner.state_dict(), run_dir=owner.run_dir, row=row, extra=dict(self.events)
-            )
-        owner.commit(row)
+        row, batch = self.end_round(sent.plan, acc, contributed)
         self.log_round(row, batch.rejected)
         metrics = MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})  # types a MetricRecord takes
         return self.layout.to_arrays(owner.params), metrics
+
+    def end_round(self, plan: RoundPlan, acc: UpdateAccumulator, contributed: np.ndarray) -> tuple[dict[str, Any], Any]:
+        """End ``plan``'s round durably, before anything of it is published.
+
+        The round owner ends it (aggregation with the noise, ledger, evaluation); the job's
+        checkpoint of the round is written; the round owner commits it, which first appends the
+        round to the job's release record (fsynced) and then writes its row. Only after this
+        does the caller hand the new model to Flower (docs: :mod:`fedsim.flower.server_state`).
+        """
+        owner = self.owner
+        row, batch = owner.end(plan, acc, contributed=contributed)
+        if self.state is not None:
+            self.state.save(
+                plan.round + 1, owner.state_dict(), run_dir=owner.run_dir, row=row, extra=dict(self.events), auth=self.auth
+            )
+        owner.commit(row)
+        return row, batch
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -734,37 +761,112 @@ class FedsimStrategy(FlowerStrategy):
         return result
 
     def resume(self) -> int:
-        """Continue the job from its newest checkpoint in :attr:`state`; the rounds restored.
+        """Open the job's state: continue from its newest checkpoint; the rounds restored.
 
-        The run log is cut back to the checkpoint's position and the checkpointed round's row
-        appended (it may or may not have been written before the crash); the private diagnostics
-        of rounds after the checkpoint are dropped. A checkpoint of a different scenario, or a
-        run log that does not extend the checkpoint's, refuses
-        (:class:`~fedsim.engine.checkpoint.CheckpointError`).
+        A new job starts its release record (key and data fingerprints). A started job's record
+        is read back (another key, or other data, refuse) and is the high-water mark: if the
+        newest usable checkpoint is older than the rounds the record holds, those rounds may have
+        been published and cannot be run again (devices would decline them, and the same noise on
+        another sum gives away the exact sum), so the server refuses in one line naming them and
+        what the operator can do (:class:`~fedsim.engine.releases.ReleaseError`). Otherwise the
+        run log is cut back to the checkpoint's position, the checkpointed round is recorded as
+        released (if the crash came before that) and its row appended, and the private
+        diagnostics of later rounds are dropped. A checkpoint of a different scenario or data, or
+        a run log that does not extend the checkpoint's, refuses too.
         """
         if self.state is None:
+            self.load_prior()
             return 0
-        found = self.state.latest()
+        owner, state = self.owner, self.state
+        found, failures = state.latest(self.auth)
+        if state.releases_path.exists():
+            record = owner.open_releases(
+                state.releases_path, where=f"job {self.job_id!r}",
+                restart=f"start a new job (a new key) that counts this one's rho: {self.new_job_config()}",
+            )
+        elif found is not None or failures:
+            raise ReleaseError(
+                f"{state.releases_path}: the job's release record is missing, but {state.checkpoints} holds "
+                "checkpoints; cannot tell which rounds were published (a job started by an older fedsim, or "
+                "the file was removed); start a new job (a new job-id)"
+            )
+        else:
+            record = owner.create_releases(state.releases_path, run={**owner.run_identity(), "job_id": self.job_id})
+        rounds_done = int(found[0]["round"]) if found is not None else 0
+        if rounds_done < record.released:
+            raise ReleaseError(self.at_risk(rounds_done, record, failures))
+        for path, reason in failures:
+            logger.warning(
+                "fedsim: job %r: checkpoint %s is unusable (%s); the rounds after the previous one were not published",
+                self.job_id, path, reason,
+            )
+        self.load_prior()
         if found is None:
             return 0
-        state, path = found
-        owner = self.owner
-        owner.check_state(state, source=str(path))
+        saved, path = found
+        owner.check_state(saved, source=str(path), ahead=1)
         if owner.run_dir is not None:
-            restore_metrics_log(owner.run_dir, state["metrics"], path)
-            owner.run_dir.append_metrics(json.loads(state["pending_row"]))
-        restored = {k: v for k, v in state.items() if k not in ("metrics", "pending_row", "flower")}
-        owner.load_state_dict(restored, source=str(path))
-        if owner.run_dir is None:
-            owner.metrics.append(json.loads(state["pending_row"]))
+            restore_metrics_log(owner.run_dir, saved["metrics"], path)
+        restored = {k: v for k, v in saved.items() if k not in ("metrics", "pending_row", "flower")}
+        owner.load_state_dict(restored, source=str(path), ahead=1)
+        # the checkpointed round: recorded as released (unless it was), then its row published
+        row = json.loads(saved["pending_row"])
+        record.release(owner.next_round, release_digest(metrics_line(row), owner.params), owner.released_event(owner.next_round))
+        if owner.run_dir is not None:
+            owner.run_dir.append_metrics(row)
+        owner.metrics.append(row)
         owner.cut_diagnostics(owner.next_round)
-        self.events.update({str(k): int(v) for k, v in state["flower"].items()})
+        owner.resumed = True
+        self.events.update({str(k): int(v) for k, v in saved["flower"].items()})
         self.offset = owner.next_round
         logger.warning(
             "fedsim: job %r resumed after round %d of %d from %s (the privacy ledger continues)",
             self.job_id, self.offset, self.scenario.rounds, path,
         )
         return self.offset
+
+    def at_risk(self, rounds_done: int, record: ReleaseRecord, failures: list[tuple[Path, str]]) -> str:
+        """The one-line refusal of a restart whose newest usable checkpoint is behind the record."""
+        first, last = rounds_done + 1, record.released
+        rounds = f"round {first}" if first == last else f"rounds {first}-{last}"
+        usable = f"is after round {rounds_done}" if rounds_done else "is none"
+        if failures:
+            cause = "; unusable: " + "; ".join(f"{path.name} ({reason})" for path, reason in failures)
+        else:
+            cause = f"; no later checkpoint in {self.state.checkpoints if self.state else 'the state'}"
+        return (
+            f"job {self.job_id!r}: {rounds} may have been published ({record.path}) but the newest usable "
+            f"checkpoint {usable}{cause}. Continuing would release {rounds} again with other inputs "
+            "(devices decline rounds they gave to: the same noise on another sum gives the exact sum away), "
+            f"so the job stops. Restore the checkpoint of round {last} from a backup, or start a new job "
+            f"(a new key) that counts this one's rho: {self.new_job_config()}"
+        )
+
+    def new_job_config(self) -> str:
+        """The run config of a new job that counts this job's rho (for refusals)."""
+        root = f" state-dir='{self.state.root}'" if self.state is not None else ""
+        return f"--run-config \"job-id='NEW-JOB' out-dir='NEW-DIR'{root} prior-jobs='{self.job_id}'\""
+
+    def load_prior(self) -> None:
+        """``prior-jobs`` (and the scenario's ``[privacy] prior-runs``): their released rho, for the report."""
+        records: list[tuple[str, ReleaseRecord]] = []
+        for job in self.prior_jobs:
+            if job == self.job_id:
+                raise CheckpointError(f"prior-jobs names this job ({job!r}); name the earlier job(s)")
+            assert self.state is not None
+            other = ServerState(self.state.root, job)
+            where = f"prior-jobs: job {job!r}"
+            if not other.releases_path.exists():
+                raise CheckpointError(
+                    f"{where}: no release record in {other.path} (not a job of this state-dir, or one started by an older fedsim)"
+                )
+            try:
+                key = NoiseKey.load(other.key_path) if other.key_path.exists() else NoiseKey.load(self.scenario.noise_key_path or other.key_path)
+            except NoiseKeyError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
+            records.append((job, ReleaseRecord.open(other.releases_path, key, key_file=f"{where}: {other.key_path}")))
+        records += [(str(run), read_prior_run(run)) for run in self.scenario.prior_run_paths]
+        self.owner.prior = prior_report(records, delta=self.scenario.privacy.delta)
 
     def write_private_events(self) -> None:
         """Append a DP run's withheld device-level events to ``private/flower-events.jsonl``."""
