@@ -1,12 +1,15 @@
 """A deployed ServerApp killed mid-job and restarted continues the job, never restarts it.
 
 Real processes on 127.0.0.1 (``flower_harness``): a SuperLink, two SuperNodes, ``flwr run``. The
-ServerApp process is killed (SIGKILL: no chance to clean up) after two of four rounds; a second
-``flwr run`` of the same job (same ``job-id``, same run directory and so the same server state
-directory) resumes from the job's checkpoint: it runs only the remaining rounds, its privacy
-ledger holds each round once, it reports the job's cumulative rho (the plan's for four rounds)
-and it reuses the job's key. A new job draws a new key, and a new job never writes over the
-earlier job's run directory.
+ServerApp process is killed (SIGKILL: no chance to clean up) once the first of four rounds is
+published (the round-1 checkpoint, whose run-log line is empty, must load); a second ``flwr run``
+of the same job (same ``job-id``, same run directory and so the same server state directory)
+resumes from the job's checkpoint: it runs only the remaining rounds, its privacy ledger holds
+each round once, it reports the job's cumulative rho (the plan's for four rounds) and it reuses
+the job's key. With its newest checkpoint damaged, a third run of the job refuses in one line:
+round 4 was published and its state is gone, so running it again would release it with other
+inputs. A new job draws a new key, never writes over the earlier job's run directory, and counts
+the earlier job's rho when its run config names it in ``prior-jobs``.
 """
 
 from __future__ import annotations
@@ -94,14 +97,14 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
         cluster.start_supernode(device)
 
     first = cluster.start_run(job)
-    wait_for_round(out, 2, timeout=300)
+    wait_for_round(out, 1, timeout=300)
     _kill_serverapp(cluster)  # a crash mid-job
     cluster.kill(first)
     state = ServerState(out / "server-state", "resume-job")
     key_before = state.key_path.read_bytes()
     assert state.key_path.stat().st_mode & 0o777 == 0o600 and state.path.stat().st_mode & 0o777 == 0o700
     done_before = len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line])
-    assert 2 <= done_before < 4
+    assert 1 <= done_before < 4
     rho_before = json.loads((out / "metrics.jsonl").read_text().splitlines()[done_before - 1])["rho"]
 
     second = cluster.flwr_run(job, timeout=400)
@@ -131,6 +134,16 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
         rounds = DeviceLedger(cluster.state_dir(device), device, "resume-job").rounds()
         assert rounds == sorted(set(rounds)) and set(rounds) <= {0, 1, 2, 3}
 
+    # the newest checkpoint damaged: round 4 was published and cannot be run again; refused
+    published = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "model.pt", "ledger.json")}
+    newest = sorted((state.path / "checkpoints").glob("ckpt-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:-7])
+    refused = cluster.flwr_run(job, timeout=300)
+    assert "job 'resume-job': round 4 may have been published" in refused.stdout, refused.stdout[-3000:]
+    assert "ckpt-00000004.pt (truncated" in refused.stdout and "prior-jobs='resume-job'" in refused.stdout
+    assert "Traceback" not in refused.stdout  # one line, not a traceback
+    assert {name: (out / name).read_bytes() for name in published} == published
+
     # a new job never writes over this job's run directory
     metrics_bytes = (out / "metrics.jsonl").read_bytes()
     intruder = cluster.flwr_run({**job, "job-id": "another-job", "rounds": 1}, timeout=300)
@@ -138,10 +151,17 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
     assert (out / "metrics.jsonl").read_bytes() == metrics_bytes
     assert not ServerState(out / "server-state", "another-job").exists()
 
-    # a new job draws a new key
+    # a new job draws a new key, and counts the abandoned job's rho (prior-jobs, same state-dir)
     out2 = tmp_path / "run2"
-    third = cluster.flwr_run({**job, "job-id": "another-job", "out-dir": str(out2), "rounds": 1}, timeout=300)
+    third = cluster.flwr_run(
+        {**job, "job-id": "another-job", "out-dir": str(out2), "rounds": 1, "state-dir": str(state.root), "prior-jobs": "resume-job"},
+        timeout=300,
+    )
     check_ran(third, cluster)
-    other = ServerState(out2 / "server-state", "another-job")
+    other = ServerState(state.root, "another-job")
     assert NoiseKey.load(other.key_path) != NoiseKey.load(state.key_path)
-    assert read_run(out2)["summary"]["flower"]["resumed_at_round"] == 0
+    new = read_run(out2)["summary"]
+    assert new["flower"]["resumed_at_round"] == 0
+    assert new["prior"]["runs"] == ["resume-job"] and new["prior"]["rounds"] == 4
+    assert new["prior"]["rho"] == pytest.approx(s["rho"], rel=1e-9)
+    assert new["rho"] == pytest.approx(s["rho"] + new["prior"]["rho_this_run"], rel=1e-9)
