@@ -72,6 +72,13 @@ def _sim(scenario: Path, out: Path, key: NoiseKey | None = None) -> Simulation:
     return Simulation(load_scenario(scenario, [(["output-dir"], str(out))]), run_dir=out, progress=False, noise_key=key)
 
 
+def _reference(scenario: Path, out: Path, of: Path) -> None:
+    """Run ``scenario`` uninterrupted into ``out`` with run ``of``'s key and run id (the same noise)."""
+    run_id = load_scenario(of / "config.toml").privacy.run_id
+    sc = load_scenario(scenario, [(["output-dir"], str(out)), (["privacy", "run-id"], run_id)])
+    Simulation(sc, run_dir=out, progress=False, noise_key=NoiseKey.load(of / KEY_FILE)).run()
+
+
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main(list(args))
@@ -142,7 +149,7 @@ def test_no_checkpoint_resume_replays_under_the_key_and_matches(tmp_path: Path, 
     _crash_after_row(sim, 3)
     with pytest.raises(_Crash):
         sim.run()
-    _sim(scenario, tmp_path / "ref", key=NoiseKey.load(run / KEY_FILE)).run()
+    _reference(scenario, tmp_path / "ref", run)
     code, err = _cli(capsys, "run", "--resume", str(run), "--quiet")
     assert code == 0, err
     assert "rounds 1-3 were released, and each must reproduce what it released" in err
@@ -158,7 +165,7 @@ def test_died_between_checkpoints_and_corrupt_newest_checkpoint_still_match(tmp_
     _crash_after_row(sim, 5)
     with pytest.raises(_Crash):
         sim.run()
-    _sim(scenario, tmp_path / "ref", key=NoiseKey.load(run / KEY_FILE)).run()
+    _reference(scenario, tmp_path / "ref", run)
     newest = list_checkpoints(run / CHECKPOINT_DIR)[0][1]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 1
@@ -280,6 +287,21 @@ def test_swapped_noise_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
         assert _public(run) == published
 
 
+def test_another_run_id_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The run id (public, in config.toml) enters every noise word: a resume under another one
+    would add other noise to the released rounds."""
+    run = tmp_path / "run"
+    assert _cli(capsys, "run", str(_scenario(tmp_path, rounds=2)), "--out", str(run), "--quiet")[0] == 0
+    published = _public(run)
+    config = run / "config.toml"
+    recorded = load_scenario(config).privacy.run_id
+    config.write_text(config.read_text().replace(recorded, "0" * 32))
+    code, err = _cli(capsys, "run", "--resume", str(run), "--quiet")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"is not the one this run was started with ({recorded}" in err
+    assert _public(run) == published
+
+
 def _forge_v1(path: Path, state: dict) -> None:
     """What an attacker without the key can write: an unkeyed checkpoint (SHA-256 recomputed)."""
     path.write_bytes(encode(state))
@@ -291,7 +313,7 @@ def test_forged_checkpoint_with_a_shorter_ledger_is_refused(tmp_path: Path) -> N
     run = tmp_path / "run"
     sim = _sim(scenario, run)
     sim.run()
-    _sim(scenario, tmp_path / "ref", key=NoiseKey.load(run / KEY_FILE)).run()
+    _reference(scenario, tmp_path / "ref", run)
     (run / "summary.json").unlink()
     newest = list_checkpoints(run / CHECKPOINT_DIR)[0][1]
     # the payload is readable (it is not encrypted): keep it, drop half of the privacy ledger

@@ -452,13 +452,21 @@ class RoundOwner:
         """Read back the release record at ``path`` before continuing the run.
 
         Refuses (:class:`~fedsim.engine.releases.ReleaseError`, one line) a record signed under
-        another key (a swapped key file), data that differ from those the run started on, and a
-        public run log with more rows than the record holds (a record cut back or replaced).
+        another key (a swapped key file), another run id, data that differ from those the run
+        started on, and a public run log with more rows than the record holds (a record cut back
+        or replaced).
         ``restart`` replaces the refusals' advice on starting anew.
         """
         record = ReleaseRecord.open(path, self.noise_source.key, key_file=self.key_file)
         if restart is not None:
             record.restart = restart
+        started = record.header.get("run", {}).get("run_id")
+        if started is not None and started != self.run_id:
+            raise ReleaseError(
+                f"{where}: the run id ({self.run_id}) is not the one this run was started with ({started}, "
+                f"in {path}): re-executed rounds would add other noise to rounds already released; "
+                "resume with the recorded run id"
+            )
         record.check_data(self.data_fingerprint, where=where)
         rows = self._logged_rows()
         if rows > record.released:
