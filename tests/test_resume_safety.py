@@ -375,13 +375,15 @@ def test_a_torn_last_record_line_is_a_round_never_published(tmp_path: Path) -> N
     key = NoiseKey.generate()
     path = tmp_path / "private" / RELEASES_FILE
     record = ReleaseRecord.create(path, key, data={"x": 1}, run={"scenario": "t"})
-    assert record.release(1, "a" * 64, None)
+    event = {"type": "matrix_factorization", "params": (0.5, 0.25)}  # tuples read back as lists
+    assert record.release(1, "a" * 64, event)
     with open(path, "ab") as fh:
         fh.write(b'{"digest": "bb", "ev')
     again = ReleaseRecord.open(path, key)
     assert again.released == 1
     assert again.release(2, "c" * 64, None)
-    assert not again.release(1, "a" * 64, None)  # a replay that reproduces round 1
+    assert not again.release(1, "a" * 64, event)  # a replay that reproduces round 1
+    again.check_ledger([{"round": 0, "event": event}], 1, source="ckpt")
     with pytest.raises(ReleaseError, match="round 2 was re-executed"):
         again.release(2, "d" * 64, None)
     final = ReleaseRecord.open(path, key)

@@ -98,6 +98,11 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so recorded and fresh values compare."""
+    return json.loads(json.dumps(value))
+
+
 @dataclass(frozen=True)
 class Release:
     """One released round as the record holds it."""
@@ -263,7 +268,7 @@ class ReleaseRecord:
         """
         upto = min(rounds_done, self._released)
         expected = [{"round": r.round - 1, "event": r.event} for r in self._releases[:upto] if r.event is not None]
-        entries = ledger if isinstance(ledger, list) else []
+        entries = _as_json(ledger) if isinstance(ledger, list | tuple) else []
         well_formed = all(isinstance(e, dict) and isinstance(e.get("round"), int) for e in entries)
         if not well_formed or [e for e in entries if e["round"] < upto] != expected:
             raise ReleaseError(
@@ -280,12 +285,13 @@ class ReleaseRecord:
         (a re-execution after a resume) must reproduce the recorded digest and event (returns
         ``False``); otherwise :class:`ReleaseError`, and the caller publishes nothing of it.
         """
+        event = _as_json(event)
         if round <= self._released:
             recorded = self._releases[round - 1]
             if recorded.digest != digest or recorded.event != event:
                 raise ReleaseError(
                     f"round {round} was re-executed on resume and does not reproduce what it released "
-                    f"before (its digest in {self.path} differs): its inputs changed (data, code, "
+                    f"before (its digest or privacy event in {self.path} differs): its inputs changed (data, code, "
                     f"device state); nothing of it was published again. Restore what changed, or {self.restart}"
                 )
             return False
