@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -151,8 +152,6 @@ def read_prior_run(run: Path) -> ReleaseRecord:
         )
     key_path = run / KEY_FILE
     if not key_path.exists():
-        import tomllib
-
         try:
             config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -161,8 +160,7 @@ def read_prior_run(run: Path) -> ReleaseRecord:
         if not named:
             raise CheckpointError(f"{where}: its noise key ({KEY_FILE}) is missing: its release record cannot be authenticated")
         key_path = Path(named)
-    record = ReleaseRecord.open(record_path, load_key(key_path, where), key_file=f"{where}: {key_path}")
-    return record
+    return ReleaseRecord.open(record_path, load_key(key_path, where), key_file=f"{where}: {key_path}")
 
 
 @dataclass
@@ -454,8 +452,7 @@ class RoundOwner:
         Refuses (:class:`~fedsim.engine.releases.ReleaseError`, one line) a record signed under
         another key (a swapped key file), another run id, data that differ from those the run
         started on, and a public run log with more rows than the record holds (a record cut back
-        or replaced).
-        ``restart`` replaces the refusals' advice on starting anew.
+        or replaced). ``restart`` replaces the refusals' advice on starting anew.
         """
         record = ReleaseRecord.open(path, self.noise_source.key, key_file=self.key_file)
         if restart is not None:
