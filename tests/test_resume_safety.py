@@ -413,4 +413,6 @@ def test_prior_runs_add_their_released_rho_to_the_new_run(tmp_path: Path, capsys
     # a directory without a release record is refused, naming it
     code, err = _cli(capsys, "run", str(_scenario(tmp_path, rounds=2)), "--out", str(tmp_path / "third"), "--quiet",
                      "--set", f"privacy.prior-runs=['{tmp_path}']")
-    assert code == 2 and err.count("\n") == 1 and f"prior-runs: {tmp_path}: no release record" in err
+    last = err.strip().splitlines()[-1]  # after the run's notes (noise multiplier, sampling): one error line
+    assert code == 2 and err.count("error:") == 1 and last.startswith("error: [privacy] prior-runs: ")
+    assert f"prior-runs: {tmp_path}: no release record" in last
