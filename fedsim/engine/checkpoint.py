@@ -72,8 +72,9 @@ MAGIC = b"FEDSIM-CHECKPOINT-1\n"
 #: Header of an authenticated checkpoint (a keyed run's).
 MAGIC_MAC = b"FEDSIM-CHECKPOINT-2\n"
 CHECKPOINT_DIR = "checkpoints"
-#: Scenario keys that do not change a run's results and may differ on resume.
-NEUTRAL_KEYS = ("output-dir", "checkpoint")
+#: Scenario keys that do not change a run's results and may differ on resume (where the run
+#: directory is, how often it is checkpointed, which trackers it logs its public metrics to).
+NEUTRAL_KEYS = ("output-dir", "checkpoint", "log")
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _NDARRAY = "__ndarray__"
