@@ -167,13 +167,14 @@ def plan(
     error: str | None = None,
     max_iterations: int | None = None,
     coefficients: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Plan a run's privacy budget: what ``fedsim privacy MECHANISM ... --json`` prints.
 
     The arguments are the command's flags (``target_rho`` is ``--target-rho``; ``noise_mechanism``
     is dp-ftrl's ``--mechanism``, ``error`` its ``--error``); ``None`` leaves a flag out, so its
     default is the command's. The answer is computed by the same code as the command
-    (:func:`fedsim.privacy.cli.plan`), so the two always agree.
+    (:func:`fedsim.privacy_cli.plan`), so the two always agree.
 
     Parameters
     ----------
@@ -191,12 +192,15 @@ def plan(
     sampling_rate:
         dp-fedavg: Poisson sampling rate of devices (amplifies epsilon, not rho).
     noise_mechanism:
-        dp-ftrl: ``"tree"`` (default), ``"blt"`` or ``"banded"``.
+        The command's ``--mechanism``: dp-ftrl ``"tree"`` (default), ``"blt"``, ``"banded"``, or
+        any registered mechanism that fits the strategy.
     estimator, buffers, blt_params, bands, error, max_iterations:
         dp-ftrl's ``--estimator``, ``--buffers``, ``--blt-params``, ``--bands``, ``--error``,
         ``--max-iterations``.
     coefficients:
-        Banded: include all of the strategy's ``coefs`` (``--coefficients``).
+        Banded: include all of the factorization's ``coefs`` (``--coefficients``).
+    **options:
+        The option flags of any other registered mechanism (``scale=3`` is ``--scale 3``).
 
     Returns
     -------
@@ -210,7 +214,7 @@ def plan(
         Bad input, with the message the command prints after ``error:``. Notes the command
         prints as ``warning:`` (an infeasible ``max_participations``) are ``UserWarning``\\ s.
     """
-    from fedsim.privacy.cli import plan as cli_plan
+    from fedsim.privacy_cli import plan as cli_plan
 
     flags: dict[str, Any] = {
         "--rounds": rounds,
@@ -228,6 +232,7 @@ def plan(
         "--bands": bands,
         "--error": error,
         "--max-iterations": max_iterations,
+        **{"--" + key.replace("_", "-"): value for key, value in options.items()},
     }
     argv: list[str] = []
     for flag, value in flags.items():

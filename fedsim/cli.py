@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
-    from fedsim.privacy.cli import add_parser as _add_privacy
+    from fedsim.privacy_cli import add_parser as _add_privacy
 
     _add_privacy(sub)
     _add_bench(sub)

@@ -6,7 +6,9 @@ Unknown names raise :class:`KeyError` subclasses listing the known ones.
 
 Typed parameters. A plug-in class may declare its parameters as a frozen dataclass in a class
 attribute ``Params`` (fields in snake_case with type annotations and defaults, value checks in
-``__post_init__`` raising ``ValueError`` that starts with the kebab-case key). The scenario
+``__post_init__`` raising ``ValueError`` that starts with the kebab-case key); an
+:class:`OpenParams` subclass also takes the options of a part it chooses (a DP strategy's
+mechanism). The scenario
 loader then maps the section's kebab-case keys onto those fields, checks each value's type
 against the annotation and builds ``Params`` (its checks run), all before the run starts; see
 :func:`params_class`, :func:`parameter_names` and :func:`resolve_params`. Either way the plug-in
@@ -33,6 +35,7 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 P = TypeVar("P")
+OP = TypeVar("OP", bound="OpenParams")
 
 
 class UnknownPluginError(KeyError):
@@ -100,6 +103,44 @@ class Registry(Generic[T]):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class OpenParams:
+    """Typed parameters that also take the options of a part that one of them chooses.
+
+    A DP strategy's ``Params`` names its mechanism (``mechanism = "blt"``) and takes that
+    mechanism's options as keys of the same section (``buffers = 3``) without listing them: keys
+    that are not fields are collected into :attr:`options`, :meth:`option_hints` gives the keys
+    (and their annotated types) it may take, and the subclass checks them in ``__post_init__``
+    (an option of another choice left at its default is allowed; see
+    :mod:`fedsim.privacy.mechanisms`). Build one from flat keywords with :meth:`from_keywords`
+    (:func:`resolve_params` does).
+    """
+
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    @classmethod
+    def option_hints(cls, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``{key: annotated type}`` of the options these parameters may take (every choice's, and
+        that of the choice ``values`` make, when given)."""
+        return {}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The parameters that are fields (``options`` itself is not a key)."""
+        return {f.name for f in dataclasses.fields(cls) if f.init and f.name != "options"}
+
+    @classmethod
+    def from_keywords(cls: type[OP], kwargs: Mapping[str, Any]) -> OP:
+        """The fields from ``kwargs``' field names, the rest as :attr:`options`."""
+        if "options" in kwargs:
+            raise TypeError(f"{cls.__name__}: give the options as keywords, not as 'options'")
+        names = cls.field_names()  # type: ignore[attr-defined]
+        own = {k: v for k, v in kwargs.items() if k in names}
+        extra = {k: v for k, v in kwargs.items() if k not in names}
+        return cls(**own, options=extra)
+
+
+
 def params_class(plugin: Any) -> type | None:
     """The plug-in's typed parameters: its ``Params`` attribute when that is a dataclass, else ``None``."""
     params = getattr(plugin, "Params", None)
@@ -111,10 +152,13 @@ def params_class(plugin: Any) -> type | None:
 def parameter_names(plugin: Any, skip: tuple[str, ...] = ("self",)) -> set[str] | None:
     """The snake_case parameter names a plug-in class accepts; ``None`` when it takes any keyword.
 
-    With a ``Params`` dataclass: its fields. Without: the constructor's parameters other than
+    With a ``Params`` dataclass: its fields (and, for :class:`OpenParams`, every option it may
+    take). Without: the constructor's parameters other than
     ``skip`` (a trainer's ``model`` too), ``None`` if it has ``**kwargs``.
     """
     typed = params_class(plugin)
+    if typed is not None and issubclass(typed, OpenParams):
+        return typed.field_names() | set(typed.option_hints())
     if typed is not None:
         return {f.name for f in dataclasses.fields(typed)}
     sig = inspect.signature(plugin.__init__)
@@ -130,6 +174,8 @@ def resolve_params(params_cls: type[P], params: P | None, kwargs: Mapping[str, A
     ``Params`` object or its fields as keyword arguments (the scenario's way), not both.
     """
     if params is None:
+        if isinstance(params_cls, type) and issubclass(params_cls, OpenParams):
+            return params_cls.from_keywords(kwargs)  # type: ignore[return-value]
         return params_cls(**kwargs)
     if kwargs:
         raise TypeError(f"give a {params_cls.__name__} or keyword arguments, not both")

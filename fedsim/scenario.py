@@ -685,12 +685,22 @@ def _validate_plugin_params(scenario: Scenario) -> None:
 
 
 def _typed_plugin_params(typed: type, params: dict[str, Any], section: str, what: str, own: set[str]) -> dict[str, Any]:
-    """``params`` mapped onto the ``Params`` dataclass ``typed``: names, types, then its checks."""
-    fields = {f.name: f for f in dataclasses.fields(typed) if f.init}
+    """``params`` mapped onto the ``Params`` dataclass ``typed``: names, types, then its checks.
+
+    An :class:`~fedsim.registry.OpenParams` also takes the keys of its options (a DP strategy's
+    mechanism options), typed by :meth:`~fedsim.registry.OpenParams.option_hints`.
+    """
+    from fedsim.registry import OpenParams
+
+    is_open = issubclass(typed, OpenParams)
+    fields = {f.name: f for f in dataclasses.fields(typed) if f.init and not (is_open and f.name == "options")}
+    option_hints = typed.option_hints(params) if is_open else {}
     for pname in params:
-        if pname not in fields:
+        if pname not in fields and pname not in option_hints:
             raise ScenarioError(
-                unknown_key_message(_kebab(pname), (_kebab(k) for k in own), extra={f"parameters of {what}": (_kebab(n) for n in fields)}),
+                unknown_key_message(
+                    _kebab(pname), (_kebab(k) for k in own), extra={f"parameters of {what}": (_kebab(n) for n in [*fields, *option_hints])}
+                ),
                 key=f"{section}.{_kebab(pname)}",
             )
     missing = [
@@ -703,9 +713,10 @@ def _typed_plugin_params(typed: type, params: dict[str, Any], section: str, what
         hints = typing.get_type_hints(typed)
     except Exception as exc:  # a user's Params whose annotations do not resolve
         raise ScenarioError(f"{what}: cannot read the types of {typed.__name__}: {type(exc).__name__}: {exc}", key=section) from None
+    hints = {**option_hints, **hints}
     values = {n: _check_type(v, hints[n], f"{section}.{_kebab(n)}") if n in hints else v for n, v in params.items()}
     try:
-        typed(**values)  # the dataclass's own value checks
+        typed.from_keywords(values) if is_open else typed(**values)  # the dataclass's own value checks
     except (ValueError, TypeError, ArithmeticError) as exc:
         raise ScenarioError(str(exc), key=section) from None
     return values

@@ -23,8 +23,11 @@ cohort.
 
 from __future__ import annotations
 
+import contextlib
+import typing
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
@@ -32,9 +35,17 @@ import numpy as np
 import torch
 
 from fedsim.optim import ServerOptimizer, ServerOptimizerParams
-from fedsim.privacy.mechanisms import Mechanism, noise_or_target
+from fedsim.privacy.calibration import calibrate
+from fedsim.privacy.mechanisms import (
+    MECHANISMS,
+    Mechanism,
+    mechanism_class,
+    mechanism_options,
+    noise_or_target,
+    option_fields,
+)
 from fedsim.privacy.noise import NoiseSource
-from fedsim.registry import Registry
+from fedsim.registry import OpenParams, Registry
 from fedsim.types import TrainConfig, UpdateBatch
 from fedsim.validation import int_at_least, positive_number
 
@@ -157,13 +168,15 @@ class Strategy(ABC):
 
 
 @dataclass(frozen=True)
-class MechanismParams(ServerOptimizerParams):
+class MechanismParams(ServerOptimizerParams, OpenParams):
     """Parameters every :class:`MechanismStrategy` has: its mechanism's and its optimizer's.
 
     A DP strategy's ``Params`` dataclass extends this one (``fedsim.registry``: typed plug-in
     parameters); the scenario keys are the kebab-case field names. The server optimizer's fields
     (``server_lr``, ``momentum``, ``server_optimizer``, ``beta1``, ``beta2``, ``tau``) are
-    :class:`~fedsim.optim.ServerOptimizerParams`'.
+    :class:`~fedsim.optim.ServerOptimizerParams`'. The options of the mechanism
+    (:attr:`mechanism`) are keys too, which it does not list: they are collected into
+    :attr:`~fedsim.registry.OpenParams.options` and checked by the mechanism's ``Options``.
 
     Attributes
     ----------
@@ -173,13 +186,17 @@ class MechanismParams(ServerOptimizerParams):
     target_rho:
         Instead of ``noise_multiplier``: the run's ``rho`` (zCDP); the smallest ``z`` that reaches
         it over the run's rounds under ``(k, b)`` is solved before the first round
-        (:func:`fedsim.privacy.calibration.calibrate_noise_multiplier`).
+        (:func:`fedsim.privacy.calibration.calibrate`).
     clip_norm:
         ``C``: L2 bound every client clips its delta to (sent in the round's ``TrainConfig``).
     max_participations:
         ``k``: at most this many contributions per device over the run (``None``: no limit).
     min_separation:
         ``b``: rounds strictly between two contributions of one device.
+    mechanism:
+        The registered mechanism (:data:`fedsim.privacy.mechanisms.MECHANISMS`) that adds the
+        noise, or one named by import path (``package.module:Class``); it must fit the strategy
+        (:meth:`takes`).
     """
 
     noise_multiplier: float | None = None
@@ -187,6 +204,10 @@ class MechanismParams(ServerOptimizerParams):
     clip_norm: float = 1.0
     max_participations: int | None = None
     min_separation: int = 0
+    mechanism: str = "gaussian"
+
+    #: The strategy these parameters are for, in messages.
+    strategy_name: ClassVar[str] = "this strategy"
 
     def __post_init__(self) -> None:
         noise_or_target(self.noise_multiplier, self.target_rho)
@@ -194,6 +215,44 @@ class MechanismParams(ServerOptimizerParams):
         int_at_least("max-participations", self.max_participations, 1, optional=True)
         int_at_least("min-separation", self.min_separation, 0)
         super().__post_init__()
+        cls = mechanism_class(self.mechanism)
+        if not self.takes(cls):
+            taken = ", ".join(repr(n) for n in self.mechanism_names())
+            raise ValueError(f"mechanism = {self.mechanism!r} does not fit {self.strategy_name}; "
+                             f"it takes: {taken}")
+        cls.Options(**self.mechanism_kwargs())  # the mechanism's own checks of its options
+
+    @classmethod
+    def takes(cls, mechanism: type[Mechanism]) -> bool:
+        """Whether the strategy can use ``mechanism`` (default: any)."""
+        return True
+
+    @classmethod
+    def mechanism_names(cls) -> list[str]:
+        """The registered mechanisms the strategy takes."""
+        return [n for n in MECHANISMS.names() if cls.takes(MECHANISMS.get(n))]
+
+    @classmethod
+    def option_hints(cls, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The scenario keys of the options of every mechanism the strategy takes (and of the one
+        ``values`` name, when it is given by import path), with their annotated types."""
+        classes = [MECHANISMS.get(n) for n in cls.mechanism_names()]
+        chosen = None if values is None else values.get("mechanism")
+        if isinstance(chosen, str) and chosen not in MECHANISMS.names():
+            with contextlib.suppress(ValueError):  # __post_init__ says what is wrong with it
+                classes.append(mechanism_class(chosen))
+        hints: dict[str, Any] = {}
+        for mech in classes:
+            types = typing.get_type_hints(mech.Options)
+            for name in option_fields(mech, scenario_only=True):
+                hints.setdefault(name, types[name])
+        return hints
+
+    def mechanism_kwargs(self) -> dict[str, Any]:
+        """The options that configure the mechanism (those of other mechanisms left at their
+        defaults are dropped; any other is a one-line error naming the key)."""
+        classes = [MECHANISMS.get(n) for n in self.mechanism_names()]
+        return mechanism_options(self.mechanism, dict(self.options), among=classes)
 
     def mechanism_common(self) -> dict[str, Any]:
         """The keyword arguments every mechanism takes (``noise_multiplier`` is a placeholder 1.0
@@ -205,6 +264,11 @@ class MechanismParams(ServerOptimizerParams):
             "max_participations": self.max_participations,
             "min_separation": self.min_separation,
         }
+
+    def build_mechanism(self, **extra: Any) -> Mechanism:
+        """The mechanism these parameters describe (``extra``: what the strategy adds, e.g. a
+        sampling rate)."""
+        return mechanism_class(self.mechanism)(**self.mechanism_common(), **self.mechanism_kwargs(), **extra)
 
 
 class MechanismStrategy(Strategy):
@@ -240,7 +304,7 @@ class MechanismStrategy(Strategy):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unreachable k is reported by the accountant's users
-                return self.mechanism.calibrate(self.target_rho, num_rounds=num_rounds)
+                return calibrate(self.mechanism, self.target_rho, num_rounds=num_rounds)
         except ValueError as exc:
             raise ValueError(f"target-rho = {self.target_rho:g} over {num_rounds} rounds: {exc}") from None
 

@@ -198,7 +198,7 @@ def main() -> int:
         print(f"  T={n:<6} k={kk:<5} b={bb:<5} E={e!s:<5} S={value:<9} {t * 1e3:8.2f} ms{extra}")
 
     if not args.skip_cli:
-        cmd = [sys.executable, "-m", "fedsim.privacy.cli", "privacy", "dp-ftrl",
+        cmd = [sys.executable, "-m", "fedsim.privacy_cli", "privacy", "dp-ftrl",
                "--noise-multiplier", "7", "--rounds", "2000", "--max-participations", "6",
                "--min-separation", "313", "--delta", "1e-10", "--json"]
         start = time.perf_counter()

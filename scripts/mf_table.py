@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--rho", type=float, default=0.81)
     parser.add_argument("--delta", type=float, default=1e-10)
     args = parser.parse_args()
-    base = [sys.executable, "-m", "fedsim.privacy.cli", "privacy", "dp-ftrl",
+    base = [sys.executable, "-m", "fedsim.privacy_cli", "privacy", "dp-ftrl",
             "--rounds", str(args.rounds), "--max-participations", str(args.max_participations),
             "--min-separation", str(args.min_separation), "--target-rho", str(args.rho),
             "--delta", str(args.delta), "--json"]

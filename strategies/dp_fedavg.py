@@ -32,20 +32,24 @@ Guarantee (user level: adding or removing all of one device's data):
   per contribution, so ``rho = c / (2 z**2)`` for ``c`` contributions per device (at most the
   number of rounds, or ``max_participations``).
 
-The strategy is the Gaussian sum mechanism (:class:`fedsim.privacy.mechanisms.GaussianSumMechanism`)
-composed with the server optimizer (:class:`fedsim.optim.ServerOptimizer`). The noise of round
-``r`` is a pure function of the run's noise key and ``r``, so a replayed round adds the same noise.
+The strategy is the Gaussian sum mechanism (``mechanism = "gaussian"``, the default:
+:class:`fedsim.privacy.mechanisms.gaussian.GaussianSumMechanism`) composed with the server optimizer
+(:class:`fedsim.optim.ServerOptimizer`). Another registered mechanism whose releases are independent
+noisy sums (``correlated = False``) gives another DP-FedAvg without a new strategy; Poisson sampling
+needs one that accounts for it (the sampled Gaussian mechanism's amplification is claimed only
+there). The noise of round ``r`` is a pure function of the run's noise key and ``r``, so a
+replayed round adds the same noise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from fedsim.privacy.events import GaussianEvent, SampledGaussianEvent
-from fedsim.privacy.mechanisms import GaussianSumMechanism
+from fedsim.privacy.events import PrivacyEvent
+from fedsim.privacy.mechanisms import Mechanism, mechanism_class
 from fedsim.privacy.noise import TAG_SAMPLE
 from fedsim.registry import resolve_params
 from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit, StrategyContext
@@ -71,11 +75,17 @@ class DPFedAvgParams(MechanismParams):
         ``"poisson"``: each eligible device independently with probability ``sampling_rate``.
     sampling_rate:
         ``q`` for Poisson sampling; default ``clients_per_round / num_devices``.
+    mechanism:
+        ``"gaussian"`` (default) or another mechanism with independent noise each round
+        (``correlated = False``); Poisson sampling needs one that accounts for sampling.
     """
 
     max_participations: int | None = None
     sampling: Literal["poisson", "fixed"] = "fixed"
     sampling_rate: float | None = None
+    mechanism: str = "gaussian"
+
+    strategy_name: ClassVar[str] = "dp-fedavg"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +94,14 @@ class DPFedAvgParams(MechanismParams):
             if self.sampling != "poisson":
                 raise ValueError("sampling-rate applies only to sampling = \"poisson\"")
             number_in("sampling-rate", self.sampling_rate, 0.0, 1.0, low_open=True)
+        if self.sampling == "poisson" and not mechanism_class(self.mechanism).accounts_for_sampling:
+            raise ValueError(f"sampling = \"poisson\" needs a mechanism that accounts for sampling "
+                             f"(\"gaussian\"), not mechanism = {self.mechanism!r}")
+
+    @classmethod
+    def takes(cls, mechanism: type[Mechanism]) -> bool:
+        """Mechanisms whose every release is an independent noisy sum (not a correlated prefix)."""
+        return not mechanism.correlated
 
 
 class DPFedAvg(MechanismStrategy):
@@ -99,9 +117,10 @@ class DPFedAvg(MechanismStrategy):
 
     def __init__(self, params: DPFedAvgParams | None = None, /, **kwargs: Any) -> None:
         p = resolve_params(DPFedAvgParams, params, kwargs)
-        self.compose(p, GaussianSumMechanism(**p.mechanism_common(), sampling_rate=p.sampling_rate))
+        sampled = {"sampling_rate": p.sampling_rate} if p.sampling == "poisson" else {}
+        self.compose(p, p.build_mechanism(**sampled))
         self.sampling: Literal["poisson", "fixed"] = p.sampling
-        self.requested_rate: float | None = self.mechanism.sampling_rate
+        self.requested_rate: float | None = p.sampling_rate
 
     @property
     def sampling_rate(self) -> float | None:
@@ -140,7 +159,7 @@ class DPFedAvg(MechanismStrategy):
         u = self.ctx.noise_source().uniform((TAG_SAMPLE, round), len(eligible))
         return np.sort(np.asarray(eligible)[u < self.sampling_rate])
 
-    def privacy_event(self, *, round: int) -> GaussianEvent | SampledGaussianEvent:
+    def privacy_event(self, *, round: int) -> PrivacyEvent:
         if self.sampling == "poisson" and self.sampling_rate is None:
             # before setup: the rate is clients_per_round / num_devices
             raise RuntimeError("dp-fedavg: the Poisson sampling rate is known after setup()")

@@ -32,7 +32,7 @@ trains whoever is eligible (the per-device limit ``(k, b)`` is enforced by devic
 server). The accountant uses the configured ``(k, b)``, never an observed count.
 
 Implementation: a mechanism (``mechanism = "tree"``, the default:
-:class:`fedsim.privacy.mechanisms.TreeAggregationMechanism`) releases each round's increment of
+:class:`fedsim.privacy.mechanisms.tree.TreeAggregationMechanism`) releases each round's increment of
 the noisy prefix sum, ``(X_t + N_t) - (X_{t-1} + N_{t-1})``; divided by ``n`` it is
 ``S_t - S_{t-1}``, and the server optimizer (:class:`fedsim.optim.ServerOptimizer`, heavy-ball
 momentum restarted with each tree) takes the step ``theta_t = theta_{t-1} + server_lr * v_t`` of
@@ -59,70 +59,49 @@ node), so a round replayed from saved state adds bit-for-bit the same noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from fedsim.privacy.mechanisms import build_mechanism, mechanism_options
 from fedsim.registry import resolve_params
 from fedsim.strategy import MechanismParams, MechanismStrategy, ParticipationLimit
-from fedsim.validation import choice, int_at_least
 
 __all__ = ["DPFTRL", "DPFTRLParams"]
+
 
 @dataclass(frozen=True)
 class DPFTRLParams(MechanismParams):
     """``[strategy] name = "dp-ftrl"`` parameters (kebab-case in a scenario).
 
     The mechanism's and optimizer's fields are :class:`~fedsim.strategy.MechanismParams`
-    (``noise_multiplier`` or ``target_rho`` (solved under ``(k, b)`` and ``restart_every``),
+    (``noise_multiplier`` or ``target_rho`` (solved under ``(k, b)`` and the mechanism's options),
     ``clip_norm``, ``max_participations`` (``k``, default 1), ``min_separation`` (``b``); the
     server optimizer's ``server_lr``, ``server_optimizer``, ``momentum`` (SGD only, default 0.9
     here: DP-FTRLM; 0 is plain DP-FTRL), ``beta1``, ``beta2``, ``tau``), and:
 
     Attributes
     ----------
-    restart_every:
-        Restart the tree every ``E`` rounds, or ``None`` for one tree over the whole run.
-    estimator:
-        ``"efficient"`` (Honaker, lower variance, same privacy) or ``"vanilla"``.
     mechanism:
-        Registered correlated-noise mechanism: ``"tree"`` (the default), ``"blt"`` (a buffered
-        linear Toeplitz matrix factorization) or ``"banded"`` (a banded one), see
-        :mod:`fedsim.privacy.mf_mechanisms`; the matrix factorizations choose their strategy for
-        the run's rounds and ``(k, b)``.
-    buffers:
-        ``mechanism = "blt"``: number of BLT buffers (default 3).
-    bands:
-        ``mechanism = "banded"``: band width, at most ``min_separation + 1`` (default that).
+        Any registered mechanism (``fedsim.privacy.mechanisms.MECHANISMS``): ``"tree"`` (the
+        default: tree aggregation; options ``estimator``, ``restart-every``), ``"blt"`` (a
+        buffered linear Toeplitz matrix factorization; option ``buffers``), ``"banded"`` (a banded
+        one; option ``bands``), ``"gaussian"`` (fresh noise each round), or one named by import
+        path. The mechanism's options are keys of the same section; the matrix factorizations
+        choose their strategy matrix for the run's rounds and ``(k, b)``.
     """
 
     #: DP-FTRLM: server momentum 0.9 unless ``momentum`` is given (``server-optimizer = "sgd"``)
     default_momentum: ClassVar[float] = 0.9
 
     max_participations: int = 1
-    restart_every: int | None = None
-    estimator: Literal["vanilla", "efficient"] = "efficient"
     mechanism: str = "tree"
-    buffers: int = 3
-    bands: int | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        int_at_least("restart-every", self.restart_every, 1, optional=True)
-        choice("estimator", self.estimator, ("vanilla", "efficient"))
-        mechanism_options(self.mechanism, self.mechanism_kwargs(), _DEFAULT_OPTIONS)
-
-    def mechanism_kwargs(self) -> dict[str, Any]:
-        """The fields that configure the mechanism beyond its common ones."""
-        return {key: getattr(self, key) for key in _DEFAULT_OPTIONS}
-
-
-_DEFAULT_OPTIONS = {"estimator": "efficient", "restart_every": None, "buffers": 3, "bands": None}
+    strategy_name: ClassVar[str] = "dp-ftrl"
 
 
 class DPFTRL(MechanismStrategy):
-    """DP-FTRL with tree-aggregation noise, participation limits and server momentum.
+    """DP-FTRL with tree-aggregation (or another mechanism's) noise, participation limits and
+    server momentum.
 
-    Built from a :class:`DPFTRLParams` or its fields as keywords
+    Built from a :class:`DPFTRLParams` or its fields (and the mechanism's options) as keywords
     (``DPFTRL(noise_multiplier=7.0, max_participations=6, min_separation=313)``).
     """
 
@@ -132,10 +111,8 @@ class DPFTRL(MechanismStrategy):
 
     def __init__(self, params: DPFTRLParams | None = None, /, **kwargs: Any) -> None:
         p = resolve_params(DPFTRLParams, params, kwargs)
-        self.compose(p, build_mechanism(p.mechanism, p.mechanism_kwargs(), _DEFAULT_OPTIONS, **p.mechanism_common()))
+        self.compose(p, p.build_mechanism())
         self.mechanism_name = p.mechanism
-        self.restart_every = p.restart_every
-        self.estimator = p.estimator
 
     def participation_limit(self) -> ParticipationLimit:
         return ParticipationLimit(max_participations=self.max_participations, min_separation=self.min_separation)

@@ -63,7 +63,7 @@ def test_prefix_variances_are_row_norms_of_b():
 def test_toeplitz_gram_matches_dense():
     c = np.random.default_rng(2).normal(size=9)
     mat = mf.toeplitz_matrix(c, 9)
-    np.testing.assert_allclose(mf._toeplitz_gram(c), mat.T @ mat, atol=1e-12)
+    np.testing.assert_allclose(mf.toeplitz_gram(c), mat.T @ mat, atol=1e-12)
 
 
 # -- sensitivity ------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_other_strategies_get_an_upper_bound():
     blt = mf.BLT((0.9, 0.5), (0.8, 0.7))
     assert not mf.toeplitz_sensitivity_sq(blt.coefs(10), 10, 3, 1).exact
     # long horizons: the triangle-inequality bound, no T x T matrix
-    n = mf._GRAM_LIMIT + 1
+    n = mf.GRAM_LIMIT + 1
     big = mf.toeplitz_sensitivity_sq(blt.coefs(n), n, 3, 100)
     assert not big.exact and big.value == pytest.approx(9 * float(blt.coefs(n) @ blt.coefs(n)))
     assert big.value >= mf.toeplitz_sensitivity_sq(blt.coefs(n), 1000, 3, 100).value
@@ -135,35 +135,35 @@ def test_effective_participations():
 
 
 # -- optimiser --------------------------------------------------------------------------------------
-def _product(strategy: mf.MFStrategy, n, k, b):
+def _product(strategy: mf.ToeplitzFactorization, n, k, b):
     sens = mf.toeplitz_sensitivity_sq(strategy.coefs(n), n, k, b).value
     return sens * float(strategy.prefix_variances(n).max())
 
 
 def test_blt_optimiser_small_t_deterministic_and_better_than_the_square_root():
     n, k, b = 40, 3, 9
-    first = mf.blt_strategy(n, k, b, num_buffers=2)
+    first = mf.optimal_blt(n, k, b, num_buffers=2)
     mf.optimize_blt.cache_clear()
-    again = mf.blt_strategy(n, k, b, num_buffers=2)
+    again = mf.optimal_blt(n, k, b, num_buffers=2)
     assert first == again  # bit-identical, not only close
     blt = first.blt
     assert all(0 < d < 1 for d in blt.decays) and all(s > 0 for s in blt.scales)
     assert sum(blt.scales) < 1  # non-increasing coefficients: the exact sensitivity applies
-    sqrt_a = mf.MFStrategy("banded", tuple(mf.banded_init_coefs(n)))  # A^(1/2), not banded
+    sqrt_a = mf.ToeplitzFactorization("banded", tuple(mf.banded_init_coefs(n)))  # A^(1/2), not banded
     sens_sqrt = mf.toeplitz_sensitivity_sq(sqrt_a.coefs(n), n, k, b).value
     assert _product(first, n, k, b) < sens_sqrt * float(sqrt_a.prefix_variances(n).max())
     # the identity (independent noise) and the prefix-sum matrix are far worse
-    ident = mf.MFStrategy("banded", (1.0,))
+    ident = mf.ToeplitzFactorization("banded", (1.0,))
     assert _product(first, n, k, b) < 0.5 * _product(ident, n, k, b)
 
 
 def test_banded_optimiser_small_t():
     n, k, b = 30, 3, 6
-    band = mf.banded_strategy(n, k, b)
+    band = mf.optimal_banded(n, k, b)
     assert len(band.params) == b + 1 and band.params[0] == 1.0
-    init = mf.MFStrategy("banded", tuple(mf.banded_init_coefs(b + 1)))
+    init = mf.ToeplitzFactorization("banded", tuple(mf.banded_init_coefs(b + 1)))
     assert _product(band, n, k, b) < _product(init, n, k, b)
-    assert mf.banded_strategy(n, k, b, bands=3).params != band.params
+    assert mf.optimal_banded(n, k, b, bands=3).params != band.params
     with pytest.raises(ValueError, match="bands must be <= min_separation"):
         mf.optimize_banded(n, k, b, bands=b + 2)
 
@@ -179,7 +179,7 @@ def test_gboard_reference_values():
     # jax_privacy 2.0.0 at T=2000, k=6, min_sep=314: 3-buffer BLT 26.28 x 4.46 = 117 (decays
     # ~[1 - 1.2e-10, 0.9925, 0.7944], scales ~[0.00756, 0.1277, 0.3278]); banded 314 bands 110.
     n, k, b = 2000, 6, 313
-    blt = mf.blt_strategy(n, k, b, num_buffers=3)
+    blt = mf.optimal_blt(n, k, b, num_buffers=3)
     sens = mf.toeplitz_sensitivity_sq(blt.coefs(n), n, k, b)
     err = float(blt.prefix_variances(n).max())
     assert sens.exact
@@ -190,7 +190,7 @@ def test_gboard_reference_values():
     np.testing.assert_allclose(blt.blt.scales, [0.00756, 0.1277, 0.3278], atol=2e-4)
     assert 1 - blt.blt.decays[0] < 1e-7  # not representable in float32
     assert np.float32(blt.blt.decays[0]) == 1.0
-    band = mf.banded_strategy(n, k, b)
+    band = mf.optimal_banded(n, k, b)
     assert len(band.params) == 314
     assert _product(band, n, k, b) <= 110.5
 

@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.privacy import cli as privacy_cli
+from fedsim import privacy_cli
 from fedsim.privacy import matrix_factorization as mf
 from fedsim.privacy.accountant import Accountant, mf_privacy
 from fedsim.privacy.events import MatrixFactorizationEvent, PrivacyLedger
-from fedsim.privacy.mechanisms import MECHANISMS, Mechanism, build_mechanism
-from fedsim.privacy.mf_mechanisms import BandedMechanism, BLTMechanism
+from fedsim.privacy.mechanisms import (
+    MECHANISMS,
+    BandedMechanism,
+    BLTMechanism,
+    Mechanism,
+    build_mechanism,
+)
 from fedsim.privacy.noise import NoiseKey, NoiseSource
 from strategies.dp_ftrl import DPFTRL
 
@@ -58,19 +63,19 @@ def test_increments_sum_to_the_factorized_noisy_prefix(cls, tag):
     mech = cls(noise_multiplier=z, clip_norm=clip, max_participations=3, min_separation=5)
     source = NoiseSource(NoiseKey.from_seed(99))
     mech.setup(num_params=P, num_rounds=rounds, source=source)
-    assert mech.strategy is not None
+    assert mech.factorization is not None
     gen = torch.Generator().manual_seed(0)
     xs = torch.randn(rounds, P, generator=gen)
     released = torch.stack([mech.release(t, xs[t]) for t in range(rounds)])
     # reference: A x + z C B xi with B = A C^-1, from the dense Toeplitz matrix
     n = rounds
-    c = mech.strategy.coefs(n)
+    c = mech.factorization.coefs(n)
     xi = torch.stack([source.normal((tag, t), P) for t in range(n)]).double().numpy()
     a = np.tril(np.ones((n, n)))
     expected = a @ xs.double().numpy() + z * clip * (a @ np.linalg.solve(mf.toeplitz_matrix(c, n), xi))
     np.testing.assert_allclose(torch.cumsum(released.double(), 0).numpy(), expected, atol=2e-4)
     event = mech.privacy_event(rounds)
-    assert isinstance(event, MatrixFactorizationEvent) and event.params == mech.strategy.params
+    assert isinstance(event, MatrixFactorizationEvent) and event.params == mech.factorization.params
     assert event.family == cls.name
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.privacy import cli as privacy_cli
+from fedsim import privacy_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def _main_cli_wires_privacy() -> bool:
     return False
 
 
-@pytest.mark.parametrize("module", ["fedsim.privacy.cli", "fedsim"])
+@pytest.mark.parametrize("module", ["fedsim.privacy_cli", "fedsim"])
 def test_subprocess_exact_commands(module):
     if module == "fedsim" and not _main_cli_wires_privacy():
         pytest.skip("fedsim/cli.py does not register the privacy subcommand yet")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedsim.privacy import cli as privacy_cli
+from fedsim import privacy_cli
 from fedsim.privacy import matrix_factorization as mf
 from fedsim.privacy.accountant import Accountant, mf_privacy, mf_sensitivity_sq
 from fedsim.privacy.calibration import calibrate_mf_noise_multiplier

@@ -1,14 +1,23 @@
-"""Differential-privacy accounting for fedsim (pure numpy/scipy/opacus; no torch engine code).
+"""Differential privacy for fedsim: the noise, the mechanisms and their accounting.
 
-* :mod:`~fedsim.privacy.sensitivity` -- exact DP-FTRL tree-aggregation sensitivity.
-* :mod:`~fedsim.privacy.conversions` -- zCDP to (epsilon, delta) conversions.
-* :mod:`~fedsim.privacy.events` -- privacy events and the append-only ledger.
-* :mod:`~fedsim.privacy.accountant` -- the accountant and the planning functions.
-* :mod:`~fedsim.privacy.calibration` -- noise calibration to a zCDP budget.
-* :mod:`~fedsim.privacy.matrix_factorization` -- BLT and banded matrix-factorization strategies
-  for DP-FTRL (sensitivity, optimiser, noise streams).
+Layers inside the package (checked by ``tests/test_layers.py``; imports point downwards):
 
-See ``docs/privacy.md`` for the accounting rules and conventions.
+* :mod:`~fedsim.privacy.calibration` -- the noise multiplier that meets a zCDP budget, by the
+  accountant on a mechanism's planned events.
+* :mod:`~fedsim.privacy.mechanisms` -- the registered mechanisms, one file each (Gaussian, tree,
+  BLT, banded): release, privacy events, planning, state.
+* :mod:`~fedsim.privacy.accountant` -- composes the events of a ledger (or a plan) into a report.
+* :mod:`~fedsim.privacy.events` -- privacy events, each kind with its own accounting, and the
+  ledger.
+* :mod:`~fedsim.privacy.matrix_factorization` (Toeplitz algebra and sensitivity, BLT, banded),
+  :mod:`~fedsim.privacy.sensitivity` (exact DP-FTRL tree sensitivity), :mod:`~fedsim.privacy.rdp`
+  (Opacus's subsampled-Gaussian RDP), :mod:`~fedsim.privacy.tree_noise`, ``audit``, ``clipping``.
+* :mod:`~fedsim.privacy.conversions` (zCDP to ``(epsilon, delta)``),
+  :mod:`~fedsim.privacy.noise` and :mod:`~fedsim.privacy.csprng` (the noise source),
+  ``tree_structure``.
+
+The planning command (``fedsim privacy``) is :mod:`fedsim.privacy_cli`, above this package. See
+``docs/privacy.md`` for the accounting rules and conventions.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ Propositions 1.6 and 1.7). With ``n`` events of a kind recorded so far:
   curves). The positions that ``(k, b)`` refer to are the positions of events
   of that kind in the ledger (one event per round is expected).
 
+Each kind computes its own ``rho`` (and, if amplified, RDP curve) from the group of its events
+(:class:`fedsim.privacy.events.PrivacyEvent`); this module only composes the registered kinds, in
+their registration order, so a new kind of event needs no change here.
+
 Conversions to ``(epsilon, delta)`` (:mod:`fedsim.privacy.conversions`):
 ``epsilon`` is the tight Gaussian-profile conversion of ``rho`` (for ledgers with
 sampled events: the smaller of that and the RDP conversion), ``epsilon_rdp`` the
@@ -44,17 +48,17 @@ RDP conversion (Canonne, Kamath & Steinke 2020).
 
 The accountant does not warn when ``k`` exceeds what fits in the rounds so far
 (it always does early in a run); the planning functions below do.
+
+Planning is the same computation on the events a mechanism says its run will record
+(:meth:`fedsim.privacy.mechanisms.Mechanism.plan_events`, in a
+:meth:`~fedsim.privacy.events.PrivacyLedger.planned` ledger); :func:`noise_rho` gives the ``rho``
+of such a ledger at another noise multiplier, which calibration bisects on.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import sys
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -64,21 +68,20 @@ from fedsim.privacy.conversions import (
     validate_delta,
 )
 from fedsim.privacy.events import (
+    EventGroup,
     GaussianEvent,
     MatrixFactorizationEvent,
     PrivacyEvent,
     PrivacyLedger,
     SampledGaussianEvent,
     TreeAggregationEvent,
+    check_event,
     check_noise_multiplier,
+    event_kinds,
+    mf_sensitivity_sq,
 )
-from fedsim.privacy.sensitivity import (
-    effective_max_participations,
-    exact_gaussian_weight_sum,
-    max_gaussian_participations,
-    max_tree_sensitivity_sq,
-    prefix_cache,
-)
+from fedsim.privacy.rdp import RDP_ORDERS, privacy_spent, sampled_gaussian_epsilon
+from fedsim.privacy.sensitivity import effective_max_participations
 from fedsim.validation import int_at_least, is_int
 
 __all__ = [
@@ -87,46 +90,12 @@ __all__ = [
     "PrivacyReport",
     "dp_fedavg_privacy",
     "dp_ftrl_privacy",
+    "ledger_groups",
     "mf_privacy",
     "mf_sensitivity_sq",
+    "noise_rho",
     "sampled_gaussian_epsilon",
 ]
-
-# The default orders of Opacus's RDPAccountant (1.1 .. 10.9 by 0.1, then 12 .. 63),
-# extended upwards for small deltas / large noise.
-RDP_ORDERS: tuple[float, ...] = (
-    tuple(1.0 + x / 10.0 for x in range(1, 100))
-    + tuple(float(a) for a in range(12, 64))
-    + (64.0, 80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 384.0, 512.0, 1024.0)
-)
-
-
-@functools.cache
-def _opacus_rdp():
-    """Opacus's RDP analysis module (``opacus.accountants.analysis.rdp``).
-
-    Importing the ``opacus`` package imports torch (seconds); the analysis module
-    itself only needs numpy and scipy. When opacus is not loaded yet, that one
-    file of the installed opacus is loaded on its own, so planning from the
-    command line stays fast; otherwise the regular module is used.
-    """
-    loaded = sys.modules.get("opacus.accountants.analysis.rdp")
-    if loaded is not None:
-        return loaded
-    if "opacus" not in sys.modules:
-        spec = importlib.util.find_spec("opacus")
-        locations = spec.submodule_search_locations if spec is not None else None
-        if locations:
-            path = Path(next(iter(locations))) / "accountants" / "analysis" / "rdp.py"
-            if path.is_file():
-                file_spec = importlib.util.spec_from_file_location("_fedsim_opacus_rdp", path)
-                if file_spec is not None and file_spec.loader is not None:
-                    module = importlib.util.module_from_spec(file_spec)
-                    file_spec.loader.exec_module(module)
-                    return module
-    from opacus.accountants.analysis import rdp
-
-    return rdp
 
 
 @dataclass(frozen=True)
@@ -145,144 +114,45 @@ class PrivacyReport:
 
 _EMPTY_REPORT = PrivacyReport(None, None, None, None, None)
 
-
-@functools.lru_cache(maxsize=256)
-def _sampled_rdp_per_round(sampling_rate: float, noise_multiplier: float) -> np.ndarray:
-    """RDP of one subsampled-Gaussian round at :data:`RDP_ORDERS` (Opacus)."""
-    rdp = _opacus_rdp().compute_rdp(
-        q=sampling_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
-    )
-    out = np.asarray(rdp, dtype=np.float64)
-    out.setflags(write=False)
-    return out
+Groups = Mapping[type[PrivacyEvent], EventGroup]
 
 
-def _privacy_spent(rdp: Sequence[float] | np.ndarray, delta: float) -> float:
-    """Opacus's RDP-to-(epsilon, delta) conversion over :data:`RDP_ORDERS`, without its warnings.
-
-    Opacus warns when the best order is the smallest or the largest of the grid: the epsilon it
-    returns is still a valid upper bound (a finer grid could only lower it), and where it is
-    loose (large epsilon, optimum at the smallest order) the accountant reports the minimum with the
-    zCDP conversion anyway. A user cannot act on the warning, so it is not shown.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Optimal order is the (smallest|largest) alpha")
-        eps, _ = _opacus_rdp().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
-    return float(eps)
-
-
-def sampled_gaussian_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
-                             delta: float) -> float:
-    """Amplified epsilon of ``rounds`` Poisson-subsampled Gaussian rounds (Opacus RDP, no cap)."""
-    delta = validate_delta(delta)
-    rdp = _sampled_rdp_per_round(float(sampling_rate), float(noise_multiplier)) * rounds
-    return _privacy_spent(rdp, delta)
+def _rho_parts(groups: Groups) -> tuple[float, float, list[tuple[type[PrivacyEvent], EventGroup, float]],
+                                        list[float | None]]:
+    """``(rho, rho of the unamplified kinds, the amplified groups with their rho, the zs)``."""
+    plain = 0.0
+    amplified: list[tuple[type[PrivacyEvent], EventGroup, float]] = []
+    zs: list[float | None] = []
+    for cls, group in groups.items():
+        r, z = cls.group_rho(group)
+        zs.append(z)
+        if cls.amplified:
+            amplified.append((cls, group, r))
+        else:
+            plain += r
+    rho = plain
+    for _, _, r in amplified:
+        rho += r
+    return rho, plain, amplified, zs
 
 
-class _Group:
-    """The events of one kind: how many, the distinct ones with counts, and the order."""
-
-    __slots__ = ("count", "distinct", "ordered")
-
-    def __init__(self, count: int, distinct: Mapping[PrivacyEvent, int],
-                 ordered: Sequence[PrivacyEvent] | None) -> None:
-        self.count = count
-        self.distinct = distinct
-        self.ordered = ordered  # only needed when noise multipliers differ
-
-
-def _single_params(group: _Group, fields: tuple[str, ...], kind: str) -> dict:
-    params = {tuple(getattr(e, f) for f in fields) for e in group.distinct}
-    if len(params) > 1:
-        raise ValueError(
-            f"ledger mixes {kind} events with different {', '.join(fields)}: {sorted(params, key=str)}; "
-            "a run must use one participation schedule"
-        )
-    (values,) = params
-    return dict(zip(fields, values, strict=True))
-
-
-def _tree_rho(group: _Group) -> tuple[float, float]:
-    params = _single_params(
-        group, ("noise_multiplier", "max_participations", "min_separation", "restart_every"),
-        "TreeAggregationEvent",
-    )
-    s = prefix_cache(params["max_participations"], params["min_separation"],
-                      params["restart_every"])(group.count)
-    z = params["noise_multiplier"]
-    return s / (2.0 * z * z), z
-
-
-@functools.lru_cache(maxsize=4096)
-def mf_sensitivity_sq(family: str, params: tuple[float, ...], max_participations: int,
-                      min_separation: int, rounds: int) -> tuple[float, bool]:
-    """``(sens^2, exact)`` of the first ``rounds`` rounds of a matrix-factorization strategy."""
-    from fedsim.privacy.matrix_factorization import strategy_coefs, toeplitz_sensitivity_sq
-
-    sens = toeplitz_sensitivity_sq(strategy_coefs(family, params, rounds), rounds,
-                                   max_participations, min_separation)
-    return sens.value, sens.exact
-
-
-def _mf_rho(group: _Group) -> tuple[float, float]:
-    params = _single_params(
-        group, ("noise_multiplier", "max_participations", "min_separation", "family", "params"),
-        "MatrixFactorizationEvent",
-    )
-    s, _ = mf_sensitivity_sq(params["family"], params["params"], params["max_participations"],
-                             params["min_separation"], group.count)
-    z = params["noise_multiplier"]
-    return s / (2.0 * z * z), z
-
-
-def _unamplified_rho(group: _Group, kind: str) -> tuple[float, float | None]:
-    params = _single_params(group, ("max_participations", "min_separation"), kind)
-    k, b = params["max_participations"], params["min_separation"]
-    zs = {e.noise_multiplier for e in group.distinct}
-    if len(zs) == 1:
-        (z,) = zs
-        m = max_gaussian_participations(group.count, k, b)
-        return m / (2.0 * z * z), z
-    ordered = group.ordered
-    assert ordered is not None and len(ordered) == group.count
-    weights = np.array([1.0 / (2.0 * e.noise_multiplier ** 2) for e in ordered])
-    return exact_gaussian_weight_sum(weights, k, b), None
-
-
-def _compose(groups: Mapping[type, _Group], delta: float) -> PrivacyReport:
+def _compose(groups: Groups, delta: float) -> PrivacyReport:
     groups = {cls: g for cls, g in groups.items() if g.count > 0}
     if not groups:
         return _EMPTY_REPORT
-    rho_other = 0.0
-    zs: list[float | None] = []
-    if TreeAggregationEvent in groups:
-        r, z = _tree_rho(groups[TreeAggregationEvent])
-        rho_other += r
-        zs.append(z)
-    if MatrixFactorizationEvent in groups:
-        r, z = _mf_rho(groups[MatrixFactorizationEvent])
-        rho_other += r
-        zs.append(z)
-    if GaussianEvent in groups:
-        r, z = _unamplified_rho(groups[GaussianEvent], "GaussianEvent")
-        rho_other += r
-        zs.append(z)
-    sampled = groups.get(SampledGaussianEvent)
-    if sampled is None:
-        rho = rho_other
+    rho, plain, amplified, zs = _rho_parts(groups)
+    if not amplified:
         eps = epsilon_from_rho(rho, delta)
         eps_rdp = epsilon_rdp_from_rho(rho, delta)
     else:
-        rho_sampled, z = _unamplified_rho(sampled, "SampledGaussianEvent")
-        zs.append(z)
-        rho = rho_other + rho_sampled
         orders = np.asarray(RDP_ORDERS)
-        amplified = np.zeros_like(orders)
-        for event, count in sampled.distinct.items():
-            amplified = amplified + _sampled_rdp_per_round(
-                event.sampling_rate, event.noise_multiplier) * count
-        curve = np.minimum(amplified, orders * rho_sampled) + orders * rho_other
-        eps_curve = _privacy_spent(curve, delta)
+        curve: np.ndarray | None = None
+        for cls, group, r in amplified:
+            part = np.minimum(cls.group_rdp(group), orders * r)
+            curve = part if curve is None else curve + part
+        assert curve is not None
+        curve = curve + orders * plain
+        eps_curve = privacy_spent(curve, delta)
         eps_rdp = min(float(eps_curve), epsilon_rdp_from_rho(rho, delta))
         eps = min(eps_rdp, epsilon_from_rho(rho, delta))
     noise = zs[0] if zs and all(z is not None and z == zs[0] for z in zs) else None
@@ -290,7 +160,30 @@ def _compose(groups: Mapping[type, _Group], delta: float) -> PrivacyReport:
                          noise_multiplier=noise)
 
 
-_KINDS = (TreeAggregationEvent, MatrixFactorizationEvent, GaussianEvent, SampledGaussianEvent)
+def ledger_groups(ledger: PrivacyLedger) -> dict[type[PrivacyEvent], EventGroup]:
+    """The ledger's events grouped by kind, in the registered kinds' order."""
+    groups = {}
+    for cls in event_kinds():
+        distinct = ledger.distinct_events(cls)
+        if distinct:
+            groups[cls] = EventGroup(sum(distinct.values()), distinct, ledger.events_of_type(cls))
+    return groups
+
+
+def noise_rho(ledger: PrivacyLedger) -> Callable[[float], float]:
+    """``z -> rho`` of ``ledger`` with every event's noise multiplier set to ``z``.
+
+    The accountant's own ``rho`` (the same kinds' :meth:`~fedsim.privacy.events.PrivacyEvent.
+    group_rho`, composed in the same order): what calibration bisects on. Each call costs the
+    distinct events, not the ledger's length.
+    """
+    groups = ledger_groups(ledger)
+
+    def rho_at(noise_multiplier: float) -> float:
+        renoised = {cls: g.with_noise(noise_multiplier) for cls, g in groups.items()}
+        return _rho_parts(renoised)[0] if renoised else 0.0
+
+    return rho_at
 
 
 class Accountant:
@@ -309,12 +202,7 @@ class Accountant:
 
     def report(self, ledger: PrivacyLedger) -> PrivacyReport:
         """Privacy spent by everything recorded in ``ledger``."""
-        groups = {}
-        for cls in _KINDS:
-            distinct = ledger.distinct_events(cls)
-            if distinct:
-                groups[cls] = _Group(sum(distinct.values()), distinct, ledger.events_of_type(cls))
-        return _compose(groups, self.delta)
+        return _compose(ledger_groups(ledger), self.delta)
 
     def report_with(self, ledger: PrivacyLedger, round: int, event: PrivacyEvent) -> PrivacyReport:
         """The report if ``event`` were recorded next for ``round``; ``ledger`` is not modified.
@@ -323,26 +211,22 @@ class Accountant:
         """
         if not is_int(round):
             raise ValueError(f"round must be an integer, got {round!r}")
-        if type(event) not in _KINDS:
-            raise TypeError(
-                f"event must be a GaussianEvent, SampledGaussianEvent, TreeAggregationEvent or "
-                f"MatrixFactorizationEvent, got {event!r}"
-            )
+        check_event(event)
         entries = ledger.events()
         if entries and round <= entries[-1][0]:
             raise ValueError(
                 f"rounds must be strictly increasing: got round {round} after round {entries[-1][0]}"
             )
         groups = {}
-        for cls in _KINDS:
-            distinct = ledger.distinct_events(cls)
-            ordered = ledger.events_of_type(cls)
+        for cls in event_kinds():
+            distinct: Mapping[PrivacyEvent, int] = ledger.distinct_events(cls)
+            ordered: Sequence[PrivacyEvent] = ledger.events_of_type(cls)
             if cls is type(event):
                 distinct = dict(distinct)
                 distinct[event] = distinct.get(event, 0) + 1
                 ordered = _Appended(ordered, event)
             if distinct:
-                groups[cls] = _Group(sum(distinct.values()), distinct, ordered)
+                groups[cls] = EventGroup(sum(distinct.values()), distinct, ordered)
         return _compose(groups, self.delta)
 
 
@@ -383,12 +267,7 @@ def dp_ftrl_privacy(noise_multiplier: float, rounds: int, max_participations: in
     delta = validate_delta(delta)
     event = TreeAggregationEvent(z, max_participations, min_separation, restart_every)
     effective_max_participations(rounds, event.max_participations, event.min_separation, warn=True)
-    s = max_tree_sensitivity_sq(rounds, event.max_participations, event.min_separation,
-                                event.restart_every)
-    rho = s / (2.0 * z * z)
-    return PrivacyReport(rho=rho, epsilon=epsilon_from_rho(rho, delta),
-                         epsilon_rdp=epsilon_rdp_from_rho(rho, delta), delta=delta,
-                         noise_multiplier=z)
+    return _planned(event, rounds, delta)
 
 
 def mf_privacy(noise_multiplier: float, rounds: int, max_participations: int,
@@ -403,7 +282,7 @@ def mf_privacy(noise_multiplier: float, rounds: int, max_participations: int,
     rounds = int_at_least("rounds", rounds, 1)
     delta = validate_delta(delta)
     event = MatrixFactorizationEvent(z, max_participations, min_separation, family, params)
-    return _compose({MatrixFactorizationEvent: _Group(rounds, {event: rounds}, None)}, delta)
+    return _planned(event, rounds, delta)
 
 
 def dp_fedavg_privacy(noise_multiplier: float, rounds: int, delta: float,
@@ -426,12 +305,18 @@ def dp_fedavg_privacy(noise_multiplier: float, rounds: int, delta: float,
     if event.max_participations is not None:
         effective_max_participations(rounds, event.max_participations, event.min_separation,
                                      warn=True)
-    return _compose({type(event): _Group(rounds, {event: rounds}, None)}, delta)
+    return _planned(event, rounds, delta)
+
+
+def _planned(event: PrivacyEvent, rounds: int, delta: float) -> PrivacyReport:
+    """The report of a ledger of ``rounds`` copies of ``event`` (without building it)."""
+    return _compose({type(event): EventGroup(rounds, {event: rounds}, None)}, delta)
 
 
 def clear_caches() -> None:
-    """Empty the accounting memo caches, this module's and :mod:`fedsim.privacy.sensitivity`'s."""
-    from fedsim.privacy import sensitivity
+    """Empty the accounting memo caches (RDP, sensitivities)."""
+    from fedsim.privacy import rdp, sensitivity
 
-    _sampled_rdp_per_round.cache_clear()
+    rdp.clear_caches()
+    mf_sensitivity_sq.cache_clear()
     sensitivity.clear_caches()

@@ -1,11 +1,16 @@
-"""Noise calibration: the smallest noise multiplier that meets a zCDP budget.
+"""Noise calibration: the smallest noise multiplier whose run meets a zCDP budget.
 
-For every mechanism in fedsim, ``rho`` is decreasing in the noise multiplier
-``z`` (it is ``sensitivity_sq / (2 z**2)`` with a ``z``-independent
-``sensitivity_sq``; see :mod:`fedsim.privacy.accountant`). The calibration
-bisects on ``log z`` with the same ``rho`` expression the accountant uses, so
-the returned ``z`` never overshoots the target and is within ``rel_tol`` of the
-smallest such ``z``.
+One solver for every mechanism (:func:`calibrate`): the mechanism plans its run
+(:meth:`~fedsim.privacy.mechanisms.Mechanism.plan_events`), and the accountant's own ``rho`` of
+that plan as a function of the noise multiplier (:func:`~fedsim.privacy.accountant.noise_rho`) is
+bisected on ``log z``, as Opacus's ``get_noise_multiplier`` drives its accountant. ``rho`` is
+decreasing in ``z`` for every kind of event (a Gaussian mechanism's ``sensitivity^2 / (2 z^2)``),
+so the returned ``z`` never overshoots the target and is within ``rel_tol`` of the smallest such
+``z``; a run with it records exactly the planned events, so it ends at the planned ``rho``.
+
+:func:`calibrate_noise_multiplier` and :func:`calibrate_mf_noise_multiplier` are conveniences for
+scripts: they build the mechanism of a DP-FTRL (tree) or DP-FedAvg run from its parameters, or
+solve ``s / (2 z^2) <= target`` for a given squared sensitivity ``s``.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from fedsim.privacy.accountant import noise_rho
 from fedsim.privacy.conversions import validate_rho
-from fedsim.privacy.events import MIN_NOISE_MULTIPLIER
+from fedsim.privacy.events import MIN_NOISE_MULTIPLIER, PrivacyLedger
+from fedsim.privacy.mechanisms import GaussianSumMechanism, Mechanism, TreeAggregationMechanism
 from fedsim.privacy.sensitivity import (
     effective_max_participations,
     max_gaussian_participations,
@@ -23,52 +30,27 @@ from fedsim.privacy.sensitivity import (
 from fedsim.validation import int_at_least
 
 __all__ = [
-    "MECHANISMS",
+    "STRATEGY_NAMES",
+    "calibrate",
     "calibrate_mf_noise_multiplier",
     "calibrate_noise_multiplier",
     "sensitivity_sq",
 ]
 
-MECHANISMS = ("dp-ftrl", "dp-fedavg")
+#: The runs :func:`calibrate_noise_multiplier` and :func:`sensitivity_sq` know by name.
+STRATEGY_NAMES = ("dp-ftrl", "dp-fedavg")
 
 
-def _norm_mechanism(mechanism: str) -> str:
-    name = str(mechanism).replace("_", "-").lower()
-    if name not in MECHANISMS:
-        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
-    return name
+def _check_target(target_rho: float, rel_tol: float) -> float:
+    target = validate_rho(target_rho)
+    if target == 0.0 or math.isinf(target):
+        raise ValueError(f"target_rho must be a finite number > 0, got {target_rho!r}")
+    if not 0.0 < rel_tol < 1.0:
+        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    return target
 
 
-def sensitivity_sq(mechanism: str, *, rounds: int, max_participations: int | None = None,
-                   min_separation: int = 0, restart_every: int | None = None,
-                   sampling_rate: float | None = None, warn: bool = True) -> int:
-    """Squared L2 sensitivity (in units of ``C**2``) of a whole run, so ``rho = it / (2 z**2)``.
-
-    ``dp-ftrl``: the exact tree-aggregation ``S`` (``max_participations`` required).
-    ``dp-fedavg``: the number of rounds a device can contribute to (sampling is not
-    used: this is the unamplified bound that ``rho`` reports). With ``warn`` a
-    ``UserWarning`` names the effective ``max_participations`` when the requested
-    one cannot be reached.
-    """
-    del sampling_rate  # rho is unamplified; accepted so callers can pass the run's parameters
-    name = _norm_mechanism(mechanism)
-    int_at_least("rounds", rounds, 1)
-    int_at_least("min_separation", min_separation, 0)
-    int_at_least("max_participations", max_participations, 1, optional=True)
-    if name == "dp-ftrl":
-        if max_participations is None:
-            raise ValueError("dp-ftrl needs max_participations")
-        if warn:
-            effective_max_participations(rounds, max_participations, min_separation, warn=True)
-        return max_tree_sensitivity_sq(rounds, max_participations, min_separation, restart_every)
-    if restart_every is not None:
-        raise ValueError("restart_every only applies to dp-ftrl")
-    if warn and max_participations is not None:
-        effective_max_participations(rounds, max_participations, min_separation, warn=True)
-    return max_gaussian_participations(rounds, max_participations, min_separation)
-
-
-def _bisect_noise(rho_of: Callable[[float], float], target_rho: float, rel_tol: float) -> float:
+def bisect_noise(rho_of: Callable[[float], float], target_rho: float, rel_tol: float) -> float:
     """Smallest ``z`` (up to ``rel_tol``) with ``rho_of(z) <= target_rho``, ``rho_of`` decreasing."""
     hi = 1.0
     while rho_of(hi) > target_rho:
@@ -96,6 +78,55 @@ def _bisect_noise(rho_of: Callable[[float], float], target_rho: float, rel_tol: 
     return hi
 
 
+def calibrate(mechanism: Mechanism, target_rho: float, *, num_rounds: int,
+              rel_tol: float = 1e-6) -> float:
+    """Smallest noise multiplier (within ``rel_tol``) whose ``num_rounds``-round run of
+    ``mechanism`` has ``rho <= target_rho``, by the accountant on the mechanism's planned events.
+
+    Does not change ``mechanism`` (its noise multiplier only scales the events it plans).
+    """
+    target = _check_target(target_rho, rel_tol)
+    rounds = int_at_least("rounds", num_rounds, 1)
+    rho_of = noise_rho(PrivacyLedger.planned(mechanism.plan_events(rounds)))
+    return bisect_noise(rho_of, target, rel_tol)
+
+
+def _strategy_name(mechanism: str) -> str:
+    name = str(mechanism).replace("_", "-").lower()
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"mechanism must be one of {STRATEGY_NAMES}, got {mechanism!r}")
+    return name
+
+
+def sensitivity_sq(mechanism: str, *, rounds: int, max_participations: int | None = None,
+                   min_separation: int = 0, restart_every: int | None = None,
+                   sampling_rate: float | None = None, warn: bool = True) -> int:
+    """Squared L2 sensitivity (in units of ``C**2``) of a whole run, so ``rho = it / (2 z**2)``.
+
+    ``dp-ftrl``: the exact tree-aggregation ``S`` (``max_participations`` required).
+    ``dp-fedavg``: the number of rounds a device can contribute to (sampling is not
+    used: this is the unamplified bound that ``rho`` reports). With ``warn`` a
+    ``UserWarning`` names the effective ``max_participations`` when the requested
+    one cannot be reached.
+    """
+    del sampling_rate  # rho is unamplified; accepted so callers can pass the run's parameters
+    name = _strategy_name(mechanism)
+    int_at_least("rounds", rounds, 1)
+    int_at_least("min_separation", min_separation, 0)
+    int_at_least("max_participations", max_participations, 1, optional=True)
+    if name == "dp-ftrl":
+        if max_participations is None:
+            raise ValueError("dp-ftrl needs max_participations")
+        if warn:
+            effective_max_participations(rounds, max_participations, min_separation, warn=True)
+        return max_tree_sensitivity_sq(rounds, max_participations, min_separation, restart_every)
+    if restart_every is not None:
+        raise ValueError("restart_every only applies to dp-ftrl")
+    if warn and max_participations is not None:
+        effective_max_participations(rounds, max_participations, min_separation, warn=True)
+    return max_gaussian_participations(rounds, max_participations, min_separation)
+
+
 def calibrate_noise_multiplier(target_rho: float, mechanism: str = "dp-ftrl", *, rounds: int,
                                max_participations: int | None = None, min_separation: int = 0,
                                restart_every: int | None = None,
@@ -103,39 +134,37 @@ def calibrate_noise_multiplier(target_rho: float, mechanism: str = "dp-ftrl", *,
                                rel_tol: float = 1e-6) -> float:
     """Smallest noise multiplier ``z`` (within ``rel_tol`` relative) whose run ``rho`` is ``<= target_rho``.
 
-    The mechanism parameters are those of :func:`~fedsim.privacy.accountant.dp_ftrl_privacy`
-    (``mechanism="dp-ftrl"``) or :func:`~fedsim.privacy.accountant.dp_fedavg_privacy`
-    (``"dp-fedavg"``; ``rho`` does not depend on ``sampling_rate``).
+    The run is DP-FTRL with tree aggregation (``mechanism="dp-ftrl"``, the parameters of
+    :func:`~fedsim.privacy.accountant.dp_ftrl_privacy`) or DP-FedAvg (``"dp-fedavg"``, those of
+    :func:`~fedsim.privacy.accountant.dp_fedavg_privacy`; ``rho`` does not depend on
+    ``sampling_rate``): :func:`calibrate` on the mechanism that run uses. Warns
+    (``UserWarning``) when ``max_participations`` cannot be reached.
     """
-    target = validate_rho(target_rho)
-    if target == 0.0 or math.isinf(target):
-        raise ValueError(f"target_rho must be a finite number > 0, got {target_rho!r}")
-    if not 0.0 < rel_tol < 1.0:
-        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
-    s = sensitivity_sq(mechanism, rounds=rounds, max_participations=max_participations,
-                       min_separation=min_separation, restart_every=restart_every,
-                       sampling_rate=sampling_rate)
-
-    def rho_of(z: float) -> float:
-        return s / (2.0 * z * z)
-
-    return _bisect_noise(rho_of, target, rel_tol)
+    _check_target(target_rho, rel_tol)
+    # the checks (and the unreachable-k warning) of the planning functions
+    sensitivity_sq(mechanism, rounds=rounds, max_participations=max_participations,
+                   min_separation=min_separation, restart_every=restart_every)
+    if _strategy_name(mechanism) == "dp-ftrl":
+        mech: Mechanism = TreeAggregationMechanism(
+            noise_multiplier=1.0, clip_norm=1.0, max_participations=max_participations,
+            min_separation=min_separation, restart_every=restart_every)
+    else:
+        mech = GaussianSumMechanism(noise_multiplier=1.0, clip_norm=1.0,
+                                    max_participations=max_participations,
+                                    min_separation=min_separation, sampling_rate=sampling_rate)
+    return calibrate(mech, target_rho, num_rounds=rounds, rel_tol=rel_tol)
 
 
 def calibrate_mf_noise_multiplier(target_rho: float, sensitivity_sq: float,
                                   rel_tol: float = 1e-6) -> float:
     """Smallest ``z`` (within ``rel_tol``) with ``sensitivity_sq / (2 z**2) <= target_rho``.
 
-    For matrix-factorization DP-FTRL (:class:`~fedsim.privacy.events.MatrixFactorizationEvent`):
-    ``sensitivity_sq`` is the run's worst-case squared sensitivity of the strategy, e.g. from
-    :func:`~fedsim.privacy.accountant.mf_sensitivity_sq`; the bisection uses the accountant's
-    ``rho`` expression, so the returned ``z`` never overshoots the target.
+    The ``rho`` of a matrix-factorization run (:class:`~fedsim.privacy.events.MatrixFactorizationEvent`)
+    whose worst-case squared sensitivity is ``sensitivity_sq`` (e.g. from
+    :func:`~fedsim.privacy.accountant.mf_sensitivity_sq`); the returned ``z`` never overshoots.
+    A run's mechanism is calibrated by :func:`calibrate`, which gives the same ``z``.
     """
-    target = validate_rho(target_rho)
-    if target == 0.0 or math.isinf(target):
-        raise ValueError(f"target_rho must be a finite number > 0, got {target_rho!r}")
-    if not 0.0 < rel_tol < 1.0:
-        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    target = _check_target(target_rho, rel_tol)
     s = float(sensitivity_sq)
     if not (s > 0 and math.isfinite(s)):
         raise ValueError(f"sensitivity_sq must be a finite number > 0, got {sensitivity_sq!r}")
@@ -143,4 +172,4 @@ def calibrate_mf_noise_multiplier(target_rho: float, sensitivity_sq: float,
     def rho_of(z: float) -> float:
         return s / (2.0 * z * z)
 
-    return _bisect_noise(rho_of, target, rel_tol)
+    return bisect_noise(rho_of, target, rel_tol)

@@ -1,4 +1,4 @@
-"""Privacy events and the append-only privacy ledger.
+"""Privacy events, the accounting each kind of event does for itself, and the append-only ledger.
 
 The engine records one event per training round that releases a noisy
 aggregate. All events are *user-level* (device-level): the unit protected is a
@@ -22,25 +22,52 @@ noise standard deviation is ``noise_multiplier * C``.
 rounds strictly between two contributions of the same device) describe how
 often a device can contribute. They are measured in recorded rounds: the
 ledger is expected to hold exactly one event per training round.
+
+Each kind of event knows its own accounting (:class:`PrivacyEvent`): the zCDP ``rho`` of a group
+of its events (:meth:`PrivacyEvent.group_rho`) and, for kinds whose guarantee is amplified beyond
+``rho`` (Poisson sampling), their Renyi DP curve (:meth:`PrivacyEvent.group_rdp`). The
+:class:`~fedsim.privacy.accountant.Accountant` composes whatever kinds are registered
+(:func:`register_event`), so a mechanism with a new kind of event brings its accounting in the
+same file. The rules of the built-in kinds are in :mod:`fedsim.privacy.accountant`'s docstring.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+import numpy as np
+
+from fedsim.privacy.rdp import RDP_ORDERS, sampled_rdp_per_round
+from fedsim.privacy.sensitivity import (
+    exact_gaussian_weight_sum,
+    max_gaussian_participations,
+    prefix_cache,
+)
 from fedsim.validation import finite_numbers, int_at_least, is_int, is_number, number_in
 
 __all__ = [
+    "MIN_NOISE_MULTIPLIER",
+    "EventGroup",
     "GaussianEvent",
     "MatrixFactorizationEvent",
     "PrivacyEvent",
     "PrivacyLedger",
     "SampledGaussianEvent",
     "TreeAggregationEvent",
+    "check_event",
+    "check_noise_multiplier",
+    "common_fields",
     "event_from_dict",
+    "event_kinds",
     "event_to_dict",
+    "mf_sensitivity_sq",
+    "register_event",
 ]
 
 
@@ -66,9 +93,124 @@ def _int_field(event: Any, name: str, low: int, allow_none: bool = False) -> Non
     object.__setattr__(event, name, int_at_least(name, getattr(event, name), low, optional=allow_none))
 
 
+class EventGroup:
+    """The events of one kind in a ledger (or a plan): how many, the distinct ones with counts,
+    and, where known, all of them in order (``ordered``; ``None`` for a plan of identical events).
+
+    ``distinct`` and ``ordered`` are the ledger's own (not copies): do not mutate them.
+    """
+
+    __slots__ = ("count", "distinct", "ordered")
+
+    def __init__(self, count: int, distinct: Mapping[PrivacyEvent, int],
+                 ordered: Sequence[PrivacyEvent] | None) -> None:
+        self.count = count
+        self.distinct = distinct
+        self.ordered = ordered
+
+    def with_noise(self, noise_multiplier: float) -> EventGroup:
+        """The same events with every noise multiplier set to ``noise_multiplier`` (calibration)."""
+        mapped: dict[PrivacyEvent, PrivacyEvent] = {
+            e: dataclasses.replace(e, noise_multiplier=noise_multiplier) for e in self.distinct  # type: ignore[type-var]
+        }
+        distinct: dict[PrivacyEvent, int] = {}
+        for event, count in self.distinct.items():
+            distinct[mapped[event]] = distinct.get(mapped[event], 0) + count
+        ordered = None if self.ordered is None else _Mapped(self.ordered, mapped)
+        return EventGroup(self.count, distinct, ordered)
+
+
+class _Mapped(Sequence):
+    """``[mapping[e] for e in base]`` without building the list."""
+
+    def __init__(self, base: Sequence, mapping: Mapping) -> None:
+        self._base = base
+        self._mapping = mapping
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._mapping[e] for e in self._base[i]]
+        return self._mapping[self._base[i]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._mapping[e] for e in self._base)
+
+
+def common_fields(group: EventGroup, fields: tuple[str, ...], kind: str) -> dict[str, Any]:
+    """The values of ``fields`` that every event of ``group`` shares; ``ValueError`` if they differ
+    (a run uses one participation schedule, and one mechanism configuration)."""
+    params = {tuple(getattr(e, f) for f in fields) for e in group.distinct}
+    if len(params) > 1:
+        raise ValueError(
+            f"ledger mixes {kind} events with different {', '.join(fields)}: {sorted(params, key=str)}; "
+            "a run must use one participation schedule"
+        )
+    (values,) = params
+    return dict(zip(fields, values, strict=True))
+
+
+class PrivacyEvent(ABC):
+    """Base class of privacy events: frozen dataclasses with a ``noise_multiplier`` field.
+
+    A kind of event is registered under :attr:`kind` (:func:`register_event`; the ``"type"`` of its
+    JSON form) and accounts for a group of its events itself:
+
+    * :meth:`group_rho`: the zCDP ``rho`` of the group (every event of the kind in a ledger, one
+      per round) and the noise multiplier they share (``None`` if they differ);
+    * :meth:`group_rdp`, for kinds with :attr:`amplified` set: their Renyi DP curve at
+      :data:`~fedsim.privacy.rdp.RDP_ORDERS`, tighter than ``alpha * rho`` (the accountant uses
+      the smaller of the two at each order).
+
+    The accountant adds the ``rho`` of the kinds (zCDP composes additively, Bun & Steinke 2016,
+    Prop. 1.7) and their RDP curves, so a kind must give a ``rho`` valid for any other release
+    composed with it. Calibration sets the noise multiplier with ``dataclasses.replace``.
+    """
+
+    #: Name of the kind: the ``"type"`` of :func:`event_to_dict`.
+    kind: ClassVar[str] = ""
+    #: Whether :meth:`group_rdp` gives a curve tighter than ``alpha * rho`` (privacy amplification).
+    amplified: ClassVar[bool] = False
+
+    noise_multiplier: float
+
+    @classmethod
+    @abstractmethod
+    def group_rho(cls, group: EventGroup) -> tuple[float, float | None]:
+        """``(rho, z)``: the zCDP ``rho`` of ``group`` and its common noise multiplier (or ``None``)."""
+
+    @classmethod
+    def group_rdp(cls, group: EventGroup) -> np.ndarray:
+        """The group's RDP at :data:`~fedsim.privacy.rdp.RDP_ORDERS` (amplified kinds only)."""
+        raise NotImplementedError(f"{cls.__name__} is not amplified: its accounting is its rho")
+
+
+def _unamplified_rho(group: EventGroup, kind: str) -> tuple[float, float | None]:
+    params = common_fields(group, ("max_participations", "min_separation"), kind)
+    k, b = params["max_participations"], params["min_separation"]
+    zs = {e.noise_multiplier for e in group.distinct}
+    if len(zs) == 1:
+        (z,) = zs
+        m = max_gaussian_participations(group.count, k, b)
+        return m / (2.0 * z * z), z
+    ordered = group.ordered
+    assert ordered is not None and len(ordered) == group.count
+    weights = np.array([1.0 / (2.0 * e.noise_multiplier ** 2) for e in ordered])
+    return exact_gaussian_weight_sum(weights, k, b), None
+
+
 @dataclass(frozen=True)
-class GaussianEvent:
-    """One round of a Gaussian sum with per-device L2 sensitivity ``C`` and no amplification."""
+class GaussianEvent(PrivacyEvent):
+    """One round of a Gaussian sum with per-device L2 sensitivity ``C`` and no amplification.
+
+    Accounting: ``rho = m / (2 z**2)`` with ``m = min(k, ceil(n / (b + 1)))`` (``k = n`` when
+    unset); if ``z`` varies, the exact maximum of ``sum 1 / (2 z_i**2)`` over the rounds of a
+    pattern allowed by ``(k, b)``.
+    """
+
+    kind: ClassVar[str] = "gaussian"
 
     noise_multiplier: float
     max_participations: int | None = None
@@ -79,10 +221,21 @@ class GaussianEvent:
         _int_field(self, "max_participations", 1, allow_none=True)
         _int_field(self, "min_separation", 0)
 
+    @classmethod
+    def group_rho(cls, group: EventGroup) -> tuple[float, float | None]:
+        return _unamplified_rho(group, "GaussianEvent")
+
 
 @dataclass(frozen=True)
-class SampledGaussianEvent:
-    """One round of DP-FedAvg where every device is included independently with probability ``q``."""
+class SampledGaussianEvent(PrivacyEvent):
+    """One round of DP-FedAvg where every device is included independently with probability ``q``.
+
+    Accounting: ``rho`` is the unamplified bound of :class:`GaussianEvent` (sampling ignored); the
+    RDP curve is the subsampled Gaussian mechanism's (Opacus), composed over the rounds.
+    """
+
+    kind: ClassVar[str] = "sampled_gaussian"
+    amplified: ClassVar[bool] = True
 
     noise_multiplier: float
     sampling_rate: float
@@ -106,10 +259,28 @@ class SampledGaussianEvent:
             self.noise_multiplier, max_participations=self.max_participations, min_separation=self.min_separation
         )
 
+    @classmethod
+    def group_rho(cls, group: EventGroup) -> tuple[float, float | None]:
+        return _unamplified_rho(group, "SampledGaussianEvent")
+
+    @classmethod
+    def group_rdp(cls, group: EventGroup) -> np.ndarray:
+        curve = np.zeros(len(RDP_ORDERS))
+        for event, count in group.distinct.items():
+            assert isinstance(event, SampledGaussianEvent)
+            curve = curve + sampled_rdp_per_round(event.sampling_rate, event.noise_multiplier) * count
+        return curve
+
 
 @dataclass(frozen=True)
-class TreeAggregationEvent:
-    """One round of DP-FTRL with tree aggregation (optionally restarting every ``restart_every`` rounds)."""
+class TreeAggregationEvent(PrivacyEvent):
+    """One round of DP-FTRL with tree aggregation (optionally restarting every ``restart_every`` rounds).
+
+    Accounting: ``rho = S_n / (2 z**2)`` with ``S_n`` the exact worst-case sum of squared node
+    counts over the first ``n`` leaves (:mod:`fedsim.privacy.sensitivity`).
+    """
+
+    kind: ClassVar[str] = "tree_aggregation"
 
     noise_multiplier: float
     max_participations: int
@@ -122,20 +293,44 @@ class TreeAggregationEvent:
         _int_field(self, "min_separation", 0)
         _int_field(self, "restart_every", 1, allow_none=True)
 
+    @classmethod
+    def group_rho(cls, group: EventGroup) -> tuple[float, float | None]:
+        params = common_fields(
+            group, ("noise_multiplier", "max_participations", "min_separation", "restart_every"),
+            "TreeAggregationEvent",
+        )
+        s = prefix_cache(params["max_participations"], params["min_separation"],
+                         params["restart_every"])(group.count)
+        z = params["noise_multiplier"]
+        return s / (2.0 * z * z), z
+
 
 MF_FAMILIES = ("blt", "banded")
 
 
+@functools.lru_cache(maxsize=4096)
+def mf_sensitivity_sq(family: str, params: tuple[float, ...], max_participations: int,
+                      min_separation: int, rounds: int) -> tuple[float, bool]:
+    """``(sens^2, exact)`` of the first ``rounds`` rounds of a matrix-factorization strategy."""
+    # the factorization module imports torch (the optimisers): only runs with such events need it
+    from fedsim.privacy.matrix_factorization.factorization import ToeplitzFactorization
+
+    sens = ToeplitzFactorization(family, params).sensitivity(rounds, max_participations, min_separation)
+    return sens.value, sens.exact
+
+
 @dataclass(frozen=True)
-class MatrixFactorizationEvent:
+class MatrixFactorizationEvent(PrivacyEvent):
     """One round of DP-FTRL with a lower-triangular Toeplitz strategy ``C`` (matrix factorization).
 
     ``family = "blt"``: ``params`` are the strategy's decays followed by its scales;
     ``"banded"``: ``params`` are the coefficients ``c_0 = 1, c_1, ..., c_{bands-1}``. The noise
     std is ``noise_multiplier * C_clip`` on ``C x``; ``rho`` after ``n`` rounds is
     ``sens_n^2 / (2 z^2)`` with ``sens_n^2`` the worst case under ``(k, b)`` of the leading
-    ``n x n`` block of ``C`` (see :mod:`fedsim.privacy.accountant`).
+    ``n x n`` block of ``C`` (:func:`mf_sensitivity_sq`).
     """
+
+    kind: ClassVar[str] = "matrix_factorization"
 
     noise_multiplier: float
     max_participations: int
@@ -161,25 +356,59 @@ class MatrixFactorizationEvent:
             raise ValueError(f"banded params must start with c_0 = 1, got {values[0]!r}")
         object.__setattr__(self, "params", tuple(values))
 
+    @classmethod
+    def group_rho(cls, group: EventGroup) -> tuple[float, float | None]:
+        params = common_fields(
+            group, ("noise_multiplier", "max_participations", "min_separation", "family", "params"),
+            "MatrixFactorizationEvent",
+        )
+        s, _ = mf_sensitivity_sq(params["family"], params["params"], params["max_participations"],
+                                 params["min_separation"], group.count)
+        z = params["noise_multiplier"]
+        return s / (2.0 * z * z), z
 
-PrivacyEvent = GaussianEvent | SampledGaussianEvent | TreeAggregationEvent | MatrixFactorizationEvent
 
-_EVENT_TYPES: dict[str, type] = {
-    "gaussian": GaussianEvent,
-    "sampled_gaussian": SampledGaussianEvent,
-    "tree_aggregation": TreeAggregationEvent,
-    "matrix_factorization": MatrixFactorizationEvent,
-}
-_TYPE_NAMES = {cls: name for name, cls in _EVENT_TYPES.items()}
+# -- the registry of kinds -----------------------------------------------------------------------
+_KINDS: dict[str, type[PrivacyEvent]] = {}
+
+E = TypeVar("E", bound=type[PrivacyEvent])
+
+
+def register_event(cls: E) -> E:
+    """Register an event class under its :attr:`~PrivacyEvent.kind` (usable as a decorator).
+
+    The accountant composes the kinds in the order they were registered.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, PrivacyEvent) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"a privacy event is a PrivacyEvent dataclass, got {cls!r}")
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} needs a kind (its name in the ledger's JSON)")
+    existing = _KINDS.get(cls.kind)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"privacy event kind {cls.kind!r} is already registered to {existing!r}")
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+def event_kinds() -> tuple[type[PrivacyEvent], ...]:
+    """The registered event classes, in registration (= composition) order."""
+    return tuple(_KINDS.values())
+
+
+# the order of the built-in kinds is the order the accountant has always summed them in, so that
+# reports stay bit-identical
+register_event(TreeAggregationEvent)
+register_event(MatrixFactorizationEvent)
+register_event(GaussianEvent)
+register_event(SampledGaussianEvent)
 
 
 def event_to_dict(event: PrivacyEvent) -> dict[str, Any]:
     """``{"type": ..., **fields}``."""
-    try:
-        name = _TYPE_NAMES[type(event)]
-    except KeyError:
-        raise TypeError(f"not a privacy event: {event!r}") from None
-    return {"type": name, **asdict(event)}
+    cls = type(event)
+    if _KINDS.get(cls.kind) is not cls:
+        raise TypeError(f"not a registered privacy event: {event!r}")
+    return {"type": cls.kind, **asdict(event)}  # type: ignore[call-overload]
 
 
 def event_from_dict(data: dict[str, Any]) -> PrivacyEvent:
@@ -188,16 +417,21 @@ def event_from_dict(data: dict[str, Any]) -> PrivacyEvent:
         raise ValueError(f"an event must be a dict with a 'type' key, got {data!r}")
     fields = dict(data)
     name = fields.pop("type")
-    try:
-        cls = _EVENT_TYPES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown event type {name!r}; expected one of {sorted(_EVENT_TYPES)}"
-        ) from None
+    cls = _KINDS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event type {name!r}; expected one of {sorted(_KINDS)}")
     try:
         return cls(**fields)
     except TypeError as exc:
         raise ValueError(f"bad fields for event type {name!r}: {exc}") from None
+
+
+def check_event(event: Any) -> None:
+    """``TypeError`` unless ``event`` is an instance of a registered event class."""
+    cls = type(event)
+    if not isinstance(event, PrivacyEvent) or _KINDS.get(cls.kind) is not cls:
+        names = ", ".join(c.__name__ for c in _KINDS.values())
+        raise TypeError(f"event must be a registered privacy event ({names}), got {event!r}")
 
 
 class PrivacyLedger:
@@ -213,11 +447,7 @@ class PrivacyLedger:
         """Append ``event`` for ``round``; rounds must be strictly increasing."""
         if not is_int(round):
             raise ValueError(f"round must be an integer, got {round!r}")
-        if type(event) not in _TYPE_NAMES:
-            raise TypeError(
-                f"event must be a GaussianEvent, SampledGaussianEvent, TreeAggregationEvent or "
-                f"MatrixFactorizationEvent, got {event!r}"
-            )
+        check_event(event)
         if self._entries and round <= self._entries[-1][0]:
             raise ValueError(
                 f"rounds must be strictly increasing: got round {round} after round "
@@ -235,7 +465,7 @@ class PrivacyLedger:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, PrivacyEvent]]:
         return iter(list(self._entries))
 
     def __eq__(self, other: object) -> bool:
@@ -259,6 +489,14 @@ class PrivacyLedger:
     def to_json(self) -> list[dict[str, Any]]:
         """``[{"round": r, "event": {"type": ..., ...}}, ...]`` (JSON-serialisable)."""
         return [{"round": r, "event": event_to_dict(e)} for r, e in self._entries]
+
+    @classmethod
+    def planned(cls, events: Iterable[PrivacyEvent]) -> PrivacyLedger:
+        """The ledger of a planned run: ``events`` recorded for rounds ``0, 1, ...``."""
+        ledger = cls()
+        for round, event in enumerate(events):
+            ledger.record(round, event)
+        return ledger
 
     @classmethod
     def from_json(cls, data: list[dict[str, Any]]) -> PrivacyLedger:

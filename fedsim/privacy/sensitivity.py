@@ -352,6 +352,7 @@ class TreePrefixSensitivity:
         self.min_separation = int(min_separation)
         self.restart_every = None if restart_every is None else int(restart_every)
         self._values: list[int] = [0]
+        self._far: dict[int, int] = {}
         self._horizon = 0
         self._lock = threading.Lock()
         self._reset(64)
@@ -400,19 +401,38 @@ class TreePrefixSensitivity:
                 del states[key]
 
     def __call__(self, n: int) -> int:
-        """``S_n``; ``n = 0`` gives 0."""
+        """``S_n``; ``n = 0`` gives 0.
+
+        A value far beyond the rounds known so far (a planned run's ``S_T``, or a resumed
+        run's first report) is computed in one pass by :func:`max_tree_sensitivity_sq` instead of
+        through every prefix before it (the same exact value, tens of times faster).
+        """
         if n < 0:
             raise ValueError(f"number of rounds must be >= 0, got {n}")
         with self._lock:
             if n >= len(self._values):
+                if n - len(self._values) > _JUMP:
+                    value = self._far.get(n)
+                    if value is None:
+                        value = max_tree_sensitivity_sq(n, self.max_participations,
+                                                        self.min_separation, self.restart_every)
+                        self._far[n] = value
+                    return value
                 self._extend(n)
             return self._values[n]
 
     def prefixes(self, num_rounds: int) -> list[int]:
         """``[S_1, ..., S_num_rounds]``."""
-        self(num_rounds)
+        if num_rounds < 0:
+            raise ValueError(f"number of rounds must be >= 0, got {num_rounds}")
         with self._lock:
+            if num_rounds >= len(self._values):
+                self._extend(num_rounds)
             return list(self._values[1 : num_rounds + 1])
+
+
+#: How far beyond its known prefixes a :class:`TreePrefixSensitivity` extends them round by round.
+_JUMP = 64
 
 
 @functools.lru_cache(maxsize=32)

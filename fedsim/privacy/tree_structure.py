@@ -13,6 +13,7 @@ variance ``2**h / (2**(h+1) - 1)`` in units of the per-node noise variance.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from fedsim.validation import is_int
@@ -73,3 +74,12 @@ def prefix_variance(round: int, *, estimator: Estimator = "vanilla", restart_eve
     if estimator == "efficient":
         return float(sum(efficient_node_variance(node_height(n)) for n in nodes))
     raise ValueError(f"estimator must be 'vanilla' or 'efficient', got {estimator!r}")
+
+
+def prefix_rms(num_rounds: int, *, estimator: Estimator = "efficient",
+               restart_every: int | None = None) -> float:
+    """``sqrt`` of the mean over rounds ``0 .. num_rounds - 1`` of :func:`prefix_variance`: the
+    root-mean-square noise on the released prefix sums, in units of ``sigma``."""
+    total = sum(prefix_variance(t, estimator=estimator, restart_every=restart_every)
+                for t in range(num_rounds))
+    return math.sqrt(total / num_rounds)

@@ -1,0 +1,527 @@
+"""``fedsim privacy``: plan the privacy budget of a DP-FTRL or DP-FedAvg run.
+
+::
+
+    fedsim privacy dp-ftrl --noise-multiplier 7 --rounds 2000 --max-participations 6 \\
+        --min-separation 313 [--restart-every R] --delta 1e-10 [--json]
+    fedsim privacy dp-fedavg --noise-multiplier 1 --rounds 1000 --sampling-rate 0.01 --delta 1e-6
+    fedsim privacy dp-fedavg --noise-multiplier 1 --rounds 1000 --max-participations 5 --delta 1e-6
+    fedsim privacy dp-ftrl ... --target-rho 0.81     # solve for the noise multiplier
+    fedsim privacy dp-ftrl ... --mechanism blt [--buffers 3 | --blt-params FILE.json]
+    fedsim privacy dp-ftrl ... --mechanism banded [--bands B]
+
+The plan is the run's own accounting: the registered mechanism (``--mechanism``, any in
+:data:`fedsim.privacy.mechanisms.MECHANISMS` that fits the strategy) is built from the flags as a
+run would build it from its scenario, its planned events
+(:meth:`~fedsim.privacy.mechanisms.Mechanism.plan_events`) go to the accountant, ``--target-rho``
+is solved by :func:`fedsim.privacy.calibration.calibrate` on them, and what is particular to the
+mechanism (tree RMSE, factorization parameters, sensitivity) comes from its
+:meth:`~fedsim.privacy.mechanisms.Mechanism.describe_plan`. Each option of a registered mechanism
+is a flag ``--<key>`` (generated from its ``Options``), so a new mechanism needs no change here.
+
+``--json`` prints one object with at least the keys ``rho``, ``epsilon``,
+``epsilon_rdp``, ``delta``, ``noise_multiplier`` and, for dp-ftrl, ``prefix_rmse``
+(the root-mean-square over rounds of the noise on the released prefix sums, per
+coordinate, in units of the clip norm) and ``noise_mechanism``; the matrix-factorization
+mechanisms add their parameters (BLT: ``decays`` and ``scales``; banded: ``bands`` and
+``num_coefs``, and the ``coefs`` themselves, one per band, only with ``--coefficients``) and
+the tree's RMSE at the same ``rho``. Bad input is one line ``error: ...`` on stderr and exit
+code 2. :func:`plan` (``fedsim.plan`` from Python) returns the same object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import re
+import sys
+import types
+import typing
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedsim.errors import closest_match
+from fedsim.privacy.events import MIN_NOISE_MULTIPLIER
+
+__all__ = ["add_parser", "main", "plan", "run"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input as a single ``error: ...`` line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}\n")
+
+
+class _UsageError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a subcommand plans: a DP strategy's run, with the mechanisms that strategy takes."""
+
+    strategy: str
+    default_mechanism: str
+    takes: Callable[[type], bool]
+    sampling: bool  # the strategy's Poisson sampling (--sampling-rate)
+
+
+#: The strategies ``fedsim privacy`` plans (their ``Params`` say the same: DP-FTRL takes any
+#: mechanism, DP-FedAvg those whose releases are independent per round).
+_PLANS = {
+    "dp-ftrl": _Plan("dp-ftrl", "tree", lambda cls: True, sampling=False),
+    "dp-fedavg": _Plan("dp-fedavg", "gaussian", lambda cls: not cls.correlated, sampling=True),
+}
+
+
+@dataclass(frozen=True)
+class _Flag:
+    """One option flag and the option fields (of one or more mechanisms) it sets."""
+
+    flag: str
+    dest: str
+    owners: tuple[str, ...]
+    fields: tuple[str, ...]
+    file: bool
+    file_extra: tuple[str, ...] = ()
+
+
+def _mechanisms(plan: _Plan) -> list[tuple[str, type]]:
+    from fedsim.privacy.mechanisms import MECHANISMS
+
+    return [(n, MECHANISMS.get(n)) for n in MECHANISMS.names() if plan.takes(MECHANISMS.get(n))]
+
+
+def _scalar(hint: Any) -> Any:
+    """``X`` of ``X | None``, else ``hint``."""
+    args = typing.get_args(hint)
+    if (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_option_flags(p: argparse.ArgumentParser, plan: _Plan) -> list[_Flag]:
+    """A flag per option of the mechanisms ``plan`` takes (one per JSON-file group)."""
+    from fedsim.privacy.mechanisms import option_fields
+
+    flags: dict[str, dict[str, Any]] = {}
+    for name, cls in _mechanisms(plan):
+        hints = typing.get_type_hints(cls.Options)
+        for fname, field in option_fields(cls).items():
+            file = field.metadata.get("file")
+            flag = f"--{file}" if file else "--" + fname.replace("_", "-")
+            entry = flags.get(flag)
+            if entry is None:
+                entry = flags[flag] = {"owners": [], "fields": [], "field": field, "hint": hints[fname],
+                                       "file": bool(file)}
+            if name not in entry["owners"]:
+                entry["owners"].append(name)
+            if fname not in entry["fields"]:
+                entry["fields"].append(fname)
+    out = []
+    for flag, entry in flags.items():
+        field = entry["field"]
+        dest = "option_" + flag[2:].replace("-", "_")
+        owners = ", ".join(entry["owners"])
+        help_text = f"{field.metadata.get('help', '')} (--mechanism {owners})"
+        if entry["file"]:
+            keys = " and ".join(repr(f) for f in entry["fields"])
+            p.add_argument(flag, dest=dest, metavar="FILE",
+                           help=f"JSON file with keys {keys} to evaluate instead of optimising "
+                           f"(--mechanism {owners})")
+        else:
+            hint = _scalar(entry["hint"])
+            kwargs: dict[str, Any] = {"dest": dest, "help": help_text}
+            if typing.get_origin(hint) is typing.Literal:
+                kwargs["choices"] = typing.get_args(hint)
+            elif hint in (int, float, str):
+                kwargs["type"] = hint
+                kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}[hint]
+            elif hint is bool:
+                kwargs["type"] = _parse_bool
+                kwargs["metavar"] = "BOOL"
+            else:
+                continue  # a structured option without a file form is not a flag
+            p.add_argument(flag, **kwargs)
+        out.append(_Flag(flag, dest, tuple(entry["owners"]), tuple(entry["fields"]), entry["file"],
+                         tuple(field.metadata.get("file_extra", ()))))
+    return out
+
+
+def _mechanism_name(plan: _Plan) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        names = [n for n, _ in _mechanisms(plan)]
+        if text in names or ":" in text:
+            return text
+        shown = ", ".join(repr(n) for n in names)
+        guess = closest_match(text, names)
+        hint = f"; did you mean {guess!r}?" if guess is not None else ""
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {shown}, or an import "
+                                         f"path package.module:Class){hint}")
+
+    parse.__name__ = "mechanism"
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    noise = p.add_mutually_exclusive_group(required=True)
+    noise.add_argument("--noise-multiplier", type=float, metavar="Z",
+                       help=f"noise standard deviation / clipping norm (a finite number >= {MIN_NOISE_MULTIPLIER:g})")
+    noise.add_argument("--target-rho", type=float, metavar="RHO",
+                       help="solve for the smallest noise multiplier with rho <= RHO (> 0)")
+    p.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds (>= 1)")
+    p.add_argument("--delta", type=float, required=True, metavar="DELTA",
+                   help="target delta, in (0, 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``privacy`` subcommand on an argparse ``subparsers`` object.
+
+    The chosen action is in ``args.func``; calling ``args.func(args)`` prints the
+    result and returns the exit code (0, or 2 for bad input). The option flags are those of the
+    mechanisms registered when this is called.
+    """
+    p = subparsers.add_parser(
+        "privacy",
+        help="plan the privacy budget of a run (rho, epsilon)",
+        description="Privacy budget of a DP-FTRL or DP-FedAvg run, or the noise needed for a "
+        "target rho. User-level (device-level) DP, zCDP accounting; see docs/privacy.md.",
+    )
+    # whatever parser class the caller uses, keep bad input to one line
+    p.error = types.MethodType(_OneLineParser.error, p)  # type: ignore[method-assign]
+    mech = p.add_subparsers(dest="mechanism", required=True, metavar="MECHANISM",
+                            parser_class=_OneLineParser)
+
+    ftrl_plan = _PLANS["dp-ftrl"]
+    ftrl = mech.add_parser(
+        "dp-ftrl",
+        help="DP-FTRL with correlated noise: tree aggregation, BLT or banded matrix factorization",
+        description="DP-FTRL with correlated noise: tree aggregation (default), a buffered linear "
+        "Toeplitz (BLT) or a banded matrix factorization, or any registered mechanism "
+        "(--mechanism); exact worst-case sensitivity under the participation limits.",
+    )
+    _add_common(ftrl)
+    ftrl.add_argument("--max-participations", type=int, required=True, metavar="K",
+                      help="contributions per device in the whole run (>= 1)")
+    ftrl.add_argument("--min-separation", type=int, required=True, metavar="B",
+                      help="rounds strictly between two contributions of a device (>= 0)")
+    ftrl.add_argument("--mechanism", dest="noise_mechanism", default=ftrl_plan.default_mechanism,
+                      type=_mechanism_name(ftrl_plan), metavar="NAME",
+                      help="the noise: tree aggregation (tree, default), a buffered linear "
+                      "Toeplitz (blt) or banded (banded) matrix factorization, or any registered "
+                      "mechanism (" + ", ".join(n for n, _ in _mechanisms(ftrl_plan)) + ")")
+    ftrl.add_argument("--coefficients", action="store_true",
+                      help="--json: include the long lists of the plan (--mechanism banded: the "
+                      "factorization's coefficients, coefs, one per band; left out by default)")
+    ftrl.set_defaults(func=run, plan=ftrl_plan, option_flags=_add_option_flags(ftrl, ftrl_plan))
+
+    fedavg_plan = _PLANS["dp-fedavg"]
+    fedavg = mech.add_parser(
+        "dp-fedavg",
+        help="DP-FedAvg (Gaussian mechanism, optionally with Poisson sampling)",
+        description="DP-FedAvg: a Gaussian sum per round; with --sampling-rate, Poisson "
+        "sampling of devices (epsilon amplified by sampling, rho not).",
+    )
+    _add_common(fedavg)
+    fedavg.add_argument("--sampling-rate", type=float, metavar="Q",
+                        help="Poisson sampling rate of devices, in (0, 1] (default: no sampling)")
+    fedavg.add_argument("--max-participations", type=int, metavar="K",
+                        help="contributions per device (>= 1; default: --rounds without "
+                        "sampling, unlimited with it)")
+    fedavg.add_argument("--min-separation", type=int, default=0, metavar="B",
+                        help="rounds strictly between two contributions of a device (>= 0; default 0)")
+    fedavg.add_argument("--mechanism", dest="noise_mechanism", default=fedavg_plan.default_mechanism,
+                        type=_mechanism_name(fedavg_plan), metavar="NAME",
+                        help="the noise: gaussian (default) or another registered mechanism with "
+                        "independent noise each round (" + ", ".join(n for n, _ in _mechanisms(fedavg_plan)) + ")")
+    fedavg.set_defaults(func=run, plan=fedavg_plan, option_flags=_add_option_flags(fedavg, fedavg_plan))
+
+
+def _validate(args: argparse.Namespace) -> None:
+    def bad(flag: str, allowed: str, value: Any) -> None:
+        raise _UsageError(f"{flag} must be {allowed} (got {value!r})")
+
+    def finite(v: float) -> bool:
+        return v is not None and math.isfinite(v)
+
+    if args.noise_multiplier is not None and not (finite(args.noise_multiplier)
+                                                  and args.noise_multiplier >= MIN_NOISE_MULTIPLIER):
+        bad("--noise-multiplier", f"a finite number >= {MIN_NOISE_MULTIPLIER:g}", args.noise_multiplier)
+    if args.target_rho is not None and not (finite(args.target_rho) and args.target_rho > 0):
+        bad("--target-rho", "a finite number > 0", args.target_rho)
+    if args.rounds < 1:
+        bad("--rounds", "an integer >= 1", args.rounds)
+    if not (finite(args.delta) and 0 < args.delta < 1):
+        bad("--delta", "in the open interval (0, 1)", args.delta)
+    if args.max_participations is not None and args.max_participations < 1:
+        bad("--max-participations", "an integer >= 1", args.max_participations)
+    if args.min_separation < 0:
+        bad("--min-separation", "an integer >= 0", args.min_separation)
+    q = getattr(args, "sampling_rate", None)
+    if q is not None and not (finite(q) and 0 < q <= 1):
+        bad("--sampling-rate", "in (0, 1]", q)
+
+
+def _flag_names(args: argparse.Namespace) -> list[str]:
+    """The keys whose flags this subcommand has, longest first (for :func:`_flagged`)."""
+    keys = ["rounds", "delta", "noise-multiplier", "target-rho", "max-participations",
+            "min-separation", "sampling-rate"]
+    keys += [f.flag[2:] for f in args.option_flags if not f.file]
+    return sorted(set(keys), key=len, reverse=True)
+
+
+def _flagged(message: str, keys: list[str]) -> str:
+    """The library names parameters by their scenario keys; here they are flags: a key followed
+    by its value or by ``must`` becomes ``--key``."""
+    pattern = r"(?<![\w-])(" + "|".join(re.escape(k) for k in keys) + r")(?= (?:-?\d|must\b))"
+    return re.sub(pattern, r"--\1", message)
+
+
+def _read_file(flag: _Flag, path: str) -> dict[str, Any]:
+    where = f"{flag.flag} {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise _UsageError(f"{where}: cannot read the file ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    keys = " and ".join(repr(f) for f in flag.fields)
+    if not isinstance(data, dict) or not set(flag.fields) <= set(data):
+        raise _UsageError(f"{where}: needs an object with keys {keys}")
+    unknown = sorted(set(data) - set(flag.fields) - set(flag.file_extra))
+    if unknown:
+        raise _UsageError(f"{where}: unknown key {unknown[0]!r} (expected {keys})")
+    for key in flag.fields:
+        if not isinstance(data[key], list) or not data[key]:
+            raise _UsageError(f"{where}: {key} must be a non-empty list of numbers")
+    return {key: tuple(data[key]) for key in flag.fields}
+
+
+def _mechanism(args: argparse.Namespace, plan: _Plan, k: int | None) -> Any:
+    """The mechanism the flags describe, built as a run builds it (noise multiplier 1 until known)."""
+    from fedsim.privacy.mechanisms import mechanism_class, option_fields
+
+    name = args.noise_mechanism
+    try:
+        cls = mechanism_class(name)
+    except ValueError as exc:
+        raise _UsageError(f"--mechanism {name}: {exc}") from None
+    if not plan.takes(cls):
+        taken = ", ".join(n for n, _ in _mechanisms(plan))
+        raise _UsageError(f"--mechanism {name} does not fit {plan.strategy}: its noise is correlated "
+                          f"across rounds (mechanisms it takes: {taken})")
+    own = option_fields(cls)
+    options: dict[str, Any] = {}
+    for flag in args.option_flags:
+        value = getattr(args, flag.dest)
+        if value is None:
+            continue
+        if not set(flag.fields) <= set(own):
+            owners = " or ".join(flag.owners)
+            if plan.default_mechanism in flag.owners:
+                raise _UsageError(f"{flag.flag} applies to --mechanism {owners} only, not {name}")
+            raise _UsageError(f"{flag.flag} needs --mechanism {owners}")
+        if flag.file:
+            values = _read_file(flag, value)
+            try:
+                cls.Options(**values)
+            except ValueError as exc:
+                raise _UsageError(f"{flag.flag} {value}: {exc}") from None
+            options.update(values)
+        else:
+            options[flag.fields[0]] = value
+    keys = _flag_names(args)
+    q = getattr(args, "sampling_rate", None)
+    extra: dict[str, Any] = {}
+    if q is not None:
+        if not cls.accounts_for_sampling:
+            raise _UsageError(f"--sampling-rate needs a mechanism that accounts for sampling "
+                              f"(gaussian), not {name}")
+        extra["sampling_rate"] = q
+    try:
+        checked = cls.Options(**options)
+        cls.check_plan(args.rounds, options=checked, max_participations=k,
+                       min_separation=args.min_separation)
+        return cls(noise_multiplier=1.0, clip_norm=1.0, max_participations=k,
+                   min_separation=args.min_separation, **options, **extra)
+    except ValueError as exc:
+        raise _UsageError(_flagged(str(exc), keys)) from None
+
+
+def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    from fedsim.privacy.accountant import Accountant
+    from fedsim.privacy.calibration import calibrate
+    from fedsim.privacy.events import PrivacyLedger
+    from fedsim.privacy.sensitivity import max_gaussian_participations
+
+    plan: _Plan = args.plan
+    notes: list[str] = []
+    sampling = args.sampling_rate if plan.sampling else None
+    k = args.max_participations
+    if plan.sampling and k is None and sampling is None:
+        k = args.rounds
+    b = args.min_separation
+    eff = max_gaussian_participations(args.rounds, k, b)
+    mech = _mechanism(args, plan, k)
+    if k is not None and eff < k:
+        notes.append(
+            f"--max-participations {k} is infeasible with --rounds {args.rounds} and "
+            f"--min-separation {b} (at most ceil({args.rounds}/{b + 1}) = {eff} contributions "
+            f"fit); using effective max participations {eff}"
+        )
+    with warnings.catch_warnings():
+        # the infeasible-k warning is reported above, with the flag names
+        warnings.simplefilter("ignore", UserWarning)
+        if args.target_rho is not None:
+            mech.noise_multiplier = calibrate(mech, args.target_rho, num_rounds=args.rounds)
+        else:
+            mech.noise_multiplier = args.noise_multiplier
+        events = mech.plan_events(args.rounds)
+        report = Accountant(args.delta).report(PrivacyLedger.planned(events))
+        assert report.rho is not None
+        details = mech.describe_plan(args.rounds, report.rho)
+    result: dict[str, Any] = {
+        "rho": report.rho,
+        "epsilon": report.epsilon,
+        "epsilon_rdp": report.epsilon_rdp,
+        "delta": report.delta,
+        "noise_multiplier": report.noise_multiplier,
+        "mechanism": plan.strategy,
+        "rounds": args.rounds,
+        "max_participations": k,
+        "effective_max_participations": eff,
+        "min_separation": b,
+    }
+    if plan.sampling:
+        result["sampling_rate"] = sampling
+    if not plan.sampling or args.noise_mechanism != plan.default_mechanism:
+        result["noise_mechanism"] = args.noise_mechanism
+    result.update(details.fields)
+    if args.target_rho is not None:
+        result["target_rho"] = args.target_rho
+    amplified = any(type(event).amplified for event in set(events))
+    return {"result": result, "details": details, "amplified": amplified}, notes
+
+
+def _table(computed: dict[str, Any]) -> str:
+    result, details = computed["result"], computed["details"]
+    k = result["max_participations"]
+    eff = result["effective_max_participations"]
+    rows = [
+        ("mechanism", f"{result['mechanism']} ({details.title})"),
+        ("noise multiplier", f"{result['noise_multiplier']:.6g}"),
+    ]
+    if "target_rho" in result:
+        rows.append(("target rho", f"{result['target_rho']:.6g}"))
+    rows.append(("rounds", str(result["rounds"])))
+    if result.get("sampling_rate") is not None:
+        rows.append(("sampling rate", f"{result['sampling_rate']:.6g}"))
+    rows.append(("max participations",
+                 "unlimited" if k is None else f"{k}" + ("" if eff >= k else f" (effective {eff})")))
+    rows.append(("min separation", f"{result['min_separation']} rounds strictly between"))
+    rows += list(details.rows)
+    rows += [
+        ("rho (zCDP)", f"{result['rho']:.6g}"),
+        ("delta", f"{result['delta']:g}"),
+        ("epsilon", f"{result['epsilon']:.4f}"
+         + ("  (RDP, amplified by sampling)" if computed["amplified"] else "  (exact Gaussian conversion)")),
+        ("epsilon_rdp", f"{result['epsilon_rdp']:.4f}  (RDP conversion)"),
+    ]
+    rows += list(details.tail_rows)
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``fedsim privacy <strategy>``; returns the exit code."""
+    try:
+        _validate(args)
+        computed, notes = _compute(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # anything the library rejects that the checks above missed
+        print(f"error: {_flagged(str(exc), _flag_names(args))}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(_json_object(args, computed)))
+    else:
+        print(_table(computed))
+    return 0
+
+
+def _json_object(args: argparse.Namespace, computed: dict[str, Any]) -> dict[str, Any]:
+    """What ``--json`` prints: the mechanism's long fields only with ``--coefficients``."""
+    out = dict(computed["result"])
+    if getattr(args, "coefficients", False):
+        out.update(computed["details"].long_fields)
+    return out
+
+
+def plan(mechanism: str, argv: Sequence[str]) -> dict[str, Any]:
+    """The object ``fedsim privacy MECHANISM ARGV --json`` prints (``fedsim.plan`` calls this).
+
+    ``argv`` are the command's flags; they are parsed by the command's own parser, so defaults,
+    checks and results are the command's.
+
+    Raises
+    ------
+    ValueError
+        Bad input, with the message the command prints after ``error:``. The command's
+        ``warning:`` notes are issued as ``UserWarning``.
+    """
+    parser = argparse.ArgumentParser(prog="fedsim")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
+            args = parser.parse_args(["privacy", mechanism, *argv, "--json"])
+    except SystemExit:
+        message = captured.getvalue().strip().splitlines()
+        raise ValueError((message[-1] if message else "invalid arguments").removeprefix("error: ")) from None
+    try:
+        _validate(args)
+        computed, notes = _compute(args)
+    except _UsageError as exc:
+        raise ValueError(str(exc)) from None
+    except ValueError as exc:
+        raise ValueError(_flagged(str(exc), _flag_names(args))) from None
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return _json_object(args, computed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m fedsim.privacy_cli privacy ...``)."""
+    parser = _OneLineParser(prog="fedsim")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
