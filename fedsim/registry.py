@@ -81,6 +81,10 @@ class Registry(Generic[T]):
             return _add
         return _add(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plug-in registered for a session or a test); unknown names are ignored."""
+        self._items.pop(name, None)
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         self._discover()
