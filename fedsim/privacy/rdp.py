@@ -3,7 +3,8 @@
 The accountant's amplified events (:class:`~fedsim.privacy.events.SampledGaussianEvent`) give
 their RDP curve at :data:`RDP_ORDERS` (Mironov, Talwar & Zhang 2019, arXiv:1908.10530, as computed
 by ``opacus.accountants.analysis.rdp``), and :func:`privacy_spent` converts a composed curve to
-``(epsilon, delta)``. Numpy and scipy only: the one Opacus file is loaded without importing torch.
+``(epsilon, delta)``. Numpy and scipy only: the one Opacus file is loaded without importing torch
+(and scipy only when a curve is computed).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from fedsim.privacy.conversions import validate_delta
 
 __all__ = [
     "RDP_ORDERS",
@@ -93,6 +92,8 @@ def privacy_spent(rdp: Sequence[float] | np.ndarray, delta: float) -> float:
 def sampled_gaussian_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
                              delta: float) -> float:
     """Amplified epsilon of ``rounds`` Poisson-subsampled Gaussian rounds (Opacus RDP, no cap)."""
+    from fedsim.privacy.conversions import validate_delta  # scipy: not needed to build the CLI
+
     delta = validate_delta(delta)
     rdp = sampled_rdp_per_round(float(sampling_rate), float(noise_multiplier)) * rounds
     return privacy_spent(rdp, delta)

@@ -40,7 +40,7 @@ class TreeOptions:
     estimator: Literal["vanilla", "efficient"] = option(
         "efficient", "tree estimator: efficient (Honaker, lower variance, same privacy) or vanilla")
     restart_every: int | None = option(
-        None, "start a new tree every E rounds (>= 1; default: never)")
+        None, "start a new tree every N rounds (>= 1; default: never)")
 
     def __post_init__(self) -> None:
         choice("estimator", self.estimator, ("vanilla", "efficient"))
