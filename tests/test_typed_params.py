@@ -146,7 +146,7 @@ def test_plugins_build_from_params_or_keywords_alike() -> None:
         ('name = "dp-fedavg"\nsampling-rate = true', "", "strategy.sampling-rate", "must be a number, got True"),
         ('name = "fedavg"\nserver-lr = inf', "", "strategy.server-lr", "must be a finite number"),
         ('name = "fedavg"', 'batched = 1', "client.batched", "must be true or false, got 1"),
-        ('name = "fedavg"', 'path = "fast"', "client.path", "must be one of 'auto', 'batched', 'vmap', 'loop', 'measure'"),
+        ('name = "fedavg"', 'path = "fast"', "client.path", "must be one of 'auto', 'batched', 'conv', 'vmap', 'loop', 'measure'"),
         ('name = "fedavg"', 'trainer = "opacus"\ntarget-delta = "small"', "client.target-delta", "must be a number"),
         # values, caught by the dataclass's own checks (the message names the key)
         ('name = "dp-ftrl"\nmomentum = 1.0', "", "strategy", "momentum must be a number in [0, 1), got 1.0"),
@@ -171,7 +171,7 @@ def test_unknown_parameter_suggests_the_closest_field(tmp_path: Path) -> None:
     assert "parameters of strategy 'dp-ftrl': bands, beta1, beta2, buffers, clip-norm, estimator, max-participations, mechanism," in msg
     msg = _error(_scenario(tmp_path, 'name = "fedavg"', "worker = 2"))
     assert msg.startswith("client.worker: unknown key 'worker' (did you mean 'workers'?); ")
-    assert msg.endswith("parameters of trainer 'sgd': batched, path, workers")
+    assert msg.endswith("parameters of trainer 'sgd': batched, path, pool, workers")
 
 
 def test_good_parameters_load_typed_and_config_keeps_what_was_written(tmp_path: Path) -> None:
