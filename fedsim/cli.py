@@ -2,7 +2,8 @@
 ``fedsim sweep SCENARIO --grid KEY=V1,V2 ...`` (:mod:`fedsim.sweep`), ``fedsim audit RUN_DIR``.
 
 Bad input never produces a traceback: it is one line ``error: <where>: <what is allowed>`` on
-stderr and exit code 2.
+stderr and exit code 2. A run that stops because its model became NaN or inf prints its summary
+and one ``error: non-finite model: ...`` line, exit code 1.
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
     else:
         print(_summary_text(s, result.run_dir, process_s=_process_seconds()))
+    from fedsim.engine.rounds import NON_FINITE
+
+    if str(s.get("stopped_reason", "")).startswith(NON_FINITE):
+        # the run stopped: its model is garbage, whatever privacy figure it reports
+        print(f"error: {_one_line(Exception(s['stopped_reason']))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``fedsim privacy``: plan the privacy budget of a DP-FTRL or DP-FedAvg run.
+"""``fedsim privacy``: plan the privacy budget of a DP-FTRL or DP-FedAvg run; make a noise key.
 
 ::
 
@@ -9,6 +9,7 @@
     fedsim privacy dp-ftrl ... --target-rho 0.81     # solve for the noise multiplier
     fedsim privacy dp-ftrl ... --mechanism blt [--buffers 3 | --blt-params FILE.json]
     fedsim privacy dp-ftrl ... --mechanism banded [--bands B]
+    fedsim privacy keygen PATH [--force]           # a fixed noise key for [privacy] noise-key-file
 
 The plan is the run's own accounting: the registered mechanism (``--mechanism``, any in
 :data:`fedsim.privacy.mechanisms.MECHANISMS` that fits the strategy) is built from the flags as a
@@ -27,6 +28,10 @@ mechanisms add their parameters (BLT: ``decays`` and ``scales``; banded: ``bands
 ``num_coefs``, and the ``coefs`` themselves, one per band, only with ``--coefficients``) and
 the tree's RMSE at the same ``rho``. Bad input is one line ``error: ...`` on stderr and exit
 code 2. :func:`plan` (``fedsim.plan`` from Python) returns the same object.
+
+``keygen`` writes a fresh 256-bit noise key from :mod:`secrets` to ``PATH`` (mode 0600, its
+directory 0700 when created) for ``[privacy] noise-key-file``; it never replaces an existing
+file unless ``--force`` is given, and never prints the key.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ from typing import Any
 
 from fedsim.errors import closest_match
 from fedsim.privacy.events import MIN_NOISE_MULTIPLIER
+from fedsim.validation import MAX_ROUNDS
 
-__all__ = ["add_parser", "main", "plan", "run"]
+__all__ = ["add_parser", "keygen_command", "main", "plan", "run"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -186,7 +192,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                        help=f"noise standard deviation / clipping norm (a finite number >= {MIN_NOISE_MULTIPLIER:g})")
     noise.add_argument("--target-rho", type=float, metavar="RHO",
                        help="solve for the smallest noise multiplier with rho <= RHO (> 0)")
-    p.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds (>= 1)")
+    p.add_argument("--rounds", type=int, required=True, metavar="T", help=f"number of rounds (1..{MAX_ROUNDS})")
     p.add_argument("--delta", type=float, required=True, metavar="DELTA",
                    help="target delta, in (0, 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -201,13 +207,14 @@ def add_parser(subparsers: Any) -> None:
     """
     p = subparsers.add_parser(
         "privacy",
-        help="plan the privacy budget of a run (rho, epsilon)",
+        help="plan the privacy budget of a run (rho, epsilon); make a noise key (keygen)",
         description="Privacy budget of a DP-FTRL or DP-FedAvg run, or the noise needed for a "
-        "target rho. User-level (device-level) DP, zCDP accounting; see docs/privacy.md.",
+        "target rho. User-level (device-level) DP, zCDP accounting; see docs/privacy.md. "
+        "'fedsim privacy keygen PATH' writes a fixed secret noise key for [privacy] noise-key-file.",
     )
     # whatever parser class the caller uses, keep bad input to one line
     p.error = types.MethodType(_OneLineParser.error, p)  # type: ignore[method-assign]
-    mech = p.add_subparsers(dest="mechanism", required=True, metavar="MECHANISM",
+    mech = p.add_subparsers(dest="mechanism", required=True, metavar="COMMAND",
                             parser_class=_OneLineParser)
 
     ftrl_plan = _PLANS["dp-ftrl"]
@@ -254,6 +261,18 @@ def add_parser(subparsers: Any) -> None:
                         "independent noise each round (" + ", ".join(n for n, _ in _mechanisms(fedavg_plan)) + ")")
     fedavg.set_defaults(func=run, plan=fedavg_plan, option_flags=_add_option_flags(fedavg, fedavg_plan))
 
+    keygen = mech.add_parser(
+        "keygen",
+        help="write a fresh secret noise key file (for [privacy] noise-key-file)",
+        description="Write a fresh 256-bit noise key from the operating system's secure source "
+        "(Python's secrets) to PATH, file mode 0600, for a scenario's [privacy] noise-key-file "
+        "(reproducible runs under one key; each run still draws independent noise). The key is "
+        "never printed. An existing PATH is never replaced without --force.",
+    )
+    keygen.add_argument("path", metavar="PATH", help="the key file to write")
+    keygen.add_argument("--force", action="store_true", help="replace an existing file at PATH")
+    keygen.set_defaults(func=keygen_command)
+
 
 def _validate(args: argparse.Namespace) -> None:
     def bad(flag: str, allowed: str, value: Any) -> None:
@@ -267,8 +286,8 @@ def _validate(args: argparse.Namespace) -> None:
         bad("--noise-multiplier", f"a finite number >= {MIN_NOISE_MULTIPLIER:g}", args.noise_multiplier)
     if args.target_rho is not None and not (finite(args.target_rho) and args.target_rho > 0):
         bad("--target-rho", "a finite number > 0", args.target_rho)
-    if args.rounds < 1:
-        bad("--rounds", "an integer >= 1", args.rounds)
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        bad("--rounds", f"an integer in 1..{MAX_ROUNDS}", args.rounds)
     if not (finite(args.delta) and 0 < args.delta < 1):
         bad("--delta", "in the open interval (0, 1)", args.delta)
     if args.max_participations is not None and args.max_participations < 1:
@@ -511,6 +530,38 @@ def plan(mechanism: str, argv: Sequence[str]) -> dict[str, Any]:
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return _json_object(args, computed)
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    """Execute ``fedsim privacy keygen PATH [--force]``; returns the exit code (0, or 2)."""
+    from pathlib import Path
+
+    from fedsim.privacy.noise import NoiseKey
+
+    path = Path(args.path)
+    if not args.path.strip():
+        print("error: keygen: PATH must be a file path, got ''", file=sys.stderr)
+        return 2
+    if path.is_dir():
+        print(f"error: keygen: {path} is a directory; give the path of the key file to write", file=sys.stderr)
+        return 2
+    exists = path.exists() or path.is_symlink()
+    if exists and not args.force:
+        print(f"error: keygen: {path} exists; refusing to replace it (a key in use there would be lost; "
+              "--force replaces it)", file=sys.stderr)
+        return 2
+    try:
+        NoiseKey.generate().save(path, overwrite=bool(args.force))
+    except FileExistsError:
+        print(f"error: keygen: {path} was created meanwhile; refusing to replace it (--force replaces it)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: keygen: cannot write {path}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(f"wrote a new 256-bit noise key to {path} (mode 0600); use it with [privacy] "
+          f"noise-key-file = \"{path.resolve()}\" and keep it secret")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

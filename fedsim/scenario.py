@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedsim.errors import ScenarioError, ScenarioNote, unknown_key_message
-from fedsim.validation import boolean, is_int, is_number, number_in, positive_number
+from fedsim.validation import MAX_ROUNDS, boolean, is_int, is_number, number_in, positive_number
 from fedsim.validation import run_id as check_run_id
 
 # --------------------------------------------------------------------------------------------
@@ -409,6 +409,8 @@ class Scenario:
             raise ScenarioError(f"must be a non-empty name of letters, digits, '-', '_', '.', got {self.name!r}", key="name")
         _at_least("seed", self.seed, 0)
         _at_least("rounds", self.rounds, 1)
+        if self.rounds > MAX_ROUNDS:
+            raise ScenarioError(f"must be <= {MAX_ROUNDS} (10**7), got {self.rounds!r}", key="rounds")
         _at_least("clients-per-round", self.clients_per_round, 1)
         if self.data.num_devices is not None and self.clients_per_round > self.data.num_devices:
             raise ScenarioError(

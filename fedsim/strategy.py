@@ -36,6 +36,7 @@ import torch
 
 from fedsim.optim import ServerOptimizer, ServerOptimizerParams
 from fedsim.privacy.calibration import calibrate
+from fedsim.privacy.events import check_clip_norm, check_noise_std
 from fedsim.privacy.mechanisms import (
     MECHANISMS,
     Mechanism,
@@ -47,7 +48,7 @@ from fedsim.privacy.mechanisms import (
 from fedsim.privacy.noise import NoiseSource
 from fedsim.registry import OpenParams, Registry
 from fedsim.types import TrainConfig, UpdateBatch
-from fedsim.validation import int_at_least, positive_number
+from fedsim.validation import int_at_least
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,10 @@ class MechanismParams(ServerOptimizerParams, OpenParams):
     strategy_name: ClassVar[str] = "this strategy"
 
     def __post_init__(self) -> None:
-        noise_or_target(self.noise_multiplier, self.target_rho)
-        positive_number("clip-norm", self.clip_norm)
+        z, _ = noise_or_target(self.noise_multiplier, self.target_rho)
+        check_clip_norm(self.clip_norm)
+        if self.target_rho is None:
+            check_noise_std(z, self.clip_norm)
         int_at_least("max-participations", self.max_participations, 1, optional=True)
         int_at_least("min-separation", self.min_separation, 0)
         super().__post_init__()
@@ -304,7 +307,9 @@ class MechanismStrategy(Strategy):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unreachable k is reported by the accountant's users
-                return calibrate(self.mechanism, self.target_rho, num_rounds=num_rounds)
+                z = calibrate(self.mechanism, self.target_rho, num_rounds=num_rounds)
+            check_noise_std(z, self.mechanism.clip_norm, ("the solved noise-multiplier", "clip-norm"))
+            return z
         except ValueError as exc:
             raise ValueError(f"target-rho = {self.target_rho:g} over {num_rounds} rounds: {exc}") from None
 

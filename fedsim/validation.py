@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Literal, overload
 
 __all__ = [
+    "MAX_ROUNDS",
     "boolean",
     "choice",
     "finite_number",
@@ -34,6 +35,11 @@ __all__ = [
     "positive_number",
     "run_id",
 ]
+
+
+#: Largest number of rounds a scenario or a privacy plan may ask for (a run of more would take
+#: years; a typo such as ``rounds = 100000000000000000000000`` is refused instead of running forever).
+MAX_ROUNDS = 10_000_000
 
 
 def is_number(value: Any) -> bool:

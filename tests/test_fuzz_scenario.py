@@ -34,6 +34,7 @@ OPEN_KEYS = [
     "strategy.server-lr", "strategy.momentum", "strategy.noise-multiplier", "strategy.clip-norm",
     "strategy.max-participations", "strategy.min-separation", "strategy.restart-every",
     "strategy.estimator", "strategy.sampling", "strategy.sampling-rate", "client.batched",
+    "strategy.target-rho", "strategy.mechanism",
 ]
 
 
@@ -70,6 +71,8 @@ scalars = st.one_of(
     st.dates(),
     st.datetimes(),
     st.times(),
+    # values found by fuzzing that once ran forever, overflowed the noise or ended in a traceback
+    st.sampled_from([1e308, 1e23, 10**23, 10**7 + 1, 1e-300, 1e6, 1e9, 1e12]),
 )
 toml_values = st.recursive(
     scalars,
@@ -126,12 +129,19 @@ def _assert_usable(scenario: Scenario) -> None:
 
     from fedsim.builders import build_strategy
     from fedsim.client import TRAINERS, ClientTrainer
+    from fedsim.privacy.events import MAX_NOISE_STD
     from fedsim.strategy import Strategy
+    from fedsim.validation import MAX_ROUNDS
 
-    assert isinstance(build_strategy(scenario), Strategy)
+    strategy = build_strategy(scenario)
+    assert isinstance(strategy, Strategy)
     trainer = TRAINERS.get(scenario.client.trainer, base_dir=scenario.base_dir)
     assert isinstance(trainer, type) and issubclass(trainer, ClientTrainer)
     assert all(math.isfinite(v) for v in _floats(scenario.to_dict()))
+    assert scenario.rounds <= MAX_ROUNDS
+    mechanism = getattr(strategy, "mechanism", None)
+    if mechanism is not None:  # a DP strategy: its noise stays finite in float32
+        assert mechanism.std <= MAX_NOISE_STD
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -168,6 +168,25 @@ def test_banded_optimiser_small_t():
         mf.optimize_banded(n, k, b, bands=b + 2)
 
 
+def test_long_optimisations_show_progress_on_stderr(monkeypatch, capsys):
+    """A BLT for 50,000 rounds optimises for minutes: the iterations show on stderr once an
+    optimisation has run PROGRESS_DELAY_S seconds (0 here, so that a small one shows it)."""
+    from fedsim.privacy.matrix_factorization import optimization
+
+    monkeypatch.setattr(optimization, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    mf.optimize_blt.__wrapped__(40, 3, 9, 2)
+    err = capsys.readouterr().err
+    assert "optimising the BLT strategy for T=40 rounds (k=3, b=9)" in err and "iter" in err
+    mf.optimize_banded.__wrapped__(30, 3, 6)
+    err = capsys.readouterr().err
+    assert "optimising the banded strategy for T=30 rounds (k=3, b=6, 7 bands)" in err
+    # an optimisation shorter than the delay prints nothing (a delay no test run reaches)
+    monkeypatch.setattr(optimization, "PROGRESS_DELAY_S", 1e9)
+    mf.optimize_blt.__wrapped__(40, 3, 9, 2)
+    assert capsys.readouterr().err == ""
+
+
 def test_non_convergence_is_an_error():
     with pytest.raises(mf.OptimizationError, match="did not converge in 1 iterations"):
         mf.optimize_blt(50, 2, 9, 3, "max", 1)

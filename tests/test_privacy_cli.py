@@ -154,6 +154,8 @@ def test_infeasible_k_warns(capsys):
         (["dp-fedavg", "--noise-multiplier", "1", "--rounds", "ten", "--delta", "1e-6"], "--rounds"),
         (["dp-fedavg", "--noise-multiplier", "1", "--rounds", "10"], "--delta"),
         (["dp-fedavg", "--rounds", "10", "--delta", "1e-6"], "--noise-multiplier"),
+        (["dp-fedavg", "--noise-multiplier", "1", "--rounds", "100000000000000000000000", "--delta", "1e-6"],
+         "--rounds must be an integer in 1..10000000"),
         (["dp-ftrl", "--noise-multiplier", "1", "--target-rho", "1", "--rounds", "10",
           "--max-participations", "1", "--min-separation", "0", "--delta", "1e-6"], "--target-rho"),
     ],
@@ -225,3 +227,44 @@ def test_subprocess_exact_commands(module):
         "error: --noise-multiplier must be a finite number >= 1e-06 (got -1.0)"
     ]
 
+
+# ----------------------------------------------------------------------------------------------
+# fedsim privacy keygen PATH [--force]
+
+
+def test_keygen_writes_a_fresh_owner_only_key_and_never_replaces_one(tmp_path, capsys):
+    import stat
+
+    from fedsim.privacy.noise import NoiseKey
+
+    path = tmp_path / "keys" / "research.key"
+    code, out, err = _run(["keygen", str(path)], capsys)
+    assert code == 0 and err == ""
+    assert str(path.resolve()) in out and "noise-key-file" in out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    key = NoiseKey.load(path)
+    assert key.bits == 256 and path.read_text().split(":")[1].strip() not in out  # never printed
+    before = path.read_bytes()
+    code, out, err = _run(["keygen", str(path)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "exists" in err and "--force" in err
+    assert path.read_bytes() == before
+    code, _, err = _run(["keygen", str(path), "--force"], capsys)
+    assert code == 0 and err == ""
+    assert NoiseKey.load(path) != key and stat.S_IMODE(path.stat().st_mode) == 0o600
+    # two fresh keys differ (256 bits from secrets each)
+    other = tmp_path / "other.key"
+    assert _run(["keygen", str(other)], capsys)[0] == 0 and NoiseKey.load(other) != NoiseKey.load(path)
+    # bad paths: one line, exit 2
+    for bad, needle in ((tmp_path, "is a directory"), (Path("/proc/no-such-dir/k.key"), "cannot write")):
+        code, out, err = _run(["keygen", str(bad)], capsys)
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_keygen_is_documented_in_help_and_readme():
+    help_text = subprocess.run([sys.executable, "-m", "fedsim", "privacy", "--help"], capture_output=True,
+                               text=True, cwd=ROOT, env=_env(), check=True).stdout
+    assert "keygen" in help_text
+    keygen_help = subprocess.run([sys.executable, "-m", "fedsim", "privacy", "keygen", "--help"], capture_output=True,
+                                 text=True, cwd=ROOT, env=_env(), check=True).stdout
+    assert "--force" in keygen_help and "0600" in keygen_help
+    assert "fedsim privacy keygen" in (ROOT / "README.md").read_text()

@@ -24,6 +24,9 @@ name = "fedavg"
 """
 
 
+DP = GOOD.replace('name = "fedavg"', 'name = "dp-fedavg"\nnoise-multiplier = 1.0\nclip-norm = 0.5')
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "s.toml"
     path.write_text(text)
@@ -88,6 +91,8 @@ def test_override_parsing_and_attribution() -> None:
         ["--set", "clients-per-round=1000"],
         ["--set", "data.alpha=0", "--set", "data.partitioner=dirichlet"],
         ["--rounds", "0"],
+        ["--rounds", "100000000000000000000000"],
+        ["--set", "strategy.name=dp-fedavg", "--set", "strategy.clip-norm=1e308", "--set", "strategy.noise-multiplier=10"],
     ],
 )
 def test_cli_exit_2_one_line_no_traceback_nothing_run(tmp_path: Path, args: list[str]) -> None:
@@ -117,3 +122,51 @@ def test_every_shipped_scenario_validates() -> None:
     assert files
     for path in files:
         load_scenario(path)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "huge"])
+def test_noise_key_file_must_be_a_small_regular_file(tmp_path: Path, kind: str) -> None:
+    """``noise-key-file = "/dev/zero"`` used to read until memory ran out, and a FIFO blocks a
+    plain read forever: only a regular file of at most a few KB is read (one line, exit 2)."""
+    import os
+
+    if kind == "dev-zero":
+        key = Path("/dev/zero")
+    elif kind == "fifo":
+        key = tmp_path / "key.fifo"
+        os.mkfifo(key)
+    elif kind == "directory":
+        key = tmp_path / "keys"
+        key.mkdir()
+    else:
+        key = tmp_path / "huge.key"
+        key.write_text("fedsim-noise-key-v1:" + "ab" * 5_000_000)
+    out = tmp_path / "run"
+    proc = run_cli("run", str(SCENARIOS / "dp_fedavg.toml"), "--out", str(out), "--quiet", "--rounds", "2",
+                   "--set", f"privacy.noise-key-file={key}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: [privacy] noise-key-file: {key}: "), proc.stderr
+    assert ("too large" if kind == "huge" else "not a regular file") in lines[0]
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_run_whose_model_becomes_non_finite_says_so(tmp_path: Path) -> None:
+    """A run whose global model overflows (here a server step of 1e38) used to finish every
+    round and report ``loss: null`` beside its privacy figures. It stops after the round that
+    broke it: summary.json says why, the command prints one error line and exits 1."""
+    import json
+
+    for name, scenario, extra in (
+        ("fedavg", "quickstart.toml", ["--set", "strategy.server-lr=1e38"]),
+        ("dp", "dp_ftrl.toml", ["--set", "strategy.server-lr=1e38", "--rounds", "4"]),
+    ):
+        out = tmp_path / name
+        proc = run_cli("run", str(SCENARIOS / scenario), "--out", str(out), "--quiet", *extra)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()  # start notes (a DP run's noise multiplier), then the error
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert errors == lines[-1:] and errors[0].startswith("error: non-finite model: after round 1 "), proc.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["stopped_reason"].startswith("non-finite model: after round 1 ")
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

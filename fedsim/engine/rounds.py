@@ -98,10 +98,13 @@ from fedsim.strategy import StrategyContext
 from fedsim.tracking import open_tracker
 from fedsim.types import TrainConfig, UpdateBatch
 
-__all__ = ["PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
+__all__ = ["NON_FINITE", "PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
 
 #: Where a DP run keeps exact values it does not publish (mode 0700).
 PRIVATE_DIR = "private"
+#: How :attr:`RoundOwner.stopped_reason` starts when a run stopped because its model is no
+#: longer finite (NaN / inf parameters or held-out loss): the released rounds are garbage.
+NON_FINITE = "non-finite model"
 #: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
 WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
 
@@ -608,6 +611,25 @@ class RoundOwner:
         delta = report.delta
         return PrivacyReport(rho, epsilon_from_rho(rho, delta), epsilon_rdp_from_rho(rho, delta), delta, report.noise_multiplier)
 
+    def non_finite(self, params: torch.Tensor) -> str | None:
+        """Why the run must stop because ``params`` or the last held-out loss is NaN or inf, or ``None``.
+
+        Training on from such a model only compounds it, and a privacy figure next to it would
+        report a guarantee for garbage as if the run had worked.
+        """
+        done = len(self.metrics)
+        if not bool(torch.isfinite(params).all()):
+            what = "parameters hold NaN or inf"
+        else:
+            loss = self.metrics[-1].get("loss") if self.metrics else None
+            if not (isinstance(loss, float) and not np.isfinite(loss)):
+                return None
+            what = f"held-out loss is {loss}"
+        return (
+            f"{NON_FINITE}: after round {done} the global model's {what} (a learning rate, clip "
+            "bound or noise too large for the model?); the rounds after it were not run"
+        )
+
     # -- a round ------------------------------------------------------------------------------
     def begin(
         self,
@@ -616,7 +638,8 @@ class RoundOwner:
         params: torch.Tensor | None = None,
         reachable: Callable[[], np.ndarray] | None = None,
     ) -> RoundPlan | None:
-        """Plan ``round``; ``None`` (and :attr:`stopped_reason` set) if the budget stops the run.
+        """Plan ``round``; ``None`` (and :attr:`stopped_reason` set) if the budget stops the run,
+        or if the model the round would start from is not finite (:data:`NON_FINITE`).
 
         Parameters
         ----------
@@ -627,6 +650,10 @@ class RoundOwner:
             deployment's connected nodes); devices outside it are not eligible.
         """
         sc = self.scenario
+        reason = self.non_finite(self.params if params is None else params)
+        if reason is not None:
+            self.stopped_reason = reason
+            return None
         event = self.round_event(round)
         reason = self.budget_exceeded(round, event)
         if reason is not None:

@@ -86,6 +86,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,7 @@ from fedsim.validation import is_int
 
 __all__ = [
     "KEY_BYTES",
+    "MAX_KEY_FILE_BYTES",
     "NoiseKey",
     "NoiseKeyError",
     "SUMMANDS",
@@ -110,6 +112,8 @@ __all__ = [
 
 #: Length of a noise key in bytes (256 bits; the project's floor is 128).
 KEY_BYTES = 32
+#: Largest noise key file :meth:`NoiseKey.load` reads (a key file is about 90 bytes).
+MAX_KEY_FILE_BYTES = 4096
 #: Independent normals summed into one output coordinate (Holohan & Braghin 2021).
 SUMMANDS = 4
 #: Output coordinates generated per chunk (the chunk's working set stays in the CPU cache).
@@ -163,14 +167,37 @@ class NoiseKey:
 
     @classmethod
     def load(cls, path: str | Path) -> NoiseKey:
-        """Read a key written by :meth:`save`; a missing or malformed file raises :class:`NoiseKeyError`."""
+        """Read a key written by :meth:`save`; a missing or malformed file raises :class:`NoiseKeyError`.
+
+        Only a regular file of at most :data:`MAX_KEY_FILE_BYTES` bytes is read: a device
+        (``/dev/zero``), a FIFO or a directory is refused without reading from it (a FIFO is
+        opened non-blocking, so a missing writer cannot hang the run).
+        """
         p = Path(path)
         try:
-            text = p.read_text(encoding="ascii").strip()
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise NoiseKeyError(f"{p}: noise key file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise NoiseKeyError(f"{p}: cannot read noise key file ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise NoiseKeyError(f"{p}: cannot read noise key file ({exc.strerror or type(exc).__name__})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NoiseKeyError(
+                    f"{p}: not a regular file; a noise key file is a small text file "
+                    "(make one with: fedsim privacy keygen PATH)"
+                )
+            data = _read_at_most(fd, MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise NoiseKeyError(f"{p}: cannot read noise key file ({exc.strerror or type(exc).__name__})") from None
+        finally:
+            os.close(fd)
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise NoiseKeyError(f"{p}: too large for a noise key file (at most {MAX_KEY_FILE_BYTES} bytes)")
+        try:
+            text = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise NoiseKeyError(f"{p}: not a fedsim noise key file (expected '{_FILE_PREFIX}<hex>')") from None
         if not text.startswith(_FILE_PREFIX):
             raise NoiseKeyError(f"{p}: not a fedsim noise key file (expected '{_FILE_PREFIX}<hex>')")
         try:
@@ -181,11 +208,13 @@ class NoiseKey:
             raise NoiseKeyError(f"{p}: noise key has {8 * len(material)} bits, at least 128 are needed")
         return cls(material)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, overwrite: bool = True) -> None:
         """Write the key to ``path`` with mode 0600 (its directory, if created, gets 0700).
 
-        Atomic and durable: a temporary file created with mode 0600, fsynced, renamed, and the
-        directory fsynced, so a crash never leaves a half-written key.
+        Atomic and durable: a temporary file created with mode 0600, fsynced, moved into place,
+        and the directory fsynced, so a crash never leaves a half-written key. With
+        ``overwrite=False`` an existing ``path`` (even one created meanwhile) is never replaced:
+        :class:`FileExistsError`.
         """
         p = Path(path)
         if not p.parent.exists():
@@ -200,7 +229,13 @@ class NoiseKey:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, p)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)  # fails if p exists, atomically
+            finally:
+                tmp.unlink()
         fsync_dir(p.parent)
 
     @property
@@ -252,6 +287,19 @@ class NoiseKey:
         raise TypeError("a NoiseKey cannot be pickled; save it with key.save(path) (mode 0600)")
 
 
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd`` (fewer at end of file)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def encode_words(words: Sequence[int]) -> bytes:

@@ -52,6 +52,8 @@ from fedsim.privacy.sensitivity import (
 from fedsim.validation import finite_numbers, int_at_least, is_int, is_number, number_in
 
 __all__ = [
+    "MAX_CLIP_NORM",
+    "MAX_NOISE_STD",
     "MIN_NOISE_MULTIPLIER",
     "EventGroup",
     "GaussianEvent",
@@ -60,8 +62,10 @@ __all__ = [
     "PrivacyLedger",
     "SampledGaussianEvent",
     "TreeAggregationEvent",
+    "check_clip_norm",
     "check_event",
     "check_noise_multiplier",
+    "check_noise_std",
     "common_fields",
     "event_from_dict",
     "event_kinds",
@@ -83,6 +87,39 @@ def check_noise_multiplier(z: Any, name: str = "noise_multiplier") -> float:
     if z < MIN_NOISE_MULTIPLIER:
         raise ValueError(f"{name} must be >= {MIN_NOISE_MULTIPLIER:g} (smaller gives no meaningful privacy), got {z!r}")
     return float(z)
+
+
+#: Largest clip bound ``C`` accepted. A model delta of L2 norm above it is no update a model
+#: makes (the engine rejects deltas above ``[engine] max-update-norm``, 1e4 by default); larger
+#: values are typos, and ``C = 1e308`` overflows the noise to ``inf``.
+MAX_CLIP_NORM = 1e6
+#: Largest noise standard deviation ``z * C`` accepted. With it every noise value, even summed
+#: over a tree's nodes or a matrix factorization's buffers, stays many orders of magnitude inside
+#: float32's range (3.4e38), so a release is never ``inf`` or ``NaN``.
+MAX_NOISE_STD = 1e9
+
+
+def check_clip_norm(value: Any, name: str = "clip-norm") -> float:
+    """``value`` as a float in ``(0, MAX_CLIP_NORM]``, else ``ValueError`` naming ``name``."""
+    if not is_number(value) or not math.isfinite(value) or value <= 0 or value > MAX_CLIP_NORM:
+        raise ValueError(f"{name} must be a number in (0, {MAX_CLIP_NORM:g}], got {value!r}")
+    return float(value)
+
+
+def check_noise_std(
+    noise_multiplier: float, clip_norm: float, names: tuple[str, str] = ("noise-multiplier", "clip-norm")
+) -> float:
+    """The noise standard deviation ``z * C``, which must be at most :data:`MAX_NOISE_STD`.
+
+    ``names`` are the keys of ``z`` and ``C`` the message names.
+    """
+    std = float(noise_multiplier) * float(clip_norm)
+    if not math.isfinite(std) or std > MAX_NOISE_STD:
+        raise ValueError(
+            f"{names[0]} x {names[1]} (the noise standard deviation) must be <= {MAX_NOISE_STD:g}, "
+            f"got {float(noise_multiplier):g} x {float(clip_norm):g} = {std:g}"
+        )
+    return std
 
 
 def _check_noise(event: Any) -> None:

@@ -24,6 +24,7 @@ from fedsim.privacy.matrix_factorization.optimization import (
     check_optimize_args,
     pattern_sensitivity_sq,
     prefix_error,
+    progress,
 )
 from fedsim.privacy.matrix_factorization.streaming import NoiseStream
 from fedsim.validation import int_at_least
@@ -95,10 +96,13 @@ def optimize_banded(num_rounds: int, max_participations: int, min_separation: in
     int_at_least("max_iter", max_iter, 1)
     out = banded_init_coefs(nbands)
     if nbands > 1:
-        with SingleThread():
+        desc = (f"optimising the banded strategy for T={n} rounds (k={max_participations}, "
+                f"b={min_separation}, {nbands} bands)")
+        with progress(desc, max_iter) as bar, SingleThread():
             res = minimize(_banded_loss, out[1:], args=(n, k_eff, sep, error), jac=True,
-                           method="L-BFGS-B", options={"maxiter": max_iter, "maxfun": 4 * max_iter,
-                                                       "ftol": 1e-10, "gtol": 1e-7})
+                           method="L-BFGS-B", callback=lambda _x: bar.update(1),
+                           options={"maxiter": max_iter, "maxfun": 4 * max_iter,
+                                    "ftol": 1e-10, "gtol": 1e-7})
         if res.status == 1 or not math.isfinite(res.fun):
             raise OptimizationError(
                 f"banded optimisation did not converge in {max_iter} iterations (T={n}, "

@@ -40,6 +40,7 @@ from fedsim.privacy.matrix_factorization.optimization import (
     log_clamped,
     pattern_sensitivity_sq,
     prefix_error,
+    progress,
 )
 from fedsim.privacy.matrix_factorization.streaming import NoiseStream
 from fedsim.validation import finite_numbers, int_at_least
@@ -192,16 +193,21 @@ def optimize_blt(num_rounds: int, max_participations: int, min_separation: int,
     int_at_least("max_iter", max_iter, 1)
     bounds = [(-34.0, -1e-9)] * nb + [(-30.0, 0.0)] * nb
     found: list[tuple[float, np.ndarray]] = []
-    for i, start in enumerate(_blt_starts(n, nb)):
-        if i >= 2 and len(found) == 2 and abs(found[0][0] - found[1][0]) <= 1e-6:
-            break  # the first two starts agree: the later ones are only a fallback
-        with SingleThread():
-            res = minimize(_blt_loss, start, args=(n, k_eff, sep, error), jac=True,
-                           method="L-BFGS-B", bounds=bounds,
-                           options={"maxiter": max_iter, "maxfun": 4 * max_iter,
-                                    "ftol": 1e-10, "gtol": 1e-7})
-        if res.status != 1 and math.isfinite(res.fun):  # not the iteration limit, finite loss
-            found.append((float(res.fun), np.asarray(res.x)))
+    starts = _blt_starts(n, nb)
+    desc = f"optimising the BLT strategy for T={n} rounds (k={max_participations}, b={min_separation})"
+    # one bar over all starts (tqdm's reset() would draw it before its delay)
+    with progress(desc, max_iter * len(starts)) as bar:
+        for i, start in enumerate(starts):
+            if i >= 2 and len(found) == 2 and abs(found[0][0] - found[1][0]) <= 1e-6:
+                break  # the first two starts agree: the later ones are only a fallback
+            bar.set_postfix_str(f"start {i + 1}/{len(starts)}, at most {max_iter} iterations each", refresh=False)
+            with SingleThread():
+                res = minimize(_blt_loss, start, args=(n, k_eff, sep, error), jac=True,
+                               method="L-BFGS-B", bounds=bounds, callback=lambda _x: bar.update(1),
+                               options={"maxiter": max_iter, "maxfun": 4 * max_iter,
+                                        "ftol": 1e-10, "gtol": 1e-7})
+            if res.status != 1 and math.isfinite(res.fun):  # not the iteration limit, finite loss
+                found.append((float(res.fun), np.asarray(res.x)))
     best = min(found, key=lambda item: item[0]) if found else None
     if best is None:
         raise OptimizationError(

@@ -40,9 +40,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fedsim.privacy.events import PrivacyEvent, check_noise_multiplier
+from fedsim.privacy.events import (
+    PrivacyEvent,
+    check_clip_norm,
+    check_noise_multiplier,
+    check_noise_std,
+)
 from fedsim.registry import Registry, UnknownPluginError
-from fedsim.validation import int_at_least, is_number, positive_number
+from fedsim.validation import int_at_least, is_number
 
 if TYPE_CHECKING:
     import torch
@@ -123,9 +128,11 @@ class Mechanism(ABC):
     Parameters
     ----------
     noise_multiplier:
-        ``z``: the noise standard deviation (per round, or per tree node) is ``z * clip_norm``.
+        ``z``: the noise standard deviation (per round, or per tree node) is ``z * clip_norm``,
+        at most :data:`~fedsim.privacy.events.MAX_NOISE_STD`.
     clip_norm:
-        ``C``: the L2 bound every device's update is clipped to (the sum's sensitivity).
+        ``C``: the L2 bound every device's update is clipped to (the sum's sensitivity), at most
+        :data:`~fedsim.privacy.events.MAX_CLIP_NORM`.
     max_participations, min_separation:
         The per-device participation limit ``(k, b)`` the accounting assumes (``k = None``: no
         limit). The engine enforces it on devices and on the server.
@@ -167,7 +174,8 @@ class Mechanism(ABC):
         **options: Any,
     ) -> None:
         self.noise_multiplier = check_noise_multiplier(noise_multiplier, "noise-multiplier")
-        self.clip_norm = positive_number("clip-norm", clip_norm)
+        self.clip_norm = check_clip_norm(clip_norm)
+        check_noise_std(self.noise_multiplier, self.clip_norm)
         self.max_participations = int_at_least("max-participations", max_participations, 1, optional=True)
         self.min_separation = int_at_least("min-separation", min_separation, 0)
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(self.Options)})
