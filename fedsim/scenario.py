@@ -274,6 +274,10 @@ class EngineConfig:
     #: ``bad_example_count``, so one client cannot set the global step by claiming 2**53 examples.
     #: At most 2**24, where float32 weights stay exact.
     max_examples: int = 1_000_000
+    #: Largest share of a round's total FedAvg weight (example counts) one update may take; the
+    #: heaviest weights are lowered to a common cap when one exceeds it (fedsim.engine.aggregation).
+    #: 0.5 (default): no client outweighs all the others together; 1: no cap.
+    max_weight_share: float = 0.5
     #: backend = "ray": cluster address ("" = this process's Ray runtime or a new local one)
     ray_address: str = ""
     #: backend = "ray": number of workers (0 = one per CPU the Ray cluster reports)
@@ -293,6 +297,7 @@ class EngineConfig:
                 f"must be <= 16777216 (2**24, where float32 weights are exact), got {self.max_examples!r}",
                 key="max-examples",
             )
+        _checked(number_in, "max-weight-share", self.max_weight_share, 0.0, 1.0, low_open=True)
         _at_least("ray-workers", self.ray_workers, 0)
         if self.device not in DEVICES:
             raise ScenarioError(f"must be one of {', '.join(map(repr, DEVICES))}, got {self.device!r}", key="device")

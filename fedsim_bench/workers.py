@@ -144,7 +144,7 @@ def _worker_fedsim(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec["train_repeats"]):
         acc = UpdateAccumulator(
             num_params=sim.params.numel(), round=0, clip_norm=None, weighting="examples", ledger=None,
-            num_devices=sim.data.num_devices,
+            num_devices=sim.data.num_devices, max_weight_share=scenario.engine.max_weight_share,
         )
         start = time.perf_counter()
         for chunk in sim.trainer.train_cohort(sim.params, iter(tasks), config, chunk_size=scenario.engine.chunk_size):

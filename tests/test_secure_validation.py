@@ -109,6 +109,38 @@ def test_huge_example_count_is_rejected_and_fedavg_weights_exact() -> None:
     assert acc.add(_chunk(rows[:2], counts=[10, 11])).tolist() == [True, False]
 
 
+def test_one_client_cannot_set_fedavgs_step_at_the_defaults(tmp_path) -> None:
+    """The engine's accumulator at the scenario defaults: one client reporting max-examples
+    (1,000,000) beside nine honest clients with 10 examples used to take 99.99 % of the step.
+    Now it takes at most [engine] max-weight-share (0.5) of the round's total weight."""
+    from fedsim.engine.rounds import RoundOwner
+
+    owner = RoundOwner(scenario_from_dict({
+        "name": "t", "rounds": 1, "clients-per-round": 10, "data": {"num-devices": 10}, "model": {"name": "logreg"},
+    }))
+    assert owner.scenario.engine.max_weight_share == 0.5
+    plan = owner.begin(0)
+    acc = owner.accumulator(plan)
+    p = owner.params.numel()
+    attacker = torch.zeros(p)
+    attacker[0] = 1.0
+    honest = torch.zeros(9, p)
+    honest[:, 1] = 1.0
+    rows = torch.cat([honest[:4], attacker[None], honest[4:]])
+    counts = [10] * 4 + [DEFAULT_MAX_EXAMPLES] + [10] * 5
+    assert acc.add(CohortChunk(device_ids=np.arange(10), deltas=rows, num_examples=torch.tensor(counts),
+                               losses=torch.zeros(10), rounds=np.zeros(10, dtype=np.int64))).all()
+    step = FedAvg().aggregate(round=0, params=torch.zeros(p), batch=acc.result())
+    assert float(step[0]) == pytest.approx(0.5)  # the attacker's share of the step: the cap
+    assert float(step[1]) == pytest.approx(0.5)  # the nine honest clients keep the rest
+    # a client that does not dominate is averaged exactly as before
+    plain = owner.accumulator(plan)
+    plain.add(CohortChunk(device_ids=np.arange(10), deltas=rows, num_examples=torch.tensor([10] * 4 + [30] + [10] * 5),
+                          losses=torch.zeros(10), rounds=np.zeros(10, dtype=np.int64)))
+    step = FedAvg().aggregate(round=0, params=torch.zeros(p), batch=plain.result())
+    assert float(step[0]) == pytest.approx(30 / 120) and float(step[1]) == pytest.approx(90 / 120)
+
+
 def test_max_examples_scenario_key() -> None:
     base = {"name": "t", "data": {"dataset": "synthetic", "num-devices": 10}, "clients-per-round": 2}
     assert scenario_from_dict(base).engine.max_examples == DEFAULT_MAX_EXAMPLES

@@ -19,12 +19,23 @@ relatively, the float64 norm is exact to about ``1e-10`` for any model size feds
 accepted update has true L2 norm ``<= C``, the sensitivity the accountant uses; no slack is left
 to account for.
 
-Example counts (FedAvg's weights) must lie in ``[0, max_examples]`` (``[engine] max-examples``),
-so a client claiming ``2**53`` examples cannot set the global step; weight sums are float64.
+Example counts (FedAvg's weights) must lie in ``[0, max_examples]`` (``[engine] max-examples``);
+weight sums are float64. A count within that bound can still dwarf every other: at the default
+bound one client reporting 1,000,000 examples beside 299 clients with 1,000 would take 77 % of
+the step. So no accepted update's weight may exceed ``max_weight_share`` (``[engine]
+max-weight-share``, default 0.5) of the round's total weight: the largest weights are lowered to
+a common cap ``tau``, the largest value with ``tau <= share * sum_i min(w_i, tau)`` (water
+filling; weights below the cap are untouched, a round without a dominant client is averaged
+exactly as before). At the default no client outweighs all the others together. When fewer
+than ``1 / share`` updates reported examples no cap can hold; they are then weighed equally.
+Streaming keeps this O(model size): at most ``floor(1 / share)`` updates can be capped, and they
+are among the ``floor(1 / share) + 1`` heaviest, which are held apart until the round ends.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import Counter
 
 import numpy as np
@@ -52,6 +63,9 @@ REJECTION_REASONS = (
 MAX_EXAMPLE_COUNT = 2**53
 #: Default bound on a client's reported example count (``[engine] max-examples``).
 DEFAULT_MAX_EXAMPLES = 1_000_000
+#: Default largest share of a round's total FedAvg weight one update may take
+#: (``[engine] max-weight-share``): no client outweighs all the others together.
+DEFAULT_MAX_WEIGHT_SHARE = 0.5
 #: Accepted rows whose float64 norm exceeds ``C (1 - SCALE_ABOVE)`` are scaled by the server ...
 SCALE_ABOVE = 2.0**-30
 #: ... to ``C (1 - SCALE_TARGET)``, which float32 rounding (``2**-24``) cannot push above ``C``.
@@ -99,6 +113,36 @@ def scale_to_bound(rows: torch.Tensor, norms: torch.Tensor, bound: float) -> tor
     factors = (bound * (1.0 - SCALE_TARGET)) / norms[idx]
     out[idx] = (out[idx].to(torch.float64) * factors[:, None]).to(torch.float32)
     return out
+
+
+def weight_cap(weights: np.ndarray, share: float) -> float:
+    """The cap ``tau`` under which no weight exceeds ``share`` of the capped total (``inf``: none needed).
+
+    ``tau`` is the largest value with ``max_i min(w_i, tau) <= share * sum_i min(w_i, tau)``;
+    weights at or below it keep their value. When fewer than ``1 / share`` weights are positive
+    no cap satisfies this, and ``tau`` is the smallest positive weight (they all weigh the same).
+
+    Parameters
+    ----------
+    weights:
+        Non-negative weights (example counts).
+    share:
+        The largest share in ``(0, 1]``.
+    """
+    w = np.sort(np.asarray(weights, dtype=np.float64))[::-1]
+    w = w[w > 0]
+    total = float(w.sum())
+    if len(w) == 0 or share >= 1.0 or w[0] <= share * total:
+        return math.inf
+    rest = total
+    for j in range(1, len(w)):
+        if share * j >= 1.0:
+            break
+        rest -= float(w[j - 1])  # sum of the weights below the j largest
+        tau = share * rest / (1.0 - share * j)
+        if w[j] <= tau:  # consistent: exactly the j largest lie above the cap
+            return tau
+    return float(w[-1])
 
 
 def _as_1d(value: object) -> np.ndarray | None:
@@ -164,6 +208,10 @@ class UpdateAccumulator:
     device:
         Where the running sum lives and accepted deltas are summed (``[engine] device``): chunks
         from elsewhere are moved there; only the per-row norms come back for the checks.
+    max_weight_share:
+        Largest share of the round's total weight one accepted update may take with
+        ``weighting="examples"`` (``engine.max-weight-share``; module docstring); ``None`` or 1:
+        no cap (the plain example-weighted mean).
     """
 
     def __init__(
@@ -179,6 +227,7 @@ class UpdateAccumulator:
         max_norm: float | None = None,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         device: torch.device | str = "cpu",
+        max_weight_share: float | None = None,
     ) -> None:
         self.num_params = num_params
         self.device = torch.device(device)
@@ -200,6 +249,16 @@ class UpdateAccumulator:
         self._seen: set[int] = set()
         self._deltas: list[torch.Tensor] = []
         self._weights: list[torch.Tensor] = []
+        share = 1.0 if max_weight_share is None else float(max_weight_share)
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"max_weight_share must be in (0, 1], got {max_weight_share!r}")
+        self.max_weight_share = share
+        #: the heaviest updates, held out of the running sum until the cap is known:
+        #: (weight, arrival, row) in a min-heap of at most ``_hold`` entries
+        self._hold = int(math.floor(1.0 / share)) + 1 if share < 1.0 and weighting == "examples" else 0
+        self._held: list[tuple[float, int, torch.Tensor]] = []
+        self._arrivals = 0
+        self._counts: list[np.ndarray] = []
 
     def add(self, chunk: CohortChunk) -> np.ndarray:
         """Validate a chunk, add its accepted rows; return the mask of accepted rows.
@@ -279,7 +338,11 @@ class UpdateAccumulator:
         else:
             weights = torch.ones(len(idx), dtype=torch.float32)
             self.weight_sum += float(len(idx))
-        self.delta_sum += weights.to(self.device) @ good
+        if self._hold:
+            self._counts.append(counts[accepted].copy())
+            self.delta_sum += self._hold_heaviest(weights, good)
+        else:
+            self.delta_sum += weights.to(self.device) @ good
         self.num_updates += len(idx)
         self.num_examples += int(accepted_counts.sum())
         self.accepted_ids.append(ids[accepted])
@@ -294,6 +357,26 @@ class UpdateAccumulator:
             self._deltas.append(good.clone())
             self._weights.append(weights.to(self.device))
         return accepted
+
+    def _hold_heaviest(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Keep the heaviest rows seen so far apart; return the weighted sum of the others."""
+        out = torch.zeros(self.num_params, dtype=torch.float32, device=self.device)
+        passed = torch.ones(len(weights), dtype=torch.bool)
+        for i in torch.argsort(weights, descending=True, stable=True).tolist():
+            w = float(weights[i])
+            if len(self._held) == self._hold and w <= self._held[0][0]:
+                break  # no lighter row of this chunk can enter the held set either
+            self._arrivals += 1
+            entry = (w, self._arrivals, rows[i].clone())
+            passed[i] = False
+            if len(self._held) < self._hold:
+                heapq.heappush(self._held, entry)
+            else:  # the lightest held row joins the running sum
+                lightest = heapq.heappushpop(self._held, entry)
+                out += lightest[0] * lightest[2]
+        if bool(passed.any()):
+            out += weights[passed].to(self.device) @ rows[passed.to(self.device)]
+        return out
 
     @property
     def accepted(self) -> np.ndarray:
@@ -310,13 +393,26 @@ class UpdateAccumulator:
     def result(self) -> UpdateBatch:
         """The round's :class:`UpdateBatch`, on the CPU (the strategy's step and its noise, drawn
         by the cryptographic sampler on the CPU, work on the CPU; one ``P``-vector per round
-        comes back from the device)."""
+        comes back from the device), with the weights capped at ``max_weight_share`` (module
+        docstring)."""
+        delta_sum, weight_sum = self.delta_sum, self.weight_sum
+        weights = torch.cat(self._weights) if self.keep_individual and self._weights else None
+        if self._hold:
+            counts = np.concatenate(self._counts) if self._counts else np.empty(0, np.int64)
+            tau = weight_cap(counts, self.max_weight_share)
+            delta_sum = delta_sum.clone()
+            for w, _, row in sorted(self._held, key=lambda e: e[1]):  # in arrival order
+                delta_sum += float(min(w, tau)) * row
+            if math.isfinite(tau):
+                weight_sum = float(np.minimum(counts.astype(np.float64), tau).sum())
+                if weights is not None:
+                    weights = torch.clamp(weights, max=float(tau))
         return UpdateBatch(
-            delta_sum=self.delta_sum.cpu(),
-            weight_sum=self.weight_sum,
+            delta_sum=delta_sum.cpu(),
+            weight_sum=weight_sum,
             num_updates=self.num_updates,
             num_examples=self.num_examples,
             rejected=dict(self.rejected),
             deltas=torch.cat(self._deltas).cpu() if self.keep_individual and self._deltas else None,
-            weights=torch.cat(self._weights).cpu() if self.keep_individual and self._weights else None,
+            weights=weights.cpu() if weights is not None else None,
         )

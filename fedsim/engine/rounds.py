@@ -690,6 +690,7 @@ class RoundOwner:
             max_norm=self.scenario.engine.max_update_norm,
             device=self.device,
             max_examples=self.scenario.engine.max_examples,
+            max_weight_share=self.scenario.engine.max_weight_share,
         )
         if self.canaries is not None and len(plan.canaries):
             acc.add(self.canaries.chunk(plan.round, plan.canaries, plan.config.clip_norm))
