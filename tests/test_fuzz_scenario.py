@@ -259,6 +259,12 @@ BAD_FILES = {
     "relative.toml": 'name = "r"\n[strategy]\nname = "..:X"\n',
     "section.toml": 'name = "s"\ncheckpoint = 3\n',
     "every.toml": 'name = "e"\n[checkpoint]\nevery = -1\n',
+    "rounds.toml": 'name = "r"\nrounds = 100000000000000000000000\n',
+    "clip-noise.toml": 'name = "c"\n[strategy]\nname = "dp-fedavg"\nclip-norm = 1e308\nnoise-multiplier = 10.0\n',
+    "clip.toml": 'name = "c"\n[strategy]\nname = "dp-fedavg"\nclip-norm = 1e308\n',
+    "std.toml": 'name = "s"\n[strategy]\nname = "dp-ftrl"\nclip-norm = 1e5\nnoise-multiplier = 1e5\n',
+    "grad-norm.toml": 'name = "g"\n[client]\ntrainer = "opacus"\nmax-grad-norm = 1e308\n',
+    "share.toml": 'name = "w"\n[engine]\nmax-weight-share = 1.5\n',
 }
 
 

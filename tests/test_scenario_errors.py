@@ -49,6 +49,19 @@ def _write(tmp_path: Path, text: str) -> Path:
         (GOOD.replace("rounds = 2", "rounds = 0"), "rounds", "must be >= 1"),
         (GOOD + '[privacy]\nrun-id = "abc"\n', "privacy.run-id", "must be 32 hex digits"),
         (GOOD + '[privacy]\nrun-id = "' + "g" * 32 + '"\n', "privacy.run-id", "must be 32 hex digits"),
+        # fuzzing: values that used to run forever, overflow or end in a traceback
+        (GOOD.replace("rounds = 2", "rounds = 100000000000000000000000"), "rounds", "must be <= 10000000"),
+        (DP.replace("clip-norm = 0.5", "clip-norm = 1e308"), "strategy", "clip-norm must be a number in (0, 1e+06], got 1e+308"),
+        (DP.replace("clip-norm = 0.5", "clip-norm = 1e308").replace("noise-multiplier = 1.0", "noise-multiplier = 10.0"),
+         "strategy", "clip-norm must be a number in (0, 1e+06]"),
+        (DP.replace("clip-norm = 0.5", "clip-norm = 1e5").replace("noise-multiplier = 1.0", "noise-multiplier = 1e5"),
+         "strategy", "noise-multiplier x clip-norm (the noise standard deviation) must be <= 1e+09, got 100000 x 100000"),
+        (DP.replace("noise-multiplier = 1.0", "target-rho = 1e-20"), "strategy", "the solved noise-multiplier x clip-norm"),
+        (GOOD.replace("lr = 0.1", 'lr = 0.1\ntrainer = "opacus"\nmax-grad-norm = 1e308'), "client",
+         "max-grad-norm must be a number in (0, 1e+06]"),
+        (GOOD.replace("lr = 0.1", 'lr = 0.1\ntrainer = "opacus"\nnoise-multiplier = 1e300'), "client",
+         "noise-multiplier x max-grad-norm (the noise standard deviation) must be <= 1e+09"),
+        (GOOD.replace("[data]", "[engine]\nmax-weight-share = 0\n[data]"), "engine.max-weight-share", "must be a number in (0, 1]"),
     ],
 )
 def test_invalid_values_name_file_key_and_allowed(tmp_path: Path, text: str, key: str, needle: str) -> None:

@@ -332,6 +332,13 @@ class RoundOwner:
             self.strategy.participation_limit(),
             extra_devices=extra,
         )
+        # a DP-SGD trainer publishes its example-level figure for the participations the
+        # configuration allows (never the ones observed: they follow the secret sampling)
+        bound = getattr(self.trainer, "set_participation_bound", None)
+        if callable(bound):
+            limit = self.strategy.participation_limit()
+            k = limit.max_participations if limit is not None else None
+            bound(*((k, "strategy") if k is not None else (scenario.rounds, "rounds")))
         self.ledger: Any | None = None
         self.accountant: Any | None = None
         self.rejected: Counter[str] = Counter()
@@ -851,7 +858,11 @@ class RoundOwner:
             )
         example = self.trainer.example_privacy(delta=sc.privacy.delta)
         if example is not None:
-            summary["example_level"] = example
+            summary["example_level"] = example  # data-independent (the worst device size)
+        observed = getattr(self.trainer, "observed_example_privacy", None)
+        observed = observed(delta=sc.privacy.delta) if callable(observed) else None
+        if observed is not None and not self.private:
+            summary["example_level_observed"] = observed  # exact figures: public only without DP
         if self.canaries is not None and self.next_round > 0:
             summary["audit"] = self.canaries.report(
                 self.params, formal={"rho": summary["rho"], "epsilon": summary["epsilon"]}
@@ -877,9 +888,10 @@ class RoundOwner:
                 self.canaries.save(self.run_dir.path, self.params)
             if self.private:
                 (self.run_dir.path / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)
-                self.run_dir.write_json(
-                    f"{PRIVATE_DIR}/summary.json", {"rejected": dict(sorted(self.rejected.items()))}
-                )
+                private = {"rejected": dict(sorted(self.rejected.items()))}
+                if observed is not None:  # the trained devices' figure reveals their sizes
+                    private["example_level"] = observed
+                self.run_dir.write_json(f"{PRIVATE_DIR}/summary.json", private)
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})", summary.get("audit"))
             if self.tracker is not None:
