@@ -48,14 +48,15 @@ summed from four polar-method draws on 53-bit uniforms; :mod:`fedsim.privacy.csp
   1: its noise), so a resumed run replays exactly the noise of the run it continues.
 
 Opacus's own noise (``DPOptimizer.add_noise``) and Poisson sampler draw from torch generators;
-Opacus's ``secure_mode`` would need ``torchcsprng``, which has no build for current torch. So
-the trainer builds the DP-SGD pieces itself: Opacus's ``GradSampleModule`` (per-example
-gradients) and ``DPOptimizer`` (per-example clipping to ``max_grad_norm``, summation, division by
-the expected batch size ``floor(n / batches)``), with :meth:`_KeyedNoiseDPOptimizer.add_noise`
-adding ``N(0, (noise_multiplier * max_grad_norm)**2 I)`` from the sampler, and a Poisson sampler
-that keeps example ``i`` in step ``s`` when the stream's ``i``-th uniform is below
-``q = 1 / batches``. No torch random function runs while a device trains (tested). The
-accounting is Opacus's RDP accountant, unchanged.
+Opacus's ``secure_mode`` would need ``torchcsprng``, whose last release (0.2.1, 2021) has no
+distribution for current Python and torch (pip finds none). So the trainer builds the DP-SGD
+pieces itself: Opacus's ``GradSampleModule`` (per-example gradients) and ``DPOptimizer``
+(per-example clipping to ``max_grad_norm``, summation, division by the expected batch size
+``floor(n / batches)``), with a subclass whose ``add_noise`` adds
+``N(0, (noise_multiplier * max_grad_norm)**2 I)`` from the sampler, and a Poisson sampler that
+keeps example ``i`` in step ``s`` when the stream's ``i``-th uniform is below ``q = 1 / batches``.
+No torch random function runs while a device trains (tested). The accounting is Opacus's RDP
+accountant, unchanged.
 """
 
 from __future__ import annotations

@@ -114,12 +114,26 @@ class ClientTrainer(ABC):
         """Restore :meth:`state_dict` (called only with a state the trainer returned)."""
         raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
+    def set_participation_bound(self, max_participations: int, basis: str) -> None:
+        """Receive the most participations per device the run's configuration allows (the
+        strategy's participation limit, ``basis="strategy"``, else the planned rounds,
+        ``basis="rounds"``), for a data-independent :meth:`example_privacy`; default: not needed."""
+        return None
+
     def example_privacy(self, *, delta: float | None = None) -> dict[str, Any] | None:
         """Example-level privacy figures of local training (DP-SGD trainers), else ``None``.
 
+        Published in ``summary.json["example_level"]``, so they must not depend on the devices'
+        data (their sizes, or who was sampled): a function of the configuration alone.
         ``delta`` is the scenario's ``[privacy] delta``, which the engine passes so that the
         example-level ``(epsilon, delta)`` uses the same delta as the user-level one.
         """
+        return None
+
+    def observed_example_privacy(self, *, delta: float | None = None) -> dict[str, Any] | None:
+        """Example-level figures of the devices that actually trained (data-dependent), else
+        ``None``: ``private/summary.json`` in a DP run, ``summary.json["example_level_observed"]``
+        in a non-DP one."""
         return None
 
 

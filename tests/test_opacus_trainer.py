@@ -136,6 +136,18 @@ def test_no_torch_random_function_runs_while_a_device_trains() -> None:
             trainer.train_client(params, task, config)
         assert "linear" in calls.names and "einsum" in calls.names  # the mode sees Opacus's work
         assert not calls.names & TORCH_RANDOM, calls.names & TORCH_RANDOM
+    # nor does the trainer's code build or seed a torch generator anywhere
+    import ast
+    import inspect
+
+    import clients.opacus_trainer as module
+
+    calls = {
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for node in ast.walk(ast.parse(inspect.getsource(module)))
+        if isinstance(node, ast.Call)
+    }
+    assert not calls & {"manual_seed", "Generator", "seed"}, calls & {"manual_seed", "Generator", "seed"}
     # and torch's global generator plays no part: reseeding it changes nothing
     trainer.set_private_source(NoiseSource.from_seed(5))
     torch.manual_seed(0)
@@ -222,9 +234,10 @@ def test_a_resumed_run_replays_the_example_level_noise(tmp_path: Path) -> None:
     """A DP-SGD run killed inside a round and resumed from its checkpoint ends with the same model
     and the same observed example-level figures as the run uninterrupted under the same key."""
     from fedsim.engine import Simulation
-    from fedsim.privacy.noise import NoiseKey
+    from fedsim.privacy.noise import NoiseKey, new_run_id
 
-    raw = {**_opacus_dp_raw(), "rounds": 4, "checkpoint": {"every": 1}}
+    # an exact replay needs the key and the run id
+    raw = {**_opacus_dp_raw(), "rounds": 4, "checkpoint": {"every": 1}, "privacy": {"run-id": new_run_id()}}
     key = NoiseKey.generate()
     ref = Simulation(scenario_from_dict(raw), run_dir=tmp_path / "ref", progress=False, noise_key=key).run()
     crashed = Simulation(scenario_from_dict(raw), run_dir=tmp_path / "run", progress=False, noise_key=key)

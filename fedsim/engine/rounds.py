@@ -326,19 +326,17 @@ class RoundOwner:
             # the resolved scenario (config.toml, checkpoints) records the id a replay needs
             self.scenario = scenario = replace(scenario, privacy=replace(scenario.privacy, run_id=self.run_id))
         extra = self.canaries.count if self.canaries is not None else 0
+        limit = self.strategy.participation_limit()
         self.population = Population(
             self.data,
             build_availability(scenario, extra_devices=extra, num_devices=self.data.num_devices),
-            self.strategy.participation_limit(),
+            limit,
             extra_devices=extra,
         )
         # a DP-SGD trainer publishes its example-level figure for the participations the
         # configuration allows (never the ones observed: they follow the secret sampling)
-        bound = getattr(self.trainer, "set_participation_bound", None)
-        if callable(bound):
-            limit = self.strategy.participation_limit()
-            k = limit.max_participations if limit is not None else None
-            bound(*((k, "strategy") if k is not None else (scenario.rounds, "rounds")))
+        k = limit.max_participations if limit is not None else None
+        self.trainer.set_participation_bound(*((k, "strategy") if k is not None else (scenario.rounds, "rounds")))
         self.ledger: Any | None = None
         self.accountant: Any | None = None
         self.rejected: Counter[str] = Counter()
@@ -859,8 +857,7 @@ class RoundOwner:
         example = self.trainer.example_privacy(delta=sc.privacy.delta)
         if example is not None:
             summary["example_level"] = example  # data-independent (the worst device size)
-        observed = getattr(self.trainer, "observed_example_privacy", None)
-        observed = observed(delta=sc.privacy.delta) if callable(observed) else None
+        observed = self.trainer.observed_example_privacy(delta=sc.privacy.delta)
         if observed is not None and not self.private:
             summary["example_level_observed"] = observed  # exact figures: public only without DP
         if self.canaries is not None and self.next_round > 0:
