@@ -6,6 +6,12 @@ process that still carries the marker (found by PID in ``/proc``), so nothing ou
 whatever happens in it. Should the test process itself be killed before it can clean up, the
 kernel kills the processes it started (``PR_SET_PDEATHSIG``). Flower runs offline: telemetry, update checks and runtime dependency
 installation are off, and ``FLWR_HOME`` is private to the cluster.
+
+By default a SuperNode runs its ClientApps with ``--isolation process`` and the executor in
+``flower_warm_executor.py``, which forks each ClientApp from a process that has imported torch
+and fedsim once (Flower's own executor starts a fresh interpreter per message, seconds each);
+``warm=False`` keeps Flower's default (``--isolation subprocess``). :class:`SharedCluster` lends
+one cluster to many tests and restores it between them.
 """
 
 from __future__ import annotations
@@ -85,12 +91,18 @@ class FlowerCluster:
     supernode_auth:
         Run the SuperLink with ``--enable-supernode-auth`` (TLS only): it admits only SuperNodes
         whose public keys were registered with :meth:`register_supernode`.
+    warm:
+        Run each SuperNode with ``--isolation process`` and a warm executor
+        (``flower_warm_executor.py``: ClientApps forked from a process with torch and fedsim
+        imported) instead of Flower's default ``--isolation subprocess`` (a fresh interpreter
+        per message).
     """
 
-    def __init__(self, workdir: Path, *, tls: bool = False, supernode_auth: bool = False) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False, supernode_auth: bool = False, warm: bool = True) -> None:
         if supernode_auth and not tls:
             raise ValueError("Flower allows SuperNode authentication only over TLS (tls=True)")
         self.supernode_auth = supernode_auth
+        self.warm = warm
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.marker = uuid.uuid4().hex
@@ -100,6 +112,8 @@ class FlowerCluster:
         self.logs.mkdir(exist_ok=True)
         self.link_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        #: node name -> (its --node-config, its private key) as last started
+        self.node_configs: dict[str, tuple[str, Path | None]] = {}
         self.env = dict(
             os.environ,
             FLWR_HOME=str(self.home),
@@ -107,6 +121,8 @@ class FlowerCluster:
             FLWR_DISABLE_UPDATE_CHECK="1",
             FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
             PYTHONUNBUFFERED="1",
+            # SuperExec asks for new tasks every 0.2 s instead of every second
+            FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             **{MARKER: self.marker},
         )
@@ -123,8 +139,8 @@ class FlowerCluster:
         (self.home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+    def _spawn(self, name: str, args: list[str], *, log_name: str | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{log_name or name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             args,
             cwd=self.workdir,
@@ -152,7 +168,11 @@ class FlowerCluster:
             security = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key")]
             if self.supernode_auth:
                 security.append("--enable-supernode-auth")
-        self._spawn("superlink", [str(BIN / "flower-superlink"), *security, "--port", str(self.link_port)])
+        isolation = ["--isolation", "process"] if self.warm else []
+        link = self._spawn("superlink", [str(BIN / "flower-superlink"), *security, "--port", str(self.link_port), *isolation])
+        if self.warm:  # the SuperLink's Runtime API shares its one port (and its TLS)
+            ca = None if self.certs is None else self.certs / "ca.crt"
+            self._start_executor("superlink", "serverapp", self.link_port, link, ca)
         deadline = time.monotonic() + timeout
         while not _port_open(self.link_port):
             if self.procs["superlink"].poll() is not None or time.monotonic() > deadline:
@@ -163,30 +183,67 @@ class FlowerCluster:
         """The state directory node ``device`` keeps its participation ledger in."""
         return self.workdir / f"node-{device}"
 
+    def node_config(self, device: int, **node_config: Any) -> str:
+        """The ``--node-config`` of a SuperNode for ``device``: its ``partition-id``, its ``state-dir``, the rest."""
+        config = {"partition-id": device, "state-dir": str(self.state_dir(device)), **node_config}
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
     def start_supernode(
         self, device: int, *, name: str | None = None, private_key: Path | None = None, **node_config: Any
     ) -> str:
         """Start a SuperNode for ``device`` (``partition-id``), with a persistent ``state-dir``.
 
-        ``private_key``: the node's SuperNode key (``--auth-supernode-private-key``).
+        ``private_key``: the node's SuperNode key (``--auth-supernode-private-key``). With
+        :attr:`warm`, the node's executor runs as process ``<name>.exec``, logging to the node's
+        log, and :meth:`kill` of the node kills it too.
         """
         name = name or f"node-{device}"
         if name in self.procs and self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
-        config = {"partition-id": device, "state-dir": str(self.state_dir(device)), **node_config}
-        text = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-        self._spawn(
+        text = self.node_config(device, **node_config)
+        self.node_configs[name] = (text, private_key)
+        runtime_port = free_port()
+        node = self._spawn(
             name,
             [
                 str(BIN / "flower-supernode"),
                 *(["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs / "ca.crt")]),
                 "--superlink", f"127.0.0.1:{self.link_port}",
-                "--port", str(free_port()),
+                "--port", str(runtime_port),
                 "--node-config", text,
                 *(["--auth-supernode-private-key", str(private_key)] if private_key is not None else []),
+                *(["--isolation", "process"] if self.warm else []),
             ],
         )
+        if self.warm:
+            self._start_executor(name, "clientapp", runtime_port, node, None)
         return name
+
+    def _start_executor(self, name: str, task: str, port: int, parent: subprocess.Popen, ca: Path | None) -> None:
+        """The warm executor of process ``name`` (``<name>.exec``, logging to ``name``'s log)."""
+        self._spawn(
+            f"{name}.exec",
+            [
+                sys.executable, str(Path(__file__).with_name("flower_warm_executor.py")), task,
+                "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(parent.pid),
+                *(["--root-certificates", str(ca)] if ca is not None else []),
+            ],
+            log_name=name,
+        )
+
+    def serverapp_pids(self) -> list[int]:
+        """Live ServerApp processes of this cluster (``flwr-serverapp``, or forked by the warm executor)."""
+        executor = self.procs.get("superlink.exec")
+        found = []
+        for pid in _marked_pids(self.marker):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if b"flwr-serverapp" in cmdline or (executor is not None and ppid == executor.pid):
+                found.append(pid)
+        return found
 
     def register_supernode(self, public_key: Path) -> None:
         """``flwr supernode register PUBLIC_KEY``: let a SuperNode with this key connect."""
@@ -198,12 +255,14 @@ class FlowerCluster:
             raise RuntimeError(f"flwr supernode register {public_key} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to process ``name``'s whole process group and reap it."""
-        proc = self.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=15)
+        """Send ``sig`` to process ``name``'s whole process group (and a SuperNode's executor's) and reap it."""
+        names = [n for n in (name, f"{name}.exec") if n in self.procs]
+        for n in names:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.procs[n].pid, sig)
+        for n in names:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.procs[n].wait(timeout=15)
 
     def start_run(self, run_config: dict[str, Any]) -> str:
         """Start ``flwr run <repo> test --stream --run-config <file>``; return its process name."""
@@ -299,6 +358,83 @@ def running_cluster(workdir: Path, **options: Any) -> Iterator[FlowerCluster]:
     finally:
         c.close()
     assert c.survivors() == [], "processes outlived the cluster"
+
+
+class SharedCluster:
+    """One insecure :class:`FlowerCluster` lent to test after test: a SuperLink and SuperNodes.
+
+    :meth:`lend` gives the cluster with the SuperLink and the SuperNodes of ``devices`` (names
+    ``node-<device>``, default node config) running, starting it on first use; afterwards it
+    restores it for the next test: every process the test added (``flwr run``, SuperNodes) is
+    stopped, and base SuperNodes it killed or restarted otherwise are started again as they were.
+    A cluster a test left in doubt (a ServerApp still running, the SuperLink gone) is closed,
+    and the next test gets a fresh one. Tests keep their own run directories and job ids
+    (participation ledgers in the node state directories are per job).
+
+    Parameters
+    ----------
+    workdir:
+        Directory for the clusters (one sub-directory per cluster started).
+    devices:
+        The devices (``partition-id``) with a SuperNode of their own.
+    """
+
+    def __init__(self, workdir: Path, devices: tuple[int, ...] = (0, 1), **options: Any) -> None:
+        self.workdir = Path(workdir)
+        self.devices = devices
+        self.options = options
+        self.cluster: FlowerCluster | None = None
+        self.started = 0
+
+    @property
+    def base(self) -> set[str]:
+        """The processes that belong to the shared cluster."""
+        nodes = {f"node-{d}" for d in self.devices}
+        return {"superlink", "superlink.exec", *nodes, *(f"{n}.exec" for n in nodes)}
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[FlowerCluster]:
+        """The cluster, its base SuperNodes running; restored (or closed) when the test ends."""
+        if self.cluster is None:
+            self.started += 1
+            self.cluster = FlowerCluster(self.workdir / f"cluster-{self.started}", **self.options)
+            self.cluster.start_superlink()
+        try:
+            self._start_missing_nodes(self.cluster)
+            yield self.cluster
+        finally:
+            self.restore()
+
+    def _start_missing_nodes(self, c: FlowerCluster) -> None:
+        for device in self.devices:
+            name = f"node-{device}"
+            default = (c.node_config(device), None)
+            proc = c.procs.get(name)
+            if proc is not None and proc.poll() is None and c.node_configs.get(name) == default:
+                continue
+            if proc is not None:
+                c.kill(name)
+            c.start_supernode(device)
+
+    def restore(self) -> None:
+        """Stop what the last test added; close the cluster if it cannot be trusted for the next."""
+        c = self.cluster
+        if c is None:
+            return
+        for name in [n for n, p in c.procs.items() if n not in self.base and p.poll() is None]:
+            c.kill(name)
+        deadline = time.monotonic() + 20  # a ServerApp ends shortly after its `flwr run`
+        while c.serverapp_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if c.procs["superlink"].poll() is not None or c.serverapp_pids():
+            self.close()
+
+    def close(self) -> None:
+        """Stop the cluster; afterwards no process it started survives."""
+        c, self.cluster = self.cluster, None
+        if c is not None:
+            c.close()
+            assert c.survivors() == [], "processes outlived the cluster"
 
 
 def check_ran(proc: subprocess.CompletedProcess, cluster: FlowerCluster) -> None:

@@ -31,7 +31,6 @@ from fedsim.privacy.noise import NoiseKey
 
 from .conftest import ROOT
 from .flower_harness import (
-    MARKER,
     FlowerCluster,
     check_ran,
     read_run,
@@ -50,21 +49,8 @@ def cluster(tmp_path: Path):
 
 
 def _serverapp_pids(cluster: FlowerCluster) -> list[int]:
-    """Live ``flwr-serverapp`` processes of this cluster."""
-    needle = f"{MARKER}={cluster.marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if needle in env and b"flwr-serverapp" in cmdline and ") Z " not in stat:
-            found.append(int(entry.name))
-    return found
+    """Live ServerApp processes of this cluster."""
+    return cluster.serverapp_pids()
 
 
 def _kill_serverapp(cluster: FlowerCluster, timeout: float = 30.0) -> None:
