@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -78,6 +79,35 @@ def _marked_pids(marker: str) -> list[int]:
     return found
 
 
+class ForkedProcess:
+    """A process this test process did not start itself (the zygote forked it), as much of
+    :class:`subprocess.Popen` as the harness uses: ``pid``, ``args``, ``poll`` and ``wait``
+    (the exit status is not known here: 0 once it has ended)."""
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                stat = Path(f"/proc/{self.pid}/stat").read_text()
+            except OSError:
+                stat = ""
+            if not stat or stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                self.returncode = 0
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            time.sleep(0.05)
+        return 0
+
+
 class FlowerCluster:
     """A SuperLink and SuperNodes on 127.0.0.1, stopped (all of it) by :meth:`close`.
 
@@ -128,6 +158,8 @@ class FlowerCluster:
         )
         self.env.pop("FEDSIM_STATE_DIR", None)
         self.certs: Path | None = None
+        #: the warm executors' zygote listens here (a short path: Unix socket paths are limited)
+        self.zygote_socket = Path(tempfile.gettempdir()) / f"fedsim-zygote-{self.marker[:16]}.sock"
         link: dict[str, Any] = {"address": f"127.0.0.1:{self.link_port}", "insecure": True}
         if tls:
             self.certs = self.workdir / "certs"
@@ -168,6 +200,8 @@ class FlowerCluster:
             security = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key")]
             if self.supernode_auth:
                 security.append("--enable-supernode-auth")
+        if self.warm and "zygote" not in self.procs:
+            self._spawn("zygote", [sys.executable, str(Path(__file__).with_name("flower_warm_executor.py")), str(self.zygote_socket)])
         isolation = ["--isolation", "process"] if self.warm else []
         link = self._spawn("superlink", [str(BIN / "flower-superlink"), *security, "--port", str(self.link_port), *isolation])
         if self.warm:  # the SuperLink's Runtime API shares its one port (and its TLS)
@@ -220,16 +254,28 @@ class FlowerCluster:
         return name
 
     def _start_executor(self, name: str, task: str, port: int, parent: subprocess.Popen, ca: Path | None) -> None:
-        """The warm executor of process ``name`` (``<name>.exec``, logging to ``name``'s log)."""
-        self._spawn(
-            f"{name}.exec",
-            [
-                sys.executable, str(Path(__file__).with_name("flower_warm_executor.py")), task,
-                "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(parent.pid),
-                *(["--root-certificates", str(ca)] if ca is not None else []),
-            ],
-            log_name=name,
-        )
+        """The warm SuperExec of process ``name`` (``<name>.exec``, logging to ``name``'s log), forked by the zygote."""
+        request = {
+            "task": task, "runtime_api_address": f"127.0.0.1:{port}", "parent_pid": parent.pid,
+            "root_certificates": None if ca is None else str(ca), "log": str(self.logs / f"{name}.log"),
+        }
+        deadline = time.monotonic() + 180  # the zygote's imports, on a loaded machine
+        while True:
+            zygote = self.procs["zygote"]
+            if zygote.poll() is not None:
+                raise RuntimeError("the warm executor's zygote ended:\n" + self.log("zygote")[-3000:])
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    conn.settimeout(60)
+                    conn.connect(str(self.zygote_socket))
+                    conn.sendall((json.dumps(request) + "\n").encode())
+                    pid = int(json.loads(conn.makefile("r").readline())["pid"])
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the warm executor's zygote did not start:\n" + self.log("zygote")[-3000:]) from None
+                time.sleep(0.1)
+        self.procs[f"{name}.exec"] = ForkedProcess(pid, [f"SuperExec of {name}"])
 
     def serverapp_pids(self) -> list[int]:
         """Live ServerApp processes of this cluster (``flwr-serverapp``, or forked by the warm executor)."""
@@ -309,6 +355,8 @@ class FlowerCluster:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
+        with contextlib.suppress(FileNotFoundError):
+            self.zygote_socket.unlink()
 
     def survivors(self) -> list[int]:
         """PIDs of live processes started by this cluster (empty after :meth:`close`)."""
@@ -451,3 +499,13 @@ def wait_for_round(run_dir: Path, round: int, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"round {round} did not complete within {timeout:g} s")
+
+
+def wait_for_log(cluster: FlowerCluster, name: str, text: str, timeout: float) -> None:
+    """Block until process ``name``'s output contains ``text`` (fail after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in cluster.log(name):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not print {text!r} within {timeout:g} s:\n{cluster.log(name)[-3000:]}")

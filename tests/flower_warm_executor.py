@@ -1,36 +1,44 @@
-"""A SuperExec that forks each ServerApp or ClientApp from a process with its imports done.
+"""SuperExecs that fork each ServerApp and ClientApp from a process with its imports done.
 
 ``flower-superlink --isolation process`` and ``flower-supernode --isolation process`` leave
 running the apps to a separate SuperExec that connects to their Runtime API. Flower's own
 (``flower-superexec``) starts every ``flwr-serverapp`` and ``flwr-clientapp`` as a fresh
 interpreter, which imports Flower, torch and fedsim again for every task: every message of
-every round on a SuperNode, seconds each on a loaded 2-core machine. This SuperExec is Flower's
+every round on a SuperNode, seconds each on a loaded 2-core machine.
+
+This file is a *zygote*: a process that imports those modules once and then, asked over a Unix
+socket, forks a SuperExec for a SuperLink or a SuperNode. Each SuperExec is Flower's
 ``run_superexec`` loop with one change, its executor: a task is run by Flower's own
 ``run_serverapp`` or ``run_clientapp`` (what ``flwr-serverapp`` and ``flwr-clientapp`` run) in
-a child forked from this process, which imported those modules once, before any thread or torch
-computation existed in it. Everything an app does (pull its task, install the FAB, load the
-app, run, push its output) is Flower's code, unchanged.
+a child forked from the SuperExec. Everything an app does (pull its task, install the FAB, load
+the app, run, push its output) is Flower's code, unchanged; only the interpreter start and the
+imports are done once instead of once per task, and a SuperExec starts at once.
 
-Should the imports have started a Python thread (forking a process with threads risks a child
-deadlocked on a lock another thread held), every task is started as Flower starts it: a fresh
-``flwr-serverapp`` / ``flwr-clientapp`` process. (NumPy's OpenBLAS starts its worker threads
-at import and stops them around a fork itself; torch starts its OpenMP pool at the first
-parallel operation, which never runs here.)
+Forking is safe here because the zygote starts no thread and runs no torch operation (torch
+starts its OpenMP pool at the first parallel operation; NumPy's OpenBLAS stops its workers
+around a fork itself). Should the imports ever start a Python thread, every task is started as
+Flower starts it (a fresh ``flwr-serverapp`` / ``flwr-clientapp`` process).
 
-Run as a script: ``python flower_warm_executor.py serverapp|clientapp --runtime-api-address
-HOST:PORT --parent-pid PID [--root-certificates CA]``; it stops when its SuperLink or SuperNode
-(``PID``) ends.
+Protocol: ``python flower_warm_executor.py SOCKET``; a client connects, sends one JSON line
+``{"task": "serverapp"|"clientapp", "runtime_api_address": ..., "parent_pid": ...,
+"root_certificates": null|path, "log": path}`` and reads one JSON line ``{"pid": ...}``: the
+SuperExec, in a session of its own, logging to ``log``, which stops when ``parent_pid`` (its
+SuperLink or SuperNode) ends.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
+import json
 import os
 import signal
+import socket
 import sys
 import threading
+from pathlib import Path
 from queue import Queue
+from typing import Any
 
 # the imports every task needs, done once here (imports only: no torch op runs in this process)
 import numpy  # noqa: F401
@@ -51,7 +59,7 @@ TASKS = {"serverapp": TaskType.SERVER_APP, "clientapp": TaskType.CLIENT_APP}
 
 
 def _run_task(spec: ExecutionSpec) -> None:
-    """In the child: what ``flwr-serverapp`` / ``flwr-clientapp`` run for the task."""
+    """In a task's child: what ``flwr-serverapp`` / ``flwr-clientapp`` run for the task."""
     certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
     if spec.task_type == TaskType.SERVER_APP:
         log_queue: Queue[str | None] = Queue()
@@ -68,6 +76,28 @@ def _run_task(spec: ExecutionSpec) -> None:
             certificates=certificates, parent_pid=spec.parent_pid,
             runtime_dependency_install=spec.runtime_dependency_install,
         )
+
+
+def _in_child(body: Any) -> None:
+    """Run ``body()`` in a forked child and leave with its exit code, never returning to the caller."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        body()
+        code = 0
+    except SystemExit as exit_:  # Flower's processes end with sys.exit(code)
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:  # noqa: BLE001 - shown in the log, then the child's exit code says it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 class ForkExecutor:
@@ -96,23 +126,15 @@ class ForkExecutor:
         if pid:
             self.children.add(pid)
             return LaunchResult.accepted()
-        code = 1
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        def task() -> None:
             if spec.suppress_output:  # as Flower's executor does for a ServerApp
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
             _run_task(spec)
-            code = 0
-        except SystemExit as exit_:  # Flower's apps end with sys.exit(code)
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)  # never return into the parent's loop
+
+        _in_child(task)
 
     def reconcile(self) -> None:
         """Reap finished children."""
@@ -131,26 +153,50 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGKILL)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=sorted(TASKS))
-    parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--root-certificates", default=None)
-    args = parser.parse_args()
-    fork = threading.active_count() == 1
+def _superexec(request: dict[str, Any], *, fork: bool) -> None:
+    """In a SuperExec's child: Flower's SuperExec loop with the forking executor."""
+    os.setsid()
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
     if not fork:
         print("warm executor: the imports started a thread; every task starts as a fresh process", flush=True)
-    executor = ForkExecutor(TASKS[args.task], fork=fork)
+    executor = ForkExecutor(TASKS[request["task"]], fork=fork)
     superexec.get_executor = lambda *_, **__: executor
+    certificates = request.get("root_certificates")
     superexec.run_superexec(
-        runtime_api_address=args.runtime_api_address,
-        insecure=args.root_certificates is None,
-        root_certificates_path=args.root_certificates,
-        parent_pid=args.parent_pid,
+        runtime_api_address=request["runtime_api_address"],
+        insecure=certificates is None,
+        root_certificates_path=certificates,
+        parent_pid=int(request["parent_pid"]),
         runtime_dependency_install=False,
     )
 
 
+def serve(path: Path) -> None:
+    """Fork a SuperExec for every request on the Unix socket ``path``, until killed."""
+    fork = threading.active_count() == 1
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    server.settimeout(0.5)
+    while True:
+        with contextlib.suppress(ChildProcessError):  # reap SuperExecs that ended
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            request = json.loads(conn.makefile("r").readline())
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                conn.close()
+                _in_child(functools.partial(_superexec, request, fork=fork))
+            conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+
+
 if __name__ == "__main__":
-    main()
+    serve(Path(sys.argv[1]))

@@ -34,7 +34,6 @@ from .flower_harness import (
     FlowerCluster,
     check_ran,
     read_run,
-    running_cluster,
     wait_for_round,
 )
 from .test_flower_deploy import dp_ftrl_scenario
@@ -43,9 +42,9 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
-def cluster(tmp_path: Path):
-    with running_cluster(tmp_path / "cluster") as c:
-        yield c
+def cluster(shared_cluster: FlowerCluster) -> FlowerCluster:
+    """The session's shared cluster: SuperNodes for devices 0 and 1 are running."""
+    return shared_cluster
 
 
 def _serverapp_pids(cluster: FlowerCluster) -> list[int]:
@@ -79,8 +78,7 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-resume.toml", devices=2, per_round=2, rounds=4, k=4)
     out = tmp_path / "run"
     job = {"scenario": str(scenario_file), "out-dir": str(out), "job-id": "resume-job", "min-nodes": 2, "round-timeout": 120.0}
-    for device in (0, 1):
-        cluster.start_supernode(device)
+    # devices 0 and 1: the shared cluster's SuperNodes
 
     first = cluster.start_run(job)
     wait_for_round(out, 1, timeout=300)
