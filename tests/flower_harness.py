@@ -142,6 +142,8 @@ class FlowerCluster:
         self.logs.mkdir(exist_ok=True)
         self.link_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        #: SuperNodes spawned whose executor is not started yet: name -> Runtime API port
+        self._unattached: dict[str, int] = {}
         #: node name -> (its --node-config, its private key) as last started
         self.node_configs: dict[str, tuple[str, Path | None]] = {}
         self.env = dict(
@@ -204,14 +206,14 @@ class FlowerCluster:
             self._spawn("zygote", [sys.executable, str(Path(__file__).with_name("flower_warm_executor.py")), str(self.zygote_socket)])
         isolation = ["--isolation", "process"] if self.warm else []
         link = self._spawn("superlink", [str(BIN / "flower-superlink"), *security, "--port", str(self.link_port), *isolation])
-        if self.warm:  # the SuperLink's Runtime API shares its one port (and its TLS)
-            ca = None if self.certs is None else self.certs / "ca.crt"
-            self._start_executor("superlink", "serverapp", self.link_port, link, ca)
         deadline = time.monotonic() + timeout
         while not _port_open(self.link_port):
             if self.procs["superlink"].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("SuperLink did not start:\n" + self.log("superlink")[-3000:])
             time.sleep(0.2)
+        if self.warm:  # the SuperLink's Runtime API shares its one port (and its TLS)
+            ca = None if self.certs is None else self.certs / "ca.crt"
+            self._start_executor("superlink", "serverapp", self.link_port, link, ca)
 
     def state_dir(self, device: int) -> Path:
         """The state directory node ``device`` keeps its participation ledger in."""
@@ -231,13 +233,21 @@ class FlowerCluster:
         :attr:`warm`, the node's executor runs as process ``<name>.exec``, logging to the node's
         log, and :meth:`kill` of the node kills it too.
         """
+        name = self._spawn_supernode(device, name=name, private_key=private_key, **node_config)
+        self._attach_executors()
+        return name
+
+    def _spawn_supernode(
+        self, device: int, *, name: str | None = None, private_key: Path | None = None, **node_config: Any
+    ) -> str:
+        """Start the SuperNode process; with :attr:`warm` its executor follows in :meth:`_attach_executors`."""
         name = name or f"node-{device}"
         if name in self.procs and self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
         text = self.node_config(device, **node_config)
         self.node_configs[name] = (text, private_key)
         runtime_port = free_port()
-        node = self._spawn(
+        self._spawn(
             name,
             [
                 str(BIN / "flower-supernode"),
@@ -250,8 +260,26 @@ class FlowerCluster:
             ],
         )
         if self.warm:
-            self._start_executor(name, "clientapp", runtime_port, node, None)
+            self._unattached[name] = runtime_port
         return name
+
+    def _attach_executors(self, timeout: float = 120.0) -> None:
+        """Start the executor of every SuperNode spawned without one, once its Runtime API listens
+        (an executor started earlier backs off for seconds between connection attempts); a node
+        that ended first (e.g. refused by the SuperLink) gets none."""
+        deadline = time.monotonic() + timeout
+        while self._unattached:
+            for name, port in list(self._unattached.items()):
+                node = self.procs[name]
+                if node.poll() is not None:
+                    del self._unattached[name]
+                elif _port_open(port):
+                    del self._unattached[name]
+                    self._start_executor(name, "clientapp", port, node, None)
+            if self._unattached:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SuperNode(s) {sorted(self._unattached)} did not open their Runtime API in {timeout:g} s")
+                time.sleep(0.1)
 
     def _start_executor(self, name: str, task: str, port: int, parent: subprocess.Popen, ca: Path | None) -> None:
         """The warm SuperExec of process ``name`` (``<name>.exec``, logging to ``name``'s log), forked by the zygote."""
@@ -415,9 +443,9 @@ class SharedCluster:
     ``node-<device>``, default node config) running, starting it on first use; afterwards it
     restores it for the next test: every process the test added (``flwr run``, SuperNodes) is
     stopped, and base SuperNodes it killed or restarted otherwise are started again as they were.
-    A cluster a test left in doubt (a ServerApp still running, the SuperLink gone) is closed,
-    and the next test gets a fresh one. Tests keep their own run directories and job ids
-    (participation ledgers in the node state directories are per job).
+    A cluster a test left in doubt (a ServerApp still running, the SuperLink or its executor
+    gone) is closed, and the next test gets a fresh one. Tests keep their own run directories
+    and job ids (participation ledgers in the node state directories are per job).
 
     Parameters
     ----------
@@ -438,7 +466,7 @@ class SharedCluster:
     def base(self) -> set[str]:
         """The processes that belong to the shared cluster."""
         nodes = {f"node-{d}" for d in self.devices}
-        return {"superlink", "superlink.exec", *nodes, *(f"{n}.exec" for n in nodes)}
+        return {"zygote", "superlink", "superlink.exec", *nodes, *(f"{n}.exec" for n in nodes)}
 
     @contextlib.contextmanager
     def lend(self) -> Iterator[FlowerCluster]:
@@ -462,7 +490,8 @@ class SharedCluster:
                 continue
             if proc is not None:
                 c.kill(name)
-            c.start_supernode(device)
+            c._spawn_supernode(device)
+        c._attach_executors()
 
     def restore(self) -> None:
         """Stop what the last test added; close the cluster if it cannot be trusted for the next."""
@@ -474,7 +503,8 @@ class SharedCluster:
         deadline = time.monotonic() + 20  # a ServerApp ends shortly after its `flwr run`
         while c.serverapp_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
-        if c.procs["superlink"].poll() is not None or c.serverapp_pids():
+        core = [c.procs[n] for n in ("zygote", "superlink", "superlink.exec") if n in c.procs]
+        if any(p.poll() is not None for p in core) or c.serverapp_pids():
             self.close()
 
     def close(self) -> None:
@@ -509,3 +539,23 @@ def wait_for_log(cluster: FlowerCluster, name: str, text: str, timeout: float) -
             return
         time.sleep(0.2)
     raise AssertionError(f"{name} did not print {text!r} within {timeout:g} s:\n{cluster.log(name)[-3000:]}")
+
+
+def run_id_of(cluster: FlowerCluster, name: str, timeout: float = 120.0) -> int:
+    """The Flower run id that ``flwr run`` process ``name`` started (from its output)."""
+    wait_for_log(cluster, name, "Successfully started run ", timeout)
+    text = cluster.log(name)
+    return int(text.split("Successfully started run ", 1)[1].split()[0])
+
+
+def wait_for_received(cluster: FlowerCluster, node: str, run_id: int, server_round: int, timeout: float) -> None:
+    """Block until SuperNode ``node`` has received (message and content) its message of round
+    ``server_round`` of run ``run_id`` (fail after ``timeout`` seconds)."""
+    header = f"[RUN {run_id}, ROUND {server_round}]"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = cluster.log(node)
+        if header in text and "Received successfully" in text.split(header, 1)[1]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{node} did not receive its round {server_round} message of run {run_id} within {timeout:g} s")

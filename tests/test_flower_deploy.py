@@ -136,7 +136,7 @@ def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: 
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-faults.toml", devices=3, per_round=3, rounds=6, k=6)
     out = tmp_path / "run"  # devices 0 and 1: the shared cluster's SuperNodes
     cluster.start_supernode(2, fault="nan,wrong-shape,error,none,none,exceed-clip")
-    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 60.0})
+    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 30.0})
     wait_for_round(out, 1, timeout=180)
     cluster.kill("node-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
     proc = cluster.wait_run(name, timeout=360)

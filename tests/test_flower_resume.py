@@ -34,6 +34,8 @@ from .flower_harness import (
     FlowerCluster,
     check_ran,
     read_run,
+    run_id_of,
+    wait_for_received,
     wait_for_round,
 )
 from .test_flower_deploy import dp_ftrl_scenario
@@ -82,7 +84,14 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
 
     first = cluster.start_run(job)
     wait_for_round(out, 1, timeout=300)
-    _kill_serverapp(cluster)  # a crash mid-job
+    # a crash mid-job, while round 2 is in flight: once both nodes hold their round-2 message
+    # (a ServerApp killed while it pushes a message's content leaves Flower 1.42 SuperNodes
+    # retrying the pull until the run times out, then holding a task whose late reply they push
+    # in place of the next run's reply)
+    run_id = run_id_of(cluster, first)
+    for node in ("node-0", "node-1"):
+        wait_for_received(cluster, node, run_id, 2, timeout=120)
+    _kill_serverapp(cluster)
     cluster.kill(first)
     state = ServerState(out / "server-state", "resume-job")
     key_before = state.key_path.read_bytes()
