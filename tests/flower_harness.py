@@ -442,9 +442,9 @@ class SharedCluster:
     :meth:`lend` gives the cluster with the SuperLink and the SuperNodes of ``devices`` (names
     ``node-<device>``, default node config) running, starting it on first use; afterwards it
     restores it for the next test: every process the test added (``flwr run``, SuperNodes) is
-    stopped, and base SuperNodes it killed or restarted otherwise are started again as they were.
-    A cluster a test left in doubt (a ServerApp still running, the SuperLink or its executor
-    gone) is closed, and the next test gets a fresh one. Tests keep their own run directories
+    stopped, SuperNodes gracefully (they leave the SuperLink's node list). A cluster a test left in doubt (a ServerApp still running; a base process, SuperLink
+    or SuperNode, killed or restarted: a killed SuperNode stays on the SuperLink's node list for
+    a while) is closed, and the next test gets a fresh one. Tests keep their own run directories
     and job ids (participation ledgers in the node state directories are per job).
 
     Parameters
@@ -461,6 +461,8 @@ class SharedCluster:
         self.options = options
         self.cluster: FlowerCluster | None = None
         self.started = 0
+        #: the base processes as lent to the running test
+        self._lent: dict[str, Any] = {}
 
     @property
     def base(self) -> set[str]:
@@ -474,37 +476,37 @@ class SharedCluster:
         if self.cluster is None:
             self.started += 1
             self.cluster = FlowerCluster(self.workdir / f"cluster-{self.started}", **self.options)
-            self.cluster.start_superlink()
+            try:
+                self.cluster.start_superlink()
+                for device in self.devices:
+                    self.cluster._spawn_supernode(device)
+                self.cluster._attach_executors()
+            except BaseException:
+                self.close()
+                raise
         try:
-            self._start_missing_nodes(self.cluster)
+            self._lent = {n: self.cluster.procs[n] for n in self.base if n in self.cluster.procs}
             yield self.cluster
         finally:
             self.restore()
-
-    def _start_missing_nodes(self, c: FlowerCluster) -> None:
-        for device in self.devices:
-            name = f"node-{device}"
-            default = (c.node_config(device), None)
-            proc = c.procs.get(name)
-            if proc is not None and proc.poll() is None and c.node_configs.get(name) == default:
-                continue
-            if proc is not None:
-                c.kill(name)
-            c._spawn_supernode(device)
-        c._attach_executors()
 
     def restore(self) -> None:
         """Stop what the last test added; close the cluster if it cannot be trusted for the next."""
         c = self.cluster
         if c is None:
             return
+        # what the test added; a SuperNode stopped gracefully (SIGTERM) leaves the SuperLink's list
         for name in [n for n, p in c.procs.items() if n not in self.base and p.poll() is None]:
-            c.kill(name)
+            c.kill(name, signal.SIGTERM)
+            if c.procs[name].poll() is None:
+                c.kill(name)
         deadline = time.monotonic() + 20  # a ServerApp ends shortly after its `flwr run`
         while c.serverapp_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
-        core = [c.procs[n] for n in ("zygote", "superlink", "superlink.exec") if n in c.procs]
-        if any(p.poll() is not None for p in core) or c.serverapp_pids():
+        # a base process that ended or was replaced: a killed SuperNode stays on the SuperLink's
+        # node list until its heartbeat expires (a minute), and later tests must not see it
+        changed = any(c.procs.get(n) is not p or p.poll() is not None for n, p in self._lent.items())
+        if changed or c.serverapp_pids():
             self.close()
 
     def close(self) -> None:
