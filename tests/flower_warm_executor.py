@@ -14,10 +14,12 @@ a child forked from the SuperExec. Everything an app does (pull its task, instal
 the app, run, push its output) is Flower's code, unchanged; only the interpreter start and the
 imports are done once instead of once per task, and a SuperExec starts at once.
 
-Forking is safe here because the zygote starts no thread and runs no torch operation (torch
-starts its OpenMP pool at the first parallel operation; NumPy's OpenBLAS stops its workers
-around a fork itself). Should the imports ever start a Python thread, every task is started as
-Flower starts it (a fresh ``flwr-serverapp`` / ``flwr-clientapp`` process).
+Forking is safe here because no process that forks holds a lock another thread may hold: the
+zygote starts no thread and runs no torch operation (torch starts its OpenMP pool at the first
+parallel operation; NumPy's OpenBLAS stops its workers around a fork itself), and a SuperExec's
+only other thread is Flower's parent-process monitor, which sleeps and checks a PID. Should the
+imports ever start a Python thread, every task is started as Flower starts it (a fresh
+``flwr-serverapp`` / ``flwr-clientapp`` process).
 
 Protocol: ``python flower_warm_executor.py SOCKET``; a client connects, sends one JSON line
 ``{"task": "serverapp"|"clientapp", "runtime_api_address": ..., "parent_pid": ...,
