@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,36 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
         timeout=timeout,
         env=env,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# one Flower deployment (SuperLink, SuperNodes) shared by the deployment tests of a session
+
+
+@pytest.fixture(scope="session")
+def flower_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The session's :class:`~tests.flower_harness.SharedCluster` (started on first use)."""
+    from .flower_harness import SharedCluster
+
+    shared = SharedCluster(tmp_path_factory.mktemp("flower-shared"), devices=(0, 1))
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture
+def shared_cluster(flower_clusters) -> Iterator:
+    """An insecure Flower cluster with SuperNodes ``node-0`` and ``node-1`` (devices 0 and 1) running.
+
+    Shared by the tests of a session: a test may add processes (``flwr run``, more SuperNodes,
+    restarted nodes) and kill the base nodes; when it ends the cluster is restored (what it added
+    is stopped, the base nodes run again as started). Use a job id and run directory of the
+    test's own (the default job id, a Flower run's id, is one); a test that needs TLS, SuperNode
+    authentication or other base nodes starts its own with ``running_cluster``.
+    """
+    with flower_clusters.lend() as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------------------------------------

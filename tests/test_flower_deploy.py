@@ -35,7 +35,7 @@ from .flower_harness import (
     FlowerCluster,
     check_ran,
     read_run,
-    running_cluster,
+    wait_for_log,
     wait_for_round,
     write_scenario,
 )
@@ -44,9 +44,9 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
-def cluster(tmp_path: Path):
-    with running_cluster(tmp_path / "cluster") as c:
-        yield c
+def cluster(shared_cluster: FlowerCluster) -> FlowerCluster:
+    """The session's shared cluster: SuperNodes for devices 0 and 1 are running."""
+    return shared_cluster
 
 
 def dp_ftrl_scenario(
@@ -81,9 +81,7 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
     scenario_file = dp_ftrl_scenario(
         tmp_path / "flower-e2e.toml", devices=2, per_round=2, rounds=3, k=3, key_file=tmp_path / "fixed.key"
     )
-    out = tmp_path / "run"
-    for device in (0, 1):
-        cluster.start_supernode(device)
+    out = tmp_path / "run"  # the shared cluster's SuperNodes for devices 0 and 1 run already
     proc = cluster.flwr_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
     check_ran(proc, cluster)
     run = read_run(out)
@@ -136,11 +134,9 @@ def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: 
     and its ClientApp fails in round 3 (an error reply: the node leaves the roster, alive, and
     checks in again a round or two later)."""
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-faults.toml", devices=3, per_round=3, rounds=6, k=6)
-    out = tmp_path / "run"
-    cluster.start_supernode(0)
-    cluster.start_supernode(1)
+    out = tmp_path / "run"  # devices 0 and 1: the shared cluster's SuperNodes
     cluster.start_supernode(2, fault="nan,wrong-shape,error,none,none,exceed-clip")
-    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 60.0})
+    name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 3, "round-timeout": 30.0})
     wait_for_round(out, 1, timeout=180)
     cluster.kill("node-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
     proc = cluster.wait_run(name, timeout=360)
@@ -202,8 +198,7 @@ def test_participation_limit_holds_across_a_supernode_restart(cluster: FlowerClu
     a second server for the same job (a fresh server ledger) asks again, the devices decline."""
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-restart.toml", devices=3, per_round=3, rounds=1, k=1)
     job = {"scenario": str(scenario_file), "job-id": "restart-job", "round-timeout": 120.0}
-    cluster.start_supernode(0)
-    cluster.start_supernode(1)
+    # devices 0 and 1: the shared cluster's SuperNodes
     first = cluster.flwr_run({**job, "out-dir": str(tmp_path / "first"), "min-nodes": 2})
     check_ran(first, cluster)
     assert read_run(tmp_path / "first")["diagnostics"][0]["clients"] == 2
@@ -231,11 +226,11 @@ def test_a_second_claim_of_a_rostered_device_is_refused_and_never_evicts(cluster
     """An impostor SuperNode claims device 0 while the honest node holds it: refused, counted,
     logged; the honest node keeps training every round and the impostor never trains."""
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-sybil.toml", devices=2, per_round=2, rounds=4, k=4)
-    out = tmp_path / "run"
-    cluster.start_supernode(0)
-    cluster.start_supernode(1)
+    out = tmp_path / "run"  # devices 0 and 1: the shared cluster's SuperNodes
     name = cluster.start_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
-    wait_for_round(out, 1, timeout=240)
+    # the impostor starts once the honest node holds device 0 (a round takes a few seconds: it
+    # has the rest of the run to connect and claim)
+    wait_for_log(cluster, name, "checked in as device 0", timeout=240)
     impostor_state = tmp_path / "impostor-state"
     cluster.start_supernode(0, name="impostor-0", **{"state-dir": str(impostor_state)})
     proc = cluster.wait_run(name, timeout=400)

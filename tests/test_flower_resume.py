@@ -31,11 +31,11 @@ from fedsim.privacy.noise import NoiseKey
 
 from .conftest import ROOT
 from .flower_harness import (
-    MARKER,
     FlowerCluster,
     check_ran,
     read_run,
-    running_cluster,
+    run_id_of,
+    wait_for_received,
     wait_for_round,
 )
 from .test_flower_deploy import dp_ftrl_scenario
@@ -44,27 +44,14 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
-def cluster(tmp_path: Path):
-    with running_cluster(tmp_path / "cluster") as c:
-        yield c
+def cluster(shared_cluster: FlowerCluster) -> FlowerCluster:
+    """The session's shared cluster: SuperNodes for devices 0 and 1 are running."""
+    return shared_cluster
 
 
 def _serverapp_pids(cluster: FlowerCluster) -> list[int]:
-    """Live ``flwr-serverapp`` processes of this cluster."""
-    needle = f"{MARKER}={cluster.marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if needle in env and b"flwr-serverapp" in cmdline and ") Z " not in stat:
-            found.append(int(entry.name))
-    return found
+    """Live ServerApp processes of this cluster."""
+    return cluster.serverapp_pids()
 
 
 def _kill_serverapp(cluster: FlowerCluster, timeout: float = 30.0) -> None:
@@ -93,12 +80,18 @@ def test_a_killed_server_resumes_its_job_and_a_new_job_draws_a_new_key(cluster: 
     scenario_file = dp_ftrl_scenario(tmp_path / "flower-resume.toml", devices=2, per_round=2, rounds=4, k=4)
     out = tmp_path / "run"
     job = {"scenario": str(scenario_file), "out-dir": str(out), "job-id": "resume-job", "min-nodes": 2, "round-timeout": 120.0}
-    for device in (0, 1):
-        cluster.start_supernode(device)
+    # devices 0 and 1: the shared cluster's SuperNodes
 
     first = cluster.start_run(job)
     wait_for_round(out, 1, timeout=300)
-    _kill_serverapp(cluster)  # a crash mid-job
+    # a crash mid-job, while round 2 is in flight: once both nodes hold their round-2 message
+    # (a ServerApp killed while it pushes a message's content leaves Flower 1.42 SuperNodes
+    # retrying the pull until the run times out, then holding a task whose late reply they push
+    # in place of the next run's reply)
+    run_id = run_id_of(cluster, first)
+    for node in ("node-0", "node-1"):
+        wait_for_received(cluster, node, run_id, 2, timeout=120)
+    _kill_serverapp(cluster)
     cluster.kill(first)
     state = ServerState(out / "server-state", "resume-job")
     key_before = state.key_path.read_bytes()
