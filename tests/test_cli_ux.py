@@ -47,8 +47,9 @@ def test_an_earlier_run_is_refused_kept_intact_and_replaced_only_with_overwrite(
     code, out, err = _cli(capsys, "run", QUICK, "--rounds", "2", "--out", str(run), "--set", "client.lr=0.05")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"error: {run} already holds a finished run")
-    for choice in ("--out", "--overwrite", f"--resume {run}"):
+    for choice in ("--out", "--overwrite"):
         assert choice in err
+    assert "--resume" not in err  # a finished run has nothing to resume
     assert _snapshot(run) == before  # nothing touched
 
     code, _, err = _cli(capsys, "run", QUICK, "--rounds", "3", "--out", str(run), "--quiet", "--overwrite")
@@ -64,7 +65,12 @@ def test_an_unfinished_run_is_refused_too_and_resume_cannot_overwrite(
     run.mkdir()
     (run / "config.toml").write_text('name = "x"\n')  # a run that crashed before its summary
     code, _, err = _cli(capsys, "run", QUICK, "--out", str(run))
-    assert code == 2 and "already holds an unfinished run" in err and "--resume" in err
+    assert code == 2 and "already holds an unfinished run" in err and "no checkpoint to resume from" in err
+    assert "--resume" not in err  # nothing to resume from
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-00000002.pt").write_bytes(b"")  # an unfinished run with a checkpoint
+    code, _, err = _cli(capsys, "run", QUICK, "--out", str(run))
+    assert code == 2 and f"--resume {run} to continue it from its checkpoints" in err
     code, _, err = _cli(capsys, "run", "--resume", str(run), "--overwrite")
     assert code == 2 and "--overwrite cannot be combined with --resume" in err
 

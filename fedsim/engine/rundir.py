@@ -75,10 +75,13 @@ def claim_run_dir(path: str | Path, *, overwrite: bool = False) -> Path:
     if not overwrite:
         finished = (path / "summary.json").exists()
         what = "a finished run" if finished else "an unfinished run"
-        raise RunDirExists(
-            f"{path} already holds {what}; choose another --out DIR, pass --overwrite to replace it, "
-            f"or --resume {path} to continue it from its checkpoints"
-        )
+        choices = f"{path} already holds {what}; choose another --out DIR or pass --overwrite to replace it"
+        # --resume only where there is something to resume: an unfinished run with a checkpoint
+        if not finished and any((path / "checkpoints").glob("ckpt-*.pt")):
+            raise RunDirExists(f"{choices}, or --resume {path} to continue it from its checkpoints")
+        if not finished:
+            choices += " (it has no checkpoint to resume from)"
+        raise RunDirExists(choices)
     here = Path.cwd().resolve()
     target = path.resolve()
     if target == here or target in here.parents or target == Path.home().resolve():
