@@ -49,7 +49,14 @@ from fedsim.privacy.sensitivity import (
     max_gaussian_participations,
     prefix_cache,
 )
-from fedsim.validation import finite_numbers, int_at_least, is_int, is_number, number_in
+from fedsim.validation import (
+    finite_numbers,
+    int_at_least,
+    is_int,
+    is_number,
+    number_in,
+    positive_number,
+)
 
 __all__ = [
     "MAX_CLIP_NORM",
@@ -101,9 +108,10 @@ MAX_NOISE_STD = 1e9
 
 def check_clip_norm(value: Any, name: str = "clip-norm") -> float:
     """``value`` as a float in ``(0, MAX_CLIP_NORM]``, else ``ValueError`` naming ``name``."""
-    if not is_number(value) or not math.isfinite(value) or value <= 0 or value > MAX_CLIP_NORM:
+    c = positive_number(name, value)
+    if c > MAX_CLIP_NORM:
         raise ValueError(f"{name} must be a number in (0, {MAX_CLIP_NORM:g}], got {value!r}")
-    return float(value)
+    return c
 
 
 def check_noise_std(
