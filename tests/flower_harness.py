@@ -10,8 +10,9 @@ installation are off, and ``FLWR_HOME`` is private to the cluster.
 By default a SuperNode runs its ClientApps with ``--isolation process`` and the executor in
 ``flower_warm_executor.py``, which forks each ClientApp from a process that has imported torch
 and fedsim once (Flower's own executor starts a fresh interpreter per message, seconds each);
-``warm=False`` keeps Flower's default (``--isolation subprocess``). :class:`SharedCluster` lends
-one cluster to many tests and restores it between them.
+``warm=False`` keeps Flower's default (``--isolation subprocess``: the apps load from the
+installed FAB; ``test_flower_identity.py`` runs that way). :class:`SharedCluster` lends one
+cluster to many tests and restores it between them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ socket, forks a SuperExec for a SuperLink or a SuperNode. Each SuperExec is Flow
 ``run_serverapp`` or ``run_clientapp`` (what ``flwr-serverapp`` and ``flwr-clientapp`` run) in
 a child forked from the SuperExec. Everything an app does (pull its task, install the FAB, load
 the app, run, push its output) is Flower's code, unchanged; only the interpreter start and the
-imports are done once instead of once per task, and a SuperExec starts at once.
+imports are done once instead of once per task, and a SuperExec starts at once. One difference
+follows: Flower finds fedsim's app modules already imported (from the repository the FAB is
+built from), so the installed FAB's copy of them is not what runs; a deployment test that must
+load the app from the FAB uses Flower's own executor (``FlowerCluster(warm=False)``).
 
 Forking is safe here because no process that forks holds a lock another thread may hold: the
 zygote starts no thread and runs no torch operation (torch starts its OpenMP pool at the first

@@ -79,8 +79,10 @@ def test_bad_rosters_name_file_line_and_problem(tmp_path: Path, content: str, me
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    # SuperNodes with their own keys, and SuperNode authentication, need TLS
-    with running_cluster(tmp_path / "cluster", tls=True, supernode_auth=True) as c:
+    # SuperNodes with their own keys, and SuperNode authentication, need TLS; and this deployment
+    # runs its apps as Flower does by default (a fresh process per ServerApp and per message,
+    # loaded from the installed app, not the warm executors the other deployment tests use)
+    with running_cluster(tmp_path / "cluster", tls=True, supernode_auth=True, warm=False) as c:
         yield c
 
 
