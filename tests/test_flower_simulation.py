@@ -178,13 +178,13 @@ def test_a_flower_run_that_fails_is_a_one_line_error_and_leaves_no_process(tmp_p
     (app / "pyproject.toml").write_text('[project]\nname = "broken"\nversion = "1.0.0"\n', encoding="utf-8")
     monkeypatch.setattr(simulation, "APP_DIR", app)
     scenario = load_scenario(SCENARIOS / "quickstart.toml", [(["rounds"], 1)])
-    before = {p.pid for p in _children()}
+    before = {int(p.name) for p in _children()}
     with pytest.raises(simulation.FlowerRunError) as failed:
         simulation.FlowerSimulation(scenario, run_dir=tmp_path / "run", progress=False).run()
     message = str(failed.value)
     assert "\n" not in message and message.startswith("--backend flower: the Flower simulation ended without a result")
     assert not (tmp_path / "run" / "summary.json").exists()
-    assert {p.pid for p in _children()} <= before  # the SuperLink and `flwr run` are gone
+    assert {int(p.name) for p in _children()} <= before  # the SuperLink and `flwr run` are gone
 
 
 def _children() -> list[os.DirEntry]:
