@@ -16,7 +16,7 @@ a dozen large kernels instead of a dozen tiny ones per client: on 8x8 images the
 spends its time on per-operation overhead (~2 % of the FLOP bound). Clients with fewer examples
 are padded with rows of loss weight exactly 0 and a client whose epoch is over takes an exactly
 zero step, so results equal the loop's up to floating-point summation order (equality tests in
-float64: ``tests/test_trainer_paths.py``).
+float64: ``tests/engine/test_trainer_paths.py``).
 """
 
 from __future__ import annotations

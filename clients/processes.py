@@ -16,7 +16,7 @@ the parameters costs ~1 ms per MB). A worker trains its part with the reference 
 (:meth:`clients.sgd.SGDTrainer._train_one`) and returns the part's rows; the driver joins a
 group's parts into the group's one :class:`CohortChunk`, keeps at most ``2 x workers`` parts in
 flight and yields chunks strictly in group order, so the server's running sum, and every result,
-is bit for bit that of the one-process loop (``tests/test_trainer_paths.py``).
+is bit for bit that of the one-process loop (``tests/engine/test_trainer_paths.py``).
 """
 
 from __future__ import annotations

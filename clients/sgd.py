@@ -8,8 +8,8 @@ and reports ``delta = local - global`` clipped to ``clip_norm`` when the round a
 :meth:`SGDTrainer.train_client` is that algorithm, one client at a time.
 
 :meth:`SGDTrainer.train_cohort` (what the engine calls) trains a cohort by one of three paths that
-all give the loop's results (equality tests in float64: ``tests/test_batched_training.py``,
-``tests/test_trainer_paths.py``):
+all give the loop's results (equality tests in float64: ``tests/engine/test_batched_training.py``,
+``tests/engine/test_trainer_paths.py``):
 
 ==============  ================================================================================
 path            what, and when ``path = "auto"`` picks it

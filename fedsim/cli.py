@@ -296,8 +296,8 @@ def _add_check_strategy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-strategy",
         help="run the strategy contract suite on your own strategy",
-        description="Run the contract suite every built-in strategy passes (tests/test_strategy_contract.py, "
-        "needs a source checkout and pytest) on SPEC: 'path/file.py:Class' (relative to the working "
+        description="Run the contract suite every built-in strategy passes "
+        "(tests/contracts/test_strategy_contract.py, needs a source checkout and pytest) on SPEC: 'path/file.py:Class' (relative to the working "
         "directory) or 'package.module:Class'. The strategy must be constructible with its defaults.",
     )
     p.add_argument("spec", metavar="SPEC", help="path/file.py:Class or package.module:Class")
@@ -324,7 +324,7 @@ def _cmd_check_strategy(args: argparse.Namespace) -> int:
         raise FedsimError(f"check-strategy: cannot load {args.spec!r}: {type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise FedsimError(f"check-strategy: {args.spec!r} is not a fedsim.strategy.Strategy subclass")
-    suite = Path(__file__).resolve().parents[1] / "tests" / "test_strategy_contract.py"
+    suite = Path(__file__).resolve().parents[1] / "tests" / "contracts" / "test_strategy_contract.py"
     if not suite.is_file():
         raise FedsimError(f"check-strategy: the contract suite {suite} is missing (it ships with a source checkout)")
     env = dict(os.environ, FEDSIM_STRATEGY=spec)

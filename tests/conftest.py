@@ -38,8 +38,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 
 @pytest.fixture(scope="session")
 def flower_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """The session's :class:`~tests.flower_harness.SharedCluster` (started on first use)."""
-    from .flower_harness import SharedCluster
+    """The session's :class:`~tests.flower.harness.SharedCluster` (started on first use)."""
+    from .flower.harness import SharedCluster
 
     shared = SharedCluster(tmp_path_factory.mktemp("flower-shared"), devices=(0, 1))
     try:

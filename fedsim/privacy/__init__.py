@@ -1,6 +1,6 @@
 """Differential privacy for fedsim: the noise, the mechanisms and their accounting.
 
-Layers inside the package (checked by ``tests/test_layers.py``; imports point downwards):
+Layers inside the package (checked by ``tests/contracts/test_layers.py``; imports point downwards):
 
 * :mod:`~fedsim.privacy.calibration` -- the noise multiplier that meets a zCDP budget, by the
   accountant on a mechanism's planned events.

@@ -1,0 +1,162 @@
+"""Every trainer path equals the per-client reference, for every built-in model (float64).
+
+The reference is :meth:`SGDTrainer.train_client` (one client at a time). Unequal device sizes
+(empty, one example, short last batch), two epochs and clipping are covered; losses too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from clients.sgd import SGDTrainer
+from fedsim.data import DataSpec
+from fedsim.models import build_model
+from fedsim.tasks import Task
+from fedsim.types import ClientTask, TrainConfig
+
+SIZES = [5, 0, 1, 9, 4, 8, 3]
+TEXT = DataSpec("next-token", (6,), 12, pad_id=0, oov_ids=(2,), eos_id=1)
+CASES = {
+    "logreg": (DataSpec("classification", (5,), 3), {}, ["batched", "vmap", "loop"]),
+    "mlp": (DataSpec("classification", (1, 2, 3), 3), {"hidden": 7}, ["batched", "vmap", "loop"]),
+    "cnn": (DataSpec("classification", (1, 8, 8), 10), {"channels": (3, 4), "hidden": 8}, ["conv", "vmap", "loop"]),
+    "lstm-lm": (TEXT, {"hidden": 8, "embedding": 4}, ["vmap", "loop"]),
+    "transformer-lm": (TEXT, {"dim": 8, "heads": 2, "layers": 1}, ["vmap", "loop"]),
+}
+#: clipping bound per model (both settings are covered across models; clipping is per row either way)
+CLIP = {"logreg": None, "mlp": 0.05, "cnn": 0.05, "lstm-lm": None, "transformer-lm": 0.05}
+AUTO = {"logreg": "batched", "mlp": "batched", "cnn": "conv", "lstm-lm": "loop", "transformer-lm": "loop"}
+
+
+def _tasks(spec: DataSpec) -> list[ClientTask]:
+    gen = torch.Generator().manual_seed(42)
+    tasks = []
+    for i, n in enumerate(SIZES):
+        if spec.task == "next-token":
+            x = torch.randint(0, spec.num_classes, (n, *spec.input_shape), generator=gen)
+            y = torch.randint(0, spec.num_classes, (n, *spec.input_shape), generator=gen)
+            y[:, -2:] = 0  # padded tails
+        else:
+            x = torch.randn(n, *spec.input_shape, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, spec.num_classes, (n,), generator=gen)
+        tasks.append(ClientTask(i, x, y, seed=1000 + i))
+    return tasks
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_path_equals_the_per_client_reference(name: str) -> None:
+    spec, params, paths = CASES[name]
+    clip = CLIP[name]
+    model = build_model(name, spec=spec, params=params, seed=7).double()
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    tasks = _tasks(spec)
+    config = TrainConfig(round=2, lr=0.3, local_epochs=2, batch_size=4, clip_norm=clip)
+    reference = SGDTrainer(model, path="loop")
+    reference.objective = Task(spec)
+    expected = [reference.train_client(flat, t, config) for t in tasks]
+    ref_deltas = torch.stack([r.delta for r in expected])
+    assert ref_deltas.abs().max() > 1e-3
+    auto = SGDTrainer(model)
+    auto.objective = Task(spec)
+    assert auto.describe()["path"] == AUTO[name]
+    for path in paths:
+        # batched threads: tests/engine/test_batched_training.py; the loop on 2 threads and in 2 processes
+        settings = {"batched": [(1, "auto")], "vmap": [(1, "auto"), (2, "auto")], "conv": [(1, "auto"), (2, "auto")]}.get(
+            path, [(1, "auto"), (2, "threads"), (2, "processes")]
+        )
+        for workers, pool in settings:
+            trainer = SGDTrainer(model, path=path, workers=workers, pool=pool)
+            trainer.objective = Task(spec)
+            try:
+                chunks = list(trainer.train_cohort(flat, iter(tasks), config, chunk_size=3))
+            finally:
+                trainer.close()
+            if path == "loop" and workers == 2:
+                assert trainer.describe()["pool"] == f"2 {'worker processes' if pool == 'processes' else 'threads'}"
+            assert max(len(c.device_ids) for c in chunks) <= 3
+            deltas = torch.cat([c.deltas for c in chunks]).double()
+            torch.testing.assert_close(deltas, ref_deltas, rtol=0, atol=1e-9, msg=f"{name} {path} x{workers} {pool}")
+            losses = torch.cat([c.losses for c in chunks])
+            torch.testing.assert_close(losses, torch.tensor([r.loss for r in expected], dtype=torch.float32), rtol=1e-5, atol=1e-6)
+            assert np.array_equal(np.concatenate([c.device_ids for c in chunks]), np.arange(len(tasks)))
+            assert torch.all(deltas[1] == 0)
+            if clip is not None:
+                assert torch.all(torch.linalg.vector_norm(deltas, dim=1) <= clip * (1 + 1e-9))
+
+
+def test_measure_picks_a_path_and_says_why() -> None:
+    spec, params, _ = CASES["mlp"]
+    model = build_model("mlp", spec=spec, params=params, seed=1).double()
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    trainer = SGDTrainer(model, path="measure")
+    trainer.objective = Task(spec)
+    tasks = _tasks(spec) * 3
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=4)
+    chunks = list(trainer.train_cohort(flat, iter(tasks), config))
+    assert sum(len(c.device_ids) for c in chunks) == len(tasks)  # the measured clients are trained too
+    info = trainer.describe()
+    assert info["path"] in ("batched", "vmap", "loop") and info["reason"].startswith("measured on")
+    for path in ("batched", "vmap", "loop"):
+        assert f"{path} " in info["reason"]
+
+
+def test_loop_in_worker_processes_is_bit_for_bit_the_one_process_loop() -> None:
+    # float32, as runs train: the worker processes run the same kernels on one thread each
+    spec, params, _ = CASES["cnn"]
+    model = build_model("cnn", spec=spec, params=params, seed=3)
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    tasks = [ClientTask(t.device_id, t.x.float(), t.y, t.seed) for t in _tasks(spec)] * 4
+    config = TrainConfig(round=1, lr=0.2, local_epochs=1, batch_size=4, clip_norm=0.5)
+    one = SGDTrainer(model, path="loop", workers=1)
+    one.objective = Task(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # workers = 1 is [engine] threads = 1: one torch thread, as in each worker
+    try:
+        expected = list(one.train_cohort(flat, iter(tasks), config, chunk_size=10))
+    finally:
+        torch.set_num_threads(threads)
+    trainer = SGDTrainer(model, path="loop", workers=2)  # pool = "auto": processes for the loop
+    trainer.objective = Task(spec)
+    try:
+        for _ in range(2):  # the workers persist across rounds
+            got = list(trainer.train_cohort(flat, iter(tasks), config, chunk_size=10))
+            assert [len(c.device_ids) for c in got] == [len(c.device_ids) for c in expected]
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a.deltas, b.deltas) and torch.equal(a.losses, b.losses)
+                assert np.array_equal(a.device_ids, b.device_ids)
+        procs = trainer._procs
+        assert procs is not None and len(procs.pids()) == 2 and os.getpid() not in procs.pids()
+        assert trainer.describe()["pool"] == "2 worker processes"
+    finally:
+        trainer.close()
+    assert trainer._procs is None
+
+
+def test_a_model_a_fresh_interpreter_cannot_rebuild_trains_on_threads() -> None:
+    class LocalNet(torch.nn.Module):  # defined in a function: cannot be pickled for a worker process
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3)
+            self.out = torch.nn.Linear(2 * 6 * 6, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.conv(x)).flatten(1))
+
+    spec = CASES["cnn"][0]
+    model = LocalNet()
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    tasks = [ClientTask(t.device_id, t.x.float(), t.y, t.seed) for t in _tasks(spec)]
+    config = TrainConfig(round=0, lr=0.1, local_epochs=1, batch_size=4)
+    auto = SGDTrainer(model, path="loop", workers=2)
+    auto.objective = Task(spec)
+    chunks = list(auto.train_cohort(flat, iter(tasks), config))
+    assert sum(len(c.device_ids) for c in chunks) == len(tasks)
+    assert auto.describe()["pool"].startswith("2 threads (threads: the model cannot be sent to worker processes")
+    strict = SGDTrainer(model, path="loop", workers=2, pool="processes")
+    strict.objective = Task(spec)
+    with pytest.raises(ValueError, match='pool = "processes": the model cannot be sent to worker processes'):
+        list(strict.train_cohort(flat, iter(tasks), config))
