@@ -8,7 +8,7 @@ server's running sum is the same wherever the clients ran. Implementations:
   process, ``chunk-size`` clients at a time;
 * :class:`fedsim.engine.ray_backend.RayCohortRunner` (``backend = "ray"``): blocks of the
   cohort on Ray actors;
-* :class:`fedsim.flower.strategy.FlowerGridExecutor` (``backend = "flower"``): one Flower
+* :class:`fedsim.flower.executor.FlowerGridExecutor` (``backend = "flower"``): one Flower
   message per device over a ServerApp's grid (a SuperLink, or Flower's simulation engine).
 
 :func:`fedsim.engine.simulation.make_executor` is the one place that maps ``engine.backend``

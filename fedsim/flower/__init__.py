@@ -2,6 +2,8 @@
 
 * :mod:`fedsim.flower.strategy`: :class:`FedsimStrategy`, a Flower Message-API strategy wrapping
   any fedsim strategy (server-side validation, participation ledger, privacy accounting);
+* :mod:`fedsim.flower.executor`: :class:`~fedsim.flower.executor.FlowerGridExecutor`, the
+  engine's cohort executor on a Flower grid (roster, train messages, reply validation);
 * :mod:`fedsim.flower.server_app`: the app's ``ServerApp`` (``flwr run .``);
 * :mod:`fedsim.flower.protocol`, :mod:`fedsim.flower.records`: messages and record conversion;
 * :mod:`fedsim.flower.device`: a device's participation ledger on the SuperNode's disk;
