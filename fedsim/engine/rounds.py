@@ -35,7 +35,6 @@ the owner and is saved and restored with :meth:`RoundOwner.state_dict` /
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -47,7 +46,6 @@ import numpy as np
 import torch
 
 from fedsim import seeds, workloads
-from fedsim.atomic import atomic_write_text
 from fedsim.builders import (
     build_availability,
     build_data,
@@ -71,6 +69,7 @@ from fedsim.engine.checkpoint import (
     list_checkpoints,
     scenario_diff,
 )
+from fedsim.engine.recorder import PRIVATE_DIR, RunFiles, RunRecorder
 from fedsim.engine.releases import (
     RELEASES_FILE,
     PriorReport,
@@ -100,8 +99,6 @@ from fedsim.types import TrainConfig, UpdateBatch
 
 __all__ = ["NON_FINITE", "PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
 
-#: Where a DP run keeps exact values it does not publish (mode 0700).
-PRIVATE_DIR = "private"
 #: How :attr:`RoundOwner.stopped_reason` starts when a run stopped because its model is no
 #: longer finite (NaN / inf parameters or held-out loss): the released rounds are garbage.
 NON_FINITE = "non-finite model"
@@ -284,6 +281,8 @@ class RoundOwner:
         self.resumed = False
         self._data_fingerprint: dict[str, Any] | None = None
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
+        #: writes the run's files, public and private (fedsim.engine.recorder)
+        self.recorder = RunRecorder(self.run_dir)
         torch.set_num_threads(scenario.engine.threads)
         keep_freed_memory()  # reuse freed heap memory: see fedsim.engine.allocator
         self.data = build_data(scenario)
@@ -341,7 +340,6 @@ class RoundOwner:
         self.accountant: Any | None = None
         self.rejected: Counter[str] = Counter()
         self.metrics: list[dict[str, Any]] = []
-        self.diagnostics: list[dict[str, Any]] = []
         self.next_round = 0
         self.stopped_reason = "completed"
         self.checkpointer: Checkpointer | None = None
@@ -473,7 +471,7 @@ class RoundOwner:
                 "resume with the recorded run id"
             )
         record.check_data(self.data_fingerprint, where=where)
-        rows = self._logged_rows()
+        rows = self.recorder.logged_rows()
         if rows > record.released:
             raise ReleaseError(
                 f"{self.run_dir.metrics_path if self.run_dir else 'the run log'} holds {rows} rounds but "
@@ -482,11 +480,6 @@ class RoundOwner:
             )
         self.releases = record
         return record
-
-    def _logged_rows(self) -> int:
-        if self.run_dir is None or not self.run_dir.metrics_path.exists():
-            return 0
-        return self.run_dir.metrics_path.read_bytes().count(b"\n")
 
     def resume_releases(self) -> int:
         """Before an in-process resume: the run's release record, read back; the rounds released.
@@ -499,7 +492,7 @@ class RoundOwner:
             return 0
         if not path.exists():
             directory = self.run_dir.path / CHECKPOINT_DIR if self.run_dir is not None else None
-            if self._logged_rows() or (directory is not None and list_checkpoints(directory)):
+            if self.recorder.logged_rows() or (directory is not None and list_checkpoints(directory)):
                 raise ReleaseError(
                     f"{path}: the run's release record is missing, but the run has published rounds; "
                     "cannot tell which rounds were released (a run started by an older fedsim, or the "
@@ -533,30 +526,10 @@ class RoundOwner:
             return self.noise_source.generator((TAG_SELECT, round))
         return seeds.round_rng(self.scenario.seed, seeds.STREAM_SELECTION, round)
 
-    # -- private diagnostics (DP runs) ------------------------------------------------------
     @property
-    def diagnostics_path(self) -> Path | None:
-        """``private/diagnostics.jsonl``: exact per-round values a DP run does not publish."""
-        return self.run_dir.path / PRIVATE_DIR / "diagnostics.jsonl" if self.run_dir is not None else None
-
-    def write_diagnostics(self, row: dict[str, Any]) -> None:
-        """Append one round's exact values to ``private/diagnostics.jsonl``."""
-        self.diagnostics.append(row)
-        path = self.diagnostics_path
-        if path is None:
-            return
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-    def cut_diagnostics(self, rounds_done: int) -> None:
-        """Drop the diagnostics of rounds that a resume replays."""
-        path = self.diagnostics_path
-        if path is None or not path.exists():
-            return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["round"] <= rounds_done]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-        self.diagnostics = [json.loads(line) for line in keep]
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """A DP run's exact per-round values withheld from ``metrics.jsonl`` (:attr:`recorder`'s)."""
+        return self.recorder.diagnostics
 
     # -- privacy ------------------------------------------------------------------------------
     @property
@@ -741,7 +714,7 @@ class RoundOwner:
         if self.private:
             # exact training loss and counts are not noisy releases: withheld from the public
             # run log (keys kept, null), kept in private/diagnostics.jsonl for the operator
-            self.write_diagnostics({**row, "rejected_by_reason": dict(sorted(batch.rejected.items()))})
+            self.recorder.write_diagnostics({**row, "rejected_by_reason": dict(sorted(batch.rejected.items()))})
             row.update({key: None for key in WITHHELD_KEYS})
         return row, batch
 
@@ -757,8 +730,7 @@ class RoundOwner:
             self.releases.release(round_no, release_digest(metrics_line(row), self.params), self.released_event(round_no))
         self.metrics.append(row)
         self.next_round = int(row["round"])
-        if self.run_dir is not None:
-            self.run_dir.append_metrics(row)
+        self.recorder.append_row(row)
         if self.tracker is not None:  # the public row only: a DP run's withheld values are null here
             self.tracker.on_round(row)
         if self.checkpointer is not None and self.checkpointer.due(self.next_round):
@@ -774,18 +746,13 @@ class RoundOwner:
         sc = self.scenario
         if self.prior is None:
             self.load_prior()
-        if self.run_dir is not None:
-            self.run_dir.write_config(sc.to_dict())
-            if self.next_round == 0:
-                self.run_dir.reset_metrics()
-                diagnostics = self.diagnostics_path
-                if diagnostics is not None and diagnostics.exists():
-                    diagnostics.unlink()
-                if not self.resumed:  # a new run: its key, then its release record
-                    self.save_key()
-                    path = self.releases_path
-                    if path is not None:
-                        self.create_releases(path)
+        self.recorder.start(sc.to_dict(), fresh=self.next_round == 0)
+        if self.run_dir is not None and self.next_round == 0 and not self.resumed:
+            # a new run: its key, then its release record
+            self.save_key()
+            path = self.releases_path
+            if path is not None:
+                self.create_releases(path)
         if progress:
             from tqdm.auto import tqdm
 
@@ -864,33 +831,24 @@ class RoundOwner:
             summary["audit"] = self.canaries.report(
                 self.params, formal={"rho": summary["rho"], "epsilon": summary["epsilon"]}
             )
+        private: dict[str, Any] | None = None
+        if self.private:
+            private = {"rejected": dict(sorted(self.rejected.items()))}
+            if observed is not None:  # the trained devices' figure reveals their sizes
+                private["example_level"] = observed
+        # the backends' own parts (Flower: its counts, the participation ledger), then one write
+        files: RunFiles = self.recorder.complete_summary(summary, private)
         if self.run_dir is not None:
-            set_flat(self.model, self.params)
-            torch.save(
-                {
-                    "state_dict": self.model.state_dict(),
-                    "model": sc.model.name,
-                    "hidden": sc.model.hidden,
-                    "model_params": dict(sc.model.params),
-                    "spec": dataclasses.asdict(self.data.spec),
-                    "num_features": self.data.num_features,
-                    "num_classes": self.data.num_classes,
-                    "flat": self.params.clone(),
-                },
-                self.run_dir.path / "model.pt",
-            )
-            if self.ledger is not None:
-                self.run_dir.write_json("ledger.json", self.ledger.to_json())
             if self.canaries is not None and self.next_round > 0:
                 self.canaries.save(self.run_dir.path, self.params)
-            if self.private:
-                (self.run_dir.path / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)
-                private = {"rejected": dict(sorted(self.rejected.items()))}
-                if observed is not None:  # the trained devices' figure reveals their sizes
-                    private["example_level"] = observed
-                self.run_dir.write_json(f"{PRIVATE_DIR}/summary.json", private)
-            self.run_dir.write_json("summary.json", summary)
-            self.run_dir.plot(self.run_dir.read_metrics(), f"{sc.name} ({sc.strategy.name})", summary.get("audit"))
+            self.recorder.finish(
+                summary,
+                private=private,
+                files=files,
+                ledger=self.ledger.to_json() if self.ledger is not None else None,
+                model=self.save_model,
+                plot_title=f"{sc.name} ({sc.strategy.name})",
+            )
             if self.tracker is not None:
                 self.tracker.on_finish(summary)
         return RunResult(
@@ -901,6 +859,24 @@ class RoundOwner:
             self.ledger,
             dict(self.rejected),
             list(self.diagnostics),
+        )
+
+    def save_model(self, path: Path) -> None:
+        """Save the final model to ``path`` (``model.pt``: its state dict and how to rebuild it)."""
+        sc = self.scenario
+        set_flat(self.model, self.params)
+        torch.save(
+            {
+                "state_dict": self.model.state_dict(),
+                "model": sc.model.name,
+                "hidden": sc.model.hidden,
+                "model_params": dict(sc.model.params),
+                "spec": dataclasses.asdict(self.data.spec),
+                "num_features": self.data.num_features,
+                "num_classes": self.data.num_classes,
+                "flat": self.params.clone(),
+            },
+            path,
         )
 
     # -- state ----------------------------------------------------------------------------------
@@ -1000,4 +976,4 @@ class RoundOwner:
         if state.get("audit") is not None and self.canaries is not None:
             self.canaries.load_state_dict(state["audit"])
         self.next_round = int(state["round"])
-        self.metrics = self.run_dir.read_metrics() if self.run_dir is not None else []
+        self.metrics = self.recorder.read_rows()

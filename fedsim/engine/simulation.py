@@ -102,13 +102,13 @@ class Simulation(RoundOwner):
         found = latest_for_resume(self.run_dir, self.checkpoint_auth, start_over=start_over)
         if found is None:
             self.next_round = 0
-            self.cut_diagnostics(0)
+            self.recorder.cut_diagnostics(0)
             return 0
         state, path = found
         self.check_state(state, source=str(path))
         restore_metrics_log(self.run_dir, state["metrics"], path)
         self.load_state_dict({k: v for k, v in state.items() if k != "metrics"}, source=str(path))
-        self.cut_diagnostics(self.next_round)
+        self.recorder.cut_diagnostics(self.next_round)
         return self.next_round
 
     def run_round(self, round: int) -> dict[str, Any] | None:

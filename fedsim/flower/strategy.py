@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.checkpoint import CheckpointError, CheckpointKey, restore_metrics_log
+from fedsim.engine.recorder import RunFiles
 from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report, release_digest
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult, read_prior_run
 from fedsim.engine.rundir import metrics_line
@@ -318,10 +319,17 @@ class FedsimStrategy(FlowerStrategy):
             flwr_logger.removeFilter(quiet)
             owner.close_progress()
         self.write_private_events()  # any withheld after the last round's
-        result = owner.finish(time.perf_counter() - start)
-        result.summary["backend"] = "flower"
+        owner.recorder.add_summary_hook(self.summary_extras)
+        return owner.finish(time.perf_counter() - start)
+
+    def summary_extras(self, summary: dict[str, Any], private: dict[str, Any], files: RunFiles) -> None:
+        """The bridge's part of the run's summaries (a hook of the run recorder, written once with
+        the engine's): ``backend``, the job's key file, ``summary.json["flower"]`` and the
+        participation ledger (``participation.json``; a DP run: ``private/``)."""
+        owner = self.owner
+        summary["backend"] = "flower"
         if owner.private and self.state is not None and owner.key_origin == "given":
-            result.summary["noise_key"] = {"kind": "secret", "file": str(self.state.key_path)}
+            summary["noise_key"] = {"kind": "secret", "file": str(self.state.key_path)}
         counts = {
             k: int(self.events.get(k, 0))
             for k in (
@@ -330,7 +338,7 @@ class FedsimStrategy(FlowerStrategy):
             )
         }
         roster = {"nodes": len(self.roster), "devices": len(set(self.roster.values()))}
-        result.summary["flower"] = {
+        summary["flower"] = {
             "job_id": self.job_id,
             "resumed_at_round": self.offset,
             # who is sampled is not hidden on Flower: no amplification by sampling is claimed
@@ -345,25 +353,17 @@ class FedsimStrategy(FlowerStrategy):
             # node's check-in again after a failed or missing reply, the node's absence from
             # the roster meanwhile (its public record keeps it there until it leaves the grid)
             public = self.executor.public_roster()
-            result.summary["flower"].update(
+            summary["flower"].update(
                 nodes=len(public),
                 devices=len(set(public.values())),
                 **{k: counts[k] - int(self.events.get(WITHHELD + k, 0)) for k in ROSTER_COUNTS},
                 **dict.fromkeys(PRIVATE_FLOWER_COUNTS),
             )
-            counts = {**roster, **counts}
-        if owner.run_dir is not None:
-            owner.run_dir.write_json("summary.json", result.summary)
+            private["flower"] = {**roster, **counts}
             # who contributed how often is exact, data-dependent state: private in a DP run
-            if owner.private:
-                (owner.run_dir.path / "private").mkdir(mode=0o700, exist_ok=True)
-                owner.run_dir.write_json("private/participation.json", self.participation())
-                private_summary = owner.run_dir.path / "private" / "summary.json"
-                exact = json.loads(private_summary.read_text(encoding="utf-8")) if private_summary.exists() else {}
-                owner.run_dir.write_json("private/summary.json", {**exact, "flower": counts})
-            else:
-                owner.run_dir.write_json("participation.json", self.participation())
-        return result
+            files.private["participation.json"] = self.participation()
+        else:
+            files.public["participation.json"] = self.participation()
 
     def resume(self) -> int:
         """Open the job's state: continue from its newest checkpoint; the rounds restored.
@@ -420,7 +420,7 @@ class FedsimStrategy(FlowerStrategy):
         if owner.run_dir is not None:
             owner.run_dir.append_metrics(row)
         owner.metrics.append(row)
-        owner.cut_diagnostics(owner.next_round)
+        owner.recorder.cut_diagnostics(owner.next_round)
         owner.resumed = True
         self.events.update({str(k): int(v) for k, v in saved["flower"].items()})
         self.offset = owner.next_round
@@ -475,14 +475,7 @@ class FedsimStrategy(FlowerStrategy):
 
     def write_private_events(self) -> None:
         """Append a DP run's withheld device-level events to ``private/flower-events.jsonl``."""
-        events = self.executor.take_private_events()
-        run_dir = self.owner.run_dir
-        if not events or run_dir is None:
-            return
-        private = run_dir.path / "private"
-        private.mkdir(mode=0o700, exist_ok=True)
-        with open(private / "flower-events.jsonl", "a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(e) + "\n" for e in events))
+        self.owner.recorder.append_private("flower-events.jsonl", self.executor.take_private_events())
 
     def participation(self) -> dict[str, Any]:
         """The server's participation ledger (accepted contributions) per device, and the limit."""
