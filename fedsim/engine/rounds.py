@@ -69,6 +69,7 @@ from fedsim.engine.checkpoint import (
     list_checkpoints,
     scenario_diff,
 )
+from fedsim.engine.keystore import KeyStore, load_key
 from fedsim.engine.recorder import PRIVATE_DIR, RunFiles, RunRecorder
 from fedsim.engine.releases import (
     RELEASES_FILE,
@@ -88,7 +89,6 @@ from fedsim.privacy.noise import (
     KEY_FILE,
     TAG_SELECT,
     NoiseKey,
-    NoiseKeyError,
     NoiseSource,
     new_run_id,
 )
@@ -104,14 +104,6 @@ __all__ = ["NON_FINITE", "PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPla
 NON_FINITE = "non-finite model"
 #: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
 WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
-
-
-def load_key(path: Path, where: str) -> NoiseKey:
-    """The noise key in ``path``; a missing or malformed file is a :class:`CheckpointError` naming ``where``."""
-    try:
-        return NoiseKey.load(path)
-    except NoiseKeyError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, source: Any) -> CanaryClients | None:
@@ -382,30 +374,38 @@ class RoundOwner:
         (its canary directions are drawn from the key)."""
         return self.private or getattr(self, "canaries", None) is not None
 
-    def save_key(self) -> None:
-        """Write the secret key of a fresh DP run to ``secret/noise.key`` (0600, directory 0700)."""
+    @property
+    def key_store(self) -> KeyStore | None:
+        """The run's own key file (``secret/noise.key``): a keyed run whose key was drawn for it,
+        with a run directory; ``None`` otherwise (a fixed key file, a given key, no key needed)."""
         if not (self.keyed and self.key_origin == "secret" and self.run_dir is not None):
-            return
-        path = self.run_dir.path / KEY_FILE
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        path.parent.chmod(0o700)
-        self.noise_source.key.save(path)
+            return None
+        return KeyStore(self.run_dir.path / KEY_FILE)
+
+    def save_key(self) -> None:
+        """Write the secret key of a fresh keyed run to ``secret/noise.key`` (0600, directory 0700)."""
+        store = self.key_store
+        if store is not None:
+            store.save(self.noise_source.key)
 
     def reload_key(self) -> None:
         """Before a resume: read a DP run's secret key back, so replayed rounds add the same noise.
 
         Without it the run refuses to resume (:class:`~fedsim.engine.checkpoint.CheckpointError`).
         """
-        if not (self.keyed and self.key_origin == "secret" and self.run_dir is not None):
+        store = self.key_store
+        if store is None:
             return
-        path = self.run_dir.path / KEY_FILE
-        if not path.exists():
-            raise CheckpointError(
-                f"{path}: the run's secret noise key is missing, cannot resume: replayed rounds "
-                "would add fresh noise and release a second noisy view of the same data "
-                "(restore the key file, or start a new run in another directory)"
+        self.set_key(
+            store.reload(
+                where="--resume",
+                missing=(
+                    "the run's secret noise key is missing, cannot resume: replayed rounds "
+                    "would add fresh noise and release a second noisy view of the same data "
+                    "(restore the key file, or start a new run in another directory)"
+                ),
             )
-        self.set_key(load_key(path, "--resume"))
+        )
         if self.canaries is not None:  # canary directions come from the key too
             self.canaries = build_canaries(self.scenario, self.data, self.params.numel(), self.noise_source)
         if self.checkpointer is not None:

@@ -63,10 +63,11 @@ from fedsim.engine.checkpoint import (
     metrics_position,
     scan_checkpoints,
 )
+from fedsim.engine.keystore import KeyStore
 from fedsim.engine.releases import RELEASES_FILE
 from fedsim.engine.rundir import RunDir
 from fedsim.flower.device import job_dir_name
-from fedsim.privacy.noise import NoiseKey, NoiseKeyError, new_run_id
+from fedsim.privacy.noise import NoiseKey, new_run_id
 
 __all__ = ["ServerState", "job_dir_name"]
 
@@ -91,6 +92,8 @@ class ServerState:
         self.job_id = job_id
         self.path = self.root / job_dir_name(job_id)
         self.key_path = self.path / "noise.key"
+        #: the job's key file (the engine's one key store, as ``secret/noise.key`` of a run)
+        self.keys = KeyStore(self.key_path)
         self.checkpoints = self.path / "checkpoints"
         #: the job's release record (:mod:`fedsim.engine.releases`)
         self.releases_path = self.path / RELEASES_FILE
@@ -140,20 +143,17 @@ class ServerState:
         would release a second noisy view of data already released.
         """
         self._check_job()
-        if self.key_path.exists():
-            try:
-                return NoiseKey.load(self.key_path), False
-            except NoiseKeyError as exc:
-                raise CheckpointError(f"server state of job {self.job_id!r}: {exc}") from None
-        if list_checkpoints(self.checkpoints) or self.releases_path.exists():
-            raise CheckpointError(
-                f"{self.key_path}: the job's noise key is missing but {self.path} holds its "
-                "checkpoints or release record; cannot continue the job (restore the key file, or start a new job-id)"
-            )
-        self._create()
-        key = NoiseKey.generate()
-        key.save(self.key_path)
-        return key, True
+        started = bool(list_checkpoints(self.checkpoints)) or self.releases_path.exists()
+        if not started and not self.keys.exists():
+            self._create()  # a new job: its directory (0700) and job.json first
+        return self.keys.open_or_create(
+            started=started,
+            where=f"server state of job {self.job_id!r}",
+            missing=(
+                f"the job's noise key is missing but {self.path} holds its checkpoints or release record; "
+                "cannot continue the job (restore the key file, or start a new job-id)"
+            ),
+        )
 
     def latest(self, auth: CheckpointKey | None) -> tuple[tuple[dict[str, Any], Path] | None, list[tuple[Path, str]]]:
         """The newest usable checkpoint of the job (or ``None``), and why each newer one is unusable.

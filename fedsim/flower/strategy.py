@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.checkpoint import CheckpointError, CheckpointKey, restore_metrics_log
+from fedsim.engine.keystore import load_key
 from fedsim.engine.recorder import RunFiles
 from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report, release_digest
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult, read_prior_run
@@ -70,7 +71,6 @@ from fedsim.flower.protocol import client_scenario_sections
 from fedsim.flower.records import ParamLayout
 from fedsim.flower.server_state import ServerState
 from fedsim.privacy.events import SampledGaussianEvent
-from fedsim.privacy.noise import NoiseKey, NoiseKeyError
 from fedsim.scenario import Scenario
 
 # the executor lives in fedsim.flower.executor; its names stay importable from here
@@ -465,10 +465,8 @@ class FedsimStrategy(FlowerStrategy):
                 raise CheckpointError(
                     f"{where}: no release record in {other.path} (not a job of this state-dir, or one started by an older fedsim)"
                 )
-            try:
-                key = NoiseKey.load(other.key_path) if other.key_path.exists() else NoiseKey.load(self.scenario.noise_key_path or other.key_path)
-            except NoiseKeyError as exc:
-                raise CheckpointError(f"{where}: {exc}") from None
+            fixed = self.scenario.noise_key_path
+            key = other.keys.load(where) if other.keys.exists() or fixed is None else load_key(fixed, where)
             records.append((job, ReleaseRecord.open(other.releases_path, key, key_file=f"{where}: {other.key_path}")))
         records += [(str(run), read_prior_run(run)) for run in self.scenario.prior_run_paths]
         self.owner.prior = prior_report(records, delta=self.scenario.privacy.delta)
