@@ -67,6 +67,7 @@ from fedsim.engine.checkpoint import (
     comparable,
     default_scenario_dict,
     list_checkpoints,
+    restore_metrics_log,
     scenario_diff,
 )
 from fedsim.engine.keystore import KeyStore, load_key
@@ -102,6 +103,9 @@ __all__ = ["NON_FINITE", "PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPla
 #: How :attr:`RoundOwner.stopped_reason` starts when a run stopped because its model is no
 #: longer finite (NaN / inf parameters or held-out loss): the released rounds are garbage.
 NON_FINITE = "non-finite model"
+#: Checkpoint keys beside the round owner's :meth:`RoundOwner.state_dict`: the run log's position,
+#: and a Flower job's pending row and bridge counts.
+CHECKPOINT_EXTRAS = ("metrics", "pending_row", "flower")
 #: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
 WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
 
@@ -954,6 +958,37 @@ class RoundOwner:
                     "cannot tell what was published"
                 )
             self.releases.check_ledger(ledger, min(rounds_done, self.releases.released), source=source)
+
+    def restore(
+        self, saved: dict[str, Any], path: Path, *, ahead: int = 0, pending_row: dict[str, Any] | None = None
+    ) -> int:
+        """Continue from a checkpoint's ``saved`` state (read from ``path``): the one resume path
+        of the in-process engine (:meth:`fedsim.engine.simulation.Simulation.resume`) and a
+        restarted Flower job (:meth:`fedsim.flower.strategy.FedsimStrategy.resume`).
+
+        The state is checked (:meth:`check_state`, ``ahead`` as there) before anything changes;
+        then the run log is cut back to the checkpoint's position, the state restored and, with a
+        ``pending_row`` (a Flower checkpoint is written before its round's row is published),
+        that round recorded as released (unless it was) and its row appended. The private
+        diagnostics of later rounds are dropped. Returns the completed rounds restored.
+        """
+        self.check_state(saved, source=str(path), ahead=ahead)
+        if self.run_dir is not None:
+            restore_metrics_log(self.run_dir, saved["metrics"], path)
+        state = {k: v for k, v in saved.items() if k not in CHECKPOINT_EXTRAS}
+        self.load_state_dict(state, source=str(path), ahead=ahead)
+        if pending_row is not None:
+            if self.releases is not None:
+                self.releases.release(
+                    self.next_round,
+                    release_digest(metrics_line(pending_row), self.params),
+                    self.released_event(self.next_round),
+                )
+            self.recorder.append_row(pending_row)
+            self.metrics.append(pending_row)
+        self.recorder.cut_diagnostics(self.next_round)
+        self.resumed = True
+        return self.next_round
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint", ahead: int = 0) -> None:
         """Restore :meth:`state_dict` into a freshly built owner of the same scenario (checked

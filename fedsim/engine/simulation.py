@@ -22,7 +22,7 @@ from fedsim.builders import (  # noqa: F401 (re-exported: the engine's builders,
     build_trainer,
     evaluate,
 )
-from fedsim.engine.checkpoint import CheckpointError, latest_for_resume, restore_metrics_log
+from fedsim.engine.checkpoint import CheckpointError, latest_for_resume
 from fedsim.engine.executors import CohortExecutor, InProcessExecutor
 from fedsim.engine.ray_backend import RayCohortRunner
 from fedsim.engine.rounds import (
@@ -105,11 +105,7 @@ class Simulation(RoundOwner):
             self.recorder.cut_diagnostics(0)
             return 0
         state, path = found
-        self.check_state(state, source=str(path))
-        restore_metrics_log(self.run_dir, state["metrics"], path)
-        self.load_state_dict({k: v for k, v in state.items() if k != "metrics"}, source=str(path))
-        self.recorder.cut_diagnostics(self.next_round)
-        return self.next_round
+        return self.restore(state, path)
 
     def run_round(self, round: int) -> dict[str, Any] | None:
         """Execute one round; return its metrics row (not yet logged), or ``None`` if the budget stops the run."""

@@ -53,12 +53,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim.engine.aggregation import UpdateAccumulator
-from fedsim.engine.checkpoint import CheckpointError, CheckpointKey, restore_metrics_log
+from fedsim.engine.checkpoint import CheckpointError, CheckpointKey
 from fedsim.engine.keystore import load_key
 from fedsim.engine.recorder import RunFiles
-from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report, release_digest
+from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult, read_prior_run
-from fedsim.engine.rundir import metrics_line
 from fedsim.flower.executor import (
     PRIVATE_FLOWER_COUNTS,
     ROSTER_COUNTS,
@@ -409,19 +408,8 @@ class FedsimStrategy(FlowerStrategy):
         if found is None:
             return 0
         saved, path = found
-        owner.check_state(saved, source=str(path), ahead=1)
-        if owner.run_dir is not None:
-            restore_metrics_log(owner.run_dir, saved["metrics"], path)
-        restored = {k: v for k, v in saved.items() if k not in ("metrics", "pending_row", "flower")}
-        owner.load_state_dict(restored, source=str(path), ahead=1)
         # the checkpointed round: recorded as released (unless it was), then its row published
-        row = json.loads(saved["pending_row"])
-        record.release(owner.next_round, release_digest(metrics_line(row), owner.params), owner.released_event(owner.next_round))
-        if owner.run_dir is not None:
-            owner.run_dir.append_metrics(row)
-        owner.metrics.append(row)
-        owner.recorder.cut_diagnostics(owner.next_round)
-        owner.resumed = True
+        owner.restore(saved, path, ahead=1, pending_row=json.loads(saved["pending_row"]))
         self.events.update({str(k): int(v) for k, v in saved["flower"].items()})
         self.offset = owner.next_round
         logger.warning(
