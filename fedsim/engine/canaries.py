@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.errors import FedsimError
+from fedsim.data.federated import FederatedData
+from fedsim.engine.callbacks import RoundCallback
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.privacy.audit import (
     THREAT_MODELS,
     NormalSource,
@@ -34,6 +36,7 @@ from fedsim.privacy.audit import (
     cosines,
     estimate_epsilon,
 )
+from fedsim.scenario import Scenario, check_canaries_fit_population
 from fedsim.types import CohortChunk
 
 #: Where a run keeps its secrets, relative to the run directory.
@@ -221,6 +224,81 @@ class CanaryClients:
         self.round_cosines = [] if rows is None else [np.asarray(r, dtype=float) for r in rows]
         init = state["initial"]
         self.initial = None if init is None else torch.as_tensor(init).clone()
+
+
+def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, source: Any) -> CanaryClients | None:
+    """The run's canary clients (``[audit] canaries``), or ``None``."""
+    cfg = scenario.audit
+    if cfg.canaries == 0:
+        return None
+    try:
+        check_canaries_fit_population(cfg.canaries, data.num_devices)
+    except ScenarioError as exc:
+        raise exc.with_source(scenario.source or "scenario") from None
+    sample = np.linspace(0, data.num_devices - 1, num=min(data.num_devices, 1000)).astype(np.int64)
+    examples = int(round(float(np.mean([data.num_examples(int(d)) for d in sample]))))
+    return CanaryClients(
+        cfg.canaries,
+        num_params=num_params,
+        first_id=data.num_devices,
+        source=source,
+        threat_model=cfg.threat_model,
+        delta=scenario.privacy.delta,
+        canary_norm=cfg.canary_norm,
+        examples=examples,
+    )
+
+
+class CanaryCallback(RoundCallback):
+    """The audit as a round callback: canary clients join the population, their updates are made
+    by the server and summed into the round's release, and the run reports the empirical
+    estimate (a row's ``audit_epsilon``, ``summary.json["audit"]``, ``secret/canaries.pt``).
+
+    Its checkpoint state is under ``"audit"``; the canary directions come from the run's key
+    (:meth:`on_key` redraws them when a resume reads the key back).
+    """
+
+    state_key = "audit"
+    keyed = True
+
+    def __init__(self, clients: CanaryClients) -> None:
+        #: the canary clients (directions, contributions, per-round cosines)
+        self.clients = clients
+        self.extra_devices = clients.count
+
+    def on_key(self, noise: Any) -> None:
+        self.clients.rekey(noise)
+
+    def split_cohort(self, round: int, cohort: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        real, canary_ids = self.clients.split(cohort)
+        return real, np.asarray(canary_ids, dtype=np.int64)
+
+    def server_reports(self, round: int, own: np.ndarray, clip_norm: float | None) -> CohortChunk | None:
+        return self.clients.chunk(round, own, clip_norm) if len(own) else None
+
+    def before_aggregate(self, round: int, params: torch.Tensor) -> None:
+        self.clients.start(params)
+
+    def after_aggregate(self, round: int, before: torch.Tensor, after: torch.Tensor, accepted: np.ndarray) -> None:
+        self.clients.record_round(before, after, accepted)
+
+    def on_row(self, row: dict[str, Any], params: torch.Tensor) -> None:
+        row["audit_epsilon"] = self.clients.quick_epsilon(params)
+
+    def on_summary(self, summary: dict[str, Any], params: torch.Tensor, rounds_done: int) -> None:
+        if rounds_done > 0:
+            summary["audit"] = self.clients.report(params, formal={"rho": summary["rho"], "epsilon": summary["epsilon"]})
+
+    def save(self, run_dir: Path, params: torch.Tensor, rounds_done: int) -> None:
+        if rounds_done > 0:
+            self.clients.save(run_dir, params)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clients.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        if state is not None:
+            self.clients.load_state_dict(state)
 
 
 def _statistics(

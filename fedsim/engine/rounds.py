@@ -54,11 +54,11 @@ from fedsim.builders import (
     build_trainer,
     evaluate,
 )
-from fedsim.data.federated import FederatedData
 from fedsim.data.fingerprint import data_fingerprint, fingerprint_diff
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.allocator import keep_freed_memory
-from fedsim.engine.canaries import CanaryClients
+from fedsim.engine.callbacks import RoundCallback
+from fedsim.engine.canaries import CanaryCallback, CanaryClients, build_canaries
 from fedsim.engine.checkpoint import (
     CHECKPOINT_DIR,
     Checkpointer,
@@ -81,7 +81,7 @@ from fedsim.engine.releases import (
     release_digest,
 )
 from fedsim.engine.rundir import RunDir, metrics_line
-from fedsim.errors import FedsimError, ScenarioError
+from fedsim.errors import FedsimError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
 from fedsim.privacy.csprng import GENERATOR
@@ -93,7 +93,7 @@ from fedsim.privacy.noise import (
     NoiseSource,
     new_run_id,
 )
-from fedsim.scenario import Scenario, check_canaries_fit_population
+from fedsim.scenario import Scenario
 from fedsim.strategy import StrategyContext
 from fedsim.tracking import open_tracker
 from fedsim.types import TrainConfig, UpdateBatch
@@ -108,29 +108,6 @@ NON_FINITE = "non-finite model"
 CHECKPOINT_EXTRAS = ("metrics", "pending_row", "flower")
 #: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
 WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
-
-
-def build_canaries(scenario: Scenario, data: FederatedData, num_params: int, source: Any) -> CanaryClients | None:
-    """The run's canary clients (``[audit] canaries``), or ``None``."""
-    cfg = scenario.audit
-    if cfg.canaries == 0:
-        return None
-    try:
-        check_canaries_fit_population(cfg.canaries, data.num_devices)
-    except ScenarioError as exc:
-        raise exc.with_source(scenario.source or "scenario") from None
-    sample = np.linspace(0, data.num_devices - 1, num=min(data.num_devices, 1000)).astype(np.int64)
-    examples = int(round(float(np.mean([data.num_examples(int(d)) for d in sample]))))
-    return CanaryClients(
-        cfg.canaries,
-        num_params=num_params,
-        first_id=data.num_devices,
-        source=source,
-        threat_model=cfg.threat_model,
-        delta=scenario.privacy.delta,
-        canary_norm=cfg.canary_norm,
-        examples=examples,
-    )
 
 
 def read_prior_run(run: Path) -> ReleaseRecord:
@@ -192,8 +169,9 @@ class RoundPlan:
     config:
         The clients' instructions (``TrainConfig``, with the round and clip bound).
     canaries:
-        Selected canary clients (``[audit]``): their updates are made by the server
-        (:meth:`RoundOwner.accumulator`), not trained.
+        Selected devices a round callback stands in for (:meth:`RoundCallback.split_cohort
+        <fedsim.engine.callbacks.RoundCallback.split_cohort>`; the audit's canary clients): their
+        updates are made by the server (:meth:`RoundOwner.accumulator`), not trained.
     """
 
     round: int
@@ -312,15 +290,19 @@ class RoundOwner:
             self.key_origin = "secret"
         #: the run's public id: it enters every noise and sampling word (runs under one key differ)
         self.run_id = scenario.privacy.run_id or new_run_id()
+        #: plug-ins of every round (fedsim.engine.callbacks): the audit's canary clients, ...
+        self.callbacks: list[RoundCallback] = []
         self.set_key(noise_key)
         #: a DP run: its strategy records privacy events (decides what is published)
         self.private = self.strategy.privacy_event(round=0) is not None
         # [audit]: canary clients are extra devices (ids after the real ones), see fedsim.engine.canaries
-        self.canaries = build_canaries(scenario, self.data, self.params.numel(), self.noise)
+        canaries = build_canaries(scenario, self.data, self.params.numel(), self.noise)
+        if canaries is not None:
+            self.callbacks.append(CanaryCallback(canaries))
         if self.keyed and not scenario.privacy.run_id:
             # the resolved scenario (config.toml, checkpoints) records the id a replay needs
             self.scenario = scenario = replace(scenario, privacy=replace(scenario.privacy, run_id=self.run_id))
-        extra = self.canaries.count if self.canaries is not None else 0
+        extra = sum(cb.extra_devices for cb in self.callbacks)
         limit = self.strategy.participation_limit()
         self.population = Population(
             self.data,
@@ -366,6 +348,13 @@ class RoundOwner:
             )
         )
         self.trainer.set_private_source(self.noise_source)
+        for cb in self.callbacks:  # e.g. the canary directions, drawn from the key
+            cb.on_key(self.noise_source)
+
+    @property
+    def canaries(self) -> CanaryClients | None:
+        """The audit's canary clients (``[audit] canaries``; its :class:`CanaryCallback`), or ``None``."""
+        return next((cb.clients for cb in self.callbacks if isinstance(cb, CanaryCallback)), None)
 
     @property
     def key_path(self) -> Path | None:
@@ -376,7 +365,7 @@ class RoundOwner:
     def keyed(self) -> bool:
         """Whether what the run releases depends on its noise key: a DP run, or an audited one
         (its canary directions are drawn from the key)."""
-        return self.private or getattr(self, "canaries", None) is not None
+        return self.private or any(cb.keyed for cb in self.callbacks)
 
     @property
     def key_store(self) -> KeyStore | None:
@@ -410,8 +399,6 @@ class RoundOwner:
                 ),
             )
         )
-        if self.canaries is not None:  # canary directions come from the key too
-            self.canaries = build_canaries(self.scenario, self.data, self.params.numel(), self.noise_source)
         if self.checkpointer is not None:
             self.checkpointer.auth = self.checkpoint_auth
 
@@ -650,16 +637,20 @@ class RoundOwner:
         config = self.strategy.configure_client(round=round, base=replace(self.base_config, round=round))
         start = self.params if params is None else params
         cohort = np.asarray(cohort, dtype=np.int64)
-        if self.canaries is not None:
-            real, canary_ids = self.canaries.split(cohort)
-            return RoundPlan(round, event, start, eligible, real, config, canaries=np.asarray(canary_ids, dtype=np.int64))
+        own: list[np.ndarray] = []
+        for cb in self.callbacks:  # devices a callback stands in for are not trained
+            cohort, mine = cb.split_cohort(round, cohort)
+            own.append(np.asarray(mine, dtype=np.int64))
+        if own:
+            return RoundPlan(round, event, start, eligible, cohort, config, canaries=np.concatenate(own))
         return RoundPlan(round, event, start, eligible, cohort, config)
 
     def accumulator(self, plan: RoundPlan) -> UpdateAccumulator:
         """The server-side validation and streaming sum for ``plan``'s reports.
 
-        The round's canary updates (``[audit]``) are already in it, validated and summed like any
-        device's.
+        The updates the round's callbacks make (:meth:`RoundCallback.server_reports
+        <fedsim.engine.callbacks.RoundCallback.server_reports>`: the audit's canary updates) are
+        already in it, validated and summed like any device's.
         """
         acc = UpdateAccumulator(
             num_params=self.params.numel(),
@@ -674,8 +665,11 @@ class RoundOwner:
             max_examples=self.scenario.engine.max_examples,
             max_weight_share=self.scenario.engine.max_weight_share,
         )
-        if self.canaries is not None and len(plan.canaries):
-            acc.add(self.canaries.chunk(plan.round, plan.canaries, plan.config.clip_norm))
+        for cb in self.callbacks:
+            _, own = cb.split_cohort(plan.round, plan.canaries)
+            chunk = cb.server_reports(plan.round, own, plan.config.clip_norm)
+            if chunk is not None:
+                acc.add(chunk)
         return acc
 
     def end(self, plan: RoundPlan, acc: UpdateAccumulator, *, contributed: np.ndarray) -> tuple[dict[str, Any], UpdateBatch]:
@@ -690,11 +684,11 @@ class RoundOwner:
         batch = acc.result()
         self.rejected.update(batch.rejected)
         start = plan.params
-        if self.canaries is not None:
-            self.canaries.start(start)
+        for cb in self.callbacks:
+            cb.before_aggregate(round, start)
         self.params = self.strategy.aggregate(round=round, params=start, batch=batch).detach()
-        if self.canaries is not None:
-            self.canaries.record_round(start, self.params, acc.accepted)
+        for cb in self.callbacks:
+            cb.after_aggregate(round, start, self.params, acc.accepted)
         report = None
         if plan.event is not None:
             ledger, accountant = self.privacy()
@@ -713,8 +707,8 @@ class RoundOwner:
             epsilon_rdp=getattr(report, "epsilon_rdp", None),
             delta=getattr(report, "delta", None),
         )
-        if self.canaries is not None:
-            row["audit_epsilon"] = self.canaries.quick_epsilon(self.params)
+        for cb in self.callbacks:
+            cb.on_row(row, self.params)
         if self.private:
             # exact training loss and counts are not noisy releases: withheld from the public
             # run log (keys kept, null), kept in private/diagnostics.jsonl for the operator
@@ -831,10 +825,8 @@ class RoundOwner:
         observed = self.trainer.observed_example_privacy(delta=sc.privacy.delta)
         if observed is not None and not self.private:
             summary["example_level_observed"] = observed  # exact figures: public only without DP
-        if self.canaries is not None and self.next_round > 0:
-            summary["audit"] = self.canaries.report(
-                self.params, formal={"rho": summary["rho"], "epsilon": summary["epsilon"]}
-            )
+        for cb in self.callbacks:
+            cb.on_summary(summary, self.params, self.next_round)
         private: dict[str, Any] | None = None
         if self.private:
             private = {"rejected": dict(sorted(self.rejected.items()))}
@@ -843,8 +835,8 @@ class RoundOwner:
         # the backends' own parts (Flower: its counts, the participation ledger), then one write
         files: RunFiles = self.recorder.complete_summary(summary, private)
         if self.run_dir is not None:
-            if self.canaries is not None and self.next_round > 0:
-                self.canaries.save(self.run_dir.path, self.params)
+            for cb in self.callbacks:
+                cb.save(self.run_dir.path, self.params, self.next_round)
             self.recorder.finish(
                 summary,
                 private=private,
@@ -905,9 +897,11 @@ class RoundOwner:
             "ledger": self.ledger.to_json() if self.ledger is not None else None,
             "rejected": dict(self.rejected),
             "rng": {"torch": torch.get_rng_state()},
-            "audit": self.canaries.state_dict() if self.canaries is not None else None,
+            # the audit callback's state is under "audit"; the key is kept without one (as before callbacks)
+            "audit": None,
             "noise": GENERATOR,
             "data": self.data_fingerprint,
+            **{cb.state_key: cb.state_dict() for cb in self.callbacks},
         }
 
     def check_state(self, state: dict[str, Any], *, source: str = "checkpoint", ahead: int = 0) -> None:
@@ -1008,7 +1002,7 @@ class RoundOwner:
         self.rejected.clear()
         self.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
         torch.set_rng_state(state["rng"]["torch"])
-        if state.get("audit") is not None and self.canaries is not None:
-            self.canaries.load_state_dict(state["audit"])
+        for cb in self.callbacks:
+            cb.load_state_dict(state.get(cb.state_key))
         self.next_round = int(state["round"])
         self.metrics = self.recorder.read_rows()
