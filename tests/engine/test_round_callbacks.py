@@ -19,7 +19,7 @@ from fedsim.engine.canaries import CanaryCallback
 from fedsim.engine.simulation import Simulation
 from fedsim.scenario import scenario_from_dict
 
-from .conftest import tiny_scenario
+from ..conftest import tiny_scenario
 
 
 class Steps(RoundCallback):

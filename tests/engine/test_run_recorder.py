@@ -21,7 +21,7 @@ from fedsim.flower.server_state import ServerState
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.scenario import scenario_from_dict
 
-from .conftest import tiny_scenario
+from ..conftest import tiny_scenario
 
 FTRL = {"name": "dp-ftrl", "noise-multiplier": 1.0, "clip-norm": 0.5, "max-participations": 4, "min-separation": 0}
 

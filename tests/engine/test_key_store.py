@@ -13,7 +13,7 @@ from fedsim.flower.server_state import ServerState
 from fedsim.privacy.noise import KEY_FILE, NoiseKey
 from fedsim.scenario import scenario_from_dict
 
-from .conftest import tiny_scenario
+from ..conftest import tiny_scenario
 
 
 def test_a_new_key_is_drawn_saved_private_and_read_back(tmp_path: Path) -> None:
