@@ -283,7 +283,7 @@ class UpdateAccumulator:
         deltas = deltas.detach().to(self.device)  # the sum runs where [engine] device says
         ids, known = _as_ints(raw_ids, m, low=0, high=self.num_devices)
         counts, ok_count = _as_ints(_as_1d(chunk.num_examples), m, low=0, high=self.max_examples + 1)
-        raw_rounds = getattr(chunk, "rounds", None)
+        raw_rounds = chunk.rounds
         if raw_rounds is None:
             fresh = np.ones(m, dtype=bool)
         else:

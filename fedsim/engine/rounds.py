@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -98,6 +98,9 @@ from fedsim.strategy import StrategyContext
 from fedsim.tracking import open_tracker
 from fedsim.types import TrainConfig, UpdateBatch
 
+if TYPE_CHECKING:
+    from fedsim.privacy.accountant import PrivacyReport
+
 __all__ = ["NON_FINITE", "PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
 
 #: How :attr:`RoundOwner.stopped_reason` starts when a run stopped because its model is no
@@ -108,6 +111,14 @@ NON_FINITE = "non-finite model"
 CHECKPOINT_EXTRAS = ("metrics", "pending_row", "flower")
 #: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
 WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
+
+
+def privacy_figures(report: PrivacyReport | None) -> dict[str, float | None]:
+    """``rho``, ``epsilon``, ``epsilon_rdp`` and ``delta`` of an accountant's report (all
+    ``None`` for a run without privacy events), as a metrics row and ``summary.json`` hold them."""
+    if report is None:
+        return dict.fromkeys(("rho", "epsilon", "epsilon_rdp", "delta"))
+    return {"rho": report.rho, "epsilon": report.epsilon, "epsilon_rdp": report.epsilon_rdp, "delta": report.delta}
 
 
 def read_prior_run(run: Path) -> ReleaseRecord:
@@ -702,10 +713,7 @@ class RoundOwner:
             clients=batch.num_updates,
             eligible=int(len(plan.eligible)),
             rejected=batch.num_rejected,
-            rho=getattr(report, "rho", None),
-            epsilon=getattr(report, "epsilon", None),
-            epsilon_rdp=getattr(report, "epsilon_rdp", None),
-            delta=getattr(report, "delta", None),
+            **privacy_figures(report),
         )
         for cb in self.callbacks:
             cb.on_row(row, self.params)
@@ -786,10 +794,7 @@ class RoundOwner:
             "rounds_planned": sc.rounds,
             "stopped_reason": self.stopped_reason,
             "wall_time_s": round(wall, 3),
-            "rho": getattr(report, "rho", None),
-            "epsilon": getattr(report, "epsilon", None),
-            "epsilon_rdp": getattr(report, "epsilon_rdp", None),
-            "delta": getattr(report, "delta", None),
+            **privacy_figures(report),
             # the noise the DP strategy added (solved from target-rho where given); null without DP
             "noise_multiplier": self.noise_multiplier,
             # per-reason counts are exact, data-dependent values: private in a DP run
@@ -806,7 +811,7 @@ class RoundOwner:
                 "runs": list(self.prior.names),
                 "rounds": self.prior.rounds,
                 "rho": self.prior.rho,
-                "rho_this_run": getattr(own, "rho", None),
+                "rho_this_run": privacy_figures(own)["rho"],
             }
         described = self.trainer.describe()
         if described is not None:
