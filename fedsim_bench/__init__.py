@@ -244,7 +244,7 @@ class BenchOptions:
     naive_all_threads: bool = True
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    #: model-zoo rows (:mod:`fedsim_bench.workloads`); the command line turns them on
+    #: model-zoo rows (:mod:`fedsim_bench.model_zoo`); the command line turns them on
     workloads: tuple[str, ...] = ()
     workload_rounds: int = 4
     workload_clients: dict[str, int] = field(default_factory=lambda: {"cnn": 100, "lstm-lm": 16, "transformer-lm": 16})
@@ -367,7 +367,7 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         dp_rows.append(entry)
     workload_rows: list[dict[str, Any]] = []
     if opts.workloads:
-        from fedsim_bench.workloads import run_rows
+        from fedsim_bench.model_zoo import run_rows
 
         one = gflops if opts.threads == 1 else (measure("matmul", {"threads": 1}).result or {}).get("gflops")
         workload_rows = run_rows(opts, gflops, one, quiet)
@@ -522,7 +522,7 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
                     f"({dp['gaussian_noise_numpy_s'] / dp['gaussian_noise_s']:.2f}x)"
                 )
     if report.get("workloads"):
-        from fedsim_bench.workloads import format_rows
+        from fedsim_bench.model_zoo import format_rows
 
         lines += format_rows(report["workloads"], cfg["threads"])
     if targets:
@@ -599,7 +599,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if args.no_flower:
         opts.flower_models = ()
     if args.workloads or (not args.quick and not args.no_workloads):
-        from fedsim_bench.workloads import WORKLOADS
+        from fedsim_bench.model_zoo import WORKLOADS
 
         opts.workloads = WORKLOADS
         if args.quick:

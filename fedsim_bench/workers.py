@@ -321,7 +321,7 @@ WORKERS = {
 
 
 def _add_workload_workers() -> None:
-    from fedsim_bench.workloads import WORKERS as ZOO
+    from fedsim_bench.model_zoo import WORKERS as ZOO
 
     WORKERS.update(ZOO)
 

@@ -36,8 +36,8 @@ CLIENTS = {"cnn": 128, "lstm-lm": 16, "transformer-lm": 8, "tff-shakespeare": 4,
 def scenario(row: str, clients: int, data_dir: Path) -> Any:
     from fedsim.scenario import scenario_from_dict
     from fedsim_bench import scenario_dict as dense_dict
-    from fedsim_bench.workloads import scenario_dict as zoo_dict
-    from fedsim_bench.workloads import text_file
+    from fedsim_bench.model_zoo import scenario_dict as zoo_dict
+    from fedsim_bench.model_zoo import text_file
 
     if row in ("mlp", "logreg"):
         raw = dense_dict(row, clients=clients, devices=clients, rounds=1, threads=1)

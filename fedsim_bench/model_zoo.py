@@ -53,7 +53,7 @@ PFL_INSTALL = (
 
 def text_file(directory: Path, length: int, users: int) -> Path:
     """Write ``users x SEQUENCES`` character sequences of ``length`` (+1 for the target) to a ``.npz``."""
-    root = Path(__file__).resolve().parents[1]  # the repository (this file is fedsim_bench/workloads.py)
+    root = Path(__file__).resolve().parents[1]  # the repository (this file is fedsim_bench/model_zoo.py)
     parts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in parts if p.is_file())
     ids = np.array([(ord(c) - 32 + 5 if 32 <= ord(c) < 127 else (4 if c == "\n" else 1)) for c in text], dtype=np.int64)
