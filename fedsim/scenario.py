@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedsim.dataset_traits import DEFAULT_NUM_DEVICES, dataset_traits
 from fedsim.errors import ScenarioError, ScenarioNote, unknown_key_message
 from fedsim.validation import MAX_ROUNDS, boolean, is_int, is_number, number_in, positive_number
 from fedsim.validation import run_id as check_run_id
@@ -93,9 +94,10 @@ class DataConfig:
     ``dataset`` is a registered name (``digits``, ``synthetic``), a loader ``"pkg.mod:load"`` /
     ``"path/file.py:load"`` or a data file (``.npz``, ``.csv``, ``.jsonl``; see
     :mod:`fedsim.data.loaders`). Keys other than these are the loader's parameters.
-    ``num-devices`` and ``partitioner`` default to 100 and ``iid`` for the built-in datasets;
-    for other datasets unset means "the dataset's own" (one device per user id when the data has
-    user ids).
+    ``num-devices`` and ``partitioner`` default to 100 and ``iid`` for the datasets fedsim
+    partitions itself (their registration says so: :mod:`fedsim.dataset_traits`; ``digits``,
+    ``synthetic``); for other datasets unset means "the dataset's own" (one device per user id
+    when the data has user ids).
     """
 
     dataset: str = "digits"
@@ -114,9 +116,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.dataset:
             raise ScenarioError("must name a dataset, a loader 'pkg.mod:load' or a data file", key="dataset")
-        if self.dataset in ("digits", "synthetic"):  # fedsim partitions these itself
+        traits = dataset_traits(self.dataset)
+        if traits.partitioned:  # its registration says fedsim partitions it itself
             if self.num_devices is None:
-                object.__setattr__(self, "num_devices", 100)
+                object.__setattr__(self, "num_devices", DEFAULT_NUM_DEVICES)
             if self.partitioner is None:
                 object.__setattr__(self, "partitioner", "iid")
             if self.partitioner == "natural":
@@ -130,9 +133,9 @@ class DataConfig:
         _at_least("num-classes", self.num_classes, 2)
         if self.input_shape is not None and (not self.input_shape or any(d < 1 for d in self.input_shape)):
             raise ScenarioError(f"must be a non-empty list of integers >= 1, got {list(self.input_shape)!r}", key="input-shape")
-        if self.dataset == "digits" and self.num_devices is not None and self.num_devices > 1437:
+        if traits.max_devices is not None and self.num_devices is not None and self.num_devices > traits.max_devices:
             raise ScenarioError(
-                f"the digits training split has 1437 examples, cannot serve {self.num_devices} devices "
+                f"the {self.dataset} training split has {traits.max_devices} examples, cannot serve {self.num_devices} devices "
                 "(use dataset = \"synthetic\" for large populations)",
                 key="num-devices",
             )
@@ -791,7 +794,7 @@ def _validate_data_and_model(scenario: Scenario) -> None:
         raise ScenarioError(f"{exc}, or a data file (.npz, .csv, .jsonl)", key="data.dataset") from None
     except Exception as exc:
         raise ScenarioError(f"cannot load {data.dataset!r}: {type(exc).__name__}: {exc}", key="data.dataset") from None
-    if data.dataset in ("digits", "synthetic"):
+    if dataset_traits(data.dataset).data_keys:  # built from [data]'s own keys
         names, required, takes_any = set(), set(), False
     else:
         try:

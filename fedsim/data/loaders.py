@@ -2,8 +2,9 @@
 
 ``[data] dataset`` is one of
 
-* a registered name: ``"digits"``, ``"synthetic"`` (and whatever a package registers with
-  ``DATASETS.register(name, load)``);
+* a registered name: ``"digits"``, ``"synthetic"``, ``"shakespeare"`` (and whatever a package
+  registers with :func:`register_dataset`, which also records whether fedsim partitions it;
+  ``DATASETS.register(name, load)`` registers a loader whose data has its own devices);
 * an import path ``"mypkg.data:load"`` or a file path ``"path/file.py:load"`` (relative to the
   scenario file first, then the working directory, as strategies are);
 * a data file ``"path/data.npz"`` / ``.csv`` / ``.jsonl`` with a user-id column
@@ -47,6 +48,12 @@ from fedsim.data.federated import CheckedData, FederatedData, PartitionedData, S
 from fedsim.data.files import FileFormatError, is_data_file, load_file
 from fedsim.data.partition import dirichlet_partition, iid_partition, natural_partition
 from fedsim.data.spec import DataError, DataSpec, check_examples
+from fedsim.dataset_traits import (
+    DEFAULT_NUM_DEVICES,
+    DatasetTraits,
+    register_traits,
+    unregister_traits,
+)
 from fedsim.errors import ScenarioError
 from fedsim.registry import Registry, UnknownPluginError
 
@@ -57,9 +64,22 @@ DATASETS: Registry[DatasetLoader] = Registry("dataset", builtin_package="fedsim.
 
 #: ``[data]`` values a loader receives when its signature names them.
 CONTEXT_PARAMETERS = ("seed", "test_fraction", "num_devices", "base_dir")
-#: Datasets fedsim partitions into ``num-devices`` (default 100) devices by default.
-PARTITIONED_BUILTINS = ("digits", "synthetic")
-DEFAULT_NUM_DEVICES = 100
+
+
+def register_dataset(
+    name: str, loader: DatasetLoader, *, partitioned: bool = False, max_devices: int | None = None, data_keys: bool = False
+) -> None:
+    """Register ``loader`` as ``[data] dataset = name``, with how fedsim makes devices of it
+    (:class:`~fedsim.dataset_traits.DatasetTraits`: ``partitioned`` by fedsim itself, the
+    ``max_devices`` its training split serves, built from ``[data]``'s own keys)."""
+    DATASETS.register(name, loader)
+    register_traits(name, DatasetTraits(partitioned=partitioned, max_devices=max_devices, data_keys=data_keys))
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a dataset :func:`register_dataset` registered (for a session or a test), and its traits."""
+    DATASETS.unregister(name)
+    unregister_traits(name)
 #: Devices of a user's FederatedData checked when the run starts (the rest as they are loaded).
 SAMPLE_DEVICES = 8
 
