@@ -29,7 +29,14 @@ the clients:
 ``begin`` / ``end`` / ``commit`` take and return plain values; the run's state (parameters,
 strategy, population and ledgers, privacy ledger, rejection counts, metrics, next round) lives in
 the owner and is saved and restored with :meth:`RoundOwner.state_dict` /
-:meth:`RoundOwner.load_state_dict` (``fedsim.engine.checkpoint`` only serialises it).
+:meth:`RoundOwner.load_state_dict` (``fedsim.engine.checkpoint`` only serialises it);
+:meth:`RoundOwner.restore` is the one path from a checkpoint back into a run.
+
+What the owner delegates: the run's files to its :class:`~fedsim.engine.recorder.RunRecorder`
+(``summary.json`` written once, with the summary hooks' parts), its key file to a
+:class:`~fedsim.engine.keystore.KeyStore`, and what a plug-in adds to every round (the audit's
+canary clients) to its :class:`~fedsim.engine.callbacks.RoundCallback` list
+(:attr:`RoundOwner.callbacks`).
 """
 
 from __future__ import annotations
