@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ from fedsim.engine.releases import (
     prior_report,
     release_digest,
 )
+from fedsim.engine.report import privacy_figures, run_summary
 from fedsim.engine.rundir import RunDir, metrics_line
 from fedsim.errors import FedsimError
 from fedsim.models import get_flat, num_params, set_flat
@@ -105,9 +106,6 @@ from fedsim.strategy import StrategyContext
 from fedsim.tracking import open_tracker
 from fedsim.types import TrainConfig, UpdateBatch
 
-if TYPE_CHECKING:
-    from fedsim.privacy.accountant import PrivacyReport
-
 __all__ = ["NON_FINITE", "PRIVATE_DIR", "WITHHELD_KEYS", "RoundOwner", "RoundPlan", "RunResult", "build_canaries", "progress_postfix"]
 
 #: How :attr:`RoundOwner.stopped_reason` starts when a run stopped because its model is no
@@ -118,14 +116,6 @@ NON_FINITE = "non-finite model"
 CHECKPOINT_EXTRAS = ("metrics", "pending_row", "flower")
 #: ``metrics.jsonl`` keys a DP run publishes as ``null`` (exact values: ``private/diagnostics.jsonl``).
 WITHHELD_KEYS = ("train_loss", "clients", "eligible", "rejected")
-
-
-def privacy_figures(report: PrivacyReport | None) -> dict[str, float | None]:
-    """``rho``, ``epsilon``, ``epsilon_rdp`` and ``delta`` of an accountant's report (all
-    ``None`` for a run without privacy events), as a metrics row and ``summary.json`` hold them."""
-    if report is None:
-        return dict.fromkeys(("rho", "epsilon", "epsilon_rdp", "delta"))
-    return {"rho": report.rho, "epsilon": report.epsilon, "epsilon_rdp": report.epsilon_rdp, "delta": report.delta}
 
 
 def read_prior_run(run: Path) -> ReleaseRecord:
@@ -783,67 +773,7 @@ class RoundOwner:
         """Final evaluation, summary, model, ledger and plot; the run's :class:`RunResult`."""
         self.close_progress()
         sc = self.scenario
-        last_eval = next((m for m in reversed(self.metrics) if m["accuracy"] is not None), None)
-        if last_eval is None or last_eval["round"] != self.next_round:
-            final = evaluate(self.model, self.params, self.data)
-        else:
-            final = {k: v for k, v in last_eval.items() if k in ("accuracy", "loss", "perplexity")}
-        acc, loss = final["accuracy"], final["loss"]
-        own = self.accountant.report(self.ledger) if self.ledger is not None else None
-        report = self.with_prior(own)
-        summary: dict[str, Any] = {
-            "name": sc.name,
-            "strategy": sc.strategy.name,
-            "accuracy": acc,
-            "loss": loss,
-            **({"perplexity": final["perplexity"]} if "perplexity" in final else {}),
-            "rounds": self.next_round,
-            "rounds_planned": sc.rounds,
-            "stopped_reason": self.stopped_reason,
-            "wall_time_s": round(wall, 3),
-            **privacy_figures(report),
-            # the noise the DP strategy added (solved from target-rho where given); null without DP
-            "noise_multiplier": self.noise_multiplier,
-            # per-reason counts are exact, data-dependent values: private in a DP run
-            "rejected": None if self.private else dict(sorted(self.rejected.items())),
-            "num_devices": self.data.num_devices,
-            "clients_per_round": sc.clients_per_round,
-            "seed": sc.seed,
-            # the warm start's file ([model] init), or None: the builder's seeded initialisation
-            "init": None if sc.model.init is None else {"path": sc.model.init, "sha256": sc.model.init_sha256},
-        }
-        if self.prior is not None:
-            # the earlier runs' releases on the same people count: rho adds up (zCDP)
-            summary["prior"] = {
-                "runs": list(self.prior.names),
-                "rounds": self.prior.rounds,
-                "rho": self.prior.rho,
-                "rho_this_run": privacy_figures(own)["rho"],
-            }
-        described = self.trainer.describe()
-        if described is not None:
-            summary["trainer"] = described
-        if self.keyed:
-            summary["run_id"] = self.run_id
-        if self.private:
-            summary["noise_key"] = (
-                {"kind": "fixed", "file": str(self.scenario.noise_key_path)}
-                if self.key_origin == "fixed"
-                else {"kind": self.key_origin, "file": str(KEY_FILE) if self.key_origin == "secret" else None}
-            )
-        example = self.trainer.example_privacy(delta=sc.privacy.delta)
-        if example is not None:
-            summary["example_level"] = example  # data-independent (the worst device size)
-        observed = self.trainer.observed_example_privacy(delta=sc.privacy.delta)
-        if observed is not None and not self.private:
-            summary["example_level_observed"] = observed  # exact figures: public only without DP
-        for cb in self.callbacks:
-            cb.on_summary(summary, self.params, self.next_round)
-        private: dict[str, Any] | None = None
-        if self.private:
-            private = {"rejected": dict(sorted(self.rejected.items()))}
-            if observed is not None:  # the trained devices' figure reveals their sizes
-                private["example_level"] = observed
+        summary, private = run_summary(self, wall)
         # the backends' own parts (Flower: its counts, the participation ledger), then one write
         files: RunFiles = self.recorder.complete_summary(summary, private)
         if self.run_dir is not None:
