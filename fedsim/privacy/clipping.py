@@ -40,6 +40,13 @@ def clip_by_norm(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return delta * clip_factors(delta, clip_norm)
 
 
+def clip_and_bit(delta: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, bool]:
+    """One delta clipped (:func:`clip_by_norm`) and adaptive clipping's bit: whether its norm
+    before clipping (float64) was at most ``clip_norm``."""
+    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    return clip_by_norm(delta, clip_norm), norm <= clip_norm
+
+
 def clip_by_norm_(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """:func:`clip_by_norm` in place: scales ``delta``'s rows and returns ``delta``."""
     return delta.mul_(clip_factors(delta, clip_norm))
@@ -52,3 +59,20 @@ def within_clip(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     accumulation over a large model is off by more than the tolerance.
     """
     return norms <= clip_norm * (1.0 + NORM_TOLERANCE)
+
+
+#: A reported delta whose norm is within this relative margin of ``C`` counts as clipped when the
+#: server reads a client's adaptive-clipping bit off it (:func:`below_clip`).
+CLIPPED_MARGIN = 1e-6
+
+
+def below_clip(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Adaptive clipping's bits read off reported, clipped deltas: ``True`` where the norm is below
+    ``C (1 - CLIPPED_MARGIN)``.
+
+    A delta that needed clipping arrives with norm ``C`` up to float32 rounding (far below the
+    margin), one that did not arrives with its own norm; only an unclipped delta within the margin
+    of ``C`` reads as clipped, a boundary the quantile estimate cannot resolve anyway. Clients
+    that report their bit (the Flower ClientApp) are taken at their word.
+    """
+    return norms < clip_norm * (1.0 - CLIPPED_MARGIN)
