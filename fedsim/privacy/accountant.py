@@ -33,9 +33,16 @@ Propositions 1.6 and 1.7). With ``n`` events of a kind recorded so far:
   each RDP order the smaller of the amplified RDP and ``alpha * rho_sampled`` is
   used (both are valid bounds). So for sampled runs *epsilon is amplified while
   rho is not*.
+* ``ClippedCountEvent`` (adaptive clipping's clipped-count query, Andrew et al.
+  NeurIPS 2021, arXiv:1905.03871; recorded in the same round as the update's
+  event): ``rho = m / (2 z_b**2)`` as for ``GaussianEvent``. Under Poisson
+  sampling its RDP curve is the joint sampled Gaussian's (noise multiplier
+  ``(z**-2 + z_b**-2)**-1/2``) minus its round's update event's, so the ledger's
+  curve is the joint mechanism's; a sampled count without its update event is refused.
 * Different kinds in one ledger compose by adding their ``rho`` (and their RDP
-  curves). The positions that ``(k, b)`` refer to are the positions of events
-  of that kind in the ledger (one event per round is expected).
+  curves; the amplified kinds' summed curve is capped by ``alpha`` times their
+  summed ``rho``). The positions that ``(k, b)`` refer to are the positions of
+  events of that kind in the ledger (one event of each kind per round is expected).
 
 Each kind computes its own ``rho`` (and, if amplified, RDP curve) from the group of its events
 (:class:`fedsim.privacy.events.PrivacyEvent`); this module only composes the registered kinds, in

@@ -12,6 +12,7 @@ float32 norm would exceed ``C`` by more than the server's :data:`NORM_TOLERANCE`
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedsim.validation import positive_number
@@ -50,6 +51,18 @@ def clip_and_bit(delta: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, b
 def clip_by_norm_(delta: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """:func:`clip_by_norm` in place: scales ``delta``'s rows and returns ``delta``."""
     return delta.mul_(clip_factors(delta, clip_norm))
+
+
+def clip_rows_with_bits_(deltas: torch.Tensor, clip_norm: float) -> np.ndarray:
+    """:func:`clip_by_norm_` on the rows of ``deltas`` (the same factors, the same result), and
+    adaptive clipping's bits: whether each row's float64 norm before clipping was at most
+    ``clip_norm``."""
+    clip_norm = positive_number("clip_norm", clip_norm)
+    if deltas.dim() != 2:
+        raise ValueError(f"clip_rows_with_bits_ takes rows of a 2-D tensor, got shape {tuple(deltas.shape)}")
+    norms = torch.linalg.vector_norm(deltas, dim=1, keepdim=True, dtype=torch.float64)
+    deltas.mul_(torch.clamp(clip_norm / (norms + 1e-12), max=1.0).to(deltas.dtype))
+    return (norms.reshape(-1) <= clip_norm).cpu().numpy()
 
 
 def within_clip(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
