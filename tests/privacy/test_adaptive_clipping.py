@@ -25,7 +25,7 @@ from fedsim.types import CohortChunk, TrainConfig
 from strategies.dp_fedavg import DPFedAvg
 from strategies.dp_ftrl import DPFTRL
 
-from .conftest import SCENARIOS, run_cli
+from ..conftest import SCENARIOS, run_cli
 
 P = 16  # parameters of the synthetic updates
 
