@@ -419,7 +419,8 @@ class MechanismStrategy(Strategy):
         self.optimizer.reset()
         if self.adaptive is not None:
             self.adaptive.count_noise_multiplier = self.count_noise_multiplier(num_rounds=ctx.num_rounds)
-            self.adaptive.setup(source=ctx.noise_source(), denominator=self.denominator)
+            self.adaptive.setup(source=ctx.noise_source(), denominator=self.denominator,
+                                noise_multiplier=self.mechanism.noise_multiplier)
 
     # the strategy's parameters, as attributes (the mechanism and the optimizer own them)
     @property

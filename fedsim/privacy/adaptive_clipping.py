@@ -22,7 +22,9 @@ The update's mechanism runs on the normalised sum ``x_t / C_t`` (sensitivity 1, 
 the normalised noisy prefix is scaled by that round's public ``C_t``, post-processing of a release
 whose accounting is the fixed-clip one at ``C = 1``.
 
-The clip norm stays in ``[MIN_ADAPTIVE_CLIP, MAX_CLIP_NORM]`` (clamping is post-processing too).
+The clip norm stays in ``[MIN_ADAPTIVE_CLIP, MAX_CLIP_NORM]``, and below ``MAX_NOISE_STD / z`` so the
+update's noise std ``z C_t`` stays within the bound every fixed-clip run respects (clamping is
+post-processing too).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedsim.privacy.events import (
     MAX_CLIP_NORM,
+    MAX_NOISE_STD,
     ClippedCountEvent,
     check_clip_norm,
     check_noise_multiplier,
@@ -101,11 +104,15 @@ class AdaptiveClipping:
         self.clip_norm = self.initial_clip_norm
         self.source: NoiseSource | None = None
         self.denominator = 1.0
+        #: the largest clip norm the update moves to (:meth:`setup`)
+        self.max_clip_norm = MAX_CLIP_NORM
 
-    def setup(self, *, source: NoiseSource, denominator: float) -> None:
-        """Give the noise source and the fixed denominator; the clip norm starts at ``C_0``."""
+    def setup(self, *, source: NoiseSource, denominator: float, noise_multiplier: float) -> None:
+        """Give the noise source, the fixed denominator and the update's noise multiplier ``z``
+        (the clip norm stays below ``MAX_NOISE_STD / z``); the clip norm starts at ``C_0``."""
         self.source = source
         self.denominator = positive_number("denominator", denominator)
+        self.max_clip_norm = min(MAX_CLIP_NORM, MAX_NOISE_STD / positive_number("noise_multiplier", noise_multiplier))
         self.clip_norm = self.initial_clip_norm
 
     def event(self, *, max_participations: int | None, min_separation: int, sampling_rate: float | None = None,
@@ -137,7 +144,7 @@ class AdaptiveClipping:
             raise ValueError(f"adaptive clipping: {below} bits under the clip norm out of {reports} reports")
         beta = self.noisy_fraction(round, below, reports)
         new = self.clip_norm * math.exp(-self.clip_lr * (beta - self.target_quantile))
-        self.clip_norm = min(max(new, MIN_ADAPTIVE_CLIP), MAX_CLIP_NORM)
+        self.clip_norm = min(max(new, MIN_ADAPTIVE_CLIP), self.max_clip_norm)
         return self.clip_norm
 
     def state_dict(self) -> dict[str, Any]:
@@ -149,6 +156,6 @@ class AdaptiveClipping:
         if set(state) != {"clip_norm"}:
             raise ValueError(f"adaptive clipping state needs the key 'clip_norm', got {sorted(state)}")
         value = float(state["clip_norm"])
-        if not MIN_ADAPTIVE_CLIP <= value <= MAX_CLIP_NORM:
+        if not MIN_ADAPTIVE_CLIP <= value <= self.max_clip_norm:
             raise ValueError(f"adaptive clipping state: clip_norm {value!r} out of range")
         self.clip_norm = value
