@@ -341,6 +341,12 @@ class MechanismStrategy(Strategy):
     Subclasses call :meth:`compose` in ``__init__`` with their :class:`MechanismParams` and
     mechanism; with ``target_rho`` set, the noise multiplier is solved from that zCDP target
     (``target-rho``) for the run's number of rounds at :meth:`setup`.
+
+    With ``target-quantile`` (adaptive clipping, :mod:`fedsim.privacy.adaptive_clipping`) each
+    round's clip norm is :attr:`clip_norm`; the mechanism (built with ``C = 1``) releases the noisy
+    sum of the deltas divided by it, scaled back; the round then releases its noisy clipped count
+    (a second event, :meth:`privacy_events`) and moves the clip norm. With ``target-rho`` the
+    count queries' share is taken off the target before the noise multiplier is solved.
     """
 
     weighting: ClassVar[Literal["examples", "uniform"]] = "uniform"
@@ -348,6 +354,8 @@ class MechanismStrategy(Strategy):
     mechanism: Mechanism
     optimizer: ServerOptimizer
     target_rho: float | None = None
+    #: adaptive clipping (set by :meth:`compose`), or ``None``: a fixed clip norm
+    adaptive: AdaptiveClipping | None = None
 
     def compose(self, params: MechanismParams, mechanism: Mechanism) -> None:
         """Set :attr:`params`, the ``mechanism``, the server optimizer and, with
@@ -357,8 +365,7 @@ class MechanismStrategy(Strategy):
         self.target_rho = None if params.target_rho is None else float(params.target_rho)
         self.mechanism = mechanism
         self.optimizer = params.build_server_optimizer()
-        #: adaptive clipping (:mod:`fedsim.privacy.adaptive_clipping`), or ``None``: a fixed clip norm
-        self.adaptive: AdaptiveClipping | None = params.build_adaptive_clipping()
+        self.adaptive = params.build_adaptive_clipping()
 
     def count_noise_multiplier(self, *, num_rounds: int) -> float | None:
         """The clipped-count query's noise multiplier ``z_b`` (solved from its share of
