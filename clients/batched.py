@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from clients.concurrent import train_concurrently
-from fedsim.privacy.clipping import clip_by_norm_
+from fedsim.privacy.clipping import clip_rows_with_bits_
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 from fedsim.validation import positive_number
 
@@ -220,13 +220,16 @@ class BatchedSGD:
         counts = torch.tensor([t.num_examples for t in tasks], dtype=torch.int64)
         deltas = torch.empty(m, self.num_params, dtype=params.dtype, device=params.device)
         losses = torch.zeros(m, dtype=torch.float32)
+        bits = np.ones(m, dtype=bool) if config.clip_norm is not None else None
         n_max = max((t.num_examples for t in tasks), default=0)
         group = self.group_size(n_max * self.num_features)
         for start in range(0, m, group):
             stop = min(start + group, m)
-            self._train_group(params, tasks[start:stop], config, deltas[start:stop], losses[start:stop])
+            self._train_group(params, tasks[start:stop], config, deltas[start:stop], losses[start:stop],
+                              None if bits is None else bits[start:stop])
         rounds = np.full(m, config.round, dtype=np.int64)
-        return CohortChunk(device_ids=ids, deltas=deltas, num_examples=counts, losses=losses, rounds=rounds)
+        return CohortChunk(device_ids=ids, deltas=deltas, num_examples=counts, losses=losses, rounds=rounds,
+                           below_clip=bits)
 
     def group_size(self, data_elements: int) -> int:
         """Clients per batched group when each brings ``data_elements`` input values.
@@ -282,8 +285,10 @@ class BatchedSGD:
         config: TrainConfig,
         deltas: torch.Tensor,
         losses: torch.Tensor,
+        bits: np.ndarray | None = None,
     ) -> None:
-        """Train one group; write its clipped deltas ``[m, P]`` and mean losses ``[m]``.
+        """Train one group; write its clipped deltas ``[m, P]``, mean losses ``[m]`` and, when the
+        round clips, adaptive clipping's bits ``[m]`` (norm before clipping at most the clip norm).
 
         The clients' private weights live in reusable work buffers (contiguous per layer, so the
         batched matmuls run at full speed); ``deltas`` is written once, at the end.
@@ -296,6 +301,8 @@ class BatchedSGD:
         if n_max == 0:
             deltas.zero_()
             losses.zero_()
+            if bits is not None:
+                bits[:] = True
             return
         # private weights, contiguous per layer, starting as copies of the global ones
         shared = self._layer_views(params.unsqueeze(0))  # the global weights, one copy
@@ -353,7 +360,9 @@ class BatchedSGD:
             if b is not None and db is not None and b0 is not None:
                 torch.sub(b, b0, out=db)
         if config.clip_norm is not None:  # while the group's rows are still in cache
-            clip_by_norm_(deltas, config.clip_norm)
+            below = clip_rows_with_bits_(deltas, config.clip_norm)
+            if bits is not None:
+                bits[:] = below
 
     def _step(
         self,

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from clients.concurrent import train_concurrently
 from clients.functional import fixed_groups
-from fedsim.privacy.clipping import clip_by_norm_
+from fedsim.privacy.clipping import clip_rows_with_bits_
 from fedsim.tasks import Task
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
@@ -187,8 +187,9 @@ class ConvBatchedSGD:
                         w.sub_(g, alpha=lr)
                 loss_sum += losses.detach().to(torch.float64)
         deltas = flat.sub_(params)
+        bits = None
         if config.clip_norm is not None:
-            clip_by_norm_(deltas, config.clip_norm)
+            bits = clip_rows_with_bits_(deltas, config.clip_norm)
         steps = (-(-n // bs)) * config.local_epochs
         losses_out = (loss_sum / steps.clamp(min=1).to(torch.float64)).to(torch.float32).cpu()
-        return CohortChunk(ids, deltas.detach(), counts, losses_out, rounds)
+        return CohortChunk(ids, deltas.detach(), counts, losses_out, rounds, below_clip=bits)

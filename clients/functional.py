@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from clients.concurrent import train_concurrently
-from fedsim.privacy.clipping import clip_by_norm_
+from fedsim.privacy.clipping import clip_rows_with_bits_
 from fedsim.tasks import Task
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
@@ -173,11 +173,12 @@ class FunctionalSGD:
                         weights[name].sub_(g, alpha=lr)
                 loss_sum += losses.detach().to(torch.float64)
         deltas = flat.sub_(params)
+        bits = None
         if config.clip_norm is not None:
-            clip_by_norm_(deltas, config.clip_norm)
+            bits = clip_rows_with_bits_(deltas, config.clip_norm)
         steps = (-(-n // bs)) * config.local_epochs
         losses = (loss_sum / steps.clamp(min=1).to(torch.float64)).to(torch.float32).cpu()
-        return CohortChunk(ids, deltas.detach(), counts, losses, rounds)
+        return CohortChunk(ids, deltas.detach(), counts, losses, rounds, below_clip=bits)
 
 
 def fixed_groups(tasks: Iterable[ClientTask], chunk_size: int, group: int) -> Iterator[list[ClientTask]]:

@@ -75,7 +75,7 @@ from torch.nn import functional as F
 
 from fedsim.client import ClientResult, ClientTrainer
 from fedsim.models import get_flat, set_flat
-from fedsim.privacy.clipping import clip_by_norm
+from fedsim.privacy.clipping import clip_and_bit
 from fedsim.privacy.events import check_clip_norm, check_noise_std
 from fedsim.privacy.noise import TAG_CLIENT, NoiseKey, NoiseSource
 from fedsim.registry import resolve_params
@@ -319,13 +319,14 @@ class OpacusTrainer(ClientTrainer):
                 total_examples += len(y)
         flat = get_flat(model)
         delta = flat - params
+        bit = None
         if config.clip_norm is not None:
-            delta = clip_by_norm(delta, config.clip_norm)
+            delta, bit = clip_and_bit(delta, config.clip_norm)
         dev = task.device_id
         self._schedule[dev] = (rate, steps)
         self._epochs = int(config.local_epochs)
         self._participations[dev] = self._participations.get(dev, 0) + 1
-        return ClientResult(delta.contiguous(), n, total_loss / max(total_examples, 1))
+        return ClientResult(delta.contiguous(), n, total_loss / max(total_examples, 1), bit)
 
     def set_participation_bound(self, max_participations: int, basis: str) -> None:
         """The most participations per device the run allows, from its public configuration.

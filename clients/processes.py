@@ -171,4 +171,5 @@ def _joined(chunks: list[CohortChunk]) -> CohortChunk:
         num_examples=torch.cat([c.num_examples for c in chunks]),
         losses=torch.cat([c.losses for c in chunks]),
         rounds=None if any(r is None for r in rounds) else np.concatenate(rounds),
+        below_clip=None if any(c.below_clip is None for c in chunks) else np.concatenate([c.below_clip for c in chunks]),
     )

@@ -74,9 +74,9 @@ from clients.convbatched import ConvBatchedSGD
 from clients.convbatched import supports as conv_supports
 from clients.functional import FunctionalSGD, fixed_groups, vmap_layers_ok
 from clients.processes import ProcessGroupPool, ProcessPoolUnavailable
-from fedsim.client import ClientResult, ClientTrainer
+from fedsim.client import ClientResult, ClientTrainer, stated_bits
 from fedsim.models import set_flat
-from fedsim.privacy.clipping import clip_by_norm
+from fedsim.privacy.clipping import clip_and_bit
 from fedsim.registry import resolve_params
 from fedsim.types import ClientTask, CohortChunk, TrainConfig
 from fedsim.validation import boolean, choice, int_at_least
@@ -337,6 +337,7 @@ class SGDTrainer(ClientTrainer):
             num_examples=torch.tensor([r.num_examples for r in results], dtype=torch.int64),
             losses=torch.tensor([r.loss for r in results], dtype=torch.float32),
             rounds=np.full(len(tasks), config.round, dtype=np.int64),
+            below_clip=stated_bits([r.below_clip for r in results]),
         )
 
     def _measure(self, params: torch.Tensor, tasks: Iterable[ClientTask], config: TrainConfig) -> Iterator[ClientTask]:
@@ -389,6 +390,7 @@ class SGDTrainer(ClientTrainer):
                 steps += 1
         with torch.no_grad():
             delta = nn.utils.parameters_to_vector(model.parameters()).to(params.dtype) - params
+        bit = None
         if config.clip_norm is not None:
-            delta = clip_by_norm(delta, config.clip_norm)
-        return ClientResult(delta, n, total_loss / steps)
+            delta, bit = clip_and_bit(delta, config.clip_norm)
+        return ClientResult(delta, n, total_loss / steps, bit)

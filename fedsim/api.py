@@ -166,6 +166,9 @@ def plan(
     bands: int | None = None,
     error: str | None = None,
     max_iterations: int | None = None,
+    target_quantile: float | None = None,
+    count_noise_multiplier: float | None = None,
+    count_rho_fraction: float | None = None,
     coefficients: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
@@ -197,6 +200,9 @@ def plan(
     estimator, buffers, blt_params, bands, error, max_iterations:
         dp-ftrl's ``--estimator``, ``--buffers``, ``--blt-params``, ``--bands``, ``--error``,
         ``--max-iterations``.
+    target_quantile, count_noise_multiplier, count_rho_fraction:
+        Adaptive clipping (``--target-quantile``, ...): the clipped-count queries are planned and
+        accounted with the updates (``count_noise_multiplier``, ``count_rho``, ``update_rho``).
     coefficients:
         Banded: include all of the factorization's ``coefs`` (``--coefficients``).
     **options:
@@ -232,6 +238,9 @@ def plan(
         "--bands": bands,
         "--error": error,
         "--max-iterations": max_iterations,
+        "--target-quantile": target_quantile,
+        "--count-noise-multiplier": count_noise_multiplier,
+        "--count-rho-fraction": count_rho_fraction,
         **{"--" + key.replace("_", "-"): value for key, value in options.items()},
     }
     argv: list[str] = []

@@ -25,11 +25,14 @@ from fedsim.types import ClientTask, CohortChunk, TrainConfig
 
 @dataclass(frozen=True)
 class ClientResult:
-    """One client's report: clipped delta, number of local examples, mean local training loss."""
+    """One client's report: clipped delta, number of local examples, mean local training loss and,
+    when the round clips, whether the delta's norm before clipping was at most the clip norm
+    (adaptive clipping's bit; ``None``: the server reads it off the clipped delta)."""
 
     delta: torch.Tensor
     num_examples: int
     loss: float
+    below_clip: bool | None = None
 
 
 class ClientTrainer(ABC):
@@ -70,17 +73,19 @@ class ClientTrainer(ABC):
         deltas: list[torch.Tensor] = []
         counts: list[int] = []
         losses: list[float] = []
+        bits: list[bool | None] = []
         for task in tasks:
             result = self.train_client(params, task, config)
             ids.append(task.device_id)
             deltas.append(result.delta)
             counts.append(result.num_examples)
             losses.append(result.loss)
+            bits.append(result.below_clip)
             if len(ids) == chunk_size:
-                yield _chunk(ids, deltas, counts, losses, config.round)
-                ids, deltas, counts, losses = [], [], [], []
+                yield _chunk(ids, deltas, counts, losses, config.round, bits)
+                ids, deltas, counts, losses, bits = [], [], [], [], []
         if ids:
-            yield _chunk(ids, deltas, counts, losses, config.round)
+            yield _chunk(ids, deltas, counts, losses, config.round, bits)
 
     def describe(self) -> dict[str, str] | None:
         """Which training path runs and why (``{"path": ..., "reason": ...}``: shown at the start
@@ -137,13 +142,22 @@ class ClientTrainer(ABC):
         return None
 
 
-def _chunk(ids: list[int], deltas: list[torch.Tensor], counts: list[int], losses: list[float], round: int) -> CohortChunk:
+def stated_bits(bits: list[bool | None]) -> np.ndarray | None:
+    """The clients' adaptive-clipping bits as an array, or ``None`` unless every client stated one."""
+    if not bits or any(b is None for b in bits):
+        return None
+    return np.asarray(bits, dtype=bool)
+
+
+def _chunk(ids: list[int], deltas: list[torch.Tensor], counts: list[int], losses: list[float], round: int,
+           bits: list[bool | None] | None = None) -> CohortChunk:
     return CohortChunk(
         device_ids=np.asarray(ids, dtype=np.int64),
         deltas=torch.stack(deltas),
         num_examples=torch.tensor(counts, dtype=torch.int64),
         losses=torch.tensor(losses, dtype=torch.float32),
         rounds=np.full(len(ids), round, dtype=np.int64),
+        below_clip=stated_bits(bits or []),
     )
 
 

@@ -196,6 +196,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, required=True, metavar="DELTA",
                    help="target delta, in (0, 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    clip = p.add_argument_group("adaptive clipping (Andrew et al. 2021): the clipped-count queries, accounted with the updates")
+    clip.add_argument("--target-quantile", type=float, metavar="GAMMA",
+                      help="plan a run with adaptive clipping toward this quantile, in (0, 1)")
+    clip.add_argument("--count-noise-multiplier", type=float, metavar="ZB",
+                      help="the clipped-count query's noise multiplier (noise std ZB / 2 on the count)")
+    clip.add_argument("--count-rho-fraction", type=float, metavar="F",
+                      help="with --target-rho: the counts' share of it, in (0, 1) (default 0.05); "
+                           "both noise multipliers are solved")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -302,7 +310,8 @@ def _validate(args: argparse.Namespace) -> None:
 def _flag_names(args: argparse.Namespace) -> list[str]:
     """The keys whose flags this subcommand has, longest first (for :func:`_flagged`)."""
     keys = ["rounds", "delta", "noise-multiplier", "target-rho", "max-participations",
-            "min-separation", "sampling-rate"]
+            "min-separation", "sampling-rate", "target-quantile", "count-noise-multiplier",
+            "count-rho-fraction"]
     keys += [f.flag[2:] for f in args.option_flags if not f.file]
     return sorted(set(keys), key=len, reverse=True)
 
@@ -407,15 +416,21 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
             f"--min-separation {b} (at most ceil({args.rounds}/{b + 1}) = {eff} contributions "
             f"fit); using effective max participations {eff}"
         )
+    adaptive = _adaptive_plan(args, k, b)
     with warnings.catch_warnings():
         # the infeasible-k warning is reported above, with the flag names
         warnings.simplefilter("ignore", UserWarning)
         if args.target_rho is not None:
-            mech.noise_multiplier = calibrate(mech, args.target_rho, num_rounds=args.rounds)
+            target = args.target_rho if adaptive is None else adaptive["update_target"]
+            mech.noise_multiplier = calibrate(mech, target, num_rounds=args.rounds)
         else:
             mech.noise_multiplier = args.noise_multiplier
         events = mech.plan_events(args.rounds)
-        report = Accountant(args.delta).report(PrivacyLedger.planned(events))
+        if adaptive is None:
+            ledger = PrivacyLedger.planned(events)
+        else:
+            ledger = _with_counts(events, adaptive["count_noise_multiplier"], k, b)
+        report = Accountant(args.delta).report(ledger)
         assert report.rho is not None
         details = mech.describe_plan(args.rounds, report.rho)
     result: dict[str, Any] = {
@@ -438,7 +453,60 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     if args.target_rho is not None:
         result["target_rho"] = args.target_rho
     amplified = any(type(event).amplified for event in set(events))
+    if adaptive is not None:
+        result["noise_multiplier"] = mech.noise_multiplier  # the updates'; the counts' is its own
+        result["target_quantile"] = args.target_quantile
+        result["count_noise_multiplier"] = adaptive["count_noise_multiplier"]
+        result["count_rho"] = adaptive["count_rho"]
+        result["update_rho"] = report.rho - adaptive["count_rho"]
+        if adaptive["fraction"] is not None:
+            result["count_rho_fraction"] = adaptive["fraction"]
     return {"result": result, "details": details, "amplified": amplified}, notes
+
+
+def _adaptive_plan(args: argparse.Namespace, k: int | None, b: int) -> dict[str, Any] | None:
+    """Adaptive clipping's part of the plan: the count's noise multiplier (given, or solved from its
+    share of ``--target-rho``), the rho its queries spend, and what is left for the updates."""
+    from fedsim.privacy.adaptive_clipping import check_adaptive
+    from fedsim.privacy.calibration import calibrate_count_noise, count_rho
+
+    gamma, zb, fraction = args.target_quantile, args.count_noise_multiplier, args.count_rho_fraction
+    keys = _flag_names(args)
+    try:
+        check_adaptive(gamma, None, zb, fraction, args.target_rho)
+    except ValueError as exc:
+        raise _UsageError(_flagged(str(exc), keys)) from None
+    if gamma is None:
+        return None
+    if zb is None:
+        fraction = 0.05 if fraction is None else fraction
+        zb = calibrate_count_noise(fraction * args.target_rho, num_rounds=args.rounds,
+                                   max_participations=k, min_separation=b)
+    spent = count_rho(zb, num_rounds=args.rounds, max_participations=k, min_separation=b)
+    left = None
+    if args.target_rho is not None:
+        left = args.target_rho - spent
+        if not left > 0.0 or left < 1e-12 * args.target_rho:
+            raise _UsageError(
+                f"--count-noise-multiplier {zb:g}: the clipped-count queries spend rho = {spent:.4g} over "
+                f"{args.rounds} rounds, all of --target-rho {args.target_rho:g}, leaving nothing for the "
+                "updates; raise --count-noise-multiplier or give --count-rho-fraction instead"
+            )
+    return {"count_noise_multiplier": float(zb), "count_rho": spent, "update_target": left, "fraction": fraction}
+
+
+def _with_counts(events: list[Any], zb: float, k: int | None, b: int) -> Any:
+    """The planned ledger of a run with adaptive clipping: each round's update event, then its
+    clipped-count event (joint with the update's under Poisson sampling), as the run records them."""
+    from fedsim.privacy.events import ClippedCountEvent, PrivacyLedger, SampledGaussianEvent
+
+    ledger = PrivacyLedger()
+    for t, event in enumerate(events):
+        ledger.record(t, event)
+        sampled = isinstance(event, SampledGaussianEvent)
+        ledger.record(t, ClippedCountEvent(zb, k, b, event.sampling_rate if sampled else None,
+                                           event.noise_multiplier if sampled else None))
+    return ledger
 
 
 def _table(computed: dict[str, Any]) -> str:
@@ -458,6 +526,14 @@ def _table(computed: dict[str, Any]) -> str:
                  "unlimited" if k is None else f"{k}" + ("" if eff >= k else f" (effective {eff})")))
     rows.append(("min separation", f"{result['min_separation']} rounds strictly between"))
     rows += list(details.rows)
+    if "target_quantile" in result:
+        share = f" ({result['count_rho_fraction']:g} of the target)" if "count_rho_fraction" in result else ""
+        rows += [
+            ("adaptive clipping", f"target quantile {result['target_quantile']:g} (Andrew et al. 2021)"),
+            ("count noise mult.", f"{result['count_noise_multiplier']:.6g}  (clipped-count query)"),
+            ("rho of the counts", f"{result['count_rho']:.6g}{share}"),
+            ("rho of the updates", f"{result['update_rho']:.6g}"),
+        ]
     rows += [
         ("rho (zCDP)", f"{result['rho']:.6g}"),
         ("delta", f"{result['delta']:g}"),

@@ -12,6 +12,8 @@ hook                          default
 ``configure_client(...)``     the scenario's client settings, no clipping
 ``aggregate(...)``            abstract: new flat parameters from the round's :class:`UpdateBatch`
 ``privacy_event(round=)``     ``None``: the round releases nothing that needs accounting
+``privacy_events(round=)``    every event the round records: ``privacy_event``'s, if any
+``public_metrics(...)``       ``{}``: public values of the round for ``metrics.jsonl``
 ``state_dict()`` / ``load``   empty: strategies with server state (momentum, tree noise) override
 ============================  =====================================================================
 
@@ -35,8 +37,9 @@ import numpy as np
 import torch
 
 from fedsim.optim import ServerOptimizer, ServerOptimizerParams
-from fedsim.privacy.calibration import calibrate
-from fedsim.privacy.events import check_clip_norm, check_noise_std
+from fedsim.privacy.adaptive_clipping import AdaptiveClipping, check_adaptive
+from fedsim.privacy.calibration import calibrate, calibrate_count_noise, count_rho
+from fedsim.privacy.events import SampledGaussianEvent, check_clip_norm, check_noise_std
 from fedsim.privacy.mechanisms import (
     MECHANISMS,
     Mechanism,
@@ -152,6 +155,18 @@ class Strategy(ABC):
         """
         return None
 
+    def privacy_events(self, *, round: int) -> tuple[Any, ...]:
+        """Every privacy event the coming round records, in order (default: :meth:`privacy_event`'s,
+        if any). A round may release several things (adaptive clipping: the update and the
+        clipped count), each its own event of its own kind."""
+        event = self.privacy_event(round=round)
+        return () if event is None else (event,)
+
+    def public_metrics(self, *, round: int, config: TrainConfig) -> dict[str, Any]:
+        """Public values of the round for its ``metrics.jsonl`` row (default: none); only values
+        that are public or post-processing of the round's noisy releases."""
+        return {}
+
     def calibrated_noise_multiplier(self, *, num_rounds: int) -> float | None:
         """The noise multiplier the run will use (solved from a privacy target where the strategy
         takes one), or ``None`` (default) for a strategy that adds no noise. Called when a
@@ -194,6 +209,21 @@ class MechanismParams(ServerOptimizerParams, OpenParams):
         ``k``: at most this many contributions per device over the run (``None``: no limit).
     min_separation:
         ``b``: rounds strictly between two contributions of one device.
+    target_quantile:
+        Adaptive clipping (Andrew et al. 2021, :mod:`fedsim.privacy.adaptive_clipping`): the
+        fraction ``gamma`` in ``(0, 1)`` of updates the clip norm should let through unclipped;
+        ``clip_norm`` is then the initial clip norm. ``None`` (default): a fixed clip norm.
+    clip_lr:
+        Adaptive clipping's geometric rate (default 0.2): the clip norm changes by at most a factor
+        ``exp(clip_lr)`` a round.
+    count_noise_multiplier:
+        ``z_b``: the clipped-count query's noise multiplier (noise std ``z_b / 2`` on the count of
+        centred bits; ``1 / (2 z_b**2)`` zCDP per contribution). Needed with ``target_quantile``
+        unless ``target_rho`` is given.
+    count_rho_fraction:
+        With ``target_rho`` and ``target_quantile``: the share of ``target_rho`` the count
+        queries spend (default 0.05 when ``count_noise_multiplier`` is not given); both noise
+        multipliers are solved from their shares.
     mechanism:
         The registered mechanism (:data:`fedsim.privacy.mechanisms.MECHANISMS`) that adds the
         noise, or one named by import path (``package.module:Class``); it must fit the strategy
@@ -205,14 +235,23 @@ class MechanismParams(ServerOptimizerParams, OpenParams):
     clip_norm: float = 1.0
     max_participations: int | None = None
     min_separation: int = 0
+    target_quantile: float | None = None
+    clip_lr: float | None = None
+    count_noise_multiplier: float | None = None
+    count_rho_fraction: float | None = None
     mechanism: str = "gaussian"
 
     #: The strategy these parameters are for, in messages.
     strategy_name: ClassVar[str] = "this strategy"
+    #: Adaptive clipping's defaults: Andrew et al.'s geometric rate, the count's share of a target.
+    default_clip_lr: ClassVar[float] = 0.2
+    default_count_rho_fraction: ClassVar[float] = 0.05
 
     def __post_init__(self) -> None:
         z, _ = noise_or_target(self.noise_multiplier, self.target_rho)
         check_clip_norm(self.clip_norm)
+        check_adaptive(self.target_quantile, self.clip_lr, self.count_noise_multiplier,
+                       self.count_rho_fraction, self.target_rho)
         if self.target_rho is None:
             check_noise_std(z, self.clip_norm)
         int_at_least("max-participations", self.max_participations, 1, optional=True)
@@ -263,10 +302,28 @@ class MechanismParams(ServerOptimizerParams, OpenParams):
         z, _ = noise_or_target(self.noise_multiplier, self.target_rho)
         return {
             "noise_multiplier": z,
-            "clip_norm": self.clip_norm,
+            # adaptive clipping: the mechanism runs on the sum normalised by the round's clip norm
+            "clip_norm": 1.0 if self.target_quantile is not None else self.clip_norm,
             "max_participations": self.max_participations,
             "min_separation": self.min_separation,
         }
+
+    def build_adaptive_clipping(self) -> AdaptiveClipping | None:
+        """The adaptive clipping these parameters describe, or ``None`` for a fixed clip norm."""
+        if self.target_quantile is None:
+            return None
+        return AdaptiveClipping(
+            initial_clip_norm=self.clip_norm,
+            target_quantile=self.target_quantile,
+            clip_lr=self.default_clip_lr if self.clip_lr is None else self.clip_lr,
+            count_noise_multiplier=self.count_noise_multiplier,
+        )
+
+    def count_fraction(self) -> float | None:
+        """The share of ``target_rho`` the count queries get (``None``: none solved)."""
+        if self.target_quantile is None or self.target_rho is None or self.count_noise_multiplier is not None:
+            return None
+        return self.default_count_rho_fraction if self.count_rho_fraction is None else float(self.count_rho_fraction)
 
     def build_mechanism(self, **extra: Any) -> Mechanism:
         """The mechanism these parameters describe (``extra``: what the strategy adds, e.g. a
@@ -284,6 +341,12 @@ class MechanismStrategy(Strategy):
     Subclasses call :meth:`compose` in ``__init__`` with their :class:`MechanismParams` and
     mechanism; with ``target_rho`` set, the noise multiplier is solved from that zCDP target
     (``target-rho``) for the run's number of rounds at :meth:`setup`.
+
+    With ``target-quantile`` (adaptive clipping, :mod:`fedsim.privacy.adaptive_clipping`) each
+    round's clip norm is :attr:`clip_norm`; the mechanism (built with ``C = 1``) releases the noisy
+    sum of the deltas divided by it, scaled back; the round then releases its noisy clipped count
+    (a second event, :meth:`privacy_events`) and moves the clip norm. With ``target-rho`` the
+    count queries' share is taken off the target before the noise multiplier is solved.
     """
 
     weighting: ClassVar[Literal["examples", "uniform"]] = "uniform"
@@ -291,24 +354,67 @@ class MechanismStrategy(Strategy):
     mechanism: Mechanism
     optimizer: ServerOptimizer
     target_rho: float | None = None
+    #: adaptive clipping (set by :meth:`compose`), or ``None``: a fixed clip norm
+    adaptive: AdaptiveClipping | None = None
 
     def compose(self, params: MechanismParams, mechanism: Mechanism) -> None:
-        """Set :attr:`params`, the ``mechanism`` and the server optimizer from ``params``
-        (called by a subclass's ``__init__``)."""
+        """Set :attr:`params`, the ``mechanism``, the server optimizer and, with
+        ``target-quantile``, the adaptive clipping from ``params`` (called by a subclass's
+        ``__init__``)."""
         self.params = params
         self.target_rho = None if params.target_rho is None else float(params.target_rho)
         self.mechanism = mechanism
         self.optimizer = params.build_server_optimizer()
+        self.adaptive = params.build_adaptive_clipping()
+
+    def count_noise_multiplier(self, *, num_rounds: int) -> float | None:
+        """The clipped-count query's noise multiplier ``z_b`` (solved from its share of
+        ``target-rho`` where that is how it is given), ``None`` without adaptive clipping."""
+        if self.adaptive is None:
+            return None
+        fraction = self.params.count_fraction()
+        if fraction is None:
+            return self.adaptive.count_noise_multiplier
+        assert self.target_rho is not None
+        try:
+            return calibrate_count_noise(fraction * self.target_rho, num_rounds=num_rounds,
+                                         max_participations=self.mechanism.max_participations,
+                                         min_separation=self.mechanism.min_separation)
+        except ValueError as exc:
+            raise ValueError(f"count-rho-fraction = {fraction:g} of target-rho = {self.target_rho:g}: {exc}") from None
+
+    def update_target_rho(self, *, num_rounds: int) -> float | None:
+        """The part of ``target-rho`` the update's mechanism is calibrated to: all of it, or what
+        the clipped-count queries leave (``ValueError`` naming the key when they leave nothing)."""
+        if self.target_rho is None:
+            return None
+        zb = self.count_noise_multiplier(num_rounds=num_rounds)
+        if zb is None:
+            return self.target_rho
+        spent = count_rho(zb, num_rounds=num_rounds, max_participations=self.mechanism.max_participations,
+                          min_separation=self.mechanism.min_separation)
+        left = self.target_rho - spent
+        if not left > 0.0 or left < 1e-12 * self.target_rho:
+            raise ValueError(
+                f"count-noise-multiplier = {zb:g}: the clipped-count queries spend rho = {spent:.4g} over "
+                f"{num_rounds} rounds, all of target-rho = {self.target_rho:g}, leaving nothing for the updates; "
+                "raise count-noise-multiplier or give count-rho-fraction instead"
+            )
+        return left
 
     def calibrated_noise_multiplier(self, *, num_rounds: int) -> float:
-        """The run's noise multiplier: the mechanism's, or solved from ``target-rho``."""
+        """The run's noise multiplier: the mechanism's, or solved from ``target-rho`` (less the
+        clipped-count queries' share with adaptive clipping)."""
         if self.target_rho is None:
             return self.mechanism.noise_multiplier
+        target = self.update_target_rho(num_rounds=num_rounds)
+        assert target is not None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an unreachable k is reported by the accountant's users
-                z = calibrate(self.mechanism, self.target_rho, num_rounds=num_rounds)
-            check_noise_std(z, self.mechanism.clip_norm, ("the solved noise-multiplier", "clip-norm"))
+                z = calibrate(self.mechanism, target, num_rounds=num_rounds)
+            names = ("the solved noise-multiplier", "clip-norm")
+            check_noise_std(z, self.params.clip_norm if self.adaptive is not None else self.mechanism.clip_norm, names)
             return z
         except ValueError as exc:
             raise ValueError(f"target-rho = {self.target_rho:g} over {num_rounds} rounds: {exc}") from None
@@ -318,6 +424,10 @@ class MechanismStrategy(Strategy):
         self.mechanism.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
         self.mechanism.setup(num_params=ctx.num_params, num_rounds=ctx.num_rounds, source=ctx.noise_source())
         self.optimizer.reset()
+        if self.adaptive is not None:
+            self.adaptive.count_noise_multiplier = self.count_noise_multiplier(num_rounds=ctx.num_rounds)
+            self.adaptive.setup(source=ctx.noise_source(), denominator=self.denominator,
+                                noise_multiplier=self.mechanism.noise_multiplier)
 
     # the strategy's parameters, as attributes (the mechanism and the optimizer own them)
     @property
@@ -326,7 +436,8 @@ class MechanismStrategy(Strategy):
 
     @property
     def clip_norm(self) -> float:
-        return self.mechanism.clip_norm
+        """The clip norm of the coming round (adaptive clipping: the current one)."""
+        return self.adaptive.clip_norm if self.adaptive is not None else self.mechanism.clip_norm
 
     @property
     def max_participations(self) -> int | None:
@@ -350,26 +461,61 @@ class MechanismStrategy(Strategy):
         return float(self.ctx.clients_per_round)
 
     def configure_client(self, *, round: int, base: TrainConfig) -> TrainConfig:
-        return replace(base, clip_norm=self.mechanism.clip_norm)
+        return replace(base, clip_norm=self.clip_norm)
 
     def privacy_event(self, *, round: int) -> Any:
         return self.mechanism.privacy_event(round)
 
+    def privacy_events(self, *, round: int) -> tuple[Any, ...]:
+        """The update's event and, with adaptive clipping, the clipped count's (joint with the
+        update's under Poisson sampling)."""
+        event = self.privacy_event(round=round)
+        if self.adaptive is None:
+            return (event,)
+        sampled = isinstance(event, SampledGaussianEvent)
+        count = self.adaptive.event(
+            max_participations=self.mechanism.max_participations,
+            min_separation=self.mechanism.min_separation,
+            sampling_rate=event.sampling_rate if sampled else None,
+            update_noise_multiplier=event.noise_multiplier if sampled else None,
+        )
+        return (event, count)
+
+    def public_metrics(self, *, round: int, config: TrainConfig) -> dict[str, Any]:
+        """With adaptive clipping, ``clip_norm``: the round's clip norm (post-processing of the
+        earlier rounds' noisy counts, so public)."""
+        if self.adaptive is None:
+            return {}
+        return {"clip_norm": config.clip_norm}
+
     def aggregate(self, *, round: int, params: torch.Tensor, batch: UpdateBatch) -> torch.Tensor:
         # every round releases a noisy sum, even one without accepted updates
-        released = self.mechanism.release(round, batch.delta_sum)
+        if self.adaptive is None:
+            released = self.mechanism.release(round, batch.delta_sum)
+        else:
+            # the mechanism runs on the sum normalised by the round's clip norm (sensitivity 1);
+            # its release is scaled back by that public clip norm
+            clip = self.adaptive.clip_norm
+            released = self.mechanism.release(round, batch.delta_sum / clip) * clip
+            self.adaptive.update(round, below=batch.num_below_clip, reports=batch.num_updates)
         if self.mechanism.restarts_at(round):
             self.optimizer.reset()
         return self.optimizer.step(params, released / self.denominator)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mechanism": self.mechanism.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"mechanism": self.mechanism.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.adaptive is not None:
+            state["adaptive_clipping"] = self.adaptive.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"mechanism", "optimizer"}:
-            raise ValueError(f"{self.name} state needs keys ['mechanism', 'optimizer'], got {sorted(state)}")
+        keys = {"mechanism", "optimizer"} | ({"adaptive_clipping"} if self.adaptive is not None else set())
+        if set(state) != keys:
+            raise ValueError(f"{self.name} state needs keys {sorted(keys)}, got {sorted(state)}")
         self.mechanism.load_state_dict(state["mechanism"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive_clipping"])
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", builtin_package="strategies")

@@ -99,6 +99,10 @@ class CohortChunk:
     ``rounds[i]`` (the ``TrainConfig.round`` the client was given). The server rejects a report
     whose round is not the current one (``"stale_round"``: a replay of an earlier round);
     ``rounds=None`` states no round and skips that check.
+
+    ``below_clip[i]`` (adaptive clipping) is the client's bit: its delta's norm *before* clipping
+    was at most the round's clip norm. ``None``: the server reads the bit off the reported
+    (clipped) delta (:func:`fedsim.privacy.clipping.below_clip`).
     """
 
     device_ids: np.ndarray
@@ -106,6 +110,7 @@ class CohortChunk:
     num_examples: torch.Tensor
     losses: torch.Tensor
     rounds: np.ndarray | None = None
+    below_clip: np.ndarray | None = None
 
 
 @dataclass
@@ -128,6 +133,9 @@ class UpdateBatch:
     deltas, weights:
         Individual accepted deltas ``[n, P]`` and weights ``[n]``, only when the strategy sets
         ``needs_individual_updates``.
+    num_below_clip:
+        Accepted updates whose norm before clipping was at most the round's clip norm (their
+        bits, :class:`CohortChunk`); adaptive clipping's clipped count. 0 without a clip norm.
     """
 
     delta_sum: torch.Tensor
@@ -137,6 +145,7 @@ class UpdateBatch:
     rejected: dict[str, int] = field(default_factory=dict)
     deltas: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    num_below_clip: int = 0
 
     @property
     def num_rejected(self) -> int:

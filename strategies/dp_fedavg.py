@@ -129,9 +129,10 @@ class DPFedAvg(MechanismStrategy):
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
-        super().setup(ctx)
+        # the rate first: adaptive clipping's denominator (set up by the base class) depends on it
         if self.sampling == "poisson" and self.requested_rate is None:
             self.mechanism.sampling_rate = min(1.0, ctx.clients_per_round / ctx.num_devices)
+        super().setup(ctx)
 
     @property
     def denominator(self) -> float:

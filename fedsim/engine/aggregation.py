@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from fedsim.population import ParticipationLedger
-from fedsim.privacy.clipping import within_clip
+from fedsim.privacy.clipping import below_clip, within_clip
 from fedsim.types import CohortChunk, UpdateBatch
 
 REJECTION_REASONS = (
@@ -243,6 +243,8 @@ class UpdateAccumulator:
         self.weight_sum = 0.0
         self.num_updates = 0
         self.num_examples = 0
+        #: accepted updates whose clients' bits say they fit under the clip norm (adaptive clipping)
+        self.num_below_clip = 0
         self.rejected: Counter[str] = Counter()
         self.accepted_ids: list[np.ndarray] = []
         self.losses: list[torch.Tensor] = []
@@ -345,6 +347,8 @@ class UpdateAccumulator:
             self.delta_sum += weights.to(self.device) @ good
         self.num_updates += len(idx)
         self.num_examples += int(accepted_counts.sum())
+        if self.clip_norm is not None:
+            self.num_below_clip += int(self._bits(chunk, norms, m)[accepted].sum())
         self.accepted_ids.append(ids[accepted])
         losses = _as_1d(chunk.losses)
         if losses is not None and len(losses) == m and losses.dtype.kind == "f":
@@ -357,6 +361,17 @@ class UpdateAccumulator:
             self._deltas.append(good.clone())
             self._weights.append(weights.to(self.device))
         return accepted
+
+    def _bits(self, chunk: CohortChunk, norms: torch.Tensor, m: int) -> np.ndarray:
+        """The rows' adaptive-clipping bits: the clients' own (a boolean or 0/1 array, one per
+        row), or read off the reported norms when a chunk states none or malformed ones."""
+        assert self.clip_norm is not None
+        stated = _as_1d(getattr(chunk, "below_clip", None))
+        if stated is not None and len(stated) == m and (stated.dtype == bool or stated.dtype.kind in "iu"):
+            values = stated.astype(np.int64)
+            if ((values == 0) | (values == 1)).all():
+                return values.astype(bool)
+        return below_clip(norms, self.clip_norm).numpy()
 
     def _hold_heaviest(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Keep the heaviest rows seen so far apart; return the weighted sum of the others."""
@@ -415,4 +430,5 @@ class UpdateAccumulator:
             rejected=dict(self.rejected),
             deltas=torch.cat(self._deltas).cpu() if self.keep_individual and self._deltas else None,
             weights=weights.cpu() if weights is not None else None,
+            num_below_clip=self.num_below_clip,
         )

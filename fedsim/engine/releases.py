@@ -109,7 +109,15 @@ class Release:
 
     round: int
     digest: str
-    event: dict[str, Any] | None
+    #: the round's privacy event, a list of them when it recorded several (adaptive clipping)
+    event: dict[str, Any] | list[dict[str, Any]] | None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The round's privacy events, in order."""
+        if self.event is None:
+            return []
+        return list(self.event) if isinstance(self.event, list) else [self.event]
 
 
 def _span(rounds: Sequence[int]) -> str:
@@ -246,7 +254,7 @@ class ReleaseRecord:
 
     def events(self) -> list[tuple[int, dict[str, Any]]]:
         """``(0-based round, event dict)`` of the released rounds that recorded a privacy event."""
-        return [(r.round - 1, r.event) for r in self._releases if r.event is not None]
+        return [(r.round - 1, e) for r in self._releases for e in r.events]
 
     def check_data(self, current: dict[str, Any], *, where: str) -> None:
         """Refuse (:class:`ReleaseError`) data whose fingerprint differs from the recorded one."""
@@ -267,7 +275,7 @@ class ReleaseRecord:
         exactly the recorded events (a forged ledger, shorter or otherwise, is refused).
         """
         upto = min(rounds_done, self._released)
-        expected = [{"round": r.round - 1, "event": r.event} for r in self._releases[:upto] if r.event is not None]
+        expected = [{"round": r.round - 1, "event": e} for r in self._releases[:upto] for e in r.events]
         entries = _as_json(ledger) if isinstance(ledger, list | tuple) else []
         well_formed = all(isinstance(e, dict) and isinstance(e.get("round"), int) for e in entries)
         if not well_formed or [e for e in entries if e["round"] < upto] != expected:
@@ -278,7 +286,7 @@ class ReleaseRecord:
             )
 
     # -- recording ------------------------------------------------------------------------------
-    def release(self, round: int, digest: str, event: dict[str, Any] | None) -> bool:
+    def release(self, round: int, digest: str, event: dict[str, Any] | list[dict[str, Any]] | None) -> bool:
         """Before anything of (1-based) ``round`` is published: record it, or check a replay.
 
         A round above the mark is appended and fsynced (returns ``True``). A round at or below it

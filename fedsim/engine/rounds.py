@@ -93,7 +93,7 @@ from fedsim.errors import FedsimError
 from fedsim.models import get_flat, num_params, set_flat
 from fedsim.population import Population
 from fedsim.privacy.csprng import GENERATOR
-from fedsim.privacy.events import SampledGaussianEvent
+from fedsim.privacy.events import ClippedCountEvent, SampledGaussianEvent
 from fedsim.privacy.noise import (
     KEY_FILE,
     TAG_SELECT,
@@ -167,7 +167,8 @@ class RoundPlan:
     round:
         0-based round index.
     event:
-        The strategy's privacy event for the round (``None`` for non-DP strategies).
+        The strategy's privacy event for the round (``None`` for non-DP strategies): the first
+        of :attr:`events`.
     params:
         The global model the round's clients start from.
     eligible:
@@ -180,6 +181,9 @@ class RoundPlan:
         Selected devices a round callback stands in for (:meth:`RoundCallback.split_cohort
         <fedsim.engine.callbacks.RoundCallback.split_cohort>`; the audit's canary clients): their
         updates are made by the server (:meth:`RoundOwner.accumulator`), not trained.
+    events:
+        Every privacy event the round records, in order (adaptive clipping: the update's and
+        the clipped count's); empty for non-DP strategies.
     """
 
     round: int
@@ -189,6 +193,11 @@ class RoundPlan:
     cohort: np.ndarray
     config: TrainConfig
     canaries: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    events: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.events and self.event is not None:
+            object.__setattr__(self, "events", (self.event,))
 
 
 def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
@@ -510,14 +519,22 @@ class RoundOwner:
         self.prior = prior_report(records, delta=self.scenario.privacy.delta)
         return self.prior
 
-    def released_event(self, round_no: int) -> dict[str, Any] | None:
-        """The privacy event (as a dict) the ledger recorded for 1-based ``round_no``, or ``None``."""
+    def released_event(self, round_no: int) -> dict[str, Any] | list[dict[str, Any]] | None:
+        """The privacy event (as a dict) the ledger recorded for 1-based ``round_no``, a list of
+        them when the round recorded several (adaptive clipping), or ``None``."""
         if self.ledger is None or not len(self.ledger):
             return None
         from fedsim.privacy.events import event_to_dict
 
-        last_round, event = self.ledger.events()[-1]
-        return event_to_dict(event) if last_round == round_no - 1 else None
+        found = []
+        for r, event in reversed(self.ledger.events()):
+            if r != round_no - 1:
+                break
+            found.append(event_to_dict(event))
+        found.reverse()
+        if not found:
+            return None
+        return found[0] if len(found) == 1 else found
 
     def selection_rng(self, round: int) -> np.random.Generator:
         """The cohort-selection generator: from the secret key in a DP run, the public seed otherwise."""
@@ -552,15 +569,23 @@ class RoundOwner:
 
     def round_event(self, round: int) -> Any:
         """The privacy event recorded for ``round``: the strategy's, unamplified where the cohort is known."""
-        event = self.strategy.privacy_event(round=round)
-        if not self.secret_cohort and isinstance(event, SampledGaussianEvent):
-            return event.unamplified()
-        return event
+        events = self.round_events(round)
+        return events[0] if events else None
+
+    def round_events(self, round: int) -> tuple[Any, ...]:
+        """Every privacy event recorded for ``round`` (the strategy's), unamplified where the
+        cohort is known."""
+        events = tuple(self.strategy.privacy_events(round=round))
+        if not self.secret_cohort:
+            events = tuple(e.unamplified() if isinstance(e, SampledGaussianEvent | ClippedCountEvent) else e
+                           for e in events)
+        return events
 
     def budget_exceeded(self, round: int, event: Any) -> str | None:
-        """Why recording ``event`` for ``round`` would exceed the privacy budget, or ``None``."""
+        """Why recording ``event`` (or a tuple of events) for ``round`` would exceed the privacy
+        budget, or ``None``."""
         cfg = self.scenario.privacy
-        if event is None or (cfg.max_rho is None and cfg.max_epsilon is None):
+        if event is None or event == () or (cfg.max_rho is None and cfg.max_epsilon is None):
             return None
         ledger, accountant = self.privacy()
         report = self.with_prior(accountant.report_with(ledger, round, event))
@@ -631,8 +656,9 @@ class RoundOwner:
         if reason is not None:
             self.stopped_reason = reason
             return None
-        event = self.round_event(round)
-        reason = self.budget_exceeded(round, event)
+        events = self.round_events(round)
+        event = events[0] if events else None
+        reason = self.budget_exceeded(round, events)
         if reason is not None:
             self.stopped_reason = reason
             return None
@@ -650,8 +676,8 @@ class RoundOwner:
             cohort, mine = cb.split_cohort(round, cohort)
             own.append(np.asarray(mine, dtype=np.int64))
         if own:
-            return RoundPlan(round, event, start, eligible, cohort, config, canaries=np.concatenate(own))
-        return RoundPlan(round, event, start, eligible, cohort, config)
+            return RoundPlan(round, event, start, eligible, cohort, config, canaries=np.concatenate(own), events=events)
+        return RoundPlan(round, event, start, eligible, cohort, config, events=events)
 
     def accumulator(self, plan: RoundPlan) -> UpdateAccumulator:
         """The server-side validation and streaming sum for ``plan``'s reports.
@@ -698,9 +724,10 @@ class RoundOwner:
         for cb in self.callbacks:
             cb.after_aggregate(round, start, self.params, acc.accepted)
         report = None
-        if plan.event is not None:
+        if plan.events:
             ledger, accountant = self.privacy()
-            ledger.record(round, plan.event)
+            for event in plan.events:
+                ledger.record(round, event)
             report = self.with_prior(accountant.report(ledger))
         row: dict[str, Any] = {"round": round + 1, **dict.fromkeys(workloads.task_of(self.data).metric_keys())}
         if (round + 1) % sc.engine.eval_every == 0 or round + 1 == sc.rounds:
@@ -712,6 +739,7 @@ class RoundOwner:
             rejected=batch.num_rejected,
             **privacy_figures(report),
         )
+        row.update(self.strategy.public_metrics(round=round, config=plan.config))
         for cb in self.callbacks:
             cb.on_row(row, self.params)
         if self.private:
@@ -881,6 +909,8 @@ class RoundOwner:
         ledger = state.get("ledger")
         if self.private:
             recorded = [entry.get("round") for entry in ledger or []] if isinstance(ledger, list) else None
+            if recorded is not None:  # a round with several releases records one event of each kind
+                recorded = [r for i, r in enumerate(recorded) if i == 0 or r != recorded[i - 1]]
             if recorded != list(range(rounds_done)):
                 raise CheckpointError(
                     f"{source}: its privacy ledger holds {len(ledger or [])} events for {rounds_done} "

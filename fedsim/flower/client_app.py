@@ -41,6 +41,7 @@ from fedsim.data.federated import FederatedData
 from fedsim.flower.device import DeviceLedger, default_state_dir
 from fedsim.flower.protocol import TrainInstruction, scenario_from_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, dumps
+from fedsim.privacy.clipping import below_clip
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
 from fedsim.validation import is_int
@@ -153,4 +154,12 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": result.num_examples,
         "loss": result.loss,
     }
+    clip = instruction.train.clip_norm
+    if clip is not None:
+        # adaptive clipping's bit: the delta's norm before clipping was at most the round's clip
+        # norm (a trainer that does not say is read off its clipped delta, as the server would)
+        bit = result.below_clip
+        if bit is None:
+            bit = bool(below_clip(torch.linalg.vector_norm(result.delta, dtype=torch.float64).reshape(1), clip)[0])
+        metrics["below-clip"] = int(bit)
     return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

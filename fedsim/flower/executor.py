@@ -26,6 +26,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim import seeds
+from fedsim.client import stated_bits
 from fedsim.engine.aggregation import UpdateAccumulator
 from fedsim.engine.executors import CohortExecutor
 from fedsim.engine.rounds import RoundPlan
@@ -179,7 +180,7 @@ class FlowerGridExecutor(CohortExecutor):
             m.metadata.message_id: (m.metadata.dst_node_id, dev)
             for m, dev in zip(sent_round.messages, sent_round.devices, strict=True)
         }
-        valid: dict[int, tuple[torch.Tensor, int, float, int]] = {}
+        valid: dict[int, tuple[torch.Tensor, int, float, int, bool | None]] = {}
         declined: list[int] = []
         for reply in replies:
             key = reply.metadata.reply_to_message_id
@@ -232,6 +233,7 @@ class FlowerGridExecutor(CohortExecutor):
                 num_examples=torch.tensor([valid[d][1] for d in ids], dtype=torch.int64),
                 losses=torch.tensor([valid[d][2] for d in ids], dtype=torch.float32),
                 rounds=np.asarray([valid[d][3] for d in ids], dtype=np.int64),
+                below_clip=stated_bits([valid[d][4] for d in ids]),
             )
             before = Counter(acc.rejected)
             accepted = acc.add(chunk)
@@ -280,8 +282,9 @@ class FlowerGridExecutor(CohortExecutor):
         return events
 
     # -- replies and the roster -----------------------------------------------------------------
-    def decode(self, reply: Message, device: int) -> tuple[torch.Tensor, int, float, int] | None:
-        """A reply's (delta, examples, loss, round trained for); ``None`` when the device declined."""
+    def decode(self, reply: Message, device: int) -> tuple[torch.Tensor, int, float, int, bool | None] | None:
+        """A reply's (delta, examples, loss, round trained for, adaptive clipping's bit or ``None``);
+        ``None`` when the device declined."""
         content = reply.content
         metrics = content.metric_records.get(METRICS_KEY)
         if metrics is None:
@@ -301,7 +304,11 @@ class FlowerGridExecutor(CohortExecutor):
         if not is_int(trained_for):
             raise RecordError("malformed_record", f"round is {trained_for!r}")
         loss = metrics.get("loss", float("nan"))
-        return delta, n, float(loss) if isinstance(loss, int | float) else float("nan"), trained_for
+        bit = metrics.get("below-clip")
+        if bit is not None and bit not in (0, 1):
+            raise RecordError("malformed_record", f"below-clip is {bit!r}")
+        below = None if bit is None else bool(bit)
+        return delta, n, float(loss) if isinstance(loss, int | float) else float("nan"), trained_for, below
 
     def drop(self, node: int) -> None:
         """Take a node off the roster; it is asked to check in again.

@@ -33,9 +33,16 @@ Propositions 1.6 and 1.7). With ``n`` events of a kind recorded so far:
   each RDP order the smaller of the amplified RDP and ``alpha * rho_sampled`` is
   used (both are valid bounds). So for sampled runs *epsilon is amplified while
   rho is not*.
+* ``ClippedCountEvent`` (adaptive clipping's clipped-count query, Andrew et al.
+  NeurIPS 2021, arXiv:1905.03871; recorded in the same round as the update's
+  event): ``rho = m / (2 z_b**2)`` as for ``GaussianEvent``. Under Poisson
+  sampling its RDP curve is the joint sampled Gaussian's (noise multiplier
+  ``(z**-2 + z_b**-2)**-1/2``) minus its round's update event's, so the ledger's
+  curve is the joint mechanism's; a sampled count without its update event is refused.
 * Different kinds in one ledger compose by adding their ``rho`` (and their RDP
-  curves). The positions that ``(k, b)`` refer to are the positions of events
-  of that kind in the ledger (one event per round is expected).
+  curves; the amplified kinds' summed curve is capped by ``alpha`` times their
+  summed ``rho``). The positions that ``(k, b)`` refer to are the positions of
+  events of that kind in the ledger (one event of each kind per round is expected).
 
 Each kind computes its own ``rho`` (and, if amplified, RDP curve) from the group of its events
 (:class:`fedsim.privacy.events.PrivacyEvent`); this module only composes the registered kinds, in
@@ -76,6 +83,7 @@ from fedsim.privacy.events import (
     SampledGaussianEvent,
     TreeAggregationEvent,
     check_event,
+    check_next,
     check_noise_multiplier,
     event_kinds,
     mf_sensitivity_sq,
@@ -140,17 +148,19 @@ def _compose(groups: Groups, delta: float) -> PrivacyReport:
     groups = {cls: g for cls, g in groups.items() if g.count > 0}
     if not groups:
         return _EMPTY_REPORT
+    for cls in groups:
+        cls.check_groups(groups)
     rho, plain, amplified, zs = _rho_parts(groups)
     if not amplified:
         eps = epsilon_from_rho(rho, delta)
         eps_rdp = epsilon_rdp_from_rho(rho, delta)
     else:
+        # the amplified kinds' curves are added, then capped by alpha times their summed rho: both
+        # sums are bounds on the composition (a kind's curve may be an increment over another's,
+        # as a sampled clipped count's over its round's update)
         orders = np.asarray(RDP_ORDERS)
-        curve: np.ndarray | None = None
-        for cls, group, r in amplified:
-            part = np.minimum(cls.group_rdp(group), orders * r)
-            curve = part if curve is None else curve + part
-        assert curve is not None
+        summed = sum(cls.group_rdp(group) for cls, group, _ in amplified)
+        curve = np.minimum(summed, orders * sum(r for _, _, r in amplified))
         curve = curve + orders * plain
         eps_curve = privacy_spent(curve, delta)
         eps_rdp = min(float(eps_curve), epsilon_rdp_from_rho(rho, delta))
@@ -204,27 +214,30 @@ class Accountant:
         """Privacy spent by everything recorded in ``ledger``."""
         return _compose(ledger_groups(ledger), self.delta)
 
-    def report_with(self, ledger: PrivacyLedger, round: int, event: PrivacyEvent) -> PrivacyReport:
-        """The report if ``event`` were recorded next for ``round``; ``ledger`` is not modified.
+    def report_with(self, ledger: PrivacyLedger, round: int,
+                    event: PrivacyEvent | Sequence[PrivacyEvent]) -> PrivacyReport:
+        """The report if ``event`` (or each of a sequence of events, in order) were recorded next
+        for ``round``; ``ledger`` is not modified.
 
         Raises ``ValueError``/``TypeError`` exactly where ``ledger.record`` would.
         """
         if not is_int(round):
             raise ValueError(f"round must be an integer, got {round!r}")
-        check_event(event)
+        events = list(event) if isinstance(event, list | tuple) else [event]
         entries = ledger.events()
-        if entries and round <= entries[-1][0]:
-            raise ValueError(
-                f"rounds must be strictly increasing: got round {round} after round {entries[-1][0]}"
-            )
+        for e in events:
+            check_event(e)
+            check_next(entries, round, e)
+            entries.append((round, e))
         groups = {}
         for cls in event_kinds():
             distinct: Mapping[PrivacyEvent, int] = ledger.distinct_events(cls)
             ordered: Sequence[PrivacyEvent] = ledger.events_of_type(cls)
-            if cls is type(event):
-                distinct = dict(distinct)
-                distinct[event] = distinct.get(event, 0) + 1
-                ordered = _Appended(ordered, event)
+            for e in events:
+                if cls is type(e):
+                    distinct = dict(distinct)
+                    distinct[e] = distinct.get(e, 0) + 1
+                    ordered = _Appended(ordered, e)
             if distinct:
                 groups[cls] = EventGroup(sum(distinct.values()), distinct, ordered)
         return _compose(groups, self.delta)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from fedsim.privacy.accountant import noise_rho
 from fedsim.privacy.conversions import validate_rho
-from fedsim.privacy.events import MIN_NOISE_MULTIPLIER, PrivacyLedger
+from fedsim.privacy.events import MIN_NOISE_MULTIPLIER, ClippedCountEvent, PrivacyLedger
 from fedsim.privacy.mechanisms import GaussianSumMechanism, Mechanism, TreeAggregationMechanism
 from fedsim.privacy.sensitivity import (
     effective_max_participations,
@@ -32,6 +32,8 @@ from fedsim.validation import int_at_least
 __all__ = [
     "STRATEGY_NAMES",
     "calibrate",
+    "calibrate_count_noise",
+    "count_rho",
     "calibrate_mf_noise_multiplier",
     "calibrate_noise_multiplier",
     "sensitivity_sq",
@@ -89,6 +91,26 @@ def calibrate(mechanism: Mechanism, target_rho: float, *, num_rounds: int,
     rounds = int_at_least("rounds", num_rounds, 1)
     rho_of = noise_rho(PrivacyLedger.planned(mechanism.plan_events(rounds)))
     return bisect_noise(rho_of, target, rel_tol)
+
+
+def _count_plan(num_rounds: int, max_participations: int | None, min_separation: int) -> PrivacyLedger:
+    rounds = int_at_least("rounds", num_rounds, 1)
+    return PrivacyLedger.planned([ClippedCountEvent(1.0, max_participations, min_separation)] * rounds)
+
+
+def count_rho(count_noise_multiplier: float, *, num_rounds: int, max_participations: int | None,
+              min_separation: int) -> float:
+    """The ``rho`` of a run's clipped-count queries (adaptive clipping): ``num_rounds`` count events
+    with noise multiplier ``count_noise_multiplier`` under ``(k, b)``, by the accountant."""
+    return noise_rho(_count_plan(num_rounds, max_participations, min_separation))(float(count_noise_multiplier))
+
+
+def calibrate_count_noise(target_rho: float, *, num_rounds: int, max_participations: int | None,
+                          min_separation: int, rel_tol: float = 1e-6) -> float:
+    """Smallest clipped-count noise multiplier whose ``num_rounds`` count queries under ``(k, b)``
+    spend ``rho <= target_rho`` (the count's share of a run's budget)."""
+    target = _check_target(target_rho, rel_tol)
+    return bisect_noise(noise_rho(_count_plan(num_rounds, max_participations, min_separation)), target, rel_tol)
 
 
 def _strategy_name(mechanism: str) -> str:

@@ -17,11 +17,16 @@ noise standard deviation is ``noise_multiplier * C``.
     One round of DP-FTRL with a matrix-factorization strategy (a BLT or a banded
     Toeplitz matrix, :mod:`fedsim.privacy.matrix_factorization`); the round index
     is the event's position among the ledger's matrix-factorization events.
+``ClippedCountEvent``
+    The clipped-count query of adaptive clipping (Andrew et al. 2021): the noisy
+    number of devices whose update norm was at most the round's clip norm, released
+    in the same round as the update's event.
 
 ``max_participations`` (``k``) and ``min_separation`` (``b``, the number of
 rounds strictly between two contributions of the same device) describe how
 often a device can contribute. They are measured in recorded rounds: the
-ledger is expected to hold exactly one event per training round.
+ledger is expected to hold exactly one event of each kind a round releases
+(a round with adaptive clipping records two: the update's and the count's).
 
 Each kind of event knows its own accounting (:class:`PrivacyEvent`): the zCDP ``rho`` of a group
 of its events (:meth:`PrivacyEvent.group_rho`) and, for kinds whose guarantee is amplified beyond
@@ -67,6 +72,7 @@ __all__ = [
     "MatrixFactorizationEvent",
     "PrivacyEvent",
     "PrivacyLedger",
+    "ClippedCountEvent",
     "SampledGaussianEvent",
     "TreeAggregationEvent",
     "check_clip_norm",
@@ -230,6 +236,12 @@ class PrivacyEvent(ABC):
     def group_rdp(cls, group: EventGroup) -> np.ndarray:
         """The group's RDP at :data:`~fedsim.privacy.rdp.RDP_ORDERS` (amplified kinds only)."""
         raise NotImplementedError(f"{cls.__name__} is not amplified: its accounting is its rho")
+
+    @classmethod
+    def check_groups(cls, groups: Mapping[type[PrivacyEvent], EventGroup]) -> None:
+        """Refuse (``ValueError``) a ledger whose other kinds this kind's accounting relies on do
+        not hold what it needs (default: it relies on none)."""
+        return None
 
 
 def _unamplified_rho(group: EventGroup, kind: str) -> tuple[float, float | None]:
@@ -413,6 +425,113 @@ class MatrixFactorizationEvent(PrivacyEvent):
         return s / (2.0 * z * z), z
 
 
+@dataclass(frozen=True)
+class ClippedCountEvent(PrivacyEvent):
+    """The clipped-count query of one round of adaptive clipping (Andrew, Thakkar, McMahan,
+    Ramaswamy, "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021,
+    arXiv:1905.03871).
+
+    Every device of the round reports a bit ``b_i`` (its update norm was at most the round's clip
+    norm); the server releases ``sum_i (b_i - 1/2) + N(0, (z_b / 2)**2)``. Centred bits change the
+    sum by ``1/2`` when one device is added or removed, so the release is a Gaussian mechanism with
+    sensitivity ``1/2`` and noise multiplier ``z_b`` (``noise_multiplier``): ``1 / (2 z_b**2)`` zCDP
+    per contribution. Andrew et al.'s noise ``sigma_b`` on the count is ``z_b / 2``.
+
+    Accounting: as :class:`GaussianEvent` under the same ``(k, b)`` as the update's events,
+    ``rho = m / (2 z_b**2)`` with ``m`` the most rounds a device contributes to. With Poisson
+    sampling (``sampling_rate``, DP-FedAvg) the count and the update of a round share one sample:
+    together they are one sampled Gaussian mechanism with noise multiplier
+    ``z = (z_u**-2 + z_b**-2)**-1/2`` (Andrew et al., Theorem 1; ``z_u`` is
+    ``update_noise_multiplier``, the noise multiplier of the round's :class:`SampledGaussianEvent`).
+    The RDP curve of a sampled count event is the increment that brings the round's update event
+    to that joint mechanism, so the ledger's curve is the joint mechanism's, round by round; the
+    accountant checks that every such count event has its update event.
+    """
+
+    kind: ClassVar[str] = "clipped_count"
+    amplified: ClassVar[bool] = True
+
+    noise_multiplier: float
+    max_participations: int | None = None
+    min_separation: int = 0
+    sampling_rate: float | None = None
+    update_noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_noise(self)
+        _int_field(self, "max_participations", 1, allow_none=True)
+        _int_field(self, "min_separation", 0)
+        if (self.sampling_rate is None) != (self.update_noise_multiplier is None):
+            raise ValueError("a clipped-count event gives sampling_rate and update_noise_multiplier together, or neither")
+        if self.sampling_rate is not None:
+            object.__setattr__(self, "sampling_rate",
+                               number_in("sampling_rate", self.sampling_rate, 0.0, 1.0, low_open=True))
+            object.__setattr__(self, "update_noise_multiplier",
+                               check_noise_multiplier(self.update_noise_multiplier, "update_noise_multiplier"))
+
+    def unamplified(self) -> ClippedCountEvent:
+        """The same count with no amplification claimed (the cohort is known)."""
+        return ClippedCountEvent(self.noise_multiplier, self.max_participations, self.min_separation)
+
+    def update_event(self) -> SampledGaussianEvent:
+        """The sampled update event of the same round (Poisson sampling only)."""
+        assert self.sampling_rate is not None and self.update_noise_multiplier is not None
+        return SampledGaussianEvent(self.update_noise_multiplier, self.sampling_rate,
+                                    self.max_participations, self.min_separation)
+
+    @property
+    def joint_noise_multiplier(self) -> float | None:
+        """``(z_u**-2 + z_b**-2)**-1/2``: the noise multiplier of the round's joint release."""
+        if self.update_noise_multiplier is None:
+            return None
+        return (self.update_noise_multiplier ** -2 + self.noise_multiplier ** -2) ** -0.5
+
+    @classmethod
+    def group_rho(cls, group: EventGroup) -> tuple[float, float | None]:
+        return _unamplified_rho(group, "ClippedCountEvent")
+
+    @classmethod
+    def group_rdp(cls, group: EventGroup) -> np.ndarray:
+        """Sampled events: per event, the RDP of the round's joint sampled Gaussian minus that of
+        its update alone. Unsampled ones: ``alpha * rho`` of their own group."""
+        orders = np.asarray(RDP_ORDERS)
+        if all(e.sampling_rate is None for e in group.distinct):  # type: ignore[attr-defined]
+            return orders * cls.group_rho(group)[0]
+        curve = np.zeros(len(RDP_ORDERS))
+        for event, count in group.distinct.items():
+            assert isinstance(event, ClippedCountEvent)
+            if event.sampling_rate is None:
+                curve = curve + orders / (2.0 * event.noise_multiplier ** 2) * count
+                continue
+            joint = sampled_rdp_per_round(event.sampling_rate, event.joint_noise_multiplier)
+            alone = sampled_rdp_per_round(event.sampling_rate, event.update_noise_multiplier)
+            curve = curve + np.maximum(joint - alone, 0.0) * count
+        return curve
+
+    @classmethod
+    def check_groups(cls, groups: Mapping[type[PrivacyEvent], EventGroup]) -> None:
+        group = groups.get(cls)
+        if group is None:
+            return
+        needed: dict[SampledGaussianEvent, int] = {}
+        for event, count in group.distinct.items():
+            assert isinstance(event, ClippedCountEvent)
+            if event.sampling_rate is not None:
+                update = event.update_event()
+                needed[update] = needed.get(update, 0) + count
+        if not needed:
+            return
+        updates = groups.get(SampledGaussianEvent)
+        have = updates.distinct if updates is not None else {}
+        for update, count in needed.items():
+            if have.get(update, 0) < count:
+                raise ValueError(
+                    f"ledger holds {count} sampled clipped-count events with sampling_rate={update.sampling_rate:g}, "
+                    f"update noise {update.noise_multiplier:g} but only {have.get(update, 0)} such update events: "
+                    "a sampled count is accounted jointly with its round's update"
+                )
+
+
 # -- the registry of kinds -----------------------------------------------------------------------
 _KINDS: dict[str, type[PrivacyEvent]] = {}
 
@@ -446,6 +565,7 @@ register_event(TreeAggregationEvent)
 register_event(MatrixFactorizationEvent)
 register_event(GaussianEvent)
 register_event(SampledGaussianEvent)
+register_event(ClippedCountEvent)
 
 
 def event_to_dict(event: PrivacyEvent) -> dict[str, Any]:
@@ -471,6 +591,23 @@ def event_from_dict(data: dict[str, Any]) -> PrivacyEvent:
         raise ValueError(f"bad fields for event type {name!r}: {exc}") from None
 
 
+def check_next(entries: Sequence[tuple[int, PrivacyEvent]], round: int, event: PrivacyEvent) -> None:
+    """``ValueError`` unless ``event`` may follow ``entries`` for ``round``: rounds do not decrease,
+    and a round holds at most one event of each kind."""
+    if not entries:
+        return
+    last = entries[-1][0]
+    if round < last:
+        raise ValueError(f"rounds must be strictly increasing (for each kind of event): got round {round} after round {last}")
+    if round == last:
+        for r, e in reversed(entries):
+            if r != round:
+                break
+            if type(e) is type(event):
+                raise ValueError(f"rounds must be strictly increasing for each kind of event: round {round} "
+                                 f"already holds a {type(event).kind} event")
+
+
 def check_event(event: Any) -> None:
     """``TypeError`` unless ``event`` is an instance of a registered event class."""
     cls = type(event)
@@ -480,7 +617,8 @@ def check_event(event: Any) -> None:
 
 
 class PrivacyLedger:
-    """Append-only list of ``(round, event)`` pairs with strictly increasing rounds."""
+    """Append-only list of ``(round, event)`` pairs with non-decreasing rounds: a round holds at
+    most one event of each kind (adaptive clipping records the update's and the count's)."""
 
     def __init__(self) -> None:
         self._entries: list[tuple[int, PrivacyEvent]] = []
@@ -489,15 +627,12 @@ class PrivacyLedger:
         self._distinct: dict[type, dict[PrivacyEvent, int]] = {}
 
     def record(self, round: int, event: PrivacyEvent) -> None:
-        """Append ``event`` for ``round``; rounds must be strictly increasing."""
+        """Append ``event`` for ``round``; rounds must not decrease, and a round holds at most one
+        event of each kind."""
         if not is_int(round):
             raise ValueError(f"round must be an integer, got {round!r}")
         check_event(event)
-        if self._entries and round <= self._entries[-1][0]:
-            raise ValueError(
-                f"rounds must be strictly increasing: got round {round} after round "
-                f"{self._entries[-1][0]}"
-            )
+        check_next(self._entries, round, event)
         self._entries.append((round, event))
         self._by_type.setdefault(type(event), []).append(event)
         counts = self._distinct.setdefault(type(event), {})

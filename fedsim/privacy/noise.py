@@ -49,6 +49,7 @@ __all__ = [
     "KEY_FILE",
     "RUN_ID_HEX",
     "TAG_CLIENT",
+    "TAG_COUNT",
     "TAG_ROUND",
     "TAG_RUN",
     "TAG_SAMPLE",
@@ -69,6 +70,8 @@ TAG_TREE = 0x54524545  # "TREE"
 TAG_SAMPLE = 0x53414D50  # "SAMP"
 #: Tag word of the cohort-selection generator of a DP run: words ``(TAG_SELECT, round)``.
 TAG_SELECT = 0x53454C45  # "SELE"
+#: Tag word of adaptive clipping's clipped-count noise: words ``(TAG_COUNT, round)``, one normal.
+TAG_COUNT = 0x434F554E  # "COUN"
 #: Tag word of a simulated device's private randomness (example-level DP-SGD): ``(TAG_CLIENT, round, device)``.
 TAG_CLIENT = 0x434C4945  # "CLIE"
 

@@ -104,6 +104,28 @@ def test_train_cohort_matches_train_client_in_order_and_chunks(name: str) -> Non
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_adaptive_clipping_bits_say_which_updates_fit_before_clipping(name: str) -> None:
+    """Every chunk's bits (stated by the trainer, or read off the clipped deltas by the server)
+    are ``||delta|| <= C`` on the deltas before clipping."""
+    from fedsim.engine.aggregation import UpdateAccumulator
+
+    if callable(getattr(_trainer(name), "set_private_source", None)):
+        return  # DP-SGD noise is fresh per call: the unclipped and clipped runs differ
+    params = get_flat(_model())
+    tasks = [_task(d, n=4 + 3 * d) for d in range(8)]
+    config = TrainConfig(round=3, lr=0.5, local_epochs=2, batch_size=4)
+    raw = torch.cat([c.deltas for c in _trainer(name).train_cohort(params, iter(tasks), config, chunk_size=3)])
+    norms = sorted(float(torch.linalg.vector_norm(r.double())) for r in raw)
+    clip = (norms[3] + norms[4]) / 2  # half fit
+    clipped = TrainConfig(round=3, lr=0.5, local_epochs=2, batch_size=4, clip_norm=clip)
+    acc = UpdateAccumulator(num_params=params.numel(), round=3, clip_norm=clip, weighting="uniform",
+                            ledger=None, num_devices=8)
+    for chunk in _trainer(name).train_cohort(params, iter(tasks), clipped, chunk_size=3):
+        acc.add(chunk)
+    assert acc.num_updates == 8 and acc.result().num_below_clip == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_runs_end_to_end_in_engine(name: str) -> None:
     raw = {
         "name": "trainer-contract",

@@ -168,7 +168,7 @@ def test_bad_builtin_parameters_are_one_line_errors_naming_the_key(
 def test_unknown_parameter_suggests_the_closest_field(tmp_path: Path) -> None:
     msg = _error(_scenario(tmp_path, 'name = "dp-ftrl"\nnoise-multiplyer = 2.0'))
     assert msg.startswith("strategy.noise-multiplyer: unknown key 'noise-multiplyer' (did you mean 'noise-multiplier'?); allowed: name; ")
-    assert "parameters of strategy 'dp-ftrl': bands, beta1, beta2, buffers, clip-norm, estimator, max-participations, mechanism," in msg
+    assert "parameters of strategy 'dp-ftrl': bands, beta1, beta2, buffers, clip-lr, clip-norm, count-noise-multiplier, count-rho-fraction, estimator, max-participations, mechanism," in msg
     msg = _error(_scenario(tmp_path, 'name = "fedavg"', "worker = 2"))
     assert msg.startswith("client.worker: unknown key 'worker' (did you mean 'workers'?); ")
     assert msg.endswith("parameters of trainer 'sgd': batched, path, pool, workers")

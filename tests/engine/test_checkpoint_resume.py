@@ -124,6 +124,11 @@ FEDAVG_ADAGRAD = FEDAVGM.replace(
 DP_FEDAVG_ADAM = DP_FEDAVG.replace("momentum = 0.5", 'server-optimizer = "adam"\nserver-lr = 0.02\nbeta1 = 0.8')
 DP_FTRL_YOGI = DP_FTRL.replace("momentum = 0.9", 'server-optimizer = "yogi"\nserver-lr = 0.02\ntau = 0.01')
 assert "adagrad" in FEDAVG_ADAGRAD and "adam" in DP_FEDAVG_ADAM and "yogi" in DP_FTRL_YOGI
+# adaptive clipping: the clip norm (moved by the noisy counts) in the strategy state
+ADAPTIVE = "\ntarget-quantile = 0.5\nclip-lr = 0.3\ncount-noise-multiplier = 2.0"
+DP_FTRL_ADAPTIVE = DP_FTRL.replace("min-separation = 3", "min-separation = 3" + ADAPTIVE)
+DP_FEDAVG_ADAPTIVE = DP_FEDAVG.replace('sampling = "poisson"', 'sampling = "poisson"' + ADAPTIVE)
+assert ADAPTIVE in DP_FTRL_ADAPTIVE and ADAPTIVE in DP_FEDAVG_ADAPTIVE
 
 
 def _write(tmp_path: Path, template: str, *, rounds: int = 12, epochs: int = 1, every: int = 2, budget: str = "") -> Path:
@@ -291,10 +296,12 @@ def _crash_in_round(sim: Simulation, crash_round: int) -> None:
     [
         (FEDAVGM, 0), (FEDAVGM, 3), (FEDAVGM, 4), (FEDAVGM, 9), (DP_FTRL, 5), (DP_FEDAVG, 7),
         (FEDAVG_ADAGRAD, 5), (DP_FEDAVG_ADAM, 6), (DP_FTRL_YOGI, 7),
+        (DP_FTRL_ADAPTIVE, 5), (DP_FEDAVG_ADAPTIVE, 7),
     ],
     ids=[
         "fedavgm-0", "fedavgm-3", "fedavgm-4", "fedavgm-9", "dp-ftrl-5", "dp-fedavg-7",
         "fedavg-adagrad-5", "dp-fedavg-adam-6", "dp-ftrl-yogi-7",
+        "dp-ftrl-adaptive-5", "dp-fedavg-adaptive-7",
     ],
 )
 def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, template: str, crash_round: int) -> None:

@@ -99,3 +99,19 @@ def test_ray_trains_user_models_and_datasets_from_files(local_ray: None, tmp_pat
         via_ray, in_process = run("ray"), run("inprocess")
         assert torch.equal(via_ray.params, in_process.params)
         assert via_ray.metrics == in_process.metrics
+
+
+def test_ray_run_with_adaptive_clipping_equals_in_process(local_ray: None) -> None:
+    """Adaptive clipping on Ray: the same bits, noisy counts and clip norms as in-process."""
+    dp = [
+        'strategy.name="dp-fedavg"', "strategy.noise-multiplier=0.5", "strategy.clip-norm=0.3",
+        "strategy.target-quantile=0.5", "strategy.count-noise-multiplier=3.0",
+        f'privacy.run-id="{secrets.token_hex(16)}"',
+    ]
+    key = NoiseKey.generate()
+    via_ray = run_scenario(_scenario("ray", *dp), noise_key=key)
+    in_process = run_scenario(_scenario("inprocess", *dp), noise_key=key)
+    assert torch.equal(via_ray.params, in_process.params)
+    clips = [m["clip_norm"] for m in via_ray.metrics]
+    assert clips == [m["clip_norm"] for m in in_process.metrics] and clips[0] == 0.3 and len(set(clips)) == 3
+    assert via_ray.ledger == in_process.ledger and len(via_ray.ledger) == 6

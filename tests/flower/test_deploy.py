@@ -51,11 +51,12 @@ def cluster(shared_cluster: FlowerCluster) -> FlowerCluster:
 
 def dp_ftrl_scenario(
     path: Path, *, devices: int, per_round: int, rounds: int, k: int, b: int = 0, z: float = 0.5, seed: int = 7,
-    key_file: Path | None = None,
+    key_file: Path | None = None, strategy: dict[str, Any] | None = None,
 ) -> Path:
     """A small DP-FTRL scenario on the digits data (logistic regression: quick to train).
 
-    ``key_file``: a fixed noise key (``[privacy] noise-key-file``), to compare with the simulator.
+    ``key_file``: a fixed noise key (``[privacy] noise-key-file``), to compare with the simulator;
+    ``strategy``: more ``[strategy]`` keys.
     """
     table: dict[str, Any] = {
         "name": path.stem,
@@ -73,6 +74,7 @@ def dp_ftrl_scenario(
     }
     if key_file is not None:
         table["privacy"]["noise-key-file"] = str(key_file)
+    table["strategy"].update(strategy or {})
     return write_scenario(path, table)
 
 
@@ -126,6 +128,39 @@ def test_dp_ftrl_on_supernodes_matches_the_simulator_and_the_privacy_plan(cluste
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=2e-3)
         assert got["rho"] == pytest.approx(want["rho"], rel=1e-12)
     assert "fedsim: round 3/3" in proc.stdout and "rho" in proc.stdout
+
+
+def test_adaptive_clipping_on_supernodes_matches_the_simulator_and_the_plan(cluster: FlowerCluster, tmp_path: Path) -> None:
+    """Adaptive clipping on Flower: the ClientApps report their bits, the server clips and checks
+    at each round's clip norm and releases the noisy counts; clip norms, ledger and rho are the
+    simulator's and the plan's."""
+    NoiseKey.generate().save(tmp_path / "fixed.key")
+    scenario_file = dp_ftrl_scenario(
+        tmp_path / "flower-adaptive.toml", devices=2, per_round=2, rounds=3, k=3, key_file=tmp_path / "fixed.key",
+        strategy={"target-quantile": 0.5, "count-noise-multiplier": 1.0},
+    )
+    out = tmp_path / "run"
+    proc = cluster.flwr_run({"scenario": str(scenario_file), "out-dir": str(out), "min-nodes": 2, "round-timeout": 120.0})
+    check_ran(proc, cluster)
+    run = read_run(out)
+    s = run["summary"]
+    assert (s["rounds"], s["stopped_reason"]) == (3, "completed")
+    assert all(m["rejected"] == 0 for m in run["diagnostics"])
+    clips = [m["clip_norm"] for m in run["metrics"]]
+    assert clips[0] == 1.0 and len(set(clips)) == 3
+    assert [(e["round"], e["event"]["type"]) for e in run["ledger"]] == [
+        (r, k) for r in range(3) for k in ("tree_aggregation", "clipped_count")]
+    from fedsim.privacy_cli import plan
+
+    predicted = plan("dp-ftrl", ["--noise-multiplier", "0.5", "--rounds", "3", "--max-participations", "3",
+                                 "--min-separation", "0", "--target-quantile", "0.5",
+                                 "--count-noise-multiplier", "1.0", "--delta", "1e-5"])
+    assert s["rho"] == pytest.approx(predicted["rho"], rel=1e-12)
+    scenario = load_scenario(scenario_file)
+    expected = run_scenario(replace(scenario, privacy=replace(scenario.privacy, run_id=s["run_id"])))
+    assert [m["clip_norm"] for m in expected.metrics] == pytest.approx(clips, rel=1e-6)
+    final = torch.load(out / "model.pt")["flat"]
+    assert torch.allclose(final, expected.params, rtol=1e-5, atol=1e-5), (final - expected.params).abs().max()
 
 
 def test_killed_supernode_and_corrupt_replies(cluster: FlowerCluster, tmp_path: Path) -> None:
