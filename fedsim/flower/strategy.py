@@ -61,10 +61,12 @@ from fedsim.engine.executors import CohortExecutor
 from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report, release_digest
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult, read_prior_run
 from fedsim.engine.rundir import metrics_line
+from fedsim.errors import ScenarioError
 from fedsim.flower.identity import DeviceKeys, fingerprint
 from fedsim.flower.protocol import TrainInstruction, client_scenario_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, RecordError
 from fedsim.flower.server_state import ServerState
+from fedsim.flower.traffic import Traffic
 from fedsim.privacy.events import SampledGaussianEvent
 from fedsim.privacy.noise import NoiseKey, NoiseKeyError
 from fedsim.scenario import Scenario
@@ -577,7 +579,25 @@ class FedsimStrategy(FlowerStrategy):
         self.limit = self.strategy.participation_limit()
         self.job_id = job_id
         self.progress = progress
-        self.executor = FlowerGridExecutor(
+        #: what the server exchanges with the devices (``summary.json["flower"]["traffic"]``)
+        self.traffic = Traffic()
+        #: ``[flower] secure-aggregation``: rounds run under Flower's SecAgg+ (fedsim.flower.secagg)
+        self.secure = scenario.flower.secure_aggregation
+        executor_kwargs: dict[str, Any] = {}
+        executor_cls: type[FlowerGridExecutor] = FlowerGridExecutor
+        if self.secure:
+            from fedsim.flower.secagg import SecAggGridExecutor
+
+            if self.owner.strategy.weighting != "uniform":
+                raise ScenarioError(
+                    f"secure aggregation sums the updates with weight 1 each, but strategy {scenario.strategy.name!r} "
+                    f"weights them by {self.owner.strategy.weighting}; use a DP strategy (dp-fedavg, dp-ftrl) or set it false",
+                    key="flower.secure-aggregation",
+                )
+            executor_cls = SecAggGridExecutor
+            executor_kwargs = {"settings": scenario.flower, "traffic": self.traffic}
+        self.executor = executor_cls(
+            **executor_kwargs,
             layout=ParamLayout.of(self.owner.model),
             num_devices=self.owner.data.num_devices,
             chunk_size=scenario.engine.chunk_size,
@@ -642,7 +662,11 @@ class FedsimStrategy(FlowerStrategy):
         if plan is None:
             logger.warning("fedsim: stopping before round %d: %s", server_round, owner.stopped_reason)
             return []
+        self.executor.grid = grid
         self.sent = self.executor.messages(plan, server_round=plan.round + 1)
+        if not self.secure:  # a SecAgg+ round counts its own four stages
+            self.traffic.sent(self.sent.messages)
+            self.traffic.device_rounds += len(self.sent.messages)
         return self.sent.messages
 
     def aggregate_train(
@@ -654,6 +678,8 @@ class FedsimStrategy(FlowerStrategy):
             return None, None
         owner = self.owner
         acc = owner.accumulator(sent.plan)
+        replies = list(replies)
+        self.traffic.received(replies)
         contributed = self.executor.collect(sent, replies, acc)
         self.write_private_events()
         row, batch = self.end_round(sent.plan, acc, contributed)
@@ -740,6 +766,24 @@ class FedsimStrategy(FlowerStrategy):
             **roster,
             **counts,
         }
+        # exact, device-dependent figures (declined replies are smaller, a SecAgg+ round fails
+        # when devices drop out): public in a run without DP, in private/summary.json in a DP run
+        measured: dict[str, Any] = {"traffic": self.traffic.to_dict()}
+        if self.secure:
+            fl = self.scenario.flower
+            result.summary["flower"]["secure_aggregation"] = {
+                "protocol": "SecAgg+ (Flower)",
+                "shares": fl.secagg_shares or "cohort",
+                "threshold": fl.secagg_threshold or "majority",
+                "clipping_range": fl.secagg_clipping_range if fl.secagg_clipping_range is not None else "clip-norm",
+                "quantization_range": fl.secagg_quantization_range,
+                "modulus": fl.secagg_modulus,
+                # array entries in any reply the server received (masked vectors travel as bytes)
+                "arrays_received": int(self.events.get("secagg_arrays_received", 0)),
+            }
+            measured["secagg_rounds"] = int(self.events.get("secagg_rounds", 0))
+            measured["secagg_failed"] = int(self.events.get("secagg_failed", 0))
+        result.summary["flower"].update(dict.fromkeys(measured) if owner.private else measured)
         if owner.private:
             # replies that failed, never came or were declined are exact, data-dependent counts:
             # null here, exact in private/summary.json. Roster events (check-ins, claims, the
@@ -753,7 +797,7 @@ class FedsimStrategy(FlowerStrategy):
                 **{k: counts[k] - int(self.events.get(WITHHELD + k, 0)) for k in ROSTER_COUNTS},
                 **dict.fromkeys(PRIVATE_FLOWER_COUNTS),
             )
-            counts = {**roster, **counts}
+            counts = {**roster, **counts, **measured}
         if owner.run_dir is not None:
             owner.run_dir.write_json("summary.json", result.summary)
             # who contributed how often is exact, data-dependent state: private in a DP run
