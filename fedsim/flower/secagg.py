@@ -205,15 +205,20 @@ class _CountingGrid:
         self.traffic = traffic
         #: array entries found in the replies (SecAgg+ replies carry none: masked vectors are bytes)
         self.arrays_received = 0
+        #: nodes that were sent a stage's message and did not answer it (or answered with an error)
+        self.failed: set[int] = set()
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         self.traffic.sent(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.traffic.received(replies)
+        answered = set()
         for reply in replies:
             if not reply.has_error():
+                answered.add(int(reply.metadata.src_node_id))
                 self.arrays_received += sum(len(rec) for rec in reply.content.array_records.values())
+        self.failed |= {int(m.metadata.dst_node_id) for m in messages} - answered
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -232,8 +237,9 @@ class SecAggOutcome:
     reason: str = ""
     params: SecAggRound | None = None
     arrays_received: int = 0
+    #: nodes that missed a stage (no reply in time, or an error)
+    failed: set[int] = field(default_factory=set)
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SecAggGridExecutor(FlowerGridExecutor):
@@ -293,7 +299,10 @@ class SecAggGridExecutor(FlowerGridExecutor):
         seconds = time.perf_counter() - start
         self.events["secagg_arrays_received"] += grid.arrays_received
         reason = "" if legacy.results is not None else "SecAgg+ halted: too few devices left to reconstruct the masks"
-        return SecAggOutcome(devices, legacy.results, reason=reason, params=resolved, arrays_received=grid.arrays_received, seconds=seconds)
+        return SecAggOutcome(
+            devices, legacy.results, reason=reason, params=resolved, arrays_received=grid.arrays_received,
+            failed=grid.failed, seconds=seconds,
+        )
 
     def collect(self, sent_round: SentRound, replies: Any, acc: UpdateAccumulator) -> np.ndarray:
         """Fold the round's secure sum into ``acc``; the devices asked (less those that declined)."""
@@ -304,6 +313,17 @@ class SecAggGridExecutor(FlowerGridExecutor):
             self.events["unexpected_reply"] += 1
         if outcome is None or not outcome.devices:
             return np.asarray(sent_round.devices, dtype=np.int64)
+        for node in sorted(outcome.failed):
+            # a node that missed a stage leaves the roster and is asked to check in again (as a
+            # node that misses a clear round's reply); in a DP run that is withheld
+            dev = outcome.devices.get(node)
+            self.events["no_reply"] += 1
+            self.device_event(
+                "no_reply", server_round, dev, node,
+                "fedsim: round %d: device %d (node %d) missed a SecAgg+ stage (no reply in time, or an error)",
+                server_round, dev, node,
+            )
+            self.drop(node)
         if outcome.results is None:
             self.events["secagg_failed"] += 1
             self.device_event(
@@ -337,14 +357,6 @@ class SecAggGridExecutor(FlowerGridExecutor):
                 summed.append(dev)
             if mean is None:
                 mean = np.concatenate([a.reshape(-1) for a in parameters_to_ndarrays(res.parameters)]).astype(np.float64)
-        for node, dev in outcome.devices.items():
-            if node not in {n for n, _ in outcome.results}:
-                self.events["no_reply"] += 1
-                self.device_event(
-                    "no_reply", server_round, dev, node,
-                    "fedsim: round %d: device %d (node %d) dropped out of SecAgg+ before its masked vector was summed",
-                    server_round, dev, node,
-                )
         if summed and mean is not None:
             if mean.shape != (self.layout.num_params,):
                 acc.rejected["wrong_shape"] += len(summed)
