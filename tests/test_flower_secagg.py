@@ -94,10 +94,10 @@ def test_secure_dp_ftrl_is_the_clear_run_up_to_the_quantisation_error(
     expected = run_scenario(
         replace(
             scenario,
-            output_dir=str(tmp_path / "clear"),
             privacy=replace(scenario.privacy, run_id=s["run_id"]),
             checkpoint=replace(scenario.checkpoint, every=1, keep=2),
-        )
+        ),
+        run_dir=tmp_path / "clear",
     )
     assert s["rho"] == pytest.approx(expected.summary["rho"], rel=1e-12)
     assert [e["round"] for e in run["ledger"]] == [0, 1]

@@ -643,6 +643,13 @@ class FedsimStrategy(FlowerStrategy):
                 "participation limit: max %s contributions, %d rounds between (server ledger + device ledgers, job %r)",
                 limit.max_participations, limit.min_separation, self.job_id,
             )
+        if self.secure:
+            fl = sc.flower
+            logger.info(
+                "secure aggregation: Flower's SecAgg+ (shares %s, threshold %s, quantization range %d, modulus %d): "
+                "the server learns only each round's sum; devices clip",
+                fl.secagg_shares or "cohort", fl.secagg_threshold or "majority", fl.secagg_quantization_range, fl.secagg_modulus,
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
