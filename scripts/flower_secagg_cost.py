@@ -1,7 +1,7 @@
 """Seconds per round and bytes per device of a Flower deployment, with and without SecAgg+.
 
 Starts one local deployment (a SuperLink and one SuperNode per device on 127.0.0.1, with the test
-suite's harness: ``tests/flower_harness.py``, warm executors) and runs the same DP-FTRL scenario
+suite's harness: ``tests/flower/harness.py``, warm executors) and runs the same DP-FTRL scenario
 on it in the clear and under ``secure-aggregation=true``, alternating, ``--repeats`` times each.
 Prints one line per run and the medians (docs/flower.md, "Secure aggregation", "Cost").
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.flower_harness import check_ran, running_cluster, write_scenario  # noqa: E402
+from tests.flower.harness import check_ran, running_cluster, write_scenario  # noqa: E402
 
 
 def scenario(path: Path, devices: int, rounds: int, model: str) -> Path:

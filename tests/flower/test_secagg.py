@@ -34,8 +34,8 @@ from fedsim.flower.strategy import FedsimStrategy
 from fedsim.privacy.noise import NoiseKey
 from fedsim.scenario import FlowerConfig, load_scenario, scenario_from_dict
 
-from .conftest import run_cli
-from .flower_harness import FlowerCluster, check_ran, read_run, write_scenario
+from ..conftest import run_cli
+from .harness import FlowerCluster, check_ran, read_run, write_scenario
 
 
 def secagg_table(name: str, *, rounds: int, k: int, **flower_keys: Any) -> dict[str, Any]:
