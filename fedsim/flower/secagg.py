@@ -225,6 +225,30 @@ class _CountingGrid:
         return getattr(self.grid, name)
 
 
+class _WorkflowLogFilter(logging.Filter):
+    """Keeps the SecAgg+ workflow's own log lines of a DP run out of the log.
+
+    Flower's workflow logs whether a round's protocol completed or halted ("Insufficient available
+    nodes.", "Secure aggregation halted.") and how many devices answered each stage: facts about
+    individual devices' failures, which a DP run withholds (``docs/threat-model.md``). In a DP run
+    they go to the private record instead (``private/flower-events.jsonl``); otherwise they pass.
+    """
+
+    def __init__(self, executor: FlowerGridExecutor, server_round: int) -> None:
+        super().__init__()
+        self.executor = executor
+        self.server_round = server_round
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.executor.private or "/secure_aggregation/" not in record.pathname.replace("\\", "/"):
+            return True
+        if record.levelno > logging.DEBUG:
+            self.executor.private_events.append(
+                {"round": self.server_round, "event": "secagg_log", "device": None, "node": None, "message": record.getMessage()}
+            )
+        return False
+
+
 @dataclass
 class SecAggOutcome:
     """What one round's SecAgg+ run gave the server."""
@@ -295,7 +319,13 @@ class SecAggGridExecutor(FlowerGridExecutor):
         grid = _CountingGrid(self.grid, self.traffic)
         self.traffic.device_rounds += len(devices)
         start = time.perf_counter()
-        resolved.workflow(self.round_timeout)(grid, context)  # type: ignore[arg-type]
+        flwr_logger = logging.getLogger("flwr")
+        withheld = _WorkflowLogFilter(self, server_round)
+        flwr_logger.addFilter(withheld)
+        try:
+            resolved.workflow(self.round_timeout)(grid, context)  # type: ignore[arg-type]
+        finally:
+            flwr_logger.removeFilter(withheld)
         seconds = time.perf_counter() - start
         self.events["secagg_arrays_received"] += grid.arrays_received
         reason = "" if legacy.results is not None else "SecAgg+ halted: too few devices left to reconstruct the masks"
