@@ -126,11 +126,13 @@ def test_secure_dp_ftrl_is_the_clear_run_up_to_the_quantisation_error(
 def test_a_supernode_killed_mid_round_leaves_the_round_unsummed_and_released_once(
     shared_cluster: FlowerCluster, tmp_path: Path
 ) -> None:
-    scenario_file = write_scenario(tmp_path / "secagg-kill.toml", secagg_table("secagg-kill", rounds=3, k=3))
+    table = secagg_table("secagg-kill", rounds=3, k=3)
+    del table["flower"]  # turned on by the deployment's run config instead
+    scenario_file = write_scenario(tmp_path / "secagg-kill.toml", table)
     out, state_dir = tmp_path / "run", tmp_path / "server-state"
     name = shared_cluster.start_run(
         {"scenario": str(scenario_file), "out-dir": str(out), "state-dir": str(state_dir), "job-id": "secagg-kill",
-         "min-nodes": 2, "round-timeout": 15.0}
+         "min-nodes": 2, "round-timeout": 15.0, "secure-aggregation": True}
     )
     # device 1 is killed once it has claimed round 2 in its ledger: it took part in SecAgg+'s
     # first two stages and is training (or has sent its masked vector)
@@ -144,6 +146,7 @@ def test_a_supernode_killed_mid_round_leaves_the_round_unsummed_and_released_onc
     run = read_run(out)
     s = run["summary"]
     assert (s["rounds"], s["stopped_reason"]) == (3, "completed")
+    assert s["flower"]["secure_aggregation"]["protocol"] == "SecAgg+ (Flower)"
     rows = run["diagnostics"]
     assert rows[0]["clients"] == 2
     assert rows[1]["clients"] == 0  # SecAgg+ could not reconstruct the masks: nothing summed
