@@ -21,7 +21,8 @@ class Traffic:
     """Counts of the server's ``train`` traffic: messages and content bytes each way.
 
     ``device_rounds`` counts a device once per round it was sent work, so
-    ``(bytes_sent + bytes_received) / device_rounds`` is a device's traffic per round.
+    ``(bytes_sent + bytes_received) / device_rounds`` is a device's traffic per round. The
+    counts are this ServerApp's: a resumed job counts from where it picked up.
     """
 
     messages_sent: int = 0
