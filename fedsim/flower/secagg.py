@@ -102,6 +102,29 @@ def quantisation_margin(clipping_range: float, quantization_range: int, num_para
     return step * math.sqrt(num_params) * (1.0 + MARGIN_SLACK)
 
 
+def check_quantisation(settings: FlowerConfig, clip: float | None, num_params: int) -> None:
+    """Refuse (one line) a quantisation too coarse for the model: the margin must be below ``C``.
+
+    ``clip``: the strategy's clip bound, ``None`` when it has none (then ``secagg-clipping-range``
+    must be set: it is the only bound on a coordinate).
+    """
+    r = settings.secagg_clipping_range if settings.secagg_clipping_range is not None else clip
+    if r is None:
+        raise ScenarioError(
+            "the strategy has no clip bound: set secagg-clipping-range (coordinates are clipped to it before quantisation)",
+            key="flower.secagg-clipping-range",
+        )
+    if clip is None:
+        return
+    margin = quantisation_margin(r, settings.secagg_quantization_range, num_params)
+    if margin >= clip:
+        raise ScenarioError(
+            f"the quantisation step moves an update by up to {margin:.4g} (L2, {num_params} parameters), not below "
+            f"the clip bound {clip:g}: raise secagg-quantization-range (2 r sqrt(d) / Q must be < C)",
+            key="flower.secagg-quantization-range",
+        )
+
+
 @dataclass(frozen=True)
 class SecAggRound:
     """One round's SecAgg+ parameters, resolved for its cohort (Flower's ``SecAggPlusWorkflow`` arguments)."""
@@ -296,13 +319,7 @@ class SecAggGridExecutor(FlowerGridExecutor):
         resolved = SecAggRound.resolve(self.settings, len(sent.messages), plan.config.clip_norm)
         if isinstance(resolved, str):
             return SecAggOutcome(devices, None, reason=resolved)
-        margin = quantisation_margin(resolved.clipping_range, resolved.quantization_range, self.layout.num_params)
-        if plan.config.clip_norm is not None and margin >= plan.config.clip_norm:
-            raise ScenarioError(
-                f"the quantisation step moves an update by up to {margin:.4g} (L2), not below the clip bound "
-                f"{plan.config.clip_norm:g}: raise secagg-quantization-range (2 r sqrt(d) / Q must be < C)",
-                key="flower.secagg-quantization-range",
-            )
+        check_quantisation(self.settings, plan.config.clip_norm, self.layout.num_params)  # the round's own bound
         if self.grid is None:
             raise RuntimeError("SecAggGridExecutor needs a grid")
         global_arrays = self.layout.to_arrays(plan.params)
@@ -486,6 +503,7 @@ def split_like(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarr
 __all__ = [
     "SecAggGridExecutor",
     "SecAggRound",
+    "check_quantisation",
     "clip_to",
     "is_secure",
     "quantisation_margin",

@@ -586,7 +586,7 @@ class FedsimStrategy(FlowerStrategy):
         executor_kwargs: dict[str, Any] = {}
         executor_cls: type[FlowerGridExecutor] = FlowerGridExecutor
         if self.secure:
-            from fedsim.flower.secagg import SecAggGridExecutor
+            from fedsim.flower.secagg import SecAggGridExecutor, check_quantisation
 
             if self.owner.strategy.weighting != "uniform":
                 raise ScenarioError(
@@ -594,6 +594,10 @@ class FedsimStrategy(FlowerStrategy):
                     f"weights them by {self.owner.strategy.weighting}; use a DP strategy (dp-fedavg, dp-ftrl) or set it false",
                     key="flower.secure-aggregation",
                 )
+            clip = getattr(self.owner.strategy, "clip_norm", None)
+            check_quantisation(
+                scenario.flower, float(clip) if isinstance(clip, int | float) else None, ParamLayout.of(self.owner.model).num_params
+            )
             executor_cls = SecAggGridExecutor
             executor_kwargs = {"settings": scenario.flower, "traffic": self.traffic}
         self.executor = executor_cls(

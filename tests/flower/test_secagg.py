@@ -220,7 +220,7 @@ def test_the_cli_refuses_bad_secagg_parameters_in_one_line(tmp_path: Path, flowe
     assert not (tmp_path / "run").exists()
 
 
-def test_secure_aggregation_needs_a_cohort_and_uniform_weights(tmp_path: Path) -> None:
+def test_secure_aggregation_needs_a_cohort_uniform_weights_and_a_fine_enough_quantisation(tmp_path: Path) -> None:
     table = secagg_table("one", rounds=1, k=1)
     table["clients-per-round"] = 1
     with pytest.raises(ScenarioError, match="clients-per-round: secure aggregation needs a cohort of at least 2"):
@@ -229,6 +229,10 @@ def test_secure_aggregation_needs_a_cohort_and_uniform_weights(tmp_path: Path) -
     fedavg["strategy"] = {"name": "fedavg"}
     with pytest.raises(ScenarioError, match="flower.secure-aggregation: .* weights them by examples"):
         FedsimStrategy(scenario_from_dict(fedavg))
+    # a quantisation too coarse for the model: its rounding alone could exceed the clip bound
+    coarse = secagg_table("coarse", rounds=1, k=1, **{"secagg-quantization-range": 16})
+    with pytest.raises(ScenarioError, match=r"flower.secagg-quantization-range: the quantisation step moves an update by up to 3\.\d+ \(L2, 650 parameters\)"):
+        FedsimStrategy(scenario_from_dict(coarse))
 
 
 def test_secagg_round_parameters_follow_the_cohort() -> None:
