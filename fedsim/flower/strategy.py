@@ -594,6 +594,13 @@ class FedsimStrategy(FlowerStrategy):
                     f"weights them by {self.owner.strategy.weighting}; use a DP strategy (dp-fedavg, dp-ftrl) or set it false",
                     key="flower.secure-aggregation",
                 )
+            if getattr(self.owner.strategy, "adaptive", None) is not None:
+                # the clients' clipped bits would travel in the clear beside the masked vectors
+                raise ScenarioError(
+                    "secure aggregation sums the updates only, but adaptive clipping (strategy.target-quantile) needs "
+                    "each client's clipped bit, which would reach the server in the clear; use a fixed clip-norm",
+                    key="flower.secure-aggregation",
+                )
             clip = getattr(self.owner.strategy, "clip_norm", None)
             check_quantisation(
                 scenario.flower, float(clip) if isinstance(clip, int | float) else None, ParamLayout.of(self.owner.model).num_params

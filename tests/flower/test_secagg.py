@@ -229,6 +229,11 @@ def test_secure_aggregation_needs_a_cohort_uniform_weights_and_a_fine_enough_qua
     fedavg["strategy"] = {"name": "fedavg"}
     with pytest.raises(ScenarioError, match="flower.secure-aggregation: .* weights them by examples"):
         FedsimStrategy(scenario_from_dict(fedavg))
+    # adaptive clipping needs each client's clipped bit, which secure aggregation does not sum
+    adaptive = secagg_table("adaptive", rounds=1, k=1)
+    adaptive["strategy"].update({"target-quantile": 0.5, "count-noise-multiplier": 5.0})
+    with pytest.raises(ScenarioError, match="flower.secure-aggregation: .* adaptive clipping"):
+        FedsimStrategy(scenario_from_dict(adaptive))
     # a quantisation too coarse for the model: its rounding alone could exceed the clip bound
     coarse = secagg_table("coarse", rounds=1, k=1, **{"secagg-quantization-range": 16})
     with pytest.raises(ScenarioError, match=r"flower.secagg-quantization-range: the quantisation step moves an update by up to 3\.\d+ \(L2, 650 parameters\)"):
