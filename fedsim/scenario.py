@@ -392,6 +392,68 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    """``[flower]``: how a Flower deployment (or ``--backend flower``) runs the scenario.
+
+    ``secure-aggregation = true`` runs every round under Flower's SecAgg+ (docs/flower.md,
+    "Secure aggregation"): devices clip, quantise and mask their updates and the server learns
+    only the cohort's sum. SecAgg+'s parameters:
+
+    ``secagg-shares``
+        shares each device's secrets are split into (its neighbours in the SecAgg+ graph, itself
+        included); 0 (default): every member of the cohort, else at least 3 and at most
+        ``clients-per-round``.
+    ``secagg-threshold``
+        shares needed to reconstruct a secret (a dropped device's masks, a surviving device's
+        self-mask); 0 (default): a majority of the shares (at least 2), else at least 2, below
+        ``secagg-shares`` when that is set and at most the cohort.
+    ``secagg-clipping-range``
+        every coordinate of an update is clipped to ``[-r, r]`` before quantisation; omitted
+        (default): the round's clip bound ``C`` (a coordinate of a clipped update never exceeds
+        it, so nothing more is clipped).
+    ``secagg-quantization-range``
+        ``Q``: a coordinate becomes an integer in ``[0, Q]`` (stochastic rounding, step
+        ``2 r / Q``); default 2**22.
+    ``secagg-modulus``
+        the masks' modulus ``M`` (a power of 2, at most 2**32); default 2**32. The cohort's sum
+        of quantised updates must stay below it: ``clients-per-round * Q < M``, so an honest
+        cohort's sum never wraps around.
+
+    The in-process and Ray backends ignore this section (they run no network protocol).
+    """
+
+    secure_aggregation: bool = False
+    secagg_shares: int = 0
+    secagg_threshold: int = 0
+    secagg_clipping_range: float | None = None
+    secagg_quantization_range: int = 2**22
+    secagg_modulus: int = 2**32
+
+    def __post_init__(self) -> None:
+        if self.secagg_shares != 0 and self.secagg_shares < 3:
+            raise ScenarioError(
+                f"must be 0 (every member of the cohort) or >= 3, got {self.secagg_shares!r}", key="secagg-shares"
+            )
+        if self.secagg_threshold != 0 and self.secagg_threshold < 2:
+            raise ScenarioError(
+                f"must be 0 (a majority of the shares) or >= 2, got {self.secagg_threshold!r}", key="secagg-threshold"
+            )
+        if self.secagg_shares and self.secagg_threshold >= self.secagg_shares:
+            raise ScenarioError(
+                f"must be < secagg-shares ({self.secagg_shares}), got {self.secagg_threshold!r}", key="secagg-threshold"
+            )
+        if self.secagg_clipping_range is not None:
+            _positive("secagg-clipping-range", self.secagg_clipping_range)
+        q, m = self.secagg_quantization_range, self.secagg_modulus
+        if not 2 <= q <= 2**30:
+            raise ScenarioError(f"must be an integer in [2, 2**30], got {q!r}", key="secagg-quantization-range")
+        if m <= 0 or m & (m - 1) or m > 2**32:
+            raise ScenarioError(f"must be a power of 2, at most 2**32 (4294967296), got {m!r}", key="secagg-modulus")
+        if m <= q:
+            raise ScenarioError(f"must be > secagg-quantization-range ({q}), got {m!r}", key="secagg-modulus")
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole, validated scenario."""
 
@@ -410,6 +472,7 @@ class Scenario:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -426,6 +489,7 @@ class Scenario:
                 key="clients-per-round",
             )
         _check_canary_capacity(self)
+        _check_secure_aggregation(self)
         if not self.output_dir:
             object.__setattr__(self, "output_dir", f"runs/{self.name}")
 
@@ -469,6 +533,31 @@ class Scenario:
             return None
         path = Path(self.privacy.noise_key_file).expanduser()
         return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+def _check_secure_aggregation(scenario: Scenario) -> None:
+    """``[flower]``'s SecAgg+ parameters against the cohort (``clients-per-round``)."""
+    fl, n = scenario.flower, scenario.clients_per_round
+    if not fl.secure_aggregation:
+        return
+    if n < 2:
+        raise ScenarioError(
+            f"secure aggregation needs a cohort of at least 2 (the sum of one update is the update), got {n}",
+            key="clients-per-round",
+        )
+    if fl.secagg_shares > n:
+        raise ScenarioError(f"must be <= the cohort (clients-per-round = {n}), got {fl.secagg_shares}", key="flower.secagg-shares")
+    if fl.secagg_threshold > n:
+        raise ScenarioError(
+            f"must be <= the cohort (clients-per-round = {n}), got {fl.secagg_threshold}", key="flower.secagg-threshold"
+        )
+    q, m = fl.secagg_quantization_range, fl.secagg_modulus
+    if n * q >= m:
+        raise ScenarioError(
+            f"the cohort's sum of quantised updates would wrap around: clients-per-round ({n}) x "
+            f"secagg-quantization-range ({q}) must be < secagg-modulus ({m}); lower the quantization range",
+            key="flower.secagg-modulus",
+        )
 
 
 def check_canaries_fit_population(canaries: int, devices: int) -> None:
@@ -526,6 +615,9 @@ _APPLIES_WHEN: dict[tuple[str, str], Any] = {
     ("engine", "ray-workers"): lambda sc: sc.engine.backend == "ray",
     ("log", "mlflow-uri"): lambda sc: sc.log.mlflow,
     ("log", "mlflow-experiment"): lambda sc: sc.log.mlflow,
+    **{("flower", key): (lambda sc: sc.flower.secure_aggregation) for key in (
+        "secagg-shares", "secagg-threshold", "secagg-clipping-range", "secagg-quantization-range", "secagg-modulus"
+    )},
 }
 
 

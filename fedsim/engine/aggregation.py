@@ -373,6 +373,42 @@ class UpdateAccumulator:
                 return values.astype(bool)
         return below_clip(norms, self.clip_norm).numpy()
 
+    def add_secure_sum(self, device_ids: np.ndarray, delta_sum: torch.Tensor) -> bool:
+        """Add the sum of ``device_ids``' updates, computed by secure aggregation; whether it was accepted.
+
+        The server never sees the individual updates, so their norms cannot be checked here (the
+        devices clip); what it knows is who took part. The sum is accepted only as a whole:
+        with ``weighting="uniform"``, a finite vector of the model's length, and every device
+        known, fresh in this round and allowed by the participation ledger; otherwise every one
+        of its devices is counted under the first reason that applies and nothing is added.
+        """
+        ids = np.asarray(device_ids, dtype=np.int64).reshape(-1)
+        m = len(ids)
+        if m == 0:
+            return True
+        if self.weighting != "uniform":
+            raise ValueError("a secure sum carries no example counts: it needs weighting='uniform'")
+        reason = ""
+        if not isinstance(delta_sum, torch.Tensor) or tuple(delta_sum.shape) != (self.num_params,):
+            reason = "wrong_shape"
+        elif not bool(torch.isfinite(delta_sum).all()):
+            reason = "non_finite"
+        elif ((ids < 0) | (ids >= self.num_devices)).any():
+            reason = "unknown_device"
+        elif len(set(ids.tolist())) != m or self._seen & set(ids.tolist()):
+            reason = "duplicate_device"
+        elif self.ledger is not None and not self.ledger.allowed(self.round, ids).all():
+            reason = "participation_limit"
+        if reason:
+            self.rejected[reason] += m
+            return False
+        self._seen.update(ids.tolist())
+        self.delta_sum += delta_sum.detach().to(device=self.device, dtype=torch.float32)
+        self.weight_sum += float(m)
+        self.num_updates += m
+        self.accepted_ids.append(ids)
+        return True
+
     def _hold_heaviest(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Keep the heaviest rows seen so far apart; return the weighted sum of the others."""
         out = torch.zeros(self.num_params, dtype=torch.float32, device=self.device)

@@ -41,6 +41,15 @@ from fedsim.data.federated import FederatedData
 from fedsim.flower.device import DeviceLedger, default_state_dir
 from fedsim.flower.protocol import TrainInstruction, scenario_from_sections
 from fedsim.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ParamLayout, dumps
+from fedsim.flower.secagg import (
+    clip_to,
+    is_secure,
+    secure_aggregation_mod,
+    secure_clip_bound,
+    secure_instruction,
+    secure_reply,
+    split_like,
+)
 from fedsim.privacy.clipping import below_clip
 from fedsim.scenario import Scenario
 from fedsim.strategy import ParticipationLimit
@@ -121,11 +130,21 @@ def check_in(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord({"device-id": device})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train this device's local data from the received global model; reply with the delta."""
+    """Train this device's local data from the received global model; reply with the delta.
+
+    Under secure aggregation (``[flower] secure-aggregation``) the message is SecAgg+'s
+    masked-vector stage, reached through :func:`~fedsim.flower.secagg.secure_aggregation_mod`:
+    the device clips to the bound that leaves room for the quantisation
+    (:func:`~fedsim.flower.secagg.secure_clip_bound`) and replies in the layout Flower's
+    ``secaggplus_mod`` quantises and masks; its clear metrics are its id, the round and whether it
+    declined.
+    """
     device = device_id_of(context)
-    instruction = TrainInstruction.from_config(msg.content[CONFIG_KEY])
+    secure = is_secure(msg)
+    config, global_arrays = secure_instruction(msg) if secure else (msg.content[CONFIG_KEY], None)
+    instruction = TrainInstruction.from_config(config)
     if instruction.device_id != device:
         raise ValueError(f"train message for device {instruction.device_id} reached device {device}")
     faults = faults_of(context)
@@ -137,13 +156,25 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"fault injection: device {device} fails in round {round_ + 1}")
     if not ledger.claim(round_, device_limit(instruction.limit, context)):
         logger.info("device %d declines round %d: participation limit (%s)", device, round_ + 1, ledger.path)
+        if secure:  # it takes part in the protocol with weight 0
+            return secure_reply(msg, device=device, round_=round_, arrays=None)
         metrics = MetricRecord({"device-id": device, "declined": 1})
         return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
     scenario, data, trainer, layout = _setup(dumps(instruction.scenario))
     torch.set_num_threads(scenario.engine.threads)
-    params = layout.to_flat(msg.content[ARRAYS_KEY])
+    if global_arrays is not None:
+        if [tuple(a.shape) for a in global_arrays] != list(layout.shapes):
+            raise ValueError(f"the global model's arrays {[a.shape for a in global_arrays]} do not match the model's {layout.shapes}")
+        params = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in global_arrays]))
+    else:
+        params = layout.to_flat(msg.content[ARRAYS_KEY])
     result = trainer.train_client(params, client_task(data, device, instruction.task_seed), instruction.train)
+    if secure:
+        delta = _corrupt(result.delta, fault, instruction.train.clip_norm)
+        bound = secure_clip_bound(instruction.train.clip_norm, context, layout.num_params)
+        flat = clip_to(delta, bound) if bound is not None else delta.detach().to(torch.float64).cpu().numpy()
+        return secure_reply(msg, device=device, round_=round_, arrays=split_like(flat, list(layout.shapes)))
     arrays = layout.to_arrays(_corrupt(result.delta, fault, instruction.train.clip_norm))
     if fault == "wrong-shape":  # the first parameter gains a column the server cannot map
         name, shape = layout.names[0], layout.shapes[0]

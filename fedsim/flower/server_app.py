@@ -34,6 +34,9 @@ key                    meaning (default)
 ``min-nodes``          nodes that must check in before round 1 (1)
 ``checkin-timeout``    seconds round 1 waits for check-ins (120)
 ``round-timeout``      seconds a round waits for replies; late replies are dropped (300)
+``secure-aggregation`` true: every round runs under Flower's SecAgg+, the server learns only
+                       the cohort's sum (the scenario's ``[flower] secure-aggregation = true``,
+                       with its ``secagg-*`` parameters); false: as the scenario says (false)
 =====================  ========================================================================
 """
 
@@ -78,6 +81,7 @@ class ServerOptions:
     min_nodes: int = 1
     checkin_timeout: float = 120.0
     round_timeout: float = 300.0
+    secure_aggregation: bool = False
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> ServerOptions:
@@ -132,6 +136,8 @@ class ServerOptions:
             overrides.append((["seed"], self.seed))
         if self.out_dir:
             overrides.append((["output-dir"], self.out_dir))
+        if self.secure_aggregation:
+            overrides.append((["flower", "secure-aggregation"], True))
         return load_scenario(self.resolve_scenario(), overrides)
 
 

@@ -58,6 +58,7 @@ from fedsim.engine.keystore import load_key
 from fedsim.engine.recorder import RunFiles
 from fedsim.engine.releases import ReleaseError, ReleaseRecord, prior_report
 from fedsim.engine.rounds import RoundOwner, RoundPlan, RunResult, read_prior_run
+from fedsim.errors import ScenarioError
 from fedsim.flower.executor import (
     PRIVATE_FLOWER_COUNTS,
     ROSTER_COUNTS,
@@ -69,6 +70,7 @@ from fedsim.flower.identity import DeviceKeys
 from fedsim.flower.protocol import client_scenario_sections
 from fedsim.flower.records import ParamLayout
 from fedsim.flower.server_state import ServerState
+from fedsim.flower.traffic import Traffic
 from fedsim.privacy.events import SampledGaussianEvent
 from fedsim.scenario import Scenario
 
@@ -175,7 +177,36 @@ class FedsimStrategy(FlowerStrategy):
         self.limit = self.strategy.participation_limit()
         self.job_id = job_id
         self.progress = progress
-        self.executor = FlowerGridExecutor(
+        #: what the server exchanges with the devices (``summary.json["flower"]["traffic"]``)
+        self.traffic = Traffic()
+        #: ``[flower] secure-aggregation``: rounds run under Flower's SecAgg+ (fedsim.flower.secagg)
+        self.secure = scenario.flower.secure_aggregation
+        executor_kwargs: dict[str, Any] = {}
+        executor_cls: type[FlowerGridExecutor] = FlowerGridExecutor
+        if self.secure:
+            from fedsim.flower.secagg import SecAggGridExecutor, check_quantisation
+
+            if self.owner.strategy.weighting != "uniform":
+                raise ScenarioError(
+                    f"secure aggregation sums the updates with weight 1 each, but strategy {scenario.strategy.name!r} "
+                    f"weights them by {self.owner.strategy.weighting}; use a DP strategy (dp-fedavg, dp-ftrl) or set it false",
+                    key="flower.secure-aggregation",
+                )
+            if getattr(self.owner.strategy, "adaptive", None) is not None:
+                # the clients' clipped bits would travel in the clear beside the masked vectors
+                raise ScenarioError(
+                    "secure aggregation sums the updates only, but adaptive clipping (strategy.target-quantile) needs "
+                    "each client's clipped bit, which would reach the server in the clear; use a fixed clip-norm",
+                    key="flower.secure-aggregation",
+                )
+            clip = getattr(self.owner.strategy, "clip_norm", None)
+            check_quantisation(
+                scenario.flower, float(clip) if isinstance(clip, int | float) else None, ParamLayout.of(self.owner.model).num_params
+            )
+            executor_cls = SecAggGridExecutor
+            executor_kwargs = {"settings": scenario.flower, "traffic": self.traffic}
+        self.executor = executor_cls(
+            **executor_kwargs,
             layout=ParamLayout.of(self.owner.model),
             num_devices=self.owner.data.num_devices,
             chunk_size=scenario.engine.chunk_size,
@@ -221,6 +252,13 @@ class FedsimStrategy(FlowerStrategy):
                 "participation limit: max %s contributions, %d rounds between (server ledger + device ledgers, job %r)",
                 limit.max_participations, limit.min_separation, self.job_id,
             )
+        if self.secure:
+            fl = sc.flower
+            logger.info(
+                "secure aggregation: Flower's SecAgg+ (shares %s, threshold %s, quantization range %d, modulus %d): "
+                "the server learns only each round's sum; devices clip",
+                fl.secagg_shares or "cohort", fl.secagg_threshold or "majority", fl.secagg_quantization_range, fl.secagg_modulus,
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -240,7 +278,11 @@ class FedsimStrategy(FlowerStrategy):
         if plan is None:
             logger.warning("fedsim: stopping before round %d: %s", server_round, owner.stopped_reason)
             return []
+        self.executor.grid = grid
         self.sent = self.executor.messages(plan, server_round=plan.round + 1)
+        if not self.secure:  # a SecAgg+ round counts its own four stages
+            self.traffic.sent(self.sent.messages)
+            self.traffic.device_rounds += len(self.sent.messages)
         return self.sent.messages
 
     def aggregate_train(
@@ -252,6 +294,8 @@ class FedsimStrategy(FlowerStrategy):
             return None, None
         owner = self.owner
         acc = owner.accumulator(sent.plan)
+        replies = list(replies)
+        self.traffic.received(replies)
         contributed = self.executor.collect(sent, replies, acc)
         self.write_private_events()
         row, batch = self.end_round(sent.plan, acc, contributed)
@@ -345,6 +389,24 @@ class FedsimStrategy(FlowerStrategy):
             **roster,
             **counts,
         }
+        # exact, device-dependent figures (declined replies are smaller, a SecAgg+ round fails
+        # when devices drop out): public in a run without DP, in private/summary.json in a DP run
+        measured: dict[str, Any] = {"traffic": self.traffic.to_dict()}
+        if self.secure:
+            fl = self.scenario.flower
+            summary["flower"]["secure_aggregation"] = {
+                "protocol": "SecAgg+ (Flower)",
+                "shares": fl.secagg_shares or "cohort",
+                "threshold": fl.secagg_threshold or "majority",
+                "clipping_range": fl.secagg_clipping_range if fl.secagg_clipping_range is not None else "clip-norm",
+                "quantization_range": fl.secagg_quantization_range,
+                "modulus": fl.secagg_modulus,
+                # array entries in any reply the server received (masked vectors travel as bytes)
+                "arrays_received": int(self.events.get("secagg_arrays_received", 0)),
+            }
+            measured["secagg_rounds"] = int(self.events.get("secagg_rounds", 0))
+            measured["secagg_failed"] = int(self.events.get("secagg_failed", 0))
+        summary["flower"].update(dict.fromkeys(measured) if owner.private else measured)
         if owner.private:
             # replies that failed, never came or were declined are exact, data-dependent counts:
             # null here, exact in private/summary.json. Roster events (check-ins, claims, the
@@ -358,7 +420,7 @@ class FedsimStrategy(FlowerStrategy):
                 **{k: counts[k] - int(self.events.get(WITHHELD + k, 0)) for k in ROSTER_COUNTS},
                 **dict.fromkeys(PRIVATE_FLOWER_COUNTS),
             )
-            private["flower"] = {**roster, **counts}
+            private["flower"] = {**roster, **counts, **measured}
             # who contributed how often is exact, data-dependent state: private in a DP run
             files.private["participation.json"] = self.participation()
         else:
