@@ -366,7 +366,7 @@ class UpdateAccumulator:
         """The rows' adaptive-clipping bits: the clients' own (a boolean or 0/1 array, one per
         row), or read off the reported norms when a chunk states none or malformed ones."""
         assert self.clip_norm is not None
-        stated = _as_1d(getattr(chunk, "below_clip", None))
+        stated = _as_1d(chunk.below_clip)
         if stated is not None and len(stated) == m and (stated.dtype == bool or stated.dtype.kind in "iu"):
             values = stated.astype(np.int64)
             if ((values == 0) | (values == 1)).all():
