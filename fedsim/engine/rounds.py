@@ -222,10 +222,12 @@ class RoundPlan:
 
 
 def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
-    """The progress bar's per-round figures: ``acc``, ``loss``, ``rho``, ``eps``, ``emp_eps``, ``clients``."""
+    """The progress bar's per-round figures: ``acc``, ``loss``, ``rho``, ``eps`` (the run's), ``eq_rho``
+    (the deployment-equivalent rho, ``[privacy] equivalent-cohort``), ``emp_eps``, ``clients``."""
     out = {}
     for key, label in (
-        ("accuracy", "acc"), ("loss", "loss"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")
+        ("accuracy", "acc"), ("loss", "loss"), ("rho", "rho"), ("epsilon", "eps"),
+        ("equivalent_rho", "eq_rho"), ("audit_epsilon", "emp_eps"),
     ):
         if row.get(key) is not None:
             out[label] = f"{row[key]:.4g}"
@@ -348,6 +350,8 @@ class RoundOwner:
         self.trainer.set_participation_bound(*((k, "strategy") if k is not None else (scenario.rounds, "rounds")))
         self.ledger: Any | None = None
         self.accountant: Any | None = None
+        #: the deployment's events, one per recorded round ([privacy] equivalent-cohort)
+        self.equivalent_ledger: Any | None = None
         self.rejected: Counter[str] = Counter()
         self.metrics: list[dict[str, Any]] = []
         self.diagnostics: list[dict[str, Any]] = []
@@ -582,8 +586,54 @@ class RoundOwner:
         where given), ``None`` for a run without DP or a strategy that does not say."""
         if not self.private:
             return None
+        if self.equivalent is not None:  # the run's own: z n / N, set up by the strategy
+            return float(self.strategy.mechanism.noise_multiplier)
         z = self.strategy.calibrated_noise_multiplier(num_rounds=self.scenario.rounds)
         return None if z is None else float(z)
+
+    @property
+    def equivalent(self) -> Any | None:
+        """The deployment the run's noise is equivalent to (``[privacy] equivalent-cohort``), or ``None``."""
+        return getattr(self.strategy, "equivalent", None) if self.private else None
+
+    def equivalent_report(self) -> Any | None:
+        """The deployment-equivalent guarantee after the rounds recorded so far (``None`` without
+        ``equivalent-cohort``): the accountant on the deployment's events of those rounds
+        (:meth:`fedsim.strategy.MechanismStrategy.equivalent_event`), a statement about that
+        configuration, not about this run."""
+        if self.equivalent is None:
+            return None
+        from fedsim.privacy.accountant import Accountant
+        from fedsim.privacy.events import PrivacyLedger
+
+        done = len(self.ledger) if self.ledger is not None else 0
+        if self.equivalent_ledger is None or len(self.equivalent_ledger) > done:
+            self.equivalent_ledger = PrivacyLedger()
+        for r in range(len(self.equivalent_ledger), done):
+            self.equivalent_ledger.record(r, self.strategy.equivalent_event(round=r))
+        return Accountant(delta=self.scenario.privacy.delta).report(self.equivalent_ledger)
+
+    def equivalent_summary(self) -> dict[str, Any] | None:
+        """``summary.json["equivalent"]``: the deployment, its noise multiplier and guarantee."""
+        report = self.equivalent_report()
+        if report is None:
+            return None
+        from fedsim.privacy.equivalent import STATEMENT
+
+        dep = self.equivalent
+        return {
+            "cohort": dep.cohort,
+            "population": dep.population,
+            "min_population": self.strategy.deployment_min_population,
+            "noise_multiplier": self.strategy.deployment_noise_multiplier,
+            "simulated_noise_multiplier": float(self.strategy.mechanism.noise_multiplier),
+            "clients_per_round": self.scenario.clients_per_round,
+            "rho": report.rho,
+            "epsilon": report.epsilon,
+            "epsilon_rdp": report.epsilon_rdp,
+            "delta": report.delta,
+            "statement": STATEMENT,
+        }
 
     def privacy(self) -> tuple[Any, Any]:
         """Ledger and accountant, created on the first privacy event (non-DP runs need neither)."""
@@ -765,6 +815,9 @@ class RoundOwner:
             delta=getattr(report, "delta", None),
         )
         row.update(self.strategy.public_metrics(round=round, config=plan.config))
+        equivalent = self.equivalent_report() if report is not None else None
+        if equivalent is not None:  # the deployment's guarantee: a statement about it, not this run
+            row.update(equivalent_rho=equivalent.rho, equivalent_epsilon=equivalent.epsilon)
         if self.canaries is not None:
             row["audit_epsilon"] = self.canaries.quick_epsilon(self.params)
         if self.private:
@@ -864,6 +917,12 @@ class RoundOwner:
             # the warm start's file ([model] init), or None: the builder's seeded initialisation
             "init": None if sc.model.init is None else {"path": sc.model.init, "sha256": sc.model.init_sha256},
         }
+        equivalent = self.equivalent_summary()
+        if equivalent is not None:
+            # a deployment with equivalent-cohort clients per round: its guarantee, beside the run's
+            summary["equivalent_rho"] = equivalent["rho"]
+            summary["equivalent_epsilon"] = equivalent["epsilon"]
+            summary["equivalent"] = equivalent
         if self.prior is not None:
             # the earlier runs' releases on the same people count: rho adds up (zCDP)
             summary["prior"] = {
@@ -910,6 +969,12 @@ class RoundOwner:
             )
             if self.ledger is not None:
                 self.run_dir.write_json("ledger.json", self.ledger.to_json())
+            if equivalent is not None and self.equivalent_ledger is not None:
+                # the deployment's events beside the run's own ledger.json (which stays the run's)
+                self.run_dir.write_json(
+                    "ledger_equivalent.json",
+                    {**{k: v for k, v in equivalent.items()}, "events": self.equivalent_ledger.to_json()},
+                )
             if self.canaries is not None and self.next_round > 0:
                 self.canaries.save(self.run_dir.path, self.params)
             if self.private:
@@ -1025,6 +1090,7 @@ class RoundOwner:
 
             self.privacy()
             self.ledger = PrivacyLedger.from_json(state["ledger"])
+        self.equivalent_ledger = None  # rebuilt from the deployment's planned events when asked
         self.rejected.clear()
         self.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
         torch.set_rng_state(state["rng"]["torch"])
