@@ -302,6 +302,8 @@ class RoundOwner:
             scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT), init=True
         )
         self.params = get_flat(self.model)
+        #: a warm start's parameters ([model] init): summary.json["init"] reports how they evaluate
+        self.initial_params = self.params.clone() if scenario.model.init is not None else None
         self.strategy = build_strategy(scenario)
         self.base_config = TrainConfig(
             round=0,
@@ -917,6 +919,10 @@ class RoundOwner:
             # the warm start's file ([model] init), or None: the builder's seeded initialisation
             "init": None if sc.model.init is None else {"path": sc.model.init, "sha256": sc.model.init_sha256},
         }
+        if self.initial_params is not None:
+            # the warm start's own test metrics: what the rounds improved on (post-processing of a
+            # public model, evaluated on the same test split as every round)
+            summary["init"].update(evaluate(self.model, self.initial_params, self.data))
         equivalent = self.equivalent_summary()
         if equivalent is not None:
             # a deployment with equivalent-cohort clients per round: its guarantee, beside the run's
