@@ -110,6 +110,8 @@ FEDAVG_DP = {**{k: v for k, v in DP.items() if k not in ("name", "momentum")}, "
      "equivalent-population = 10000 cannot supply equivalent-cohort = 6500 clients in each of 6 rounds"),
     (FEDAVG_DP, {"equivalent-cohort": BIG}, "privacy", "equivalent-population must be stated"),
     (DP, {"equivalent-population": 100}, "privacy.equivalent-population", "without equivalent-cohort"),
+    ({**DP, "target-quantile": 0.5}, {"equivalent-cohort": BIG}, "privacy",
+     "equivalent-cohort does not combine with adaptive clipping"),
 ])
 def test_bad_equivalents_are_refused_naming_the_key(strategy: dict, privacy: dict, key: str, message: str) -> None:
     from fedsim.errors import ScenarioError
