@@ -324,6 +324,9 @@ def _add_workload_workers() -> None:
     from fedsim_bench.workloads import WORKERS as ZOO
 
     WORKERS.update(ZOO)
+    from fedsim_bench.pflpeer import worker_export
+
+    WORKERS["pfl-export"] = worker_export
 
 
 _add_workload_workers()
