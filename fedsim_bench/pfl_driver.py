@@ -33,8 +33,8 @@ import torch
 
 def build(cohort: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
     """pfl's model, federated dataset, backend and parameters for an exported cohort."""
-    from pfl.algorithm.base import NNAlgorithmParams
     from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.algorithm.base import NNAlgorithmParams
     from pfl.data.dataset import Dataset
     from pfl.data.federated_dataset import FederatedDataset
     from pfl.data.sampling import get_user_sampler
