@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve().with_name("pfl_driver.py")
 #: How to make pfl's environment (docs/benchmarks.md, "The pfl-research column").
 PFL_INSTALL = (
-    "python3 -m venv /work/pfl-venv && /work/pfl-venv/bin/pip install torch==2.13.0 && "
-    "echo torch==2.13.0 > pfl-constraints.txt && "
-    "/work/pfl-venv/bin/pip install -c pfl-constraints.txt 'pfl[pytorch]==0.6.0'; "
-    "then pass --pfl-python /work/pfl-venv/bin/python or set FEDSIM_PFL_PYTHON"
+    "python3 -m venv ../pfl-venv && ../pfl-venv/bin/pip install torch==2.13.0 && "
+    "echo torch==2.13.0 > ../pfl-constraints.txt && "
+    "../pfl-venv/bin/pip install -c ../pfl-constraints.txt 'pfl[pytorch]==0.6.0', "
+    "then --pfl-python ../pfl-venv/bin/python (or FEDSIM_PFL_PYTHON)"
 )
 
 
