@@ -361,9 +361,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="benchmark client-training throughput (fedsim vs naive loop vs Flower vs FLOP bound)",
-        description="Measure fedsim's engine, a naive per-client loop, Flower's simulation engine and the "
-        "FLOP bound side by side on the reference scenarios (see docs/benchmarks.md).",
+        help="benchmark client-training throughput (fedsim vs naive loop vs Flower vs pfl-research vs FLOP bound)",
+        description="Measure fedsim's engine, a naive per-client loop, Flower's simulation engine, pfl-research "
+        "(in its own environment) and the FLOP bound side by side on the reference scenarios, and the Gboard-scale "
+        "DP-FTRL round of the word LSTM (see docs/benchmarks.md).",
     )
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)

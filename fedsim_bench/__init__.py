@@ -9,7 +9,11 @@ One command measures, in one run and on the same scenario, four figures per refe
 (c) **Flower**: the same scenario and strategy on Flower's simulation engine
     (``fedsim run --backend flower``: Flower's Ray backend, fedsim's ClientApp per device);
 (d) **FLOP bound**: the matmul FLOPs of one client update divided by an sgemm rate measured in
-    the same run with the same torch thread count.
+    the same run with the same torch thread count;
+(e) **pfl-research** (Apple's ``pfl`` 0.6.0, in its own environment: :mod:`fedsim_bench.pflpeer`):
+    the same cohort, model, loss and local training, in one process and in one process per
+    core (``torch.distributed.run``), measured right after fedsim on the same row; the column
+    is its better setting, and is skipped, with the install line, without that environment.
 
 Reference scenarios: logistic regression and a 784-128-10 MLP on synthetic 784-feature,
 10-class data; 1,000 clients per round (the whole population of 1,000 devices, so every engine
@@ -23,14 +27,15 @@ subprocess and all its descendants (Flower's Ray processes included), sampled ev
 
 Also reported: fedsim's training throughput on data generated beforehand (what the FLOP bound
 is compared with), the server-side DP-FTRL tree-noise cost per round for a 1.3M-parameter model,
-a Gboard-scale DP-FTRL round (6,500 clients from 100,000 devices, small local model) and fedsim's
-peak memory at 1,000 vs 6,500 clients per round on that population.
+and the Gboard-scale DP-FTRL round (:mod:`fedsim_bench.gboard`): the showcase's word LSTM at
+1,000 and 6,500 clients per round from 100,000 devices, seconds (client training and the rest),
+the FLOP bound, peak memory, and what a 2,000-round Gboard-shaped run would take.
 
 Targets (checked here, never by timed tests): fedsim >= 50x Flower and >= 5x the naive loop in
 updates per second on both scenarios; fedsim's training >= 50 % of the FLOP bound on the MLP.
 ``--json`` prints everything as one JSON object; ``--quick`` runs a reduced version (100 clients,
-no Flower, the naive loop at one thread count, the DP-FTRL round at 1,000 clients) whose cost is
-:data:`QUICK_COST`.
+no Flower, the naive loop at one thread count, the word-LSTM DP-FTRL round at 1,000 clients)
+whose cost is :data:`QUICK_COST`.
 """
 
 from __future__ import annotations
