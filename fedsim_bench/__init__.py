@@ -75,8 +75,9 @@ DP_CLIP = 1.0
 #: What ``--quick`` costs, as measured (``time fedsim bench --quick`` on the 2-core reference
 #: machine; see docs/benchmarks.md): CPU time is steady, wall time grows with the machine's load.
 QUICK_COST = (
-    "costs ~35 s of CPU time: under a minute on 2 idle cores, ~3 minutes measured on 2 cores shared "
-    "with other work (load average 7-12)"
+    "costs ~90 s of CPU time (73 s user + 14 s system measured, most of it the 1,000-client word-LSTM "
+    "round): 6 minutes measured on 2 cores shared with other work (load average 10-15); add pfl's "
+    "runs when its environment is found"
 )
 
 #: File the timed strategy appends its round marks to (read back by the Flower measurement).
