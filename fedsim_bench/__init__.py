@@ -673,7 +673,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--clients", type=_positive_int, help="clients per round (default 1000; --quick: 100)")
     p.add_argument("--no-flower", action="store_true", help="skip Flower's simulation engine")
-    p.add_argument("--no-workloads", action="store_true", help="skip the model-zoo rows (cnn, lstm-lm, transformer-lm)")
+    p.add_argument("--no-workloads", action="store_true", help="skip the model-zoo rows (cnn, lstm-lm, transformer-lm, tff-shakespeare)")
     p.add_argument("--workloads", action="store_true", help="with --quick: also the model-zoo rows (reduced; minutes)")
     p.add_argument(
         "--pfl-python",
