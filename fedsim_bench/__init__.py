@@ -383,7 +383,6 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         m = measure("dpftrl", spec, timeout=7200.0)
         dp_rows.append(dp_entry(m, clients, opts, gflops))
     workload_rows: list[dict[str, Any]] = []
-    workload_rows: list[dict[str, Any]] = []
     if opts.workloads:
         from fedsim_bench.workloads import run_rows
 
