@@ -170,6 +170,9 @@ def plan(
     count_noise_multiplier: float | None = None,
     count_rho_fraction: float | None = None,
     coefficients: bool = False,
+    equivalent_cohort: int | None = None,
+    clients_per_round: int | None = None,
+    equivalent_population: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Plan a run's privacy budget: what ``fedsim privacy MECHANISM ... --json`` prints.
@@ -205,6 +208,11 @@ def plan(
         accounted with the updates (``count_noise_multiplier``, ``count_rho``, ``update_rho``).
     coefficients:
         Banded: include all of the factorization's ``coefs`` (``--coefficients``).
+    equivalent_cohort, clients_per_round, equivalent_population:
+        ``--equivalent-cohort N --clients-per-round n [--equivalent-population P]``: a simulation of
+        ``n`` clients per round with the noise per client of a deployment of ``N``
+        (``[privacy] equivalent-cohort``); ``rho`` / ``epsilon`` / ``noise_multiplier`` are then the
+        simulation's, ``equivalent_rho`` / ``equivalent_epsilon`` / ``equivalent`` the deployment's.
     **options:
         The option flags of any other registered mechanism (``scale=3`` is ``--scale 3``).
 
@@ -241,6 +249,9 @@ def plan(
         "--target-quantile": target_quantile,
         "--count-noise-multiplier": count_noise_multiplier,
         "--count-rho-fraction": count_rho_fraction,
+        "--equivalent-cohort": equivalent_cohort,
+        "--clients-per-round": clients_per_round,
+        "--equivalent-population": equivalent_population,
         **{"--" + key.replace("_", "-"): value for key, value in options.items()},
     }
     argv: list[str] = []

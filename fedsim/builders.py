@@ -21,8 +21,8 @@ from fedsim.population import (
     BernoulliAvailability,
     DiurnalAvailability,
 )
-from fedsim.scenario import Scenario
-from fedsim.strategy import STRATEGIES, Strategy
+from fedsim.scenario import Scenario, equivalent_deployment
+from fedsim.strategy import STRATEGIES, MechanismStrategy, Strategy
 from fedsim.types import ClientTask
 
 __all__ = [
@@ -64,7 +64,11 @@ def build_availability(scenario: Scenario, *, extra_devices: int = 0, num_device
 def build_strategy(scenario: Scenario) -> Strategy:
     """The scenario's strategy, built from its ``[strategy]`` parameters (not yet set up)."""
     cls = STRATEGIES.get(scenario.strategy.name, base_dir=scenario.base_dir)
-    return cls(**scenario.strategy.params)
+    strategy = cls(**scenario.strategy.params)
+    deployment = equivalent_deployment(scenario)
+    if deployment is not None and isinstance(strategy, MechanismStrategy):  # else refused when the scenario loads
+        strategy.set_equivalent(deployment, clients_per_round=scenario.clients_per_round, num_rounds=scenario.rounds)
+    return strategy
 
 
 def build_scenario_model(scenario: Scenario, data: FederatedData, *, seed: int = 0, init: bool = False) -> torch.nn.Module:

@@ -131,7 +131,16 @@ def _start_notes(sim: Any) -> list[str]:
     if z is not None:
         target = scenario.strategy.params.get("target_rho")
         how = f" (solved from target-rho = {target:g})" if target is not None else ""
-        lines.append(f"{scenario.name}: noise multiplier {z:.4f}{how}")
+        strategy = getattr(sim, "strategy", None)
+        deployed = getattr(strategy, "deployment_noise_multiplier", None)
+        if deployed is not None:
+            n, big = scenario.clients_per_round, scenario.privacy.equivalent_cohort
+            lines.append(
+                f"{scenario.name}: deployment-equivalent noise: multiplier {deployed:.4f}{how} for {big:,} clients "
+                f"per round; this run adds {z:.4g} x clip norm to the sum of its {n} (= {deployed:.4f} x {n} / {big:,})"
+            )
+        else:
+            lines.append(f"{scenario.name}: noise multiplier {z:.4f}{how}")
     if scenario.strategy.name == "dp-fedavg" and scenario.strategy.params.get("sampling", "fixed") == "fixed":
         lines.append(
             f"{scenario.name}: dp-fedavg samples a fixed cohort (sampling = \"fixed\"): no amplification by "
@@ -193,6 +202,18 @@ def _resumed_simulation(args: argparse.Namespace, overrides: list) -> Any:
     return sim
 
 
+def _equivalent_lines(eq: dict) -> list[str]:
+    """The deployment-equivalent guarantee, labelled as a statement about a configuration."""
+    pop = f"{eq['population']:,} devices stated" if eq.get("population") else "population not stated"
+    return [
+        f"deployment-equivalent  rho {eq['rho']:.4f}, epsilon {eq['epsilon']:.3f} at delta={eq['delta']:g}: "
+        f"a deployment of {eq['cohort']:,} clients per round at noise multiplier {eq['noise_multiplier']:.4f}",
+        f"             (needs >= {eq['min_population']:,} devices under (k, b); {pop}); this run added its "
+        f"noise per client (multiplier {eq['simulated_noise_multiplier']:.4g} on {eq['clients_per_round']} clients): "
+        "a statement about that configuration, not about this run",
+    ]
+
+
 def _summary_text(s: dict, run_dir: object, *, process_s: float | None = None) -> str:
     lines = [
         f"scenario     {s['name']} ({s['strategy']})",
@@ -207,6 +228,9 @@ def _summary_text(s: dict, run_dir: object, *, process_s: float | None = None) -
         lines.append(f"epsilon      {s['epsilon']:.3f} at delta={s['delta']:g} (epsilon_rdp {s['epsilon_rdp']:.3f})")
         if _amplified(s):
             lines.append("             rho ignores the amplification by sampling; epsilon includes it")
+        if s.get("equivalent") is not None:
+            lines.append("             (rho and epsilon above: this run as it ran)")
+            lines.extend(_equivalent_lines(s["equivalent"]))
     else:
         lines.append("user-level   none (no DP strategy)" if s.get("example_level") else "privacy      none (no DP strategy)")
     example = s.get("example_level")
@@ -337,9 +361,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="benchmark client-training throughput (fedsim vs naive loop vs Flower vs FLOP bound)",
-        description="Measure fedsim's engine, a naive per-client loop, Flower's simulation engine and the "
-        "FLOP bound side by side on the reference scenarios (see docs/benchmarks.md).",
+        help="benchmark client-training throughput (fedsim vs naive loop vs Flower vs pfl-research vs FLOP bound)",
+        description="Measure fedsim's engine, a naive per-client loop, Flower's simulation engine, pfl-research "
+        "(in its own environment) and the FLOP bound side by side on the reference scenarios, and the Gboard-scale "
+        "DP-FTRL round of the word LSTM (see docs/benchmarks.md).",
     )
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)

@@ -195,6 +195,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, required=True, metavar="T", help=f"number of rounds (1..{MAX_ROUNDS})")
     p.add_argument("--delta", type=float, required=True, metavar="DELTA",
                    help="target delta, in (0, 1)")
+    p.add_argument("--equivalent-cohort", type=int, metavar="N",
+                   help="plan a simulation with the noise per client of a deployment of N clients per round "
+                   "([privacy] equivalent-cohort): the noise multiplier (or --target-rho) is the deployment's; "
+                   "rho/epsilon are then the simulation's, equivalent_rho/equivalent_epsilon the deployment's "
+                   "(needs --clients-per-round)")
+    p.add_argument("--clients-per-round", type=int, metavar="n",
+                   help="with --equivalent-cohort: the simulated clients per round (its expected cohort with "
+                   "Poisson sampling)")
+    p.add_argument("--equivalent-population", type=int, metavar="P",
+                   help="with --equivalent-cohort: the deployment's devices (checked against what N and (k, b) "
+                   "need; required with --sampling-rate, whose deployment samples at N / P)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     clip = p.add_argument_group("adaptive clipping (Andrew et al. 2021): the clipped-count queries, accounted with the updates")
     clip.add_argument("--target-quantile", type=float, metavar="GAMMA",
@@ -305,6 +316,20 @@ def _validate(args: argparse.Namespace) -> None:
     q = getattr(args, "sampling_rate", None)
     if q is not None and not (finite(q) and 0 < q <= 1):
         bad("--sampling-rate", "in (0, 1]", q)
+    if args.equivalent_cohort is None:
+        for flag, value in (("--clients-per-round", args.clients_per_round),
+                            ("--equivalent-population", args.equivalent_population)):
+            if value is not None:
+                raise _UsageError(f"{flag} needs --equivalent-cohort (the deployment's clients per round)")
+        return
+    if args.equivalent_cohort < 1:
+        bad("--equivalent-cohort", "an integer >= 1", args.equivalent_cohort)
+    if args.clients_per_round is None:
+        raise _UsageError("--equivalent-cohort needs --clients-per-round (the simulated cohort whose noise it scales)")
+    if args.clients_per_round < 1:
+        bad("--clients-per-round", "an integer >= 1", args.clients_per_round)
+    if args.equivalent_population is not None and args.equivalent_population < 1:
+        bad("--equivalent-population", "an integer >= 1", args.equivalent_population)
 
 
 def _flag_names(args: argparse.Namespace) -> list[str]:
@@ -461,6 +486,8 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         result["update_rho"] = report.rho - adaptive["count_rho"]
         if adaptive["fraction"] is not None:
             result["count_rho_fraction"] = adaptive["fraction"]
+    if args.equivalent_cohort is not None:
+        result.update(_equivalent_plan(args, mech, k, sampling))
     return {"result": result, "details": details, "amplified": amplified}, notes
 
 
@@ -509,6 +536,67 @@ def _with_counts(events: list[Any], zb: float, k: int | None, b: int) -> Any:
     return ledger
 
 
+def _equivalent_plan(args: argparse.Namespace, mech: Any, k: int | None, sampling: float | None) -> dict[str, Any]:
+    """``--equivalent-cohort``: the simulation's own guarantee (``rho``, ``epsilon``,
+    ``noise_multiplier``: what its run will report) and the deployment's beside it
+    (``equivalent``), as :mod:`fedsim.privacy.equivalent` defines them. ``mech`` holds the
+    deployment's noise multiplier (given or solved) and the simulation's sampling rate."""
+    import copy
+
+    from fedsim.privacy.accountant import Accountant
+    from fedsim.privacy.equivalent import (
+        STATEMENT,
+        Deployment,
+        check_deployment,
+        simulated_noise_multiplier,
+    )
+    from fedsim.privacy.events import PrivacyLedger, check_noise_multiplier
+
+    n, big = args.clients_per_round, args.equivalent_cohort
+    if getattr(args, "target_quantile", None) is not None:
+        raise _UsageError("--equivalent-cohort does not combine with --target-quantile (adaptive clipping) yet: "
+                          "the deployment's guarantee would leave out its clipped-count queries")
+    try:
+        deployment = Deployment(big, args.equivalent_population)
+        need = check_deployment(deployment, clients_per_round=n, rounds=args.rounds, max_participations=k,
+                                min_separation=args.min_separation, poisson=sampling is not None)
+    except ValueError as exc:
+        raise _UsageError("--" + str(exc)) from None
+    accountant = Accountant(args.delta)
+    deployed = copy.copy(mech)
+    if sampling is not None:
+        deployed.sampling_rate = deployment.sampling_rate
+    dep = accountant.report(PrivacyLedger.planned(deployed.plan_events(args.rounds)))
+    simulated = copy.copy(mech)
+    try:
+        simulated.noise_multiplier = check_noise_multiplier(
+            simulated_noise_multiplier(mech.noise_multiplier, n, big), "the simulated noise multiplier")
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    run = accountant.report(PrivacyLedger.planned(simulated.plan_events(args.rounds)))
+    return {
+        "rho": run.rho,
+        "epsilon": run.epsilon,
+        "epsilon_rdp": run.epsilon_rdp,
+        "noise_multiplier": simulated.noise_multiplier,
+        "clients_per_round": n,
+        "equivalent_rho": dep.rho,
+        "equivalent_epsilon": dep.epsilon,
+        "equivalent": {
+            "cohort": big,
+            "population": args.equivalent_population,
+            "min_population": need,
+            "noise_multiplier": mech.noise_multiplier,
+            "sampling_rate": deployed.sampling_rate if sampling is not None else None,
+            "rho": dep.rho,
+            "epsilon": dep.epsilon,
+            "epsilon_rdp": dep.epsilon_rdp,
+            "delta": dep.delta,
+            "statement": STATEMENT,
+        },
+    }
+
+
 def _table(computed: dict[str, Any]) -> str:
     result, details = computed["result"], computed["details"]
     k = result["max_participations"]
@@ -542,6 +630,23 @@ def _table(computed: dict[str, Any]) -> str:
         ("epsilon_rdp", f"{result['epsilon_rdp']:.4f}  (RDP conversion)"),
     ]
     rows += list(details.tail_rows)
+    eq = result.get("equivalent")
+    if eq is not None:
+        pop = f"{eq['population']:,} devices" if eq["population"] else "not stated"
+        rows[1] = ("noise multiplier", f"{result['noise_multiplier']:.6g}  (the simulation's: "
+                   f"{eq['noise_multiplier']:.6g} x {result['clients_per_round']} / {eq['cohort']:,})")
+        rows.insert(2, ("simulated cohort", f"{result['clients_per_round']} clients per round"))
+        for i, (name, value) in enumerate(rows):
+            if name in ("rho (zCDP)", "epsilon", "epsilon_rdp"):
+                rows[i] = (name, value + "  [this simulation as it runs]")
+        rows += [
+            ("deployment", f"{eq['cohort']:,} clients per round at noise multiplier {eq['noise_multiplier']:.6g}"),
+            ("  needs", f">= {eq['min_population']:,} devices under (k, b); population {pop}"),
+            ("  equivalent rho", f"{eq['rho']:.6g}"),
+            ("  equivalent eps", f"{eq['epsilon']:.4f}  (delta {eq['delta']:g})"),
+            ("  note", "a statement about that configuration, not about the simulation"),
+        ]
+        rows = [("target rho", v + "  (the deployment's)") if name == "target rho" else (name, v) for name, v in rows]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -237,6 +237,15 @@ class PrivacyConfig:
     because its data changed, say): the rho of every round they released (their release records,
     ``private/releases.jsonl``) is added to this run's rho in ``metrics.jsonl``, ``summary.json``
     (``prior``) and the budget guard.
+
+    ``equivalent-cohort`` (``N``; 0, the default: off) gives the run the noise per client of a
+    deployment with ``N`` clients per round: the DP strategy's noise multiplier ``z`` (given, or
+    solved from ``target-rho``) is the deployment's, and the run adds noise of std ``z C n / N``
+    to the sum of its ``n`` clients (:mod:`fedsim.privacy.equivalent`). ``rho`` / ``epsilon``
+    stay the guarantee of the run as it ran; the deployment's are reported beside them as
+    ``equivalent_rho`` / ``equivalent_epsilon``. ``equivalent-population`` (``P``; 0: not stated)
+    is the deployment's population: checked against what ``N`` and ``(k, b)`` need, and required
+    for DP-FedAvg with Poisson sampling, whose amplification uses ``q = N / P``.
     """
 
     delta: float = 1e-6
@@ -245,9 +254,16 @@ class PrivacyConfig:
     noise_key_file: str = ""
     run_id: str = ""
     prior_runs: tuple[str, ...] = ()
+    equivalent_cohort: int = 0
+    equivalent_population: int = 0
 
     def __post_init__(self) -> None:
         _in_open_unit("delta", self.delta)
+        _at_least("equivalent-cohort", self.equivalent_cohort, 0)
+        _at_least("equivalent-population", self.equivalent_population, 0)
+        if self.equivalent_population and not self.equivalent_cohort:
+            raise ScenarioError("is set without equivalent-cohort (the deployment's clients per round)",
+                                key="equivalent-population")
         if any(not run.strip() for run in self.prior_runs):
             raise ScenarioError(f"must be run directory paths, got {list(self.prior_runs)!r}", key="prior-runs")
         if self.max_rho is not None:
@@ -611,6 +627,8 @@ _APPLIES_WHEN: dict[tuple[str, str], Any] = {
     ("population", "amplitude"): lambda sc: sc.population.availability == "diurnal",
     ("privacy", "run-id"): lambda sc: bool(sc.privacy.run_id),
     ("privacy", "prior-runs"): lambda sc: bool(sc.privacy.prior_runs),
+    ("privacy", "equivalent-cohort"): lambda sc: bool(sc.privacy.equivalent_cohort),
+    ("privacy", "equivalent-population"): lambda sc: bool(sc.privacy.equivalent_population),
     ("engine", "ray-address"): lambda sc: sc.engine.backend == "ray",
     ("engine", "ray-workers"): lambda sc: sc.engine.backend == "ray",
     ("log", "mlflow-uri"): lambda sc: sc.log.mlflow,
@@ -784,6 +802,7 @@ def _validate_plugin_params(scenario: Scenario) -> None:
             params.update(values)  # trainers get the checked values (config.toml records them)
         else:
             _check_strategy_for_run(cls, values, scenario.rounds)
+            _check_equivalent(scenario, cls, values)
 
 
 def _typed_plugin_params(typed: type, params: dict[str, Any], section: str, what: str, own: set[str]) -> dict[str, Any]:
@@ -845,6 +864,39 @@ def _check_strategy_for_run(cls: type, values: dict[str, Any], rounds: int) -> N
         cls(**values).calibrated_noise_multiplier(num_rounds=rounds)
     except (ValueError, TypeError, ArithmeticError) as exc:
         raise ScenarioError(str(exc), key="strategy") from None
+
+
+def _check_equivalent(scenario: Scenario, cls: type, values: dict[str, Any]) -> None:
+    """``[privacy] equivalent-cohort``: only for a DP strategy built on a mechanism, and a
+    deployment the run can stand for (:func:`fedsim.privacy.equivalent.check_deployment`)."""
+    from fedsim.strategy import MechanismStrategy
+
+    cfg = scenario.privacy
+    if not cfg.equivalent_cohort:
+        return
+    if not issubclass(cls, MechanismStrategy):
+        raise ScenarioError(
+            f"= {cfg.equivalent_cohort} needs a DP strategy that adds noise through a mechanism "
+            f"(dp-ftrl, dp-fedavg), not strategy {scenario.strategy.name!r}; leave it out (0) for this strategy",
+            key="privacy.equivalent-cohort",
+        )
+    try:
+        cls(**values).set_equivalent(
+            equivalent_deployment(scenario), clients_per_round=scenario.clients_per_round, num_rounds=scenario.rounds
+        )
+    except ValueError as exc:
+        raise ScenarioError(str(exc), key="privacy") from None
+
+
+def equivalent_deployment(scenario: Scenario) -> Any:
+    """The scenario's :class:`~fedsim.privacy.equivalent.Deployment` (``None`` when
+    ``[privacy] equivalent-cohort`` is 0)."""
+    from fedsim.privacy.equivalent import Deployment
+
+    cfg = scenario.privacy
+    if not cfg.equivalent_cohort:
+        return None
+    return Deployment(cfg.equivalent_cohort, cfg.equivalent_population or None)
 
 
 def _check_plugin_values(

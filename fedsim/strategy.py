@@ -26,6 +26,7 @@ cohort.
 from __future__ import annotations
 
 import contextlib
+import copy
 import typing
 import warnings
 from abc import ABC, abstractmethod
@@ -39,7 +40,14 @@ import torch
 from fedsim.optim import ServerOptimizer, ServerOptimizerParams
 from fedsim.privacy.adaptive_clipping import AdaptiveClipping, check_adaptive
 from fedsim.privacy.calibration import calibrate, calibrate_count_noise, count_rho
-from fedsim.privacy.events import SampledGaussianEvent, check_clip_norm, check_noise_std
+from fedsim.privacy.equivalent import Deployment, check_deployment, simulated_noise_multiplier
+from fedsim.privacy.events import (
+    PrivacyEvent,
+    SampledGaussianEvent,
+    check_clip_norm,
+    check_noise_multiplier,
+    check_noise_std,
+)
 from fedsim.privacy.mechanisms import (
     MECHANISMS,
     Mechanism,
@@ -118,6 +126,9 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     weighting: ClassVar[Literal["examples", "uniform"]] = "examples"
     needs_individual_updates: ClassVar[bool] = False
+    #: the deployment a DP run's noise is equivalent to (``[privacy] equivalent-cohort``; set by
+    #: :meth:`MechanismStrategy.set_equivalent`), ``None``: the run's own noise
+    equivalent: Deployment | None = None
 
     ctx: StrategyContext
 
@@ -347,6 +358,13 @@ class MechanismStrategy(Strategy):
     sum of the deltas divided by it, scaled back; the round then releases its noisy clipped count
     (a second event, :meth:`privacy_events`) and moves the clip norm. With ``target-rho`` the
     count queries' share is taken off the target before the noise multiplier is solved.
+
+    Deployment-equivalent noise (``[privacy] equivalent-cohort = N``, :meth:`set_equivalent`,
+    :mod:`fedsim.privacy.equivalent`): the noise multiplier ``z`` (given or solved) is the
+    deployment's with ``N`` clients per round; the mechanism adds noise of std ``z C n / N`` to the
+    sum of the run's ``n`` (:attr:`denominator`) clients, so each averaged update carries the
+    deployment's noise ``z C / N``. The run's own events (its ``rho``) are those of the multiplier
+    ``z n / N`` it used; :meth:`equivalent_event` gives the deployment's event of each round.
     """
 
     weighting: ClassVar[Literal["examples", "uniform"]] = "uniform"
@@ -356,6 +374,13 @@ class MechanismStrategy(Strategy):
     target_rho: float | None = None
     #: adaptive clipping (set by :meth:`compose`), or ``None``: a fixed clip norm
     adaptive: AdaptiveClipping | None = None
+    #: the deployment this run's noise is equivalent to (``None``: the run's own noise)
+    equivalent: Deployment | None = None
+    #: the deployment's noise multiplier ``z`` (after :meth:`setup`, with :attr:`equivalent`)
+    deployment_noise_multiplier: float | None = None
+    #: the fewest devices that fill the deployment's cohort under ``(k, b)`` (with :attr:`equivalent`)
+    deployment_min_population: int | None = None
+    _equivalent_events: list[PrivacyEvent] | None = None
 
     def compose(self, params: MechanismParams, mechanism: Mechanism) -> None:
         """Set :attr:`params`, the ``mechanism``, the server optimizer and, with
@@ -419,9 +444,65 @@ class MechanismStrategy(Strategy):
         except ValueError as exc:
             raise ValueError(f"target-rho = {self.target_rho:g} over {num_rounds} rounds: {exc}") from None
 
+    def set_equivalent(self, deployment: Deployment | None, *, clients_per_round: int, num_rounds: int) -> None:
+        r"""Make the run's noise the deployment's per client (``None``: the run's own noise).
+
+        Checks the deployment against the run (:func:`fedsim.privacy.equivalent.check_deployment`:
+        a cohort smaller than ``clients_per_round``, a population that cannot supply it, Poisson
+        sampling without a population are ``ValueError``\ s naming the key).
+        """
+        if deployment is None:
+            self.equivalent = None
+            self.deployment_min_population = None
+            return
+        if self.adaptive is not None:
+            raise ValueError(
+                "equivalent-cohort does not combine with adaptive clipping (target-quantile) yet: the "
+                "deployment's guarantee would leave out its clipped-count queries; use a fixed clip-norm"
+            )
+        self.deployment_min_population = check_deployment(
+            deployment,
+            clients_per_round=clients_per_round,
+            rounds=num_rounds,
+            max_participations=self.mechanism.max_participations,
+            min_separation=self.mechanism.min_separation,
+            poisson=self.mechanism.accounts_for_sampling and getattr(self, "sampling", None) == "poisson",
+        )
+        self.equivalent = deployment
+
+    def deployment_mechanism(self, noise_multiplier: float) -> Mechanism:
+        """The mechanism of the deployment (:attr:`equivalent`): this one's configuration at the
+        deployment's ``noise_multiplier`` and, with Poisson sampling, its sampling rate ``N / P``.
+        Used only to plan the deployment's events; it never releases anything."""
+        if self.equivalent is None:
+            raise RuntimeError("deployment_mechanism() needs an equivalent deployment (set_equivalent)")
+        deployed = copy.copy(self.mechanism)
+        deployed.noise_multiplier = float(noise_multiplier)
+        if self.mechanism.sampling_rate is not None:
+            deployed.sampling_rate = self.equivalent.sampling_rate
+        return deployed
+
+    def equivalent_event(self, *, round: int) -> PrivacyEvent | None:
+        """The deployment's privacy event for ``round`` (after :meth:`setup`), ``None`` without
+        :attr:`equivalent`."""
+        if self._equivalent_events is None:
+            return None
+        return self._equivalent_events[round]
+
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
-        self.mechanism.noise_multiplier = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
+        z = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
+        self._equivalent_events = None
+        self.deployment_noise_multiplier = None
+        if self.equivalent is not None:
+            deployed = self.deployment_mechanism(z)
+            self._equivalent_events = deployed.plan_events(ctx.num_rounds)
+            self.deployment_noise_multiplier = z
+            z = check_noise_multiplier(
+                simulated_noise_multiplier(z, self.denominator, self.equivalent.cohort),
+                "the simulated noise-multiplier (noise-multiplier x clients per round / equivalent-cohort)",
+            )
+        self.mechanism.noise_multiplier = z
         self.mechanism.setup(num_params=ctx.num_params, num_rounds=ctx.num_rounds, source=ctx.noise_source())
         self.optimizer.reset()
         if self.adaptive is not None:

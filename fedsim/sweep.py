@@ -116,15 +116,71 @@ def expand_grid(grid: Sequence[tuple[str, Sequence[Any]]]) -> list[dict[str, Any
 
 @dataclass(frozen=True)
 class Configuration:
-    """One point of a sweep: a label, dotted overrides of the base scenario, and a directory name."""
+    """One point of a sweep: a label, dotted overrides of the base scenario, and a directory name.
+
+    ``method`` names the method the configuration runs (``--config "DP-FTRL (tree): ..."``): tables
+    and plots show it instead of the overrides, and the rho plot draws a method's configurations
+    as one line. Empty: the method is told by the overrides (:func:`method_groups`).
+    """
 
     label: str
     overrides: dict[str, Any]
     name: str = ""
+    method: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", _slug(self.overrides) if self.overrides else "base")
+
+
+def parse_config(text: str) -> tuple[str, dict[str, Any]]:
+    """``"LABEL: key=value, key=value"`` -> ``(LABEL, {key: value, ...})`` (``--config``).
+
+    Values are read as TOML, else as strings; ``LABEL:`` alone is the base scenario under that name.
+    """
+    label, sep, rest = text.partition(":")
+    label = label.strip()
+    if not sep or not label:
+        raise SweepError(f"--config expects 'LABEL: key=value, ...', got {text!r}")
+    overrides: dict[str, Any] = {}
+    for item in re.split(r",\s*(?=[A-Za-z][\w.-]*\s*=)", rest.strip()) if rest.strip() else []:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise SweepError(f"--config {label}: expects key=value, got {item.strip()!r}")
+        if key in overrides:
+            raise SweepError(f"--config {label}: {key} given twice")
+        try:
+            overrides[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = raw.strip()
+    return label, overrides
+
+
+def method_slug(label: str) -> str:
+    """A directory name for a method label: ``"DP-FTRL (tree)"`` -> ``"dp-ftrl-tree"``."""
+    return re.sub(r"[^a-z0-9.+]+", "-", label.lower()).strip("-") or "method"
+
+
+def combine(methods: Sequence[tuple[str, dict[str, Any]]], grid: Sequence[dict[str, Any]]) -> list[Configuration]:
+    """Every method (``--config``) crossed with every grid point (``--grid``): the method's
+    overrides, then the grid's; labelled by the method (and the grid values)."""
+    labels = [m for m, _ in methods]
+    if len(set(labels)) != len(labels):
+        raise SweepError(f"--config {next(m for m in labels if labels.count(m) > 1)}: label given twice")
+    slugs = [method_slug(m) for m in labels]
+    if len(set(slugs)) != len(slugs):
+        raise SweepError("--config: two labels give the same directory name; choose more distinct labels")
+    out = []
+    for (label, overrides), slug in zip(methods, slugs, strict=True):
+        for point in grid or [{}]:
+            clash = sorted(set(overrides) & set(point))
+            if clash:
+                raise SweepError(f"--config {label}: {clash[0]} is also a --grid key")
+            name = slug if not point else f"{slug}__{_slug(point)}"
+            shown = f"{label}, {readable_label(point)}" if point else label
+            out.append(Configuration(shown, {**overrides, **point}, name, method=label))
+    return out
 
 
 def _fmt_value(value: Any) -> str:
@@ -164,6 +220,8 @@ class SweepResult:
     summaries: dict[Path, dict[str, Any] | None] = field(default_factory=dict)
     skipped: int = 0
     wall_time_s: float = 0.0
+    #: a run's accuracy and loss: the mean of its last ``last_evals`` evaluations (1: the final one)
+    last_evals: int = 1
 
     @property
     def failed(self) -> list[RunSpec]:
@@ -265,6 +323,7 @@ def plan_sweep(
             config.label if config.label != _label(config.overrides) else _label(applied),
             applied,
             config.name if config.name != _slug(config.overrides) else (_slug(applied) if applied else "base"),
+            method=config.method,
         )
         seen[fingerprint] = effective
         for i in range(seeds):
@@ -381,12 +440,14 @@ def run_sweep(
     ray_address: str = "",
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    last_evals: int = 1,
 ) -> SweepResult:
-    """Run every incomplete run of ``specs`` and write the sweep's results files and plots."""
+    """Run every incomplete run of ``specs`` and write the sweep's results files and plots
+    (``last_evals``: a run's accuracy and loss are the mean of its last that many evaluations)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = SweepResult(out, list(specs))
+    result = SweepResult(out, list(specs), last_evals=last_evals)
     todo = []
     for spec in specs:
         if _is_complete(spec):
@@ -516,6 +577,23 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
 
 
+def run_metrics(result: SweepResult, spec: RunSpec) -> dict[str, float | None]:
+    """A finished run's ``accuracy`` and ``loss``: its summary's, or with ``result.last_evals > 1``
+    the mean of its last that many evaluations in ``metrics.jsonl`` (top-1 accuracy of a language
+    model swings between rounds; a mean of the last few evaluations compares methods better)."""
+    s = result.summaries.get(spec.run_dir) or {}
+    if result.last_evals <= 1:
+        return {"accuracy": s.get("accuracy"), "loss": s.get("loss")}
+    path = spec.run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    evals = [r for r in rows if r.get("accuracy") is not None][-result.last_evals:]
+    out: dict[str, float | None] = {}
+    for key in ("accuracy", "loss"):
+        vals = [float(r[key]) for r in evals if r.get(key) is not None]
+        out[key] = sum(vals) / len(vals) if vals else None
+    return out
+
+
 def configuration_rows(result: SweepResult) -> list[dict[str, Any]]:
     """One aggregated row per configuration (in sweep order)."""
     rows = []
@@ -526,14 +604,26 @@ def configuration_rows(result: SweepResult) -> list[dict[str, Any]]:
         config = specs[0].config
         sums = [result.summaries.get(s.run_dir) for s in specs]
         ok = [s for s in sums if s is not None]
+        measured = [run_metrics(result, s) for s in specs if result.summaries.get(s.run_dir) is not None]
         row: dict[str, Any] = {"configuration": config.label, "name": config.name, **config.overrides}
-        for key in ("accuracy", "loss", "wall_time_s"):
-            row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd([s[key] for s in ok])
-        for key in ("rho", "epsilon", "delta"):
+        if config.method:
+            row["method"] = config.method
+        for key in ("accuracy", "loss"):
+            row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd([m[key] for m in measured])
+        row["wall_time_s_mean"], row["wall_time_s_sd"] = _mean_sd([s["wall_time_s"] for s in ok])
+        for key in ("rho", "epsilon", "delta", "equivalent_rho", "equivalent_epsilon"):
             vals = [s.get(key) for s in ok if s.get(key) is not None]
             row[key] = max(vals) if vals else None
+        eq = next((s["equivalent"] for s in ok if s.get("equivalent")), None)
+        row["equivalent_cohort"] = None if eq is None else eq["cohort"]
+        row["equivalent_noise_multiplier"] = None if eq is None else eq["noise_multiplier"]
+        row["equivalent_min_population"] = None if eq is None else eq["min_population"]
         row["rounds"] = min((s["rounds"] for s in ok), default=None)
-        row["noise_multiplier"] = specs[0].noise_multiplier
+        row["noise_multiplier"] = next((s["noise_multiplier"] for s in ok if s.get("noise_multiplier") is not None),
+                                       specs[0].noise_multiplier)
+        inits = [s["init"] for s in ok if isinstance(s.get("init"), dict) and s["init"].get("accuracy") is not None]
+        row["init_accuracy"] = inits[0]["accuracy"] if inits else None
+        row["init_loss"] = inits[0]["loss"] if inits else None
         row["seeds"] = len(ok)
         row["failed"] = len(sums) - len(ok)
         rows.append(row)
@@ -551,7 +641,11 @@ def run_rows(result: SweepResult) -> list[dict[str, Any]]:
                 **spec.config.overrides,
                 "seed": spec.seed,
                 **{k: s.get(k) for k in ("accuracy", "loss", "rounds", "rho", "epsilon", "delta")},
-                "noise_multiplier": spec.noise_multiplier,
+                **({f"{k}_last{result.last_evals}": v for k, v in run_metrics(result, spec).items()}
+                   if result.last_evals > 1 and s else {}),
+                **{k: s.get(k) for k in ("equivalent_rho", "equivalent_epsilon") if s.get(k) is not None},
+                "noise_multiplier": s.get("noise_multiplier", spec.noise_multiplier),
+                "run_id": s.get("run_id"),
                 "wall_time_s": s.get("wall_time_s"),
                 "run_dir": str(spec.run_dir),
             }
@@ -575,14 +669,27 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 
 def results_markdown(result: SweepResult) -> str:
-    """The ``results.md`` table: one row per configuration."""
+    """The ``results.md`` table: one row per configuration.
+
+    With ``[privacy] equivalent-cohort`` in any run, two more columns give the deployment's
+    guarantee (``equivalent rho``, ``equivalent epsilon``) beside the run's own; with a warm start
+    (``[model] init``), a first row gives the starting model's own accuracy and loss.
+    """
     rows = configuration_rows(result)
     seeds = max((r["seeds"] for r in rows), default=0)
-    lines = [
-        f"| configuration | noise multiplier | accuracy (mean ± sd, {seeds} seed{'s' if seeds != 1 else ''}) "
-        "| loss | rho (zCDP) | epsilon | wall time per run (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    equivalent = any(r["equivalent_rho"] is not None for r in rows)
+    what = "accuracy" if result.last_evals <= 1 else f"accuracy (mean of the last {result.last_evals} evaluations)"
+    head = (f"| configuration | noise multiplier | {what}, mean ± sd over {seeds} seed{'s' if seeds != 1 else ''} "
+            "| loss | rho (zCDP) of the run | epsilon of the run |")
+    if equivalent:
+        head += " deployment-equivalent rho | deployment-equivalent epsilon |"
+    head += " wall time per run (s) |"
+    lines = [head, "|" + "---|" * head.count(" |")]
+    init = next((r for r in rows if r["init_accuracy"] is not None), None)
+    if init is not None:
+        blanks = " - | - |" + (" - | - |" if equivalent else "")
+        lines.append(f"| starting model ([model] init), before any round | - | {init['init_accuracy']:.4f} "
+                     f"| {_num(init['init_loss'])} |{blanks} - |")
     for r in rows:
         acc = "-" if r["accuracy_mean"] is None else f"{r['accuracy_mean']:.4f}"
         if r["accuracy_sd"] is not None:
@@ -592,10 +699,13 @@ def results_markdown(result: SweepResult) -> str:
         eps = _num(r["epsilon"], 4)
         if r["epsilon"] is not None and r["delta"] is not None:
             eps += f" (delta = {r['delta']:g})"
-        lines.append(
-            f"| {r['configuration']} | {_num(r['noise_multiplier'])} | {acc} | {_num(r['loss_mean'])} "
-            f"| {_num(r['rho'])} | {eps} | {_num(r['wall_time_s_mean'], 3)} |"
-        )
+        z = _num(r["noise_multiplier"])
+        if r["equivalent_noise_multiplier"] is not None:
+            z = f"{r['equivalent_noise_multiplier']:.4g} for {r['equivalent_cohort']:,} clients ({z} here)"
+        line = f"| {r['configuration']} | {z} | {acc} | {_num(r['loss_mean'])} | {_num(r['rho'])} | {eps} |"
+        if equivalent:
+            line += f" {_num(r['equivalent_rho'])} | {_num(r['equivalent_epsilon'])} |"
+        lines.append(line + f" {_num(r['wall_time_s_mean'], 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -645,10 +755,18 @@ def method_groups(rows: list[dict[str, Any]], configs: dict[str, Configuration])
     label -> rows, in sweep order)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        overrides = configs[row["name"]].overrides
-        method = {k: v for k, v in overrides.items() if k not in RHO_KEYS}
+        config = configs[row["name"]]
+        if config.method:  # a named method (--config): its grid points are one line
+            groups.setdefault(config.method, []).append(row)
+            continue
+        method = {k: v for k, v in config.overrides.items() if k not in RHO_KEYS}
         groups.setdefault(readable_label(method), []).append(row)
     return groups
+
+
+def display_label(config: Configuration) -> str:
+    """A configuration's legend label: its label under a named method, else :func:`readable_label`."""
+    return config.label if config.method else readable_label(config.overrides)
 
 
 def _plain_log_ticks(ax: Any, values: list[float]) -> None:
@@ -698,7 +816,7 @@ def sweep_figures(result: SweepResult) -> tuple[Any, Any]:
             continue
         ys = np.array([[dict(pts)[r] for r in common] for pts in runs], dtype=float)
         mean = ys.mean(axis=0)
-        ax.plot(common, mean, label=readable_label(configs[name].overrides), color=f"C{i % 10}", lw=1.3,
+        ax.plot(common, mean, label=display_label(configs[name]), color=f"C{i % 10}", lw=1.3,
                 marker="o" if len(common) <= 12 else None, markersize=4)
         if len(runs) > 1:
             sd = ys.std(axis=0, ddof=1)
@@ -718,29 +836,57 @@ def sweep_figures(result: SweepResult) -> tuple[Any, Any]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.4), constrained_layout=True)
     rows = [r for r in configuration_rows(result) if r["accuracy_mean"] is not None]
+    # [privacy] equivalent-cohort: DP runs stand at the deployment's rho, never at the run's own
+    equivalent = [r for r in rows if r["equivalent_rho"] is not None]
+    x_key = "equivalent_rho" if equivalent else "rho"
     rhos: list[float] = []
     for i, (label, group) in enumerate(method_groups(rows, configs).items()):
         color = f"C{i % 10}"
-        private = sorted((r for r in group if r["rho"] is not None), key=lambda r: r["rho"])
+        private = sorted((r for r in group if r[x_key] is not None), key=lambda r: r[x_key])
         for r in group:
-            if r["rho"] is None:
-                ax.axhline(r["accuracy_mean"], ls="--", color=color, lw=1, label=f"{label} (no DP)")
+            if r["rho"] is None or (equivalent and r["equivalent_rho"] is None):
+                ax.axhline(r["accuracy_mean"], ls="--", color=color, lw=1,
+                           label=f"{label} (no DP)" if r["rho"] is None else f"{label} (no deployment rho)")
+                if r["accuracy_sd"]:
+                    ax.axhspan(r["accuracy_mean"] - r["accuracy_sd"], r["accuracy_mean"] + r["accuracy_sd"],
+                               color=color, alpha=0.1, lw=0)
         if private:
-            xs = [r["rho"] for r in private]
-            ax.errorbar(xs, [r["accuracy_mean"] for r in private], yerr=[r["accuracy_sd"] or 0.0 for r in private],
-                        fmt="-o", color=color, capsize=3, markersize=4, lw=1.2, label=label)
+            xs = [r[x_key] for r in private]
+            ys = np.array([r["accuracy_mean"] for r in private])
+            sd = np.array([r["accuracy_sd"] or 0.0 for r in private])
+            ax.plot(xs, ys, "-o", color=color, markersize=4, lw=1.2, label=label)
+            if sd.any():
+                ax.fill_between(xs, ys - sd, ys + sd, color=color, alpha=0.15, lw=0)
             rhos += xs
+    init = next((r for r in rows if r["init_accuracy"] is not None), None)
+    if init is not None:
+        ax.axhline(init["init_accuracy"], ls=":", color="0.3", lw=1.2, label="starting model (before any round)")
     if rhos:
-        ax.set_xscale("log")
         lo, hi = min(rhos), max(rhos)
-        ax.set_xlim(lo / 1.25, hi * 1.25)
-        _plain_log_ticks(ax, rhos)
-    ax.set_xlabel("rho (zCDP) of the run")
-    ax.set_ylabel("final test accuracy")
+        if hi > 20 * lo:  # a wide range: log scale, ticks labelled as plain numbers
+            ax.set_xscale("log")
+            ax.set_xlim(lo / 1.25, hi * 1.25)
+            _plain_log_ticks(ax, rhos)
+        else:
+            from matplotlib.ticker import FuncFormatter
+
+            pad = 0.05 * (hi - lo) or 0.1 * hi
+            ax.set_xlim(max(0.0, lo - pad), hi + pad)
+            ax.set_xticks(sorted(set(rhos)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if equivalent:
+        cohorts = sorted({r["equivalent_cohort"] for r in equivalent})
+        ax.set_xlabel(f"deployment-equivalent rho (zCDP) for {', '.join(f'{c:,}' for c in cohorts)} clients per "
+                      "round\n(a statement about that configuration; each run's own rho is far larger)")
+    else:
+        ax.set_xlabel("rho (zCDP) of the run")
+    what = "final test accuracy" if result.last_evals <= 1 else f"test accuracy (mean of last {result.last_evals} evaluations)"
+    seeds = max((r["seeds"] for r in rows), default=0)
+    ax.set_ylabel(what)
     ax.grid(alpha=0.3)
     if ax.lines or ax.collections:
         ax.legend(fontsize=7, loc="best")
-    ax.set_title("final accuracy against privacy")
+    ax.set_title("accuracy against privacy" + (f" (mean over {seeds} seeds, band: ± 1 sd)" if seeds > 1 else ""))
     return by_round, fig
 
 
@@ -760,6 +906,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("scenario", help="path to the base scenario TOML file")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="a scenario key and its values, e.g. --grid strategy.target-rho=0.81,2.63 (repeatable)")
+    p.add_argument("--config", action="append", default=[], metavar="'LABEL: KEY=V, KEY=V'",
+                   help="a named method: overrides of the base scenario under a label shown in tables and plots, "
+                        "e.g. --config 'FedAvg: strategy.name=fedavg' (repeatable; crossed with every --grid point)")
+    p.add_argument("--last-evals", type=int, default=1, metavar="N",
+                   help="a run's accuracy and loss: the mean of its last N evaluations (default 1: the final one)")
     p.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds scenario seed + 0..N-1 (default 1)")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: one per CPU)")
@@ -779,16 +930,22 @@ def _cmd_sweep(args: Any) -> int:
         raise SweepError(f"--workers must be >= 1, got {args.workers}")
     if args.ray_address and args.backend != "ray":
         raise SweepError("--ray-address needs --backend ray")
+    if args.last_evals < 1:
+        raise SweepError(f"--last-evals must be >= 1, got {args.last_evals}")
     grid = [parse_grid(g) for g in args.grid]
-    configs = [Configuration(_label(c), c) for c in expand_grid(grid)] if grid else [Configuration("base", {})]
+    methods = [parse_config(c) for c in args.config]
+    if methods:
+        configs = combine(methods, expand_grid(grid) if grid else [])
+    else:
+        configs = [Configuration(_label(c), c) for c in expand_grid(grid)] if grid else [Configuration("base", {})]
     overrides = [parse_override(t) for t in args.overrides]
     specs = plan_sweep(args.scenario, configs, seeds=args.seeds, out=args.out, overrides=overrides,
-                       check_grid_keys=[k for k, _ in grid])
+                       check_grid_keys=[k for k, _ in grid] + sorted({k for _, o in methods for k in o}))
     n_configs = len({s.config.name for s in specs})
     print(f"sweep: {n_configs} configuration(s) x {args.seeds} seed(s) = {len(specs)} runs -> {args.out}",
           file=sys.stderr)
     result = run_sweep(specs, args.out, workers=args.workers, backend=args.backend,
-                       ray_address=args.ray_address, progress=not args.quiet,
+                       ray_address=args.ray_address, progress=not args.quiet, last_evals=args.last_evals,
                        echo=None if not args.quiet else lambda s: print(s, file=sys.stderr))
     print(results_markdown(result), end="")
     print(f"results: {Path(args.out) / 'results.md'} ({result.wall_time_s:.1f} s, {result.skipped} skipped)",

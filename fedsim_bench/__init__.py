@@ -9,7 +9,11 @@ One command measures, in one run and on the same scenario, four figures per refe
 (c) **Flower**: the same scenario and strategy on Flower's simulation engine
     (``fedsim run --backend flower``: Flower's Ray backend, fedsim's ClientApp per device);
 (d) **FLOP bound**: the matmul FLOPs of one client update divided by an sgemm rate measured in
-    the same run with the same torch thread count.
+    the same run with the same torch thread count;
+(e) **pfl-research** (Apple's ``pfl`` 0.6.0, in its own environment: :mod:`fedsim_bench.pflpeer`):
+    the same cohort, model, loss and local training, in one process and in one process per
+    core (``torch.distributed.run``), measured right after fedsim on the same row; the column
+    is its better setting, and is skipped, with the install line, without that environment.
 
 Reference scenarios: logistic regression and a 784-128-10 MLP on synthetic 784-feature,
 10-class data; 1,000 clients per round (the whole population of 1,000 devices, so every engine
@@ -23,14 +27,15 @@ subprocess and all its descendants (Flower's Ray processes included), sampled ev
 
 Also reported: fedsim's training throughput on data generated beforehand (what the FLOP bound
 is compared with), the server-side DP-FTRL tree-noise cost per round for a 1.3M-parameter model,
-a Gboard-scale DP-FTRL round (6,500 clients from 100,000 devices, small local model) and fedsim's
-peak memory at 1,000 vs 6,500 clients per round on that population.
+and the Gboard-scale DP-FTRL round (:mod:`fedsim_bench.gboard`): the showcase's word LSTM at
+1,000 and 6,500 clients per round from 100,000 devices, seconds (client training and the rest),
+the FLOP bound, peak memory, and what a 2,000-round Gboard-shaped run would take.
 
 Targets (checked here, never by timed tests): fedsim >= 50x Flower and >= 5x the naive loop in
 updates per second on both scenarios; fedsim's training >= 50 % of the FLOP bound on the MLP.
 ``--json`` prints everything as one JSON object; ``--quick`` runs a reduced version (100 clients,
-no Flower, the naive loop at one thread count, the DP-FTRL round at 1,000 clients) whose cost is
-:data:`QUICK_COST`.
+no Flower, the naive loop at one thread count, the word-LSTM DP-FTRL round at 1,000 clients)
+whose cost is :data:`QUICK_COST`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -69,8 +75,9 @@ DP_CLIP = 1.0
 #: What ``--quick`` costs, as measured (``time fedsim bench --quick`` on the 2-core reference
 #: machine; see docs/benchmarks.md): CPU time is steady, wall time grows with the machine's load.
 QUICK_COST = (
-    "costs ~35 s of CPU time: under a minute on 2 idle cores, ~3 minutes measured on 2 cores shared "
-    "with other work (load average 7-12)"
+    "costs ~90 s of CPU time (73 s user + 14 s system measured, most of it the 1,000-client word-LSTM "
+    "round): 6 minutes measured on 2 cores shared with other work (load average 10-15); add pfl's "
+    "runs when its environment is found"
 )
 
 #: File the timed strategy appends its round marks to (read back by the Flower measurement).
@@ -247,14 +254,22 @@ class BenchOptions:
     #: model-zoo rows (:mod:`fedsim_bench.model_zoo`); the command line turns them on
     workloads: tuple[str, ...] = ()
     workload_rounds: int = 4
-    workload_clients: dict[str, int] = field(default_factory=lambda: {"cnn": 100, "lstm-lm": 16, "transformer-lm": 16})
+    workload_clients: dict[str, int] = field(
+        default_factory=lambda: {"cnn": 100, "lstm-lm": 16, "transformer-lm": 16, "tff-shakespeare": 8}
+    )
+    #: the pfl-research environment's interpreter (``None``: ``$FEDSIM_PFL_PYTHON``, else ``.venv-pfl``)
+    pfl_python: str | None = None
+    #: central iterations pfl runs per setting (the first is its warm-up)
+    pfl_rounds: int = 4
+    #: ``[data]`` keys overriding the Gboard-scale round's (tests: the fixture plays)
+    dp_data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick_run(cls, threads: int | None = None) -> BenchOptions:
         return cls(
             clients=100, fedsim_rounds=3, flower_rounds=2, flower_models=(), threads=threads or os.cpu_count() or 1,
             dp_clients=(1000,), dp_rounds=1, noise_rounds=4, train_repeats=1, naive_repeats=1, naive_all_threads=False,
-            quick=True,
+            quick=True, pfl_rounds=3,
         )
 
 
@@ -291,6 +306,11 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
     mm = measure("matmul", {"threads": opts.threads})
     gflops = mm.result["gflops"] if mm.result else None
     scenarios = []
+    from fedsim_bench.pflpeer import measure_pfl, pfl_python
+
+    pfl_py = pfl_python(opts.pfl_python)
+    pfl_processes = (1, opts.threads) if opts.threads > 1 else (1,)
+    scratch = tempfile.TemporaryDirectory(prefix="fedsim-bench-pfl-")
     for model in opts.models:
         base = {"model": model, "clients": opts.clients, "threads": opts.threads}
         log_progress(f"fedsim bench: {model}: fedsim in-process engine ({opts.fedsim_rounds} rounds) ...", quiet)
@@ -306,6 +326,10 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         if model in opts.flower_models:
             log_progress(f"fedsim bench: {model}: Flower simulation engine ({opts.flower_rounds} rounds, Ray) ...", quiet)
             flower = measure("flower", {**base, "rounds": opts.flower_rounds}, timeout=3600.0)
+        if pfl_py is not None:
+            log_progress(f"fedsim bench: {model}: pfl-research (1 and {opts.threads} processes) ...", quiet)
+        pfl = measure_pfl(pfl_py, {"name": model, "clients": opts.clients}, rounds=opts.pfl_rounds,
+                          processes=pfl_processes, workdir=Path(scratch.name))
         flops = flops_per_update(layer_dims(model), EXAMPLES, BATCH, EPOCHS)
         row: dict[str, Any] = {"name": model, "model": MODELS[model], "clients_per_round": opts.clients}
         fed_round = best_of(fed.result["round_s"]) if fed.result else None
@@ -334,6 +358,10 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         row["flops_per_update"] = flops
         row["naive_threads"] = naive_threads
         row["errors"] = {k: m.error for k, m in (("fedsim", fed), ("naive", naive), ("flower", flower)) if m and m.error}
+        for key in ("pfl_updates_per_s", "pfl_updates_per_s_by_processes", "pfl_round_s"):
+            row[key] = pfl[key]
+        if pfl["error"]:
+            row["errors"]["pfl"] = pfl["error"]
         if flower is None:
             if opts.quick:
                 row["errors"]["flower"] = "not run (--quick leaves out Flower: starting Ray alone costs more than the rest)"
@@ -344,33 +372,23 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
         scenarios.append(row)
     dp_rows = []
     for clients in opts.dp_clients:
-        log_progress(f"fedsim bench: DP-FTRL round, {clients} clients from {opts.dp_population} devices ...", quiet)
+        log_progress(
+            f"fedsim bench: DP-FTRL round of the word LSTM, {clients} clients from {opts.dp_population} devices ...", quiet
+        )
         spec = {
             "clients": clients, "population": opts.dp_population, "rounds": opts.dp_rounds, "threads": opts.threads,
             "noise_params": DP_NOISE_PARAMS if clients == max(opts.dp_clients) else 0, "noise_rounds": opts.noise_rounds,
+            "data": opts.dp_data,
         }
-        m = measure("dpftrl", spec)
-        entry: dict[str, Any] = {"clients_per_round": clients, "population": opts.dp_population, "peak_rss_mb": m.peak_rss_mb}
-        if m.result:
-            entry["round_s"] = best_of(m.result["run_round_s"], warmup=0)
-            entry["all_round_s"] = m.result["run_round_s"]
-            entry["clients"] = m.result["clients"]
-            entry["local_model_params"] = m.result["local_params"]
-            if "noise_s_per_round" in m.result:
-                entry["noise_params"] = DP_NOISE_PARAMS
-                entry["noise_s_per_round"] = m.result["noise_s_per_round"]
-                entry["gaussian_noise_s"] = m.result.get("gaussian_noise_s")
-                entry["gaussian_noise_numpy_s"] = m.result.get("gaussian_noise_numpy_s")
-                entry["noise_kernel"] = m.result.get("noise_kernel")
-        else:
-            entry["error"] = m.error
-        dp_rows.append(entry)
+        m = measure("dpftrl", spec, timeout=7200.0)
+        dp_rows.append(dp_entry(m, clients, opts, gflops))
     workload_rows: list[dict[str, Any]] = []
     if opts.workloads:
         from fedsim_bench.model_zoo import run_rows
 
         one = gflops if opts.threads == 1 else (measure("matmul", {"threads": 1}).result or {}).get("gflops")
-        workload_rows = run_rows(opts, gflops, one, quiet)
+        workload_rows = run_rows(opts, gflops, one, quiet, pfl_py, Path(scratch.name))
+    scratch.cleanup()
     report: dict[str, Any] = {
         "scenarios": scenarios,
         "workloads": workload_rows,
@@ -388,6 +406,42 @@ def run_benchmark(opts: BenchOptions, *, quiet: bool = False) -> dict[str, Any]:
     return report
 
 
+def dp_entry(m: Measurement, clients: int, opts: BenchOptions, gflops: float | None) -> dict[str, Any]:
+    """The JSON row of one Gboard-scale DP-FTRL measurement (see :func:`fedsim_bench.workers._worker_dpftrl`)."""
+    from fedsim_bench.gboard import GBOARD_ROUNDS
+
+    entry: dict[str, Any] = {"clients_per_round": clients, "population": opts.dp_population, "peak_rss_mb": m.peak_rss_mb,
+                             "model": "word LSTM (embedding 32, LSTM 64, 5,004-word vocabulary)"}
+    if not m.result:
+        entry["error"] = m.error
+        return entry
+    res = m.result
+    rounds = res["run_round_s"]
+    best = min(range(len(rounds)), key=rounds.__getitem__)
+    entry["round_s"] = rounds[best]
+    entry["all_round_s"] = rounds
+    entry["training_s"] = res["training_wait_s"][best]
+    entry["server_s"] = rounds[best] - res["training_wait_s"][best]
+    entry["clients"] = res["clients"]
+    entry["local_model_params"] = res["local_params"]
+    entry["trainer"] = res["trainer"]
+    entry["examples_per_client"] = res["examples_per_client"]
+    # FLOPs of device 0's update scale with its examples: the population's mean update
+    flops = res["flops_per_update"] * res["examples_per_client"] / max(res["flops_examples"], 1)
+    entry["flops_per_update"] = flops
+    entry["flop_bound_round_s"] = clients * flops / (gflops * 1e9) if gflops else None
+    entry["engine_peak_rss_mb"] = res["engine_maxrss"] / 2**20
+    entry["gboard_run_rounds"] = GBOARD_ROUNDS
+    entry["gboard_run_hours"] = GBOARD_ROUNDS * rounds[best] / 3600
+    if "noise_s_per_round" in res:
+        entry["noise_params"] = DP_NOISE_PARAMS
+        entry["noise_s_per_round"] = res["noise_s_per_round"]
+        entry["gaussian_noise_s"] = res.get("gaussian_noise_s")
+        entry["gaussian_noise_numpy_s"] = res.get("gaussian_noise_numpy_s")
+        entry["noise_kernel"] = res.get("noise_kernel")
+    return entry
+
+
 def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against the measured figures: met, not met, or not measured."""
     out = []
@@ -403,6 +457,8 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         fed, naive, flower = row["fedsim_updates_per_s"], row["naive_updates_per_s"], row["flower_updates_per_s"]
         add(f"{row['name']}: fedsim / Flower", fed / flower if fed and flower else None, 50.0, "x")
         add(f"{row['name']}: fedsim / naive loop", fed / naive if fed and naive else None, 5.0, "x")
+        pfl = row.get("pfl_updates_per_s")
+        add(f"{row['name']}: fedsim / pfl (best)", fed / pfl if fed and pfl else None, 3.0, "x")
         if row["name"] == "mlp":
             train, bound = row["fedsim_training_updates_per_s"], row["flop_bound_updates_per_s"]
             add("mlp: fedsim training / FLOP bound", 100 * train / bound if train and bound else None, 50.0, "%")
@@ -411,6 +467,8 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         fed, naive, flower = row["fedsim_updates_per_s"], row["naive_updates_per_s"], row["flower_updates_per_s"]
         add(f"{row['name']}: fedsim / naive loop", fed / naive if fed and naive else None, 1.0, "x")
         add(f"{row['name']}: fedsim / Flower", fed / flower if fed and flower else None, 10.0, "x")
+        pfl = row.get("pfl_updates_per_s")
+        add(f"{row['name']}: fedsim / pfl (best)", fed / pfl if fed and pfl else None, 1.3, "x")
         if row["name"] in ("cnn", "transformer-lm"):
             local, one = row["fedsim_local_training_updates_per_s"], row["flop_bound_one_core_updates_per_s"]
             add(f"{row['name']}: training / 1-core bound per core", 100 * local / threads / one if local and one else None, 40.0, "%")
@@ -423,6 +481,54 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------
 # printing
+
+
+def pfl_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row with pfl's figure per process count (the table shows its best)."""
+    lines = []
+    for row in rows:
+        by = row.get("pfl_updates_per_s_by_processes") or {}
+        if by:
+            parts = ", ".join(f"{n} process{'es' if n != '1' else ''} {fmt_number(v, 1)}" for n, v in sorted(by.items()))
+            lines.append(f"  pfl {row['name']}: {parts} updates/s (the table shows the best)")
+    notes = {row["errors"]["pfl"] for row in rows if row.get("errors", {}).get("pfl")}
+    lines += [f"  pfl-research column: {note}" for note in sorted(notes)]
+    return lines
+
+
+def format_dp(rows: list[dict[str, Any]], threads: int) -> list[str]:
+    """The Gboard-scale DP-FTRL rows as table lines."""
+    from fedsim_bench.gboard import (
+        GBOARD_MAX_PARTICIPATIONS,
+        GBOARD_MIN_SEPARATION,
+        GBOARD_NOISE_MULTIPLIER,
+    )
+
+    params = next((dp["local_model_params"] for dp in rows if "local_model_params" in dp), None)
+    lines = [
+        "Gboard-scale DP-FTRL round: the showcase's word LSTM (embedding 32, LSTM 64, 5,004-word vocabulary"
+        + (f", {params:,} parameters" if params else "") + "),",
+        f"  DP-FTRL noise multiplier {GBOARD_NOISE_MULTIPLIER:g}, at most {GBOARD_MAX_PARTICIPATIONS} contributions "
+        f"{GBOARD_MIN_SEPARATION} rounds apart, efficient tree; engine.threads = {threads}; synthetic population: each",
+        "  device holds the training text of one of the Shakespeare showcase's devices (device d: Shakespeare device d mod 933)",
+    ]
+    for dp in rows:
+        if "error" in dp:
+            lines.append(f"  {dp['clients_per_round']:>6} clients/round: {dp['error']}")
+            continue
+        bound = dp.get("flop_bound_round_s")
+        lines.append(
+            f"  {dp['clients_per_round']:>6} clients/round from {dp['population']:,} devices: {fmt_number(dp['round_s'], 2)} s/round "
+            f"(waiting for client training {fmt_number(dp['training_s'], 2)} s, the rest {fmt_number(dp['server_s'], 2)} s; "
+            f"FLOP bound {fmt_number(bound, 2)} s, {dp['flops_per_update'] / 1e6:,.0f} MFLOP per update), "
+            f"peak RSS {fmt_number(dp['peak_rss_mb'])} MB"
+        )
+        if dp["clients_per_round"] == DP_CLIENTS:
+            lines.append(
+                f"    a Gboard-shaped run ({dp['gboard_run_rounds']:,} rounds of {DP_CLIENTS:,} clients) here: "
+                f"{dp['gboard_run_hours']:,.1f} hours"
+            )
+    return lines
 
 
 def fmt_number(value: float | None, digits: int = 0, unit: str = "") -> str:
@@ -458,15 +564,16 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
         else f"sgemm rate measured in this run: {fmt_number(report['matmul_gflops'], 1)} GFLOP/s",
         "",
         "client updates per second (higher is better); ratios are fedsim's figure over the column's",
-        f"{'scenario':<10}{'fedsim':>10}{'naive loop':>12}{'Flower':>10}{'FLOP bound':>12}"
-        f"{'vs naive':>10}{'vs Flower':>11}{'training*':>11}{'% bound':>9}",
+        f"{'scenario':<10}{'fedsim':>10}{'naive loop':>12}{'Flower':>10}{'pfl':>8}{'FLOP bound':>12}"
+        f"{'vs naive':>10}{'vs Flower':>11}{'vs pfl':>8}{'training*':>11}{'% bound':>9}",
     ]
     for row in report["scenarios"]:
         fed, bound, train = row["fedsim_updates_per_s"], row["flop_bound_updates_per_s"], row["fedsim_training_updates_per_s"]
         pct = f"{100 * train / bound:.0f} %" if train and bound else "n/a"
         lines.append(
             f"{row['name']:<10}{fmt_number(fed):>10}{fmt_number(row['naive_updates_per_s']):>12}{fmt_number(row['flower_updates_per_s']):>10}"
-            f"{fmt_number(bound):>12}{fmt_ratio(fed, row['naive_updates_per_s']):>10}{fmt_ratio(fed, row['flower_updates_per_s']):>11}"
+            f"{fmt_number(row.get('pfl_updates_per_s')):>8}{fmt_number(bound):>12}{fmt_ratio(fed, row['naive_updates_per_s']):>10}"
+            f"{fmt_ratio(fed, row['flower_updates_per_s']):>11}{fmt_ratio(fed, row.get('pfl_updates_per_s')):>8}"
             f"{fmt_number(train):>11}{pct:>9}"
         )
     lines.append(
@@ -479,6 +586,7 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
                 f"  {row['name']}: local training alone (no server validation or sum) {fmt_number(local)} updates/s, "
                 f"{100 * local / bound:.0f} % of the bound"
             )
+    lines += pfl_lines(report["scenarios"])
     lines += [
         "",
         "seconds per round and peak memory (RSS of the engine's whole process tree)",
@@ -492,23 +600,8 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
             f"{fmt_number(row['data_generation_s_per_round'], 3):>12}{fmt_number(row['peak_rss_mb']):>11}"
             f"{fmt_number(row['naive_peak_rss_mb']):>10}{fmt_number(row['flower_peak_rss_mb']):>11}{row['flops_per_update'] / 1e6:>14.2f}"
         )
-    lines += ["", "DP-FTRL at scale (synthetic devices, logistic-regression local model, efficient tree estimator)"]
+    lines += ["", *format_dp(report["dp_ftrl"], cfg["threads"])]
     for dp in report["dp_ftrl"]:
-        if "error" in dp:
-            lines.append(f"  {dp['clients_per_round']:>6} clients/round: {dp['error']}")
-            continue
-        text = (
-            f"  {dp['clients_per_round']:>6} clients/round from {dp['population']:,} devices: "
-            f"{fmt_number(dp['round_s'], 2)} s/round, peak RSS {fmt_number(dp['peak_rss_mb'])} MB"
-        )
-        if "noise_s_per_round" in dp:
-            total = dp["round_s"] + dp["noise_s_per_round"]
-            text += (
-                f"; tree noise for a {dp['noise_params'] / 1e6:.1f}M-parameter model {dp['noise_s_per_round'] * 1e3:.1f} ms/round"
-                + (f" -> Gboard-scale round {fmt_number(total, 2)} s" if dp["clients_per_round"] == DP_CLIENTS
-                   else f" -> {fmt_number(total, 2)} s with it")
-            )
-        lines.append(text)
         if dp.get("gaussian_noise_s") is not None:
             lines.append(
                 f"  noise ms/round at {dp['noise_params'] / 1e6:.1f}M params (cryptographic sampler, one core): "
@@ -531,9 +624,11 @@ def format_report(report: dict[str, Any], *, targets: bool = False) -> str:
             state = "not measured" if t["met"] is None else ("met" if t["met"] else "not met")
             unit = {"%": " %", "ms": " ms"}.get(t["unit"], "x")
             value = "n/a" if t["value"] is None else f"{t['value']:.1f}{unit}"
-            goal = f"{'<=' if t.get('at_most') else '>='} {t['goal']:.0f}{unit}"
+            goal = f"{'<=' if t.get('at_most') else '>='} {t['goal']:g}{unit}"
             lines.append(f"  {t['target']:<36} {value:>10}  (goal {goal}): {state}")
-    notes = [f"  note: {row['name']} {engine}: {err}" for row in report["scenarios"] for engine, err in row["errors"].items()]
+    notes = [
+        f"  note: {row['name']} {engine}: {err}" for row in report["scenarios"] for engine, err in row["errors"].items() if engine != "pfl"
+    ]
     if notes:
         lines += ["", *notes]
     lines.append(f"\nbenchmark wall time {report['wall_s']:.0f} s")
@@ -577,8 +672,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--clients", type=_positive_int, help="clients per round (default 1000; --quick: 100)")
     p.add_argument("--no-flower", action="store_true", help="skip Flower's simulation engine")
-    p.add_argument("--no-workloads", action="store_true", help="skip the model-zoo rows (cnn, lstm-lm, transformer-lm)")
+    p.add_argument("--no-workloads", action="store_true", help="skip the model-zoo rows (cnn, lstm-lm, transformer-lm, tff-shakespeare)")
     p.add_argument("--workloads", action="store_true", help="with --quick: also the model-zoo rows (reduced; minutes)")
+    p.add_argument(
+        "--pfl-python",
+        metavar="PATH",
+        help="the pfl-research environment's python (pfl 0.6.0; default: $FEDSIM_PFL_PYTHON, else .venv-pfl/bin/python); "
+        "without one the pfl column is skipped with the install line",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -598,13 +699,19 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         opts.clients = args.clients
     if args.no_flower:
         opts.flower_models = ()
+    if args.pfl_python:
+        from fedsim_bench.pflpeer import pfl_python
+
+        if pfl_python(args.pfl_python) is None:
+            raise SystemExit(f"error: --pfl-python: no such file: {args.pfl_python}")
+        opts.pfl_python = args.pfl_python
     if args.workloads or (not args.quick and not args.no_workloads):
         from fedsim_bench.model_zoo import WORKLOADS
 
         opts.workloads = WORKLOADS
         if args.quick:
             opts.workload_rounds = 3
-            opts.workload_clients = {"cnn": 50, "lstm-lm": 8, "transformer-lm": 8}
+            opts.workload_clients = {"cnn": 50, "lstm-lm": 8, "transformer-lm": 8, "tff-shakespeare": 4}
     return opts
 
 

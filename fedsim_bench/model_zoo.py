@@ -36,19 +36,19 @@ import numpy as np
 import torch
 
 #: Rows, with the scenario each one runs (data file paths are filled in by the parent).
-WORKLOADS = ("cnn", "lstm-lm", "transformer-lm")
+WORKLOADS = ("cnn", "lstm-lm", "transformer-lm", "tff-shakespeare")
 SEQUENCES = 32
 TEXT_BATCH = 8
-LENGTHS = {"lstm-lm": 40, "transformer-lm": 80}
-MODEL_PARAMS: dict[str, dict[str, Any]] = {
-    "cnn": {},
-    "lstm-lm": {"embedding": 8, "hidden": 128, "layers": 1},
-    "transformer-lm": {"dim": 128, "layers": 2, "heads": 4},
+LENGTHS = {"lstm-lm": 40, "transformer-lm": 80, "tff-shakespeare": 80}
+#: each row's model: a registered model name and its parameters
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cnn": ("cnn", {}),
+    "lstm-lm": ("lstm-lm", {"embedding": 8, "hidden": 128, "layers": 1}),
+    "transformer-lm": ("transformer-lm", {"dim": 128, "layers": 2, "heads": 4}),
+    # TFF's Shakespeare model (Reddi et al. 2021): embedding 8, two LSTM layers of 256, batch 4
+    "tff-shakespeare": ("lstm-lm", {"embedding": 8, "hidden": 256, "layers": 2}),
 }
-PFL_INSTALL = (
-    "python3 -m venv .venv-pfl && .venv-pfl/bin/pip install torch==2.13.0 && "
-    "echo torch==2.13.0 > constraints.txt && .venv-pfl/bin/pip install -c constraints.txt 'pfl[pytorch]==0.6.0'"
-)
+BATCHES = {"tff-shakespeare": 4}
 
 
 def text_file(directory: Path, length: int, users: int) -> Path:
@@ -72,14 +72,15 @@ def scenario_dict(name: str, *, clients: int, rounds: int, threads: int, data_di
     else:
         path = data_dir / f"text-{LENGTHS[name]}.npz"
         data = {"dataset": str(path), "vocab-size": 100, "pad-id": 0, "eos-id": 3, "oov-ids": [1], "test-fraction": 0.05}
-        client = {"local-epochs": 1, "batch-size": TEXT_BATCH, "lr": 0.5}
+        client = {"local-epochs": 1, "batch-size": BATCHES.get(name, TEXT_BATCH), "lr": 0.5}
+    model, params = MODELS[name]
     return {
         "name": f"bench-{name}",
         "seed": 0,
         "rounds": rounds,
         "clients-per-round": clients,
         "data": data,
-        "model": {"name": name, **MODEL_PARAMS[name]},
+        "model": {"name": model, **params},
         "client": client,
         "strategy": {"name": "fedsim_bench.workers:TimedFedAvg"},
         "engine": {"backend": backend, "threads": threads, "eval-every": rounds},
@@ -198,16 +199,18 @@ def worker_flower(spec: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"workload-fedsim": worker_fedsim, "workload-naive": worker_naive, "workload-flower": worker_flower}
 
 
-def pfl_python() -> Path | None:
-    """The pfl-research environment's interpreter, or ``None`` when it is not installed."""
-    env = os.environ.get("FEDSIM_PFL_PYTHON")
-    candidate = Path(env) if env else Path(__file__).resolve().parents[1] / ".venv-pfl" / "bin" / "python"
-    return candidate if candidate.is_file() else None
+def run_rows(
+    opts: Any, gflops: float | None, gflops_one: float | None, quiet: bool, pfl_py: Path | None = None,
+    workdir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every row of ``opts.workloads``; the JSON-ready rows.
 
-
-def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: bool) -> list[dict[str, Any]]:
-    """Measure every row of ``opts.workloads``; the JSON-ready rows."""
+    pfl-research (``pfl_py``, its environment's interpreter; ``None``: the column is skipped with
+    the install line) trains each row's cohort right after fedsim does, in one process and in
+    ``opts.threads`` processes; ``workdir`` holds the exported cohorts meanwhile.
+    """
     from fedsim_bench import best_of, log_progress, measure
+    from fedsim_bench.pflpeer import measure_pfl
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-text-") as tmp:
@@ -221,6 +224,10 @@ def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: b
             fed = measure("workload-fedsim", {**base, "rounds": opts.workload_rounds})
             log_progress(f"fedsim bench: {name}: naive per-client loop ...", quiet)
             naive = measure("workload-naive", {**base, "threads": 1, "rounds": 1})
+            if pfl_py is not None:
+                log_progress(f"fedsim bench: {name}: pfl-research (1 and {opts.threads} processes) ...", quiet)
+            pfl = measure_pfl(pfl_py, base, rounds=opts.pfl_rounds, processes=(1, opts.threads) if opts.threads > 1 else (1,),
+                              workdir=workdir or data_dir)
             flower = None
             if opts.flower_models and not opts.quick:
                 log_progress(f"fedsim bench: {name}: Flower simulation engine ...", quiet)
@@ -248,11 +255,10 @@ def run_rows(opts: Any, gflops: float | None, gflops_one: float | None, quiet: b
                     row["errors"][key] = m.error
             if flower is None:
                 row["errors"]["flower"] = "not run (--quick)" if opts.quick else "skipped (--no-flower)"
-            row["errors"]["pfl"] = (
-                "skipped: pfl-research environment found, but its rows for these models are not measured by this version"
-                if pfl_python() is not None
-                else f"skipped: no pfl-research environment ($FEDSIM_PFL_PYTHON or .venv-pfl); install: {PFL_INSTALL}"
-            )
+            for key in ("pfl_updates_per_s", "pfl_updates_per_s_by_processes", "pfl_round_s"):
+                row[key] = pfl[key]
+            if pfl["error"]:
+                row["errors"]["pfl"] = pfl["error"]
             rows.append(row)
     return rows
 
@@ -263,10 +269,11 @@ def format_rows(rows: list[dict[str, Any]], threads: int) -> list[str]:
 
     lines = [
         "",
-        "model zoo: cnn on digits 1x8x8 images; lstm-lm (hidden 128, 40 chars) and transformer-lm (d 128, 2 layers,",
-        "80 tokens) on text; 32 sequences per client, batch 8 (cnn: digits devices, batch 16); 1 local epoch",
-        f"{'model':<16}{'path':>8}{'fedsim':>9}{'naive':>9}{'Flower':>9}{'bound':>9}{'% bound':>9}"
-        f"{'% 1 core':>10}{'vs naive':>10}{'vs Flower':>11}{'MB':>7}",
+        "model zoo: cnn on digits 1x8x8 images; lstm-lm (hidden 128, 40 chars), transformer-lm (d 128, 2 layers,",
+        "80 tokens) and tff-shakespeare (TFF's model: embedding 8, 2 x LSTM 256, 80 chars, batch 4) on text; 32 sequences",
+        "per client, batch 8 (cnn: digits devices, batch 16); 1 local epoch",
+        f"{'model':<16}{'path':>8}{'fedsim':>9}{'naive':>9}{'Flower':>9}{'pfl':>9}{'bound':>9}{'% bound':>9}"
+        f"{'% 1 core':>10}{'vs naive':>10}{'vs Flower':>11}{'vs pfl':>8}{'MB':>7}",
     ]
     for row in rows:
         local, bound, one = row["fedsim_local_training_updates_per_s"], row["flop_bound_updates_per_s"], row["flop_bound_one_core_updates_per_s"]
@@ -276,17 +283,19 @@ def format_rows(rows: list[dict[str, Any]], threads: int) -> list[str]:
         path = row["trainer"]["path"] if row["trainer"] else "n/a"
         lines.append(
             f"{row['name']:<16}{path:>8}{fmt_number(fed, 1):>9}{fmt_number(row['naive_updates_per_s'], 1):>9}"
-            f"{fmt_number(row['flower_updates_per_s'], 1):>9}{fmt_number(bound, 1):>9}{pct:>9}{pct_one:>10}"
+            f"{fmt_number(row['flower_updates_per_s'], 1):>9}{fmt_number(row.get('pfl_updates_per_s'), 1):>9}"
+            f"{fmt_number(bound, 1):>9}{pct:>9}{pct_one:>10}"
             f"{fmt_ratio(fed, row['naive_updates_per_s']):>10}{fmt_ratio(fed, row['flower_updates_per_s']):>11}"
-            f"{fmt_number(row['peak_rss_mb']):>7}"
+            f"{fmt_ratio(fed, row.get('pfl_updates_per_s')):>8}{fmt_number(row['peak_rss_mb']):>7}"
         )
     lines.append(
         "  client updates/s; % bound: local training / FLOP bound on the run's cores; % 1 core: per core, against one core's bound"
     )
+    from fedsim_bench import pfl_lines
+
+    lines += pfl_lines(rows)
     for row in rows:
         for engine, err in row["errors"].items():
             if engine != "pfl":
                 lines.append(f"  note: {row['name']} {engine}: {err}")
-    if rows and "pfl" in rows[0]["errors"]:
-        lines.append(f"  note: pfl-research column: {rows[0]['errors']['pfl']}")
     return lines

@@ -129,7 +129,7 @@ class DPFedAvg(MechanismStrategy):
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
-        # the rate first: adaptive clipping's denominator (set up by the base class) depends on it
+        # the rate first: the fixed denominator (adaptive clipping's, a deployment-equivalent noise's) depends on it
         if self.sampling == "poisson" and self.requested_rate is None:
             self.mechanism.sampling_rate = min(1.0, ctx.clients_per_round / ctx.num_devices)
         super().setup(ctx)

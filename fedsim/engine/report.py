@@ -62,6 +62,16 @@ def run_summary(owner: RoundOwner, wall: float) -> tuple[dict[str, Any], dict[st
         # the warm start's file ([model] init), or None: the builder's seeded initialisation
         "init": None if sc.model.init is None else {"path": sc.model.init, "sha256": sc.model.init_sha256},
     }
+    if owner.initial_params is not None:
+        # the warm start's own test metrics: what the rounds improved on (post-processing of a
+        # public model, evaluated on the same test split as every round)
+        summary["init"].update(evaluate(owner.model, owner.initial_params, owner.data))
+    equivalent = owner.equivalent_summary()
+    if equivalent is not None:
+        # a deployment with equivalent-cohort clients per round: its guarantee, beside the run's
+        summary["equivalent_rho"] = equivalent["rho"]
+        summary["equivalent_epsilon"] = equivalent["epsilon"]
+        summary["equivalent"] = equivalent
     if owner.prior is not None:
         # the earlier runs' releases on the same people count: rho adds up (zCDP)
         summary["prior"] = {

@@ -201,10 +201,12 @@ class RoundPlan:
 
 
 def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
-    """The progress bar's per-round figures: ``acc``, ``loss``, ``rho``, ``eps``, ``emp_eps``, ``clients``."""
+    """The progress bar's per-round figures: ``acc``, ``loss``, ``rho``, ``eps`` (the run's), ``eq_rho``
+    (the deployment-equivalent rho, ``[privacy] equivalent-cohort``), ``emp_eps``, ``clients``."""
     out = {}
     for key, label in (
-        ("accuracy", "acc"), ("loss", "loss"), ("rho", "rho"), ("epsilon", "eps"), ("audit_epsilon", "emp_eps")
+        ("accuracy", "acc"), ("loss", "loss"), ("rho", "rho"), ("epsilon", "eps"),
+        ("equivalent_rho", "eq_rho"), ("audit_epsilon", "emp_eps"),
     ):
         if row.get(key) is not None:
             out[label] = f"{row[key]:.4g}"
@@ -281,6 +283,8 @@ class RoundOwner:
             scenario, self.data, seed=seeds.derived_seed(scenario.seed, seeds.STREAM_MODEL_INIT), init=True
         )
         self.params = get_flat(self.model)
+        #: a warm start's parameters ([model] init): summary.json["init"] reports how they evaluate
+        self.initial_params = self.params.clone() if scenario.model.init is not None else None
         self.strategy = build_strategy(scenario)
         self.base_config = TrainConfig(
             round=0,
@@ -333,6 +337,8 @@ class RoundOwner:
         self.trainer.set_participation_bound(*((k, "strategy") if k is not None else (scenario.rounds, "rounds")))
         self.ledger: Any | None = None
         self.accountant: Any | None = None
+        #: the deployment's events, one per recorded round ([privacy] equivalent-cohort)
+        self.equivalent_ledger: Any | None = None
         self.rejected: Counter[str] = Counter()
         self.metrics: list[dict[str, Any]] = []
         self.next_round = 0
@@ -554,8 +560,54 @@ class RoundOwner:
         where given), ``None`` for a run without DP or a strategy that does not say."""
         if not self.private:
             return None
+        if self.equivalent is not None:  # the run's own: z n / N, set up by the strategy
+            return float(self.strategy.mechanism.noise_multiplier)
         z = self.strategy.calibrated_noise_multiplier(num_rounds=self.scenario.rounds)
         return None if z is None else float(z)
+
+    @property
+    def equivalent(self) -> Any | None:
+        """The deployment the run's noise is equivalent to (``[privacy] equivalent-cohort``), or ``None``."""
+        return self.strategy.equivalent if self.private else None
+
+    def equivalent_report(self) -> Any | None:
+        """The deployment-equivalent guarantee after the rounds recorded so far (``None`` without
+        ``equivalent-cohort``): the accountant on the deployment's events of those rounds
+        (:meth:`fedsim.strategy.MechanismStrategy.equivalent_event`), a statement about that
+        configuration, not about this run."""
+        if self.equivalent is None:
+            return None
+        from fedsim.privacy.accountant import Accountant
+        from fedsim.privacy.events import PrivacyLedger
+
+        done = len(self.ledger) if self.ledger is not None else 0
+        if self.equivalent_ledger is None or len(self.equivalent_ledger) > done:
+            self.equivalent_ledger = PrivacyLedger()
+        for r in range(len(self.equivalent_ledger), done):
+            self.equivalent_ledger.record(r, self.strategy.equivalent_event(round=r))
+        return Accountant(delta=self.scenario.privacy.delta).report(self.equivalent_ledger)
+
+    def equivalent_summary(self) -> dict[str, Any] | None:
+        """``summary.json["equivalent"]``: the deployment, its noise multiplier and guarantee."""
+        report = self.equivalent_report()
+        if report is None:
+            return None
+        from fedsim.privacy.equivalent import STATEMENT
+
+        dep = self.equivalent
+        return {
+            "cohort": dep.cohort,
+            "population": dep.population,
+            "min_population": self.strategy.deployment_min_population,
+            "noise_multiplier": self.strategy.deployment_noise_multiplier,
+            "simulated_noise_multiplier": float(self.strategy.mechanism.noise_multiplier),
+            "clients_per_round": self.scenario.clients_per_round,
+            "rho": report.rho,
+            "epsilon": report.epsilon,
+            "epsilon_rdp": report.epsilon_rdp,
+            "delta": report.delta,
+            "statement": STATEMENT,
+        }
 
     def privacy(self) -> tuple[Any, Any]:
         """Ledger and accountant, created on the first privacy event (non-DP runs need neither)."""
@@ -740,6 +792,9 @@ class RoundOwner:
             **privacy_figures(report),
         )
         row.update(self.strategy.public_metrics(round=round, config=plan.config))
+        equivalent = self.equivalent_report() if report is not None else None
+        if equivalent is not None:  # the deployment's guarantee: a statement about it, not this run
+            row.update(equivalent_rho=equivalent.rho, equivalent_epsilon=equivalent.epsilon)
         for cb in self.callbacks:
             cb.on_row(row, self.params)
         if self.private:
@@ -804,6 +859,10 @@ class RoundOwner:
         summary, private = run_summary(self, wall)
         # the backends' own parts (Flower: its counts, the participation ledger), then one write
         files: RunFiles = self.recorder.complete_summary(summary, private)
+        equivalent = summary.get("equivalent")
+        if equivalent is not None and self.equivalent_ledger is not None:
+            # the deployment's events beside the run's own ledger.json (which stays the run's)
+            files.public["ledger_equivalent.json"] = {**dict(equivalent), "events": self.equivalent_ledger.to_json()}
         if self.run_dir is not None:
             for cb in self.callbacks:
                 cb.save(self.run_dir.path, self.params, self.next_round)
@@ -971,6 +1030,7 @@ class RoundOwner:
 
             self.privacy()
             self.ledger = PrivacyLedger.from_json(state["ledger"])
+        self.equivalent_ledger = None  # rebuilt from the deployment's planned events when asked
         self.rejected.clear()
         self.rejected.update({str(k): int(v) for k, v in state["rejected"].items()})
         torch.set_rng_state(state["rng"]["torch"])

@@ -183,9 +183,15 @@ def metrics_figure(rows: list[dict[str, Any]], title: str, audit: dict[str, Any]
     rounds = [r["round"] for r in rows]
     has_rho = any(r.get("rho") is not None for r in rows)
     has_audit = any(r.get("audit_epsilon") is not None for r in rows)
-    ncols = 2 + has_rho + has_audit
+    # [privacy] equivalent-cohort: the deployment's rho gets its own panel, never the run's axis
+    has_equivalent = any(r.get("equivalent_rho") is not None for r in rows)
+    ncols = 2 + has_rho + has_equivalent + has_audit
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
-    series = [("accuracy", "test accuracy"), ("loss", "test loss")] + ([("rho", "rho (zCDP)")] if has_rho else [])
+    series = [("accuracy", "test accuracy"), ("loss", "test loss")]
+    if has_rho:
+        series.append(("rho", "rho (zCDP) of this run" if has_equivalent else "rho (zCDP)"))
+    if has_equivalent:
+        series.append(("equivalent_rho", "deployment-equivalent rho (zCDP)\n(the configuration, not this run)"))
     if has_audit:
         _plot_epsilons(axes[-1], rows, audit)
     last = max(rounds, default=1)
@@ -196,7 +202,7 @@ def metrics_figure(rows: list[dict[str, Any]], title: str, audit: dict[str, Any]
             # few points (evaluation every N rounds, a short run) get visible markers
             marker = "o" if len(xs) <= 12 else ("." if len(xs) < 60 else None)
             ax.plot(xs, ys, marker=marker, markersize=4)
-            if key == "rho":
+            if key in ("rho", "equivalent_rho"):
                 _mark_rho_steps(ax, xs, ys)
         _round_axis(ax, last)
         ax.set_ylabel(label)

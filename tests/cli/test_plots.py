@@ -109,9 +109,9 @@ def test_the_sweeps_rho_plot_has_one_line_per_method_and_plain_ticks(sweep) -> N
         ax = by_rho.axes[0]
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert labels == ["fedavg (no DP)", "dp-ftrl"]
-        (dp,) = [c for c in ax.containers if c.get_label() == "dp-ftrl"]
-        assert list(dp.lines[0].get_xdata()) == pytest.approx([0.5, 2.0])  # one line across rho
-        assert dp.lines[0].get_linestyle() == "-"
+        (dp,) = [line for line in ax.lines if line.get_label() == "dp-ftrl"]
+        assert list(dp.get_xdata()) == pytest.approx([0.5, 2.0])  # one line across rho
+        assert dp.get_linestyle() == "-"
         ticks = [t.get_text() for t in ax.get_xticklabels()]
         assert ticks == ["0.5", "2"]
         assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))

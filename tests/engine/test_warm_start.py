@@ -73,7 +73,9 @@ def test_a_run_from_a_finished_model_starts_at_its_accuracy(tmp_path: Path, fini
     assert result.metrics[0]["accuracy"] == pytest.approx(accuracy, abs=0.01)  # not chance (~0.1)
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["init"] == {"path": str(model_file.resolve()), "sha256": digest}
+    assert {k: summary["init"][k] for k in ("path", "sha256")} == {"path": str(model_file.resolve()), "sha256": digest}
+    # the starting model's own evaluation on the same test split: exactly the finished run's final one
+    assert summary["init"]["accuracy"] == pytest.approx(accuracy, abs=1e-6) and summary["init"]["loss"] > 0
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["model"]["init"] == str(model_file.resolve()) and config["model"]["init-sha256"] == digest
     # the recorded config runs again from anywhere, and a cold start records no init file
