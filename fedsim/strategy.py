@@ -505,6 +505,12 @@ class MechanismStrategy(Strategy):
 
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
+        if self.deployment_noise_multiplier is not None:
+            # an earlier setup scaled the mechanism's multiplier to the simulation's: start again from
+            # the deployment's, so that setting up twice (a resumed run) does not scale it twice
+            self.mechanism.noise_multiplier = self.deployment_noise_multiplier
+        if self.adaptive is not None and self.deployment_count_noise_multiplier is not None:
+            self.adaptive.count_noise_multiplier = self.deployment_count_noise_multiplier
         z = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
         self._equivalent_events = None
         self.deployment_noise_multiplier = None

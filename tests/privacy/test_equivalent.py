@@ -219,3 +219,15 @@ def test_a_poisson_plan_needs_the_deployments_population(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["equivalent"]["sampling_rate"] == pytest.approx(0.01)
     assert math.isfinite(out["equivalent_epsilon"]) and out["equivalent_epsilon"] < out["epsilon"]
+
+
+def test_setting_up_twice_does_not_scale_the_noise_twice() -> None:
+    # a resumed run sets its strategy up again: the given multipliers are the deployment's both times
+    strategy = DPFTRL(noise_multiplier=3.0, clip_norm=0.5, max_participations=2, min_separation=1, momentum=0.0,
+                      target_quantile=0.5, count_noise_multiplier=4.0)
+    strategy.set_equivalent(Deployment(6500), clients_per_round=40, num_rounds=4)
+    for _ in range(2):
+        strategy.setup(strategy_context(10, rounds=4, devices=1000, per_round=40))
+        assert strategy.mechanism.noise_multiplier == pytest.approx(3.0 * 40 / 6500)
+        assert strategy.adaptive.count_noise_multiplier == pytest.approx(4.0 * 40 / 6500)
+        assert strategy.deployment_noise_multiplier == 3.0 and strategy.deployment_count_noise_multiplier == 4.0
