@@ -125,6 +125,17 @@ def test_adaptive_clipping_combines_and_both_ledgers_hold_the_counts(tmp_path: P
     assert len(set(clips)) > 1  # the clip norm moves
 
 
+def test_the_console_names_the_deployments_count_noise(tmp_path: Path, capsys) -> None:
+    raw = _raw()
+    raw["strategy"].update({"target-quantile": 0.5, "count-rho-fraction": 0.1})
+    path = tmp_path / "s.toml"
+    path.write_text(tomli_w.dumps(raw))
+    assert cli_main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet", "--rounds", "1"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "adaptive clipping: the clipped count's noise multiplier" in out and f"x {N} / {BIG:,})" in out
+
+
 FEDAVG_DP = {**{k: v for k, v in DP.items() if k not in ("name", "momentum")}, "name": "dp-fedavg",
              "sampling": "poisson"}
 
