@@ -42,6 +42,7 @@ from fedsim.privacy.adaptive_clipping import AdaptiveClipping, check_adaptive
 from fedsim.privacy.calibration import calibrate, calibrate_count_noise, count_rho
 from fedsim.privacy.equivalent import Deployment, check_deployment, simulated_noise_multiplier
 from fedsim.privacy.events import (
+    MIN_NOISE_MULTIPLIER,
     ClippedCountEvent,
     PrivacyEvent,
     SampledGaussianEvent,
@@ -466,6 +467,21 @@ class MechanismStrategy(Strategy):
             min_separation=self.mechanism.min_separation,
             poisson=self.mechanism.accounts_for_sampling and getattr(self, "sampling", None) == "poisson",
         )
+        given = [("noise-multiplier", None if self.target_rho is not None else self.mechanism.noise_multiplier)]
+        if self.adaptive is not None and self.params.count_fraction() is None:
+            given.append(("count-noise-multiplier", self.adaptive.count_noise_multiplier))
+        for key, z in given:
+            if z is None:
+                continue
+            scaled = simulated_noise_multiplier(z, clients_per_round, deployment.cohort)
+            try:
+                check_noise_multiplier(scaled, key)
+            except ValueError:
+                raise ValueError(
+                    f"{key} = {z:g} scaled to the simulation ({z:g} x clients-per-round {clients_per_round} / "
+                    f"equivalent-cohort {deployment.cohort}) is {scaled:.3g}, below the smallest noise multiplier "
+                    f"fedsim adds, {MIN_NOISE_MULTIPLIER:g}; raise {key} or lower equivalent-cohort"
+                ) from None
         self.equivalent = deployment
 
     def deployment_mechanism(self, noise_multiplier: float) -> Mechanism:

@@ -136,6 +136,7 @@ def test_the_console_names_the_deployments_count_noise(tmp_path: Path, capsys) -
     assert "adaptive clipping: the clipped count's noise multiplier" in out and f"x {N} / {BIG:,})" in out
 
 
+GIVEN = {**{k: v for k, v in DP.items() if k != "target-rho"}, "noise-multiplier": 3.0}
 FEDAVG_DP = {**{k: v for k, v in DP.items() if k not in ("name", "momentum")}, "name": "dp-fedavg",
              "sampling": "poisson"}
 
@@ -147,6 +148,10 @@ FEDAVG_DP = {**{k: v for k, v in DP.items() if k not in ("name", "momentum")}, "
      "equivalent-population = 10000 cannot supply equivalent-cohort = 6500 clients in each of 6 rounds"),
     (FEDAVG_DP, {"equivalent-cohort": BIG}, "privacy", "equivalent-population must be stated"),
     (DP, {"equivalent-population": 100}, "privacy.equivalent-population", "without equivalent-cohort"),
+    ({**GIVEN, "noise-multiplier": 1e-4}, {"equivalent-cohort": BIG}, "privacy",
+     "noise-multiplier = 0.0001 scaled to the simulation (0.0001 x clients-per-round 8 / equivalent-cohort 6500)"),
+    ({**GIVEN, "target-quantile": 0.5, "count-noise-multiplier": 1e-4}, {"equivalent-cohort": BIG}, "privacy",
+     "count-noise-multiplier = 0.0001 scaled to the simulation"),
 ])
 def test_bad_equivalents_are_refused_naming_the_key(strategy: dict, privacy: dict, key: str, message: str) -> None:
     from fedsim.errors import ScenarioError
