@@ -63,6 +63,54 @@ def shared_cluster(flower_clusters) -> Iterator:
 
 
 # ---------------------------------------------------------------------------------------------
+# two workers (pytest-xdist): `make test` runs `pytest -n 2 --dist loadgroup`
+
+#: the modules whose tests borrow the session's Flower cluster (``shared_cluster``): one work unit,
+#: run by one worker, so the suite starts that cluster once rather than once per worker
+#: (tests/contracts/test_suite_layout.py checks that the list names every such module)
+SHARED_CLUSTER_MODULES = ("tests/flower/test_deploy.py", "tests/flower/test_resume.py")
+SHARED_CLUSTER_GROUP = "flower-shared-cluster"
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called only where it is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup``, with the shared-cluster modules as one group.
+
+    The controller sees node ids only; xdist's own ``xdist_group`` marks reach it by a suffix of
+    the node id, which pytest 9.2 no longer lets a plugin write (pytest-xdist issue 1386), so the
+    group is named here by module. Every other test is a unit of its own (xdist's ``load``), a
+    marked group (once xdist passes them again) one unit too.
+    """
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class SharedClusterScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.split("::", 1)[0] in SHARED_CLUSTER_MODULES:
+                return SHARED_CLUSTER_GROUP
+            return super()._split_scope(nodeid)
+
+    return SharedClusterScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker: the long tests first (the shared cluster's, then those marked ``slow``),
+    so that no worker is left with a long test at the end while the other idles (xdist hands out
+    the tests in this order, its largest unit, the shared cluster's, first). Without xdist (one
+    test file, a plain ``pytest``) the collection order stays."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker (the controller collects nothing)
+        return
+
+    def rank(item: pytest.Item) -> int:
+        if item.nodeid.split("::", 1)[0] in SHARED_CLUSTER_MODULES:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=rank)  # stable: the collection order within each rank
+
+
+# ---------------------------------------------------------------------------------------------
 # shared builders of the contract suites
 
 
