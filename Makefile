@@ -35,7 +35,8 @@ demo: $(STAMP)
 # The suite runs on TEST_WORKERS pytest-xdist workers (2: the CI machine's cores). Most of its time
 # is spent in other processes (Flower SuperLinks and SuperNodes, Ray, `fedsim` subprocesses) and
 # waiting on them, so a second worker overlaps that with the in-process tests. --dist loadgroup
-# keeps the tests that share the session's Flower cluster on one worker (tests/conftest.py).
+# keeps the tests that share the session's Flower cluster on one worker, and those that start Ray
+# on one (tests/conftest.py: XDIST_GROUPS).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
