@@ -68,7 +68,9 @@ def shared_cluster(flower_clusters) -> Iterator:
 #: the modules whose tests borrow the session's Flower cluster (``shared_cluster``): one work unit,
 #: run by one worker, so the suite starts that cluster once rather than once per worker
 #: (tests/contracts/test_suite_layout.py checks that the list names every such module)
-SHARED_CLUSTER_MODULES = ("tests/flower/test_deploy.py", "tests/flower/test_resume.py")
+SHARED_CLUSTER_MODULES = (
+    "tests/flower/test_deploy.py", "tests/flower/test_resume.py", "tests/flower/test_secagg.py",
+)
 #: the modules that start Ray (Flower's simulation runtime, the Ray backend, a Ray cluster): one
 #: work unit as well, so two Ray instances (each a whole local cluster: GCS, raylet, workers)
 #: never start at once on the 2 cores; it runs beside the shared Flower cluster's unit
