@@ -32,8 +32,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedsim run scenarios/quickstart.toml --out runs/demo --overwrite
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (2: the CI machine's cores). Most of its time
+# is spent in other processes (Flower SuperLinks and SuperNodes, Ray, `fedsim` subprocesses) and
+# waiting on them, so a second worker overlaps that with the in-process tests. --dist loadgroup
+# keeps the tests that share the session's Flower cluster on one worker, and those that start Ray
+# on one (tests/conftest.py: XDIST_GROUPS).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

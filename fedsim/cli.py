@@ -139,6 +139,13 @@ def _start_notes(sim: Any) -> list[str]:
                 f"{scenario.name}: deployment-equivalent noise: multiplier {deployed:.4f}{how} for {big:,} clients "
                 f"per round; this run adds {z:.4g} x clip norm to the sum of its {n} (= {deployed:.4f} x {n} / {big:,})"
             )
+            deployed_count = getattr(strategy, "deployment_count_noise_multiplier", None)
+            if deployed_count is not None:
+                zb = strategy.adaptive.count_noise_multiplier
+                lines.append(
+                    f"{scenario.name}: adaptive clipping: the clipped count's noise multiplier {deployed_count:.4f} is the "
+                    f"deployment's; this run adds {zb / 2:.4g} to its count of {n} bits (= {deployed_count:.4f} / 2 x {n} / {big:,})"
+                )
         else:
             lines.append(f"{scenario.name}: noise multiplier {z:.4f}{how}")
     if scenario.strategy.name == "dp-fedavg" and scenario.strategy.params.get("sampling", "fixed") == "fixed":

@@ -487,7 +487,7 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         if adaptive["fraction"] is not None:
             result["count_rho_fraction"] = adaptive["fraction"]
     if args.equivalent_cohort is not None:
-        result.update(_equivalent_plan(args, mech, k, sampling))
+        result.update(_equivalent_plan(args, mech, k, sampling, adaptive))
     return {"result": result, "details": details, "amplified": amplified}, notes
 
 
@@ -536,14 +536,18 @@ def _with_counts(events: list[Any], zb: float, k: int | None, b: int) -> Any:
     return ledger
 
 
-def _equivalent_plan(args: argparse.Namespace, mech: Any, k: int | None, sampling: float | None) -> dict[str, Any]:
+def _equivalent_plan(args: argparse.Namespace, mech: Any, k: int | None, sampling: float | None,
+                     adaptive: dict[str, Any] | None = None) -> dict[str, Any]:
     """``--equivalent-cohort``: the simulation's own guarantee (``rho``, ``epsilon``,
     ``noise_multiplier``: what its run will report) and the deployment's beside it
     (``equivalent``), as :mod:`fedsim.privacy.equivalent` defines them. ``mech`` holds the
-    deployment's noise multiplier (given or solved) and the simulation's sampling rate."""
+    deployment's noise multiplier (given or solved) and the simulation's sampling rate; with
+    adaptive clipping (``adaptive``, :func:`_adaptive_plan`) the count's noise multiplier ``z_b``
+    is the deployment's too, the simulation's is ``z_b n / N``, and both ledgers hold the counts."""
     import copy
 
     from fedsim.privacy.accountant import Accountant
+    from fedsim.privacy.calibration import count_rho
     from fedsim.privacy.equivalent import (
         STATEMENT,
         Deployment,
@@ -553,9 +557,6 @@ def _equivalent_plan(args: argparse.Namespace, mech: Any, k: int | None, samplin
     from fedsim.privacy.events import PrivacyLedger, check_noise_multiplier
 
     n, big = args.clients_per_round, args.equivalent_cohort
-    if getattr(args, "target_quantile", None) is not None:
-        raise _UsageError("--equivalent-cohort does not combine with --target-quantile (adaptive clipping) yet: "
-                          "the deployment's guarantee would leave out its clipped-count queries")
     try:
         deployment = Deployment(big, args.equivalent_population)
         need = check_deployment(deployment, clients_per_round=n, rounds=args.rounds, max_participations=k,
@@ -566,15 +567,33 @@ def _equivalent_plan(args: argparse.Namespace, mech: Any, k: int | None, samplin
     deployed = copy.copy(mech)
     if sampling is not None:
         deployed.sampling_rate = deployment.sampling_rate
-    dep = accountant.report(PrivacyLedger.planned(deployed.plan_events(args.rounds)))
+    b = args.min_separation
+    zb = None if adaptive is None else adaptive["count_noise_multiplier"]
+
+    def ledger(m: Any, count_z: float | None) -> Any:
+        events = m.plan_events(args.rounds)
+        return PrivacyLedger.planned(events) if count_z is None else _with_counts(events, count_z, k, b)
+
+    dep = accountant.report(ledger(deployed, zb))
     simulated = copy.copy(mech)
     try:
         simulated.noise_multiplier = check_noise_multiplier(
             simulated_noise_multiplier(mech.noise_multiplier, n, big), "the simulated noise multiplier")
+        zb_run = None if zb is None else check_noise_multiplier(
+            simulated_noise_multiplier(zb, n, big), "the simulated count noise multiplier")
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    run = accountant.report(PrivacyLedger.planned(simulated.plan_events(args.rounds)))
+    run = accountant.report(ledger(simulated, zb_run))
+    counts: dict[str, Any] = {}
+    dep_counts: dict[str, Any] = {}
+    if zb is not None and zb_run is not None:
+        assert run.rho is not None
+        run_count_rho = count_rho(zb_run, num_rounds=args.rounds, max_participations=k, min_separation=b)
+        counts = {"count_noise_multiplier": zb_run, "count_rho": run_count_rho,
+                  "update_rho": run.rho - run_count_rho}
+        dep_counts = {"count_noise_multiplier": zb, "count_rho": adaptive["count_rho"] if adaptive else None}
     return {
+        **counts,
         "rho": run.rho,
         "epsilon": run.epsilon,
         "epsilon_rdp": run.epsilon_rdp,
@@ -588,6 +607,7 @@ def _equivalent_plan(args: argparse.Namespace, mech: Any, k: int | None, samplin
             "min_population": need,
             "noise_multiplier": mech.noise_multiplier,
             "sampling_rate": deployed.sampling_rate if sampling is not None else None,
+            **dep_counts,
             "rho": dep.rho,
             "epsilon": dep.epsilon,
             "epsilon_rdp": dep.epsilon_rdp,
@@ -636,11 +656,16 @@ def _table(computed: dict[str, Any]) -> str:
         rows[1] = ("noise multiplier", f"{result['noise_multiplier']:.6g}  (the simulation's: "
                    f"{eq['noise_multiplier']:.6g} x {result['clients_per_round']} / {eq['cohort']:,})")
         rows.insert(2, ("simulated cohort", f"{result['clients_per_round']} clients per round"))
+        if "count_noise_multiplier" in eq:
+            rows = [(name, f"{result['count_noise_multiplier']:.6g}  (the simulation's: {eq['count_noise_multiplier']:.6g}"
+                     f" x {result['clients_per_round']} / {eq['cohort']:,})") if name == "count noise mult." else (name, v)
+                    for name, v in rows]
         for i, (name, value) in enumerate(rows):
             if name in ("rho (zCDP)", "epsilon", "epsilon_rdp"):
                 rows[i] = (name, value + "  [this simulation as it runs]")
         rows += [
-            ("deployment", f"{eq['cohort']:,} clients per round at noise multiplier {eq['noise_multiplier']:.6g}"),
+            ("deployment", f"{eq['cohort']:,} clients per round at noise multiplier {eq['noise_multiplier']:.6g}"
+             + (f", count noise multiplier {eq['count_noise_multiplier']:.6g}" if "count_noise_multiplier" in eq else "")),
             ("  needs", f">= {eq['min_population']:,} devices under (k, b); population {pop}"),
             ("  equivalent rho", f"{eq['rho']:.6g}"),
             ("  equivalent eps", f"{eq['epsilon']:.4f}  (delta {eq['delta']:g})"),

@@ -42,6 +42,8 @@ from fedsim.privacy.adaptive_clipping import AdaptiveClipping, check_adaptive
 from fedsim.privacy.calibration import calibrate, calibrate_count_noise, count_rho
 from fedsim.privacy.equivalent import Deployment, check_deployment, simulated_noise_multiplier
 from fedsim.privacy.events import (
+    MIN_NOISE_MULTIPLIER,
+    ClippedCountEvent,
     PrivacyEvent,
     SampledGaussianEvent,
     check_clip_norm,
@@ -364,7 +366,10 @@ class MechanismStrategy(Strategy):
     deployment's with ``N`` clients per round; the mechanism adds noise of std ``z C n / N`` to the
     sum of the run's ``n`` (:attr:`denominator`) clients, so each averaged update carries the
     deployment's noise ``z C / N``. The run's own events (its ``rho``) are those of the multiplier
-    ``z n / N`` it used; :meth:`equivalent_event` gives the deployment's event of each round.
+    ``z n / N`` it used; :meth:`equivalent_events` gives the deployment's events of each round.
+    With adaptive clipping the clipped count is scaled the same way: its noise multiplier ``z_b``
+    (given or solved from its share of ``target-rho``) is the deployment's, the run adds noise of
+    std ``(z_b / 2) n / N`` to its count of ``n`` centred bits and accounts for it at ``z_b n / N``.
     """
 
     weighting: ClassVar[Literal["examples", "uniform"]] = "uniform"
@@ -380,6 +385,8 @@ class MechanismStrategy(Strategy):
     deployment_noise_multiplier: float | None = None
     #: the fewest devices that fill the deployment's cohort under ``(k, b)`` (with :attr:`equivalent`)
     deployment_min_population: int | None = None
+    #: the deployment's clipped-count noise multiplier ``z_b`` (adaptive clipping with :attr:`equivalent`)
+    deployment_count_noise_multiplier: float | None = None
     _equivalent_events: list[PrivacyEvent] | None = None
 
     def compose(self, params: MechanismParams, mechanism: Mechanism) -> None:
@@ -455,11 +462,6 @@ class MechanismStrategy(Strategy):
             self.equivalent = None
             self.deployment_min_population = None
             return
-        if self.adaptive is not None:
-            raise ValueError(
-                "equivalent-cohort does not combine with adaptive clipping (target-quantile) yet: the "
-                "deployment's guarantee would leave out its clipped-count queries; use a fixed clip-norm"
-            )
         self.deployment_min_population = check_deployment(
             deployment,
             clients_per_round=clients_per_round,
@@ -468,6 +470,21 @@ class MechanismStrategy(Strategy):
             min_separation=self.mechanism.min_separation,
             poisson=self.mechanism.accounts_for_sampling and getattr(self, "sampling", None) == "poisson",
         )
+        given = [("noise-multiplier", None if self.target_rho is not None else self.mechanism.noise_multiplier)]
+        if self.adaptive is not None and self.params.count_fraction() is None:
+            given.append(("count-noise-multiplier", self.adaptive.count_noise_multiplier))
+        for key, z in given:
+            if z is None:
+                continue
+            scaled = simulated_noise_multiplier(z, clients_per_round, deployment.cohort)
+            try:
+                check_noise_multiplier(scaled, key)
+            except ValueError:
+                raise ValueError(
+                    f"{key} = {z:g} scaled to the simulation ({z:g} x clients-per-round {clients_per_round} / "
+                    f"equivalent-cohort {deployment.cohort}) is {scaled:.3g}, below the smallest noise multiplier "
+                    f"fedsim adds, {MIN_NOISE_MULTIPLIER:g}; raise {key} or lower equivalent-cohort"
+                ) from None
         self.equivalent = deployment
 
     def deployment_mechanism(self, noise_multiplier: float) -> Mechanism:
@@ -483,14 +500,36 @@ class MechanismStrategy(Strategy):
         return deployed
 
     def equivalent_event(self, *, round: int) -> PrivacyEvent | None:
-        """The deployment's privacy event for ``round`` (after :meth:`setup`), ``None`` without
-        :attr:`equivalent`."""
+        """The deployment's update event for ``round`` (after :meth:`setup`), ``None`` without
+        :attr:`equivalent`; :meth:`equivalent_events` gives all of the round's events."""
+        events = self.equivalent_events(round=round)
+        return events[0] if events else None
+
+    def equivalent_events(self, *, round: int) -> tuple[PrivacyEvent, ...]:
+        """Every privacy event the deployment (:attr:`equivalent`) records for ``round``, as the
+        run records its own (:meth:`privacy_events`): the update's and, with adaptive clipping, the
+        clipped count's at the deployment's count noise multiplier ``z_b`` (joint with the update's
+        under Poisson sampling, at the deployment's sampling rate). Empty without :attr:`equivalent`."""
         if self._equivalent_events is None:
-            return None
-        return self._equivalent_events[round]
+            return ()
+        event = self._equivalent_events[round]
+        if self.adaptive is None or self.deployment_count_noise_multiplier is None:
+            return (event,)
+        sampled = isinstance(event, SampledGaussianEvent)
+        count = ClippedCountEvent(
+            self.deployment_count_noise_multiplier, self.mechanism.max_participations, self.mechanism.min_separation,
+            event.sampling_rate if sampled else None, event.noise_multiplier if sampled else None,
+        )
+        return (event, count)
 
     def setup(self, ctx: StrategyContext) -> None:
         super().setup(ctx)
+        if self.deployment_noise_multiplier is not None:
+            # an earlier setup scaled the mechanism's multiplier to the simulation's: start again from
+            # the deployment's, so that setting up twice (a resumed run) does not scale it twice
+            self.mechanism.noise_multiplier = self.deployment_noise_multiplier
+        if self.adaptive is not None and self.deployment_count_noise_multiplier is not None:
+            self.adaptive.count_noise_multiplier = self.deployment_count_noise_multiplier
         z = self.calibrated_noise_multiplier(num_rounds=ctx.num_rounds)
         self._equivalent_events = None
         self.deployment_noise_multiplier = None
@@ -505,8 +544,19 @@ class MechanismStrategy(Strategy):
         self.mechanism.noise_multiplier = z
         self.mechanism.setup(num_params=ctx.num_params, num_rounds=ctx.num_rounds, source=ctx.noise_source())
         self.optimizer.reset()
+        self.deployment_count_noise_multiplier = None
         if self.adaptive is not None:
-            self.adaptive.count_noise_multiplier = self.count_noise_multiplier(num_rounds=ctx.num_rounds)
+            zb = self.count_noise_multiplier(num_rounds=ctx.num_rounds)
+            if self.equivalent is not None and zb is not None:
+                # the count's noise std (z_b / 2) n / N on the sum of the run's n bits: the estimated
+                # fraction carries the deployment's noise z_b / (2 N)
+                self.deployment_count_noise_multiplier = zb
+                zb = check_noise_multiplier(
+                    simulated_noise_multiplier(zb, self.denominator, self.equivalent.cohort),
+                    "the simulated count-noise-multiplier (count-noise-multiplier x clients per round / "
+                    "equivalent-cohort)",
+                )
+            self.adaptive.count_noise_multiplier = zb
             self.adaptive.setup(source=ctx.noise_source(), denominator=self.denominator,
                                 noise_multiplier=self.mechanism.noise_multiplier)
 

@@ -63,6 +63,69 @@ def shared_cluster(flower_clusters) -> Iterator:
 
 
 # ---------------------------------------------------------------------------------------------
+# two workers (pytest-xdist): `make test` runs `pytest -n 2 --dist loadgroup`
+
+#: the modules whose tests borrow the session's Flower cluster (``shared_cluster``): one work unit,
+#: run by one worker, so the suite starts that cluster once rather than once per worker
+#: (tests/contracts/test_suite_layout.py checks that the list names every such module)
+SHARED_CLUSTER_MODULES = (
+    "tests/flower/test_deploy.py", "tests/flower/test_resume.py", "tests/flower/test_secagg.py",
+)
+#: the modules that start Ray (Flower's simulation runtime, the Ray backend, a Ray cluster): one
+#: work unit as well, so two Ray instances (each a whole local cluster: GCS, raylet, workers)
+#: never start at once on the 2 cores; it runs beside the shared Flower cluster's unit
+RAY_MODULES = (
+    "tests/engine/test_ray_backend.py", "tests/engine/test_ray_cluster.py",
+    "tests/engine/test_warm_start.py", "tests/flower/test_simulation.py",
+)
+#: module -> xdist work unit
+XDIST_GROUPS = {
+    **dict.fromkeys(SHARED_CLUSTER_MODULES, "flower-shared-cluster"),
+    **dict.fromkeys(RAY_MODULES, "ray"),
+}
+
+
+def _group(nodeid: str) -> str | None:
+    return XDIST_GROUPS.get(nodeid.split("::", 1)[0])
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called only where it is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup``, with the groups of :data:`XDIST_GROUPS` (by module).
+
+    The controller sees node ids only; xdist's own ``xdist_group`` marks reach it by a suffix of
+    the node id, which pytest 9.2 no longer lets a plugin write (pytest-xdist issue 1386), so the
+    groups are named here by module. Every other test is a unit of its own (xdist's ``load``), a
+    marked group (once xdist passes them again) one unit too.
+    """
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid) or super()._split_scope(nodeid)
+
+    return ModuleGroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker: the long tests first (the groups', then those marked ``slow``), so that
+    no worker is left with a long test at the end while the other idles (xdist hands its units
+    out largest first, then in this order). Without xdist (one test file, a plain ``pytest``) the
+    collection order stays."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker (the controller collects nothing)
+        return
+
+    def rank(item: pytest.Item) -> int:
+        if _group(item.nodeid) is not None:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=rank)  # stable: the collection order within each rank
+
+
+# ---------------------------------------------------------------------------------------------
 # shared builders of the contract suites
 
 

@@ -573,18 +573,23 @@ class RoundOwner:
     def equivalent_report(self) -> Any | None:
         """The deployment-equivalent guarantee after the rounds recorded so far (``None`` without
         ``equivalent-cohort``): the accountant on the deployment's events of those rounds
-        (:meth:`fedsim.strategy.MechanismStrategy.equivalent_event`), a statement about that
+        (:meth:`fedsim.strategy.MechanismStrategy.equivalent_events`), a statement about that
         configuration, not about this run."""
         if self.equivalent is None:
             return None
         from fedsim.privacy.accountant import Accountant
         from fedsim.privacy.events import PrivacyLedger
 
-        done = len(self.ledger) if self.ledger is not None else 0
-        if self.equivalent_ledger is None or len(self.equivalent_ledger) > done:
+        def rounds(ledger: Any) -> int:
+            # the rounds a ledger covers (a round records several events with adaptive clipping)
+            return 1 + max((r for r, _ in ledger), default=-1) if ledger is not None else 0
+
+        done = rounds(self.ledger)
+        if self.equivalent_ledger is None or rounds(self.equivalent_ledger) > done:
             self.equivalent_ledger = PrivacyLedger()
-        for r in range(len(self.equivalent_ledger), done):
-            self.equivalent_ledger.record(r, self.strategy.equivalent_event(round=r))
+        for r in range(rounds(self.equivalent_ledger), done):
+            for event in self.strategy.equivalent_events(round=r):
+                self.equivalent_ledger.record(r, event)
         return Accountant(delta=self.scenario.privacy.delta).report(self.equivalent_ledger)
 
     def equivalent_summary(self) -> dict[str, Any] | None:
@@ -601,6 +606,10 @@ class RoundOwner:
             "min_population": self.strategy.deployment_min_population,
             "noise_multiplier": self.strategy.deployment_noise_multiplier,
             "simulated_noise_multiplier": float(self.strategy.mechanism.noise_multiplier),
+            **({} if self.strategy.deployment_count_noise_multiplier is None else {
+                "count_noise_multiplier": self.strategy.deployment_count_noise_multiplier,
+                "simulated_count_noise_multiplier": float(self.strategy.adaptive.count_noise_multiplier),
+            }),
             "clients_per_round": self.scenario.clients_per_round,
             "rho": report.rho,
             "epsilon": report.epsilon,

@@ -129,6 +129,12 @@ ADAPTIVE = "\ntarget-quantile = 0.5\nclip-lr = 0.3\ncount-noise-multiplier = 2.0
 DP_FTRL_ADAPTIVE = DP_FTRL.replace("min-separation = 3", "min-separation = 3" + ADAPTIVE)
 DP_FEDAVG_ADAPTIVE = DP_FEDAVG.replace('sampling = "poisson"', 'sampling = "poisson"' + ADAPTIVE)
 assert ADAPTIVE in DP_FTRL_ADAPTIVE and ADAPTIVE in DP_FEDAVG_ADAPTIVE
+# deployment-equivalent noise ([privacy] equivalent-cohort): the run's noise scaled by n / N and the
+# deployment's ledger, with and without adaptive clipping (its count's noise scaled too)
+EQUIVALENT = "delta = 1e-6\nequivalent-cohort = 2000"
+DP_FTRL_EQUIVALENT = DP_FTRL.replace("delta = 1e-6", EQUIVALENT)
+DP_FTRL_ADAPTIVE_EQUIVALENT = DP_FTRL_ADAPTIVE.replace("delta = 1e-6", EQUIVALENT)
+assert EQUIVALENT in DP_FTRL_EQUIVALENT and EQUIVALENT in DP_FTRL_ADAPTIVE_EQUIVALENT
 
 
 def _write(tmp_path: Path, template: str, *, rounds: int = 12, epochs: int = 1, every: int = 2, budget: str = "") -> Path:
@@ -156,6 +162,10 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert (a / "ledger.json").exists() == (b / "ledger.json").exists()
     if (a / "ledger.json").exists():
         assert (a / "ledger.json").read_bytes() == (b / "ledger.json").read_bytes(), "ledger.json differs"
+    assert (a / "ledger_equivalent.json").exists() == (b / "ledger_equivalent.json").exists()
+    if (a / "ledger_equivalent.json").exists():
+        assert (a / "ledger_equivalent.json").read_bytes() == (b / "ledger_equivalent.json").read_bytes(), (
+            "ledger_equivalent.json differs")
     sa = json.loads((a / "summary.json").read_text())
     sb = json.loads((b / "summary.json").read_text())
     for s in (sa, sb):
@@ -296,12 +306,12 @@ def _crash_in_round(sim: Simulation, crash_round: int) -> None:
     [
         (FEDAVGM, 0), (FEDAVGM, 3), (FEDAVGM, 4), (FEDAVGM, 9), (DP_FTRL, 5), (DP_FEDAVG, 7),
         (FEDAVG_ADAGRAD, 5), (DP_FEDAVG_ADAM, 6), (DP_FTRL_YOGI, 7),
-        (DP_FTRL_ADAPTIVE, 5), (DP_FEDAVG_ADAPTIVE, 7),
+        (DP_FTRL_ADAPTIVE, 5), (DP_FEDAVG_ADAPTIVE, 7), (DP_FTRL_EQUIVALENT, 5), (DP_FTRL_ADAPTIVE_EQUIVALENT, 7),
     ],
     ids=[
         "fedavgm-0", "fedavgm-3", "fedavgm-4", "fedavgm-9", "dp-ftrl-5", "dp-fedavg-7",
         "fedavg-adagrad-5", "dp-fedavg-adam-6", "dp-ftrl-yogi-7",
-        "dp-ftrl-adaptive-5", "dp-fedavg-adaptive-7",
+        "dp-ftrl-adaptive-5", "dp-fedavg-adaptive-7", "dp-ftrl-equivalent-5", "dp-ftrl-adaptive-equivalent-7",
     ],
 )
 def test_crash_inside_a_round_then_resume_is_bit_identical(tmp_path: Path, template: str, crash_round: int) -> None:

@@ -99,6 +99,44 @@ def test_the_console_labels_the_deployments_guarantee(tmp_path: Path, capsys) ->
     assert "deployment-equivalent noise: multiplier" in out
 
 
+def test_adaptive_clipping_combines_and_both_ledgers_hold_the_counts(tmp_path: Path) -> None:
+    raw = _raw()
+    raw["strategy"]["target-quantile"] = 0.5
+    result = fedsim.run(raw, out=tmp_path / "run")
+    plan = fedsim.plan("dp-ftrl", target_rho=0.81, rounds=ROUNDS, max_participations=2, min_separation=2, delta=1e-6,
+                       equivalent_cohort=BIG, clients_per_round=N, target_quantile=0.5)
+    s = result.summary
+    # the deployment's guarantee includes its clipped-count queries: the target, as planned
+    assert s["equivalent_rho"] == pytest.approx(0.81, rel=1e-6) and s["equivalent_rho"] == pytest.approx(
+        plan["equivalent_rho"], rel=1e-9)
+    assert s["rho"] == pytest.approx(plan["rho"], rel=1e-9)
+    eq = s["equivalent"]
+    assert eq["count_noise_multiplier"] == pytest.approx(plan["equivalent"]["count_noise_multiplier"])
+    assert eq["simulated_count_noise_multiplier"] == pytest.approx(eq["count_noise_multiplier"] * N / BIG)
+    run_dir = Path(result.run_dir)
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    equivalent = json.loads((run_dir / "ledger_equivalent.json").read_text())
+    for events, zb in ((ledger, eq["simulated_count_noise_multiplier"]),
+                       (equivalent["events"], eq["count_noise_multiplier"])):
+        counts = [e["event"] for e in events if e["event"]["type"] == "clipped_count"]
+        assert len(events) == 2 * ROUNDS and len(counts) == ROUNDS
+        assert [c["noise_multiplier"] for c in counts] == pytest.approx([zb] * ROUNDS)
+    clips = [r["clip_norm"] for r in result.metrics]
+    assert len(set(clips)) > 1  # the clip norm moves
+
+
+def test_the_console_names_the_deployments_count_noise(tmp_path: Path, capsys) -> None:
+    raw = _raw()
+    raw["strategy"].update({"target-quantile": 0.5, "count-rho-fraction": 0.1})
+    path = tmp_path / "s.toml"
+    path.write_text(tomli_w.dumps(raw))
+    assert cli_main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet", "--rounds", "1"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "adaptive clipping: the clipped count's noise multiplier" in out and f"x {N} / {BIG:,})" in out
+
+
+GIVEN = {**{k: v for k, v in DP.items() if k != "target-rho"}, "noise-multiplier": 3.0}
 FEDAVG_DP = {**{k: v for k, v in DP.items() if k not in ("name", "momentum")}, "name": "dp-fedavg",
              "sampling": "poisson"}
 
@@ -110,8 +148,10 @@ FEDAVG_DP = {**{k: v for k, v in DP.items() if k not in ("name", "momentum")}, "
      "equivalent-population = 10000 cannot supply equivalent-cohort = 6500 clients in each of 6 rounds"),
     (FEDAVG_DP, {"equivalent-cohort": BIG}, "privacy", "equivalent-population must be stated"),
     (DP, {"equivalent-population": 100}, "privacy.equivalent-population", "without equivalent-cohort"),
-    ({**DP, "target-quantile": 0.5}, {"equivalent-cohort": BIG}, "privacy",
-     "equivalent-cohort does not combine with adaptive clipping"),
+    ({**GIVEN, "noise-multiplier": 1e-4}, {"equivalent-cohort": BIG}, "privacy",
+     "noise-multiplier = 0.0001 scaled to the simulation (0.0001 x clients-per-round 8 / equivalent-cohort 6500)"),
+    ({**GIVEN, "target-quantile": 0.5, "count-noise-multiplier": 1e-4}, {"equivalent-cohort": BIG}, "privacy",
+     "count-noise-multiplier = 0.0001 scaled to the simulation"),
 ])
 def test_bad_equivalents_are_refused_naming_the_key(strategy: dict, privacy: dict, key: str, message: str) -> None:
     from fedsim.errors import ScenarioError

@@ -115,3 +115,23 @@ def test_ray_run_with_adaptive_clipping_equals_in_process(local_ray: None) -> No
     clips = [m["clip_norm"] for m in via_ray.metrics]
     assert clips == [m["clip_norm"] for m in in_process.metrics] and clips[0] == 0.3 and len(set(clips)) == 3
     assert via_ray.ledger == in_process.ledger and len(via_ray.ledger) == 6
+
+
+def test_ray_equivalent_cohort_run_equals_in_process(local_ray: None) -> None:
+    """Deployment-equivalent noise on Ray (with adaptive clipping, whose count is scaled too): the
+    same parameters, run log and both guarantees as in-process."""
+    dp = [
+        'strategy.name="dp-fedavg"', "strategy.noise-multiplier=2.0", "strategy.clip-norm=0.3",
+        "strategy.target-quantile=0.5", "strategy.count-noise-multiplier=3.0", "privacy.equivalent-cohort=3000",
+        f'privacy.run-id="{secrets.token_hex(16)}"',
+    ]
+    key = NoiseKey.generate()
+    via_ray = run_scenario(_scenario("ray", *dp), noise_key=key)
+    in_process = run_scenario(_scenario("inprocess", *dp), noise_key=key)
+    assert torch.equal(via_ray.params, in_process.params)
+    assert via_ray.metrics == in_process.metrics
+    assert via_ray.summary["noise_multiplier"] == pytest.approx(2.0 * 30 / 3000)
+    for key_ in ("rho", "equivalent_rho", "equivalent"):
+        assert via_ray.summary[key_] == in_process.summary[key_] is not None
+    assert via_ray.summary["equivalent"]["count_noise_multiplier"] == 3.0
+    assert via_ray.summary["equivalent_rho"] < 1 < via_ray.summary["rho"]

@@ -14,10 +14,12 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +78,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     address = f"127.0.0.1:{port}"
     temp = tmp_path_factory.mktemp("ray")
+    # Ray's session directory holds Unix sockets, whose paths are limited to 107 bytes: a short
+    # directory of its own (the pytest temp path is longer under pytest-xdist, popen-gw0/...)
+    sessions = Path(tempfile.mkdtemp(prefix="fedsim-ray-"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", RAY_USAGE_STATS_ENABLED="0")
     common = ["--num-cpus", "1", "--num-gpus", "0", "--block", "--disable-usage-stats"]
@@ -84,7 +89,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         nodes.append(subprocess.Popen(
             [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--include-dashboard", "false", "--temp-dir", str(temp / "t"), *common],
+             "--include-dashboard", "false", "--temp-dir", str(sessions), *common],
             stdout=logs[0], stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
         ))
         _wait_for_nodes(address, 1)
@@ -101,6 +106,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             _stop(proc)
         for f in logs:
             f.close()
+        shutil.rmtree(sessions, ignore_errors=True)
 
 
 def _dp_ftrl(backend: str, *extra: str):

@@ -90,6 +90,61 @@ def test_poisson_deployment_is_sampled_at_its_own_rate() -> None:
     assert strategy.mechanism.noise_multiplier == pytest.approx(1.0 * 10 / 1000)
 
 
+def test_the_counts_noise_std_is_z_b_over_2_times_n_over_big_n() -> None:
+    zb, n, big, draws = 4.0, 40, 6500, 20_000
+    strategy = DPFTRL(noise_multiplier=3.0, clip_norm=0.5, max_participations=2, min_separation=1,
+                      estimator="vanilla", momentum=0.0, target_quantile=0.5, count_noise_multiplier=zb)
+    strategy.set_equivalent(Deployment(big), clients_per_round=n, num_rounds=draws)
+    strategy.setup(strategy_context(4, rounds=draws, devices=100_000, per_round=n))
+    noise = torch.tensor([strategy.adaptive.count_noise(t) for t in range(draws)], dtype=torch.float64)
+    std = float(noise.std())
+    want = zb / 2 * n / big
+    # 20,000 draws: the sample std is within ~0.5 % of the true one (4 sd: 2 %); rejects the unscaled
+    # z_b / 2 and 2/3 or 3/2 of the scaled one
+    assert std == pytest.approx(want, rel=0.02)
+    for wrong in (want * 2 / 3, want * 1.5, zb / 2):
+        assert abs(std - wrong) > 0.2 * wrong
+    # the estimated fraction carries the deployment's noise z_b / (2 N): the count over the run's n
+    assert std / strategy.denominator == pytest.approx(zb / (2 * big), rel=0.02)
+    assert strategy.deployment_count_noise_multiplier == zb
+    assert strategy.adaptive.count_noise_multiplier == pytest.approx(zb * n / big)
+    update, count = strategy.equivalent_events(round=0)
+    assert count.noise_multiplier == zb and update.noise_multiplier == 3.0
+    assert strategy.privacy_events(round=0)[1].noise_multiplier == pytest.approx(zb * n / big)
+
+
+def test_with_adaptive_clipping_the_deployments_rho_is_the_plans_with_the_counts() -> None:
+    common = {"target_rho": 0.81, "rounds": 96, "max_participations": 6, "min_separation": 15, "delta": 1e-6,
+              "target_quantile": 0.5}
+    plain = fedsim.plan("dp-ftrl", **common)
+    both = fedsim.plan("dp-ftrl", **common, equivalent_cohort=6500, clients_per_round=16)
+    eq = both["equivalent"]
+    assert eq["noise_multiplier"] == plain["noise_multiplier"]
+    assert eq["count_noise_multiplier"] == plain["count_noise_multiplier"]
+    assert eq["count_rho"] == pytest.approx(plain["count_rho"]) and eq["count_rho"] == pytest.approx(0.05 * 0.81)
+    assert both["equivalent_rho"] == pytest.approx(plain["rho"], rel=1e-9) == pytest.approx(0.81, rel=1e-6)
+    # the simulation's own: both noise multipliers scaled by n / N, rho by (N / n)^2, counts included
+    assert both["count_noise_multiplier"] == pytest.approx(eq["count_noise_multiplier"] * 16 / 6500)
+    assert both["rho"] == pytest.approx(0.81 * (6500 / 16) ** 2, rel=1e-5)
+    assert both["count_rho"] == pytest.approx(0.05 * 0.81 * (6500 / 16) ** 2, rel=1e-5)
+    # the run accounts its counts: a strategy set up the same way records the plan's events
+    strategy = DPFTRL(target_rho=0.81, clip_norm=0.3, max_participations=6, min_separation=15, momentum=0.0,
+                      target_quantile=0.5)
+    strategy.set_equivalent(Deployment(6500), clients_per_round=16, num_rounds=96)
+    strategy.setup(strategy_context(10, rounds=96, devices=1000, per_round=16))
+    from fedsim.privacy.accountant import Accountant
+    from fedsim.privacy.events import PrivacyLedger
+
+    deployment, run = PrivacyLedger(), PrivacyLedger()
+    for t in range(96):
+        for event in strategy.equivalent_events(round=t):
+            deployment.record(t, event)
+        for event in strategy.privacy_events(round=t):
+            run.record(t, event)
+    assert Accountant(delta=1e-6).report(deployment).rho == pytest.approx(both["equivalent_rho"], rel=1e-9)
+    assert Accountant(delta=1e-6).report(run).rho == pytest.approx(both["rho"], rel=1e-9)
+
+
 def test_min_population_is_the_cohort_times_the_binding_limit() -> None:
     assert min_population(6500, 2000, 6, 313) == 6500 * 334  # ceil(2000 / 6) = 334 > b + 1 = 314
     assert min_population(6500, 96, 6, 15) == 6500 * 16  # b + 1 = 16 = 96 / 6
@@ -164,3 +219,15 @@ def test_a_poisson_plan_needs_the_deployments_population(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["equivalent"]["sampling_rate"] == pytest.approx(0.01)
     assert math.isfinite(out["equivalent_epsilon"]) and out["equivalent_epsilon"] < out["epsilon"]
+
+
+def test_setting_up_twice_does_not_scale_the_noise_twice() -> None:
+    # a resumed run sets its strategy up again: the given multipliers are the deployment's both times
+    strategy = DPFTRL(noise_multiplier=3.0, clip_norm=0.5, max_participations=2, min_separation=1, momentum=0.0,
+                      target_quantile=0.5, count_noise_multiplier=4.0)
+    strategy.set_equivalent(Deployment(6500), clients_per_round=40, num_rounds=4)
+    for _ in range(2):
+        strategy.setup(strategy_context(10, rounds=4, devices=1000, per_round=40))
+        assert strategy.mechanism.noise_multiplier == pytest.approx(3.0 * 40 / 6500)
+        assert strategy.adaptive.count_noise_multiplier == pytest.approx(4.0 * 40 / 6500)
+        assert strategy.deployment_noise_multiplier == 3.0 and strategy.deployment_count_noise_multiplier == 4.0
