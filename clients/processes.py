@@ -9,9 +9,16 @@ gained ~2x.
 
 Each worker process is started once (``spawn``: a fresh interpreter, no inherited torch
 threads), runs torch on one thread, and receives the template model and the task's loss once.
+Each worker starts its own session (``os.setsid``), as ``torch.distributed.run`` does for
+pfl-research's processes: where the kernel shares CPU time between sessions rather than
+processes (Linux's autogroup scheduling, on by default on many distributions), workers left in
+the driver's session split that one session's share and two of them obtained no more CPU time
+than one thread (measured on the shared 2-core machine, ``docs/benchmarks.md``). The driver still
+ends them (``close``, and a worker exits when the driver's end of its queue closes).
 Each group of clients is split into ``workers`` consecutive parts (so even a one-group cohort
 uses every worker); a part travels with the global parameters, its tasks (device id, data,
-seed) and the round's :class:`TrainConfig` (a part trains for milliseconds to seconds; pickling
+seed; the data copied out of the dataset's tensors first, since pickling a view sends its whole
+storage: 0.35 MB per char-LSTM client for 10 KB of data) and the round's :class:`TrainConfig` (a part trains for milliseconds to seconds; pickling
 the parameters costs ~1 ms per MB). A worker trains its part with the reference per-client loop
 (:meth:`clients.sgd.SGDTrainer._train_one`) and returns the part's rows; the driver joins a
 group's parts into the group's one :class:`CohortChunk`, keeps at most ``2 x workers`` parts in
@@ -21,6 +28,7 @@ is bit for bit that of the one-process loop (``tests/engine/test_trainer_paths.p
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -47,6 +55,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(payload: bytes) -> None:
     """Build this process's trainer from the pickled template model and task (once)."""
+    _own_session()
     torch.set_num_threads(1)
     from clients.sgd import SGDTrainer
 
@@ -54,6 +63,15 @@ def _init_worker(payload: bytes) -> None:
     trainer = SGDTrainer(model, path="loop", workers=1)
     trainer.objective = objective
     _WORKER["trainer"] = trainer
+
+
+def _own_session() -> None:
+    """Make this worker its own session, so that a scheduler that shares CPU time between
+    sessions gives it its own share (module docstring); a no-op where there are no sessions."""
+    setsid = getattr(os, "setsid", None)
+    if setsid is not None:
+        with contextlib.suppress(OSError):  # already a session or process-group leader
+            setsid()
 
 
 def _ready() -> int:
@@ -141,7 +159,7 @@ class ProcessGroupPool:
                         break
                     size = -(-len(group) // self.workers)
                     parts = [group[i : i + size] for i in range(0, len(group), size)]
-                    pending[submitted] = [self._pool.submit(_train_group, params, part, config) for part in parts]
+                    pending[submitted] = [self._pool.submit(_train_group, params, _compact(part), config) for part in parts]
                     in_flight += len(parts)
                     submitted += 1
                 if index not in pending:
@@ -158,6 +176,19 @@ class ProcessGroupPool:
     def close(self) -> None:
         """Stop the worker processes."""
         self._finalizer()
+
+
+def _compact(tasks: list[ClientTask]) -> list[ClientTask]:
+    """The tasks with their data in tensors of their own (equal values), so that pickling sends
+    each client's examples and not the whole storage its data is a view of."""
+    return [ClientTask(t.device_id, _own(t.x), _own(t.y), t.seed) for t in tasks]
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it owns exactly its storage, else a contiguous copy."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _joined(chunks: list[CohortChunk]) -> CohortChunk:

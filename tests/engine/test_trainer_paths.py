@@ -7,6 +7,7 @@ The reference is :meth:`SGDTrainer.train_client` (one client at a time). Unequal
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -131,9 +132,26 @@ def test_loop_in_worker_processes_is_bit_for_bit_the_one_process_loop() -> None:
         procs = trainer._procs
         assert procs is not None and len(procs.pids()) == 2 and os.getpid() not in procs.pids()
         assert trainer.describe()["pool"] == "2 worker processes"
+        if hasattr(os, "getsid"):  # each worker leads its own session: its own share of CPU time under autogroup
+            assert all(os.getsid(pid) == pid != os.getsid(0) for pid in procs.pids())
     finally:
         trainer.close()
     assert trainer._procs is None
+
+
+def test_tasks_sent_to_worker_processes_carry_only_their_own_data() -> None:
+    # a client's data is a view into its dataset's tensor; pickling a view sends the whole storage
+    from clients.processes import _compact
+
+    x, y = torch.randn(1000, 8), torch.randint(0, 10, (1000,))
+    tasks = [ClientTask(d, x[10 * d : 10 * d + 10], y[10 * d : 10 * d + 10], seed=d) for d in range(4)]
+    sent = _compact(tasks)
+    for a, b in zip(sent, tasks, strict=True):
+        assert (a.device_id, a.seed) == (b.device_id, b.seed)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.x.dtype == b.x.dtype
+    assert len(pickle.dumps(sent)) < len(pickle.dumps(tasks)) / 20
+    own = ClientTask(0, x.clone(), y.clone(), 0)
+    assert _compact([own])[0].x is own.x  # a tensor that owns its storage is sent as it is
 
 
 def test_a_model_a_fresh_interpreter_cannot_rebuild_trains_on_threads() -> None:
