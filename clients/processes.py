@@ -14,7 +14,9 @@ pfl-research's processes: where the kernel shares CPU time between sessions rath
 processes (Linux's autogroup scheduling, on by default on many distributions), workers left in
 the driver's session split that one session's share and two of them obtained no more CPU time
 than one thread (measured on the shared 2-core machine, ``docs/benchmarks.md``). The driver still
-ends them (``close``, and a worker exits when the driver's end of its queue closes).
+ends them (``close``), and a worker exits by itself when the driver process ends, however it
+ends (a watch on the driver's sentinel: signals sent to the driver's process group or terminal
+no longer reach the workers).
 Each group of clients is split into ``workers`` consecutive parts (so even a one-group cohort
 uses every worker); a part travels with the global parameters, its tasks (device id, data,
 seed; the data copied out of the dataset's tensors first, since pickling a view sends its whole
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
+import threading
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -56,6 +60,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(payload: bytes) -> None:
     """Build this process's trainer from the pickled template model and task (once)."""
     _own_session()
+    _exit_with_driver()
     torch.set_num_threads(1)
     from clients.sgd import SGDTrainer
 
@@ -72,6 +77,20 @@ def _own_session() -> None:
     if setsid is not None:
         with contextlib.suppress(OSError):  # already a session or process-group leader
             setsid()
+
+
+def _exit_with_driver() -> None:
+    """End this worker when the driver process ends, however it ends (a worker in its own session
+    no longer receives the signals sent to the driver's process group or terminal)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedsim-driver-watch", daemon=True).start()
 
 
 def _ready() -> int:

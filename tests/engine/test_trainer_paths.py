@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +182,43 @@ def test_a_model_a_fresh_interpreter_cannot_rebuild_trains_on_threads() -> None:
     strict.objective = Task(spec)
     with pytest.raises(ValueError, match='pool = "processes": the model cannot be sent to worker processes'):
         list(strict.train_cohort(flat, iter(tasks), config))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_processes_end_when_their_driver_is_killed() -> None:
+    # workers lead their own sessions, so a signal to the driver's process group misses them: they
+    # watch the driver and exit with it
+    code = (
+        "import torch\n"
+        "from clients.processes import ProcessGroupPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessGroupPool(torch.nn.Linear(2, 2), None, 2)\n"
+        "    print(' '.join(map(str, pool.pids())), flush=True)\n"
+        "    import time; time.sleep(120)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        assert driver.stdout is not None
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 20
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if _running(p)]
+    for pid in alive:  # do not leave them running when the test fails
+        os.kill(pid, 9)
+    assert not alive, f"worker processes {alive} outlived their killed driver"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
