@@ -111,7 +111,7 @@ def simulation_for(spec: dict[str, Any]) -> Any:
 
         raw = scenario_dict(name, clients=spec["clients"], devices=spec["clients"], rounds=1, threads=1)
     else:
-        from fedsim_bench.workloads import scenario_dict as zoo_dict
+        from fedsim_bench.model_zoo import scenario_dict as zoo_dict
 
         raw = zoo_dict(name, clients=spec["clients"], rounds=1, threads=1, data_dir=Path(spec["data_dir"]))
     return Simulation(scenario_from_dict(raw), progress=False)

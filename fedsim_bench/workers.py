@@ -253,7 +253,7 @@ def _worker_dpftrl(spec: dict[str, Any]) -> dict[str, Any]:
     from fedsim.privacy.tree_noise import TreeNoise
     from fedsim.scenario import scenario_from_dict
     from fedsim_bench.gboard import scenario
-    from fedsim_bench.workloads import client_flops
+    from fedsim_bench.model_zoo import client_flops
 
     raw = scenario(clients=spec["clients"], population=spec["population"], rounds=spec["rounds"], threads=spec["threads"])
     raw["data"].update(spec.get("data", {}))

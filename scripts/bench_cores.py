@@ -46,7 +46,7 @@ def scenario(row: str, clients: int, data_dir: Path) -> Any:
     if row in ("mlp", "logreg"):
         raw = dense_dict(row, clients=clients, devices=clients, rounds=1, threads=1)
     else:
-        from fedsim_bench.workloads import LENGTHS
+        from fedsim_bench.model_zoo import LENGTHS
 
         if row in LENGTHS:
             text_file(data_dir, LENGTHS[row], clients + 2)

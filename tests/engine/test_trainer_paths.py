@@ -137,7 +137,14 @@ def test_loop_in_worker_processes_is_bit_for_bit_the_one_process_loop() -> None:
         assert procs is not None and len(procs.pids()) == 2 and os.getpid() not in procs.pids()
         assert trainer.describe()["pool"] == "2 worker processes"
         if hasattr(os, "getsid"):  # each worker leads its own session: its own share of CPU time under autogroup
-            assert all(os.getsid(pid) == pid != os.getsid(0) for pid in procs.pids())
+            # a worker the executor started but gave no task yet may still be importing: wait for its start-up
+            deadline = time.monotonic() + 60
+            while True:
+                sessions = {pid: os.getsid(pid) for pid in procs.pids()}
+                if all(sid == pid != os.getsid(0) for pid, sid in sessions.items()) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert all(sid == pid != os.getsid(0) for pid, sid in sessions.items()), (sessions, os.getsid(0))
     finally:
         trainer.close()
     assert trainer._procs is None
